@@ -1,0 +1,52 @@
+"""The ``vmferry`` command: a thin front end over the library."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from vmferry.cli import run as run_cmd
+from vmferry.errors import VmferryError
+
+# vmferry's own failures exit with this status (the guest's exit value is passed through).
+EXIT_VMFERRY_ERROR = 125
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="vmferry",
+        description="Run KVM guests and move them, running, from one process or host to another.",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="log what vmferry does")
+    sub = p.add_subparsers(dest="command", required=True)
+    run_cmd.add_parser(sub)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    # Everything after "--" is the guest's command line.
+    guest_args: list[str] = []
+    if "--" in args_list:
+        i = args_list.index("--")
+        args_list, guest_args = args_list[:i], args_list[i + 1 :]
+    parser = build_parser()
+    args = parser.parse_args(args_list)
+    args.guest_cmdline = " ".join(guest_args)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="vmferry: %(message)s")
+    try:
+        status: int = args.func(args)
+        return status
+    except VmferryError as e:
+        print(f"vmferry: error: {e}", file=sys.stderr)
+        return EXIT_VMFERRY_ERROR
+    except KeyboardInterrupt:
+        print("vmferry: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

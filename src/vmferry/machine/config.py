@@ -1,0 +1,50 @@
+"""What a VM is made of: the data a destination needs to rebuild it (no live resources)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from vmferry.errors import ConfigError
+
+MAX_VCPUS = 8
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(i?B?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """'1G', '512M', '4096' → bytes (binary units, as QEMU's -m)."""
+    m = _SIZE_RE.match(text)
+    if not m:
+        raise ConfigError(f"cannot read size {text!r}: use a number with K, M, G or T")
+    return int(m.group(1)) * _UNITS[m.group(2).upper()]
+
+
+@dataclass(frozen=True)
+class MachineConfig:
+    memory: int
+    vcpus: int = 1
+    image: str = ""
+    cmdline: str = ""
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.vcpus <= MAX_VCPUS:
+            raise ConfigError(f"--vcpus {self.vcpus}: vmferry runs 1 to {MAX_VCPUS} vCPUs")
+        if self.memory < (16 << 20) or self.memory % (2 << 20):
+            raise ConfigError(
+                f"--memory {self.memory}: must be at least 16 MiB and a multiple of 2 MiB"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> MachineConfig:
+        try:
+            return cls(
+                memory=int(d["memory"]), vcpus=int(d["vcpus"]),
+                image=str(d["image"]), cmdline=str(d["cmdline"]),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise ConfigError(f"machine config is incomplete or malformed: {e!r}") from e

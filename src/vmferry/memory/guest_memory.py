@@ -1,0 +1,154 @@
+"""Guest RAM as one memfd: shared mappings another process can map by fd, numpy views.
+
+RAM offsets (positions in the memfd) are the page-numbering space of everything that moves
+memory: dirty bitmaps, the stream, digests. Guest-physical addresses map onto them through
+the RAM regions: below 3 GiB RAM starts at GPA 0; the rest is placed from 4 GiB up, leaving
+the 3–4 GiB hole for device MMIO (as PC chipsets do).
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from vmferry.errors import ConfigError, VmferryError
+
+PAGE_SIZE = 4096
+PAGE_SHIFT = 12
+LOW_RAM_LIMIT = 3 << 30
+HIGH_RAM_BASE = 4 << 30
+MMIO_HOLE = (LOW_RAM_LIMIT, HIGH_RAM_BASE)
+MAX_RAM = 1 << 40
+MADV_POPULATE_WRITE = 23  # Linux 5.14; not yet in Python 3.11's mmap module
+
+
+@dataclass(frozen=True)
+class RamRegion:
+    """A stretch of RAM as the guest sees it: [gpa, gpa+size) is memfd [ram_offset, +size)."""
+
+    gpa: int
+    ram_offset: int
+    size: int
+
+    @property
+    def gpa_end(self) -> int:
+        return self.gpa + self.size
+
+
+def ram_regions(size: int) -> list[RamRegion]:
+    low = min(size, LOW_RAM_LIMIT)
+    regions = [RamRegion(0, 0, low)]
+    if size > low:
+        regions.append(RamRegion(HIGH_RAM_BASE, low, size - low))
+    return regions
+
+
+class GuestMemory:
+    """All of a guest's RAM. Sparse until touched; owns its memfd and mapping."""
+
+    def __init__(self, size: int, *, fd: int | None = None, name: str = "vmferry-ram") -> None:
+        if size <= 0 or size % (2 << 20) or size > MAX_RAM:
+            raise ConfigError(
+                f"guest memory size {size} must be a positive multiple of 2 MiB up to 1 TiB"
+            )
+        self.size = size
+        self.npages = size >> PAGE_SHIFT
+        self.regions = ram_regions(size)
+        if fd is None:
+            fd = os.memfd_create(name, os.MFD_CLOEXEC)
+            try:
+                os.ftruncate(fd, size)
+            except OSError as e:
+                os.close(fd)
+                raise VmferryError(f"cannot size guest memory to {size} bytes: {e}") from e
+        self.fd = fd
+        self._map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        # One exported buffer for the life of the mapping; everything else views into it.
+        self.bytes: npt.NDArray[np.uint8] = np.frombuffer(self._map, dtype=np.uint8)
+        self.host_addr: int = self.bytes.ctypes.data
+
+    @classmethod
+    def from_fd(cls, fd: int, size: int) -> GuestMemory:
+        """Map RAM another process created (its memfd received over a socket)."""
+        actual = os.fstat(fd).st_size
+        if actual != size:
+            raise VmferryError(f"guest memory fd is {actual} bytes, expected {size}")
+        return cls(size, fd=fd)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            del self.bytes
+            try:
+                self._map.close()
+            except BufferError:
+                # A view is still alive somewhere; the mapping goes when it does.
+                pass
+            os.close(self.fd)
+            self.fd = -1
+
+    # ---- addressing
+    def gpa_to_offset(self, gpa: int, length: int = 1) -> int:
+        for r in self.regions:
+            if r.gpa <= gpa and gpa + length <= r.gpa_end:
+                return r.ram_offset + (gpa - r.gpa)
+        raise VmferryError(
+            f"guest-physical range {gpa:#x}+{length:#x} is not inside guest RAM "
+            f"({', '.join(f'{r.gpa:#x}-{r.gpa_end:#x}' for r in self.regions)})"
+        )
+
+    def view(self, offset: int, length: int) -> memoryview:
+        """A writable memoryview of RAM offsets [offset, offset+length) (no copy)."""
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise VmferryError(f"RAM range {offset:#x}+{length:#x} is outside {self.size:#x}")
+        return memoryview(self.bytes[offset : offset + length])  # type: ignore[arg-type]
+
+    def pages(self) -> npt.NDArray[np.uint64]:
+        """All of RAM as (npages, 512) 64-bit words: vectorised per-page work."""
+        return self.bytes.view(np.uint64).reshape(self.npages, PAGE_SIZE // 8)
+
+    def write_gpa(self, gpa: int, data: bytes) -> None:
+        off = self.gpa_to_offset(gpa, len(data))
+        self.bytes[off : off + len(data)] = np.frombuffer(data, dtype=np.uint8)
+
+    def read_gpa(self, gpa: int, length: int) -> bytes:
+        off = self.gpa_to_offset(gpa, length)
+        return self.bytes[off : off + length].tobytes()
+
+    # ---- residency
+    def populate(self) -> None:
+        """Allocate every page now: receiving into fresh memory is many times slower."""
+        try:
+            self._map.madvise(MADV_POPULATE_WRITE)
+        except OSError as e:
+            if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+
+    def data_ranges(self) -> list[tuple[int, int]]:
+        """Populated RAM as [start, end) offsets (tmpfs SEEK_DATA/SEEK_HOLE); holes read 0."""
+        out: list[tuple[int, int]] = []
+        pos = 0
+        while pos < self.size:
+            try:
+                start = os.lseek(self.fd, pos, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno == errno.ENXIO:
+                    break
+                raise
+            end = min(os.lseek(self.fd, start, os.SEEK_HOLE), self.size)
+            out.append((start & ~(PAGE_SIZE - 1), end))
+            pos = end
+        return out
+
+    def resident_pages(self) -> npt.NDArray[np.int64]:
+        """Indices of pages that hold data (not holes), vectorised per range."""
+        ranges = self.data_ranges()
+        if not ranges:
+            return np.zeros(0, dtype=np.int64)
+        return np.concatenate(
+            [np.arange(s >> PAGE_SHIFT, (e + PAGE_SIZE - 1) >> PAGE_SHIFT) for s, e in ranges]
+        )

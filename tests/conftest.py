@@ -1,0 +1,64 @@
+"""Shared fixtures: KVM/root checks that skip with a reason, built guest images, the CLI."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+GUEST_BUILD = ROOT / "guests" / "build"
+RESULT_RE = re.compile(rb"^RESULT ([0-9a-f]{16})$", re.MULTILINE)
+
+
+def kvm_unusable_reason() -> str | None:
+    if not os.path.exists("/dev/kvm"):
+        return "/dev/kvm does not exist on this host"
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return "no permission to use /dev/kvm"
+    return None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    kvm_reason = kvm_unusable_reason()
+    root_reason = None if os.geteuid() == 0 else "needs root"
+    for item in items:
+        if kvm_reason and "kvm" in item.keywords:
+            item.add_marker(pytest.mark.skip(reason=kvm_reason))
+        if root_reason and "root" in item.keywords:
+            item.add_marker(pytest.mark.skip(reason=root_reason))
+
+
+def guest_image(name: str) -> Path:
+    path = GUEST_BUILD / f"{name}.elf"
+    if not path.is_file():
+        pytest.fail(f"guest image {path} is not built: run 'make guests'")
+    return path
+
+
+@dataclass
+class Completed:
+    returncode: int
+    stdout: bytes
+    stderr: str
+
+    @property
+    def result(self) -> str | None:
+        m = RESULT_RE.findall(self.stdout)
+        return m[-1].decode() if m else None
+
+
+def vmferry(*args: str, timeout: float = 120) -> Completed:
+    """Run the vmferry CLI in a new process, as a user would."""
+    p = subprocess.run(
+        [sys.executable, "-m", "vmferry.cli.main", *args],
+        capture_output=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
+    return Completed(p.returncode, p.stdout, p.stderr.decode(errors="replace"))

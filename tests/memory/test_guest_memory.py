@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from vmferry.errors import ConfigError, VmferryError
+from vmferry.memory import GuestMemory
+from vmferry.memory.guest_memory import HIGH_RAM_BASE, LOW_RAM_LIMIT
+
+
+def test_ram_above_3g_is_placed_from_4g() -> None:
+    m = GuestMemory(5 << 30)
+    try:
+        assert [(r.gpa, r.ram_offset, r.size) for r in m.regions] == [
+            (0, 0, LOW_RAM_LIMIT), (HIGH_RAM_BASE, LOW_RAM_LIMIT, 2 << 30)]
+        assert m.gpa_to_offset(HIGH_RAM_BASE + 8) == LOW_RAM_LIMIT + 8
+        with pytest.raises(VmferryError, match="not inside guest RAM"):
+            m.gpa_to_offset(LOW_RAM_LIMIT + 4096)  # the MMIO hole
+    finally:
+        m.close()
+
+
+def test_16g_guest_is_sparse_until_touched() -> None:
+    m = GuestMemory(16 << 30)
+    try:
+        assert m.data_ranges() == []
+        m.write_gpa(HIGH_RAM_BASE + (5 << 30), b"\x01")
+        assert len(m.resident_pages()) == 1
+        assert os.fstat(m.fd).st_blocks * 512 <= 1 << 20
+    finally:
+        m.close()
+
+
+def test_another_mapping_of_the_fd_sees_the_same_bytes() -> None:
+    m = GuestMemory(64 << 20)
+    try:
+        m.write_gpa(0x123000, b"shared")
+        other = GuestMemory.from_fd(os.dup(m.fd), m.size)
+        assert other.read_gpa(0x123000, 6) == b"shared"
+        other.close()
+    finally:
+        m.close()
+
+
+def test_bad_sizes_are_refused() -> None:
+    with pytest.raises(ConfigError, match="multiple of 2 MiB"):
+        GuestMemory(3 << 20 | 1)
