@@ -12,9 +12,21 @@ import pytest
 from vmferry.kvm import uapi
 
 NAMES = [
-    n for n in dir(uapi)
-    if n.startswith(("KVM_GET_", "KVM_SET_", "KVM_CREATE_", "KVM_CAP_", "KVM_EXIT_", "KVM_RUN",
-                     "KVM_CHECK", "KVM_ENABLE", "KVM_CLEAR"))
+    n
+    for n in dir(uapi)
+    if n.startswith(
+        (
+            "KVM_GET_",
+            "KVM_SET_",
+            "KVM_CREATE_",
+            "KVM_CAP_",
+            "KVM_EXIT_",
+            "KVM_RUN",
+            "KVM_CHECK",
+            "KVM_ENABLE",
+            "KVM_CLEAR",
+        )
+    )
     and not n.startswith(("KVM_EXIT_IO_",))
 ]
 STRUCTS = {
@@ -29,9 +41,14 @@ STRUCTS = {
     "kvm_msr_entry": uapi.KvmMsrEntry,
     "kvm_clock_data": uapi.KvmClockData,
 }
-BLOBS = {"kvm_fpu": uapi.SIZEOF_FPU, "kvm_xsave": uapi.SIZEOF_XSAVE,
-         "kvm_xcrs": uapi.SIZEOF_XCRS, "kvm_vcpu_events": uapi.SIZEOF_VCPU_EVENTS,
-         "kvm_debugregs": uapi.SIZEOF_DEBUGREGS, "kvm_mp_state": uapi.SIZEOF_MP_STATE}
+BLOBS = {
+    "kvm_fpu": uapi.SIZEOF_FPU,
+    "kvm_xsave": uapi.SIZEOF_XSAVE,
+    "kvm_xcrs": uapi.SIZEOF_XCRS,
+    "kvm_vcpu_events": uapi.SIZEOF_VCPU_EVENTS,
+    "kvm_debugregs": uapi.SIZEOF_DEBUGREGS,
+    "kvm_mp_state": uapi.SIZEOF_MP_STATE,
+}
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +56,12 @@ def header_values(tmp_path_factory: pytest.TempPathFactory) -> dict[str, int]:
     if not shutil.which("gcc") or not Path("/usr/include/linux/kvm.h").exists():
         pytest.skip("needs gcc and the Linux uAPI headers (linux-libc-dev)")
     d = tmp_path_factory.mktemp("uapi")
-    lines = ["#include <stdio.h>", "#include <stddef.h>", "#include <linux/kvm.h>",
-             "int main(void) {"]
+    lines = [
+        "#include <stdio.h>",
+        "#include <stddef.h>",
+        "#include <linux/kvm.h>",
+        "int main(void) {",
+    ]
     lines += [f'printf("{n} %lu\\n", (unsigned long)({n}));' for n in NAMES]
     lines += [f'printf("sizeof_{s} %zu\\n", sizeof(struct {s}));' for s in [*STRUCTS, *BLOBS]]
     lines += ['printf("off_io %zu\\n", offsetof(struct kvm_run, io));', "return 0; }"]
@@ -51,8 +72,11 @@ def header_values(tmp_path_factory: pytest.TempPathFactory) -> dict[str, int]:
 
 
 def test_ioctl_numbers_and_constants_match_kernel_headers(header_values: dict[str, int]) -> None:
-    wrong = {n: (hex(getattr(uapi, n)), hex(header_values[n])) for n in NAMES
-             if getattr(uapi, n) != header_values[n]}
+    wrong = {
+        n: (hex(getattr(uapi, n)), hex(header_values[n]))
+        for n in NAMES
+        if getattr(uapi, n) != header_values[n]
+    }
     assert not wrong, f"constants differ from <linux/kvm.h> (ours, kernel's): {wrong}"
 
 

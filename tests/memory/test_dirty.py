@@ -7,8 +7,9 @@ from hypothesis import strategies as st
 from vmferry.memory import DirtyBitmap, page_runs
 
 
-@given(st.integers(1, 5000).flatmap(
-    lambda n: st.tuples(st.just(n), st.sets(st.integers(0, n - 1)))))
+@given(
+    st.integers(1, 5000).flatmap(lambda n: st.tuples(st.just(n), st.sets(st.integers(0, n - 1))))
+)
 def test_bitmap_holds_exactly_the_pages_set(args: tuple[int, set[int]]) -> None:
     npages, pages = args
     b = DirtyBitmap(npages)
@@ -22,8 +23,9 @@ def test_bitmap_holds_exactly_the_pages_set(args: tuple[int, set[int]]) -> None:
 def test_page_runs_cover_the_pages_with_maximal_runs(pages: set[int]) -> None:
     p = np.array(sorted(pages), dtype=np.int64)
     starts, lengths = page_runs(p)
-    rebuilt = [s + i for s, n in zip(starts.tolist(), lengths.tolist(), strict=True)
-               for i in range(n)]
+    rebuilt = [
+        s + i for s, n in zip(starts.tolist(), lengths.tolist(), strict=True) for i in range(n)
+    ]
     assert rebuilt == sorted(pages)
     # Maximal: no run ends where the next one starts.
     assert all(s1 + n1 < s2 for s1, n1, s2 in zip(starts, lengths, starts[1:], strict=False))

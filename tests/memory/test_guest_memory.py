@@ -13,7 +13,9 @@ def test_ram_above_3g_is_placed_from_4g() -> None:
     m = GuestMemory(5 << 30)
     try:
         assert [(r.gpa, r.ram_offset, r.size) for r in m.regions] == [
-            (0, 0, LOW_RAM_LIMIT), (HIGH_RAM_BASE, LOW_RAM_LIMIT, 2 << 30)]
+            (0, 0, LOW_RAM_LIMIT),
+            (HIGH_RAM_BASE, LOW_RAM_LIMIT, 2 << 30),
+        ]
         assert m.gpa_to_offset(HIGH_RAM_BASE + 8) == LOW_RAM_LIMIT + 8
         with pytest.raises(VmferryError, match="not inside guest RAM"):
             m.gpa_to_offset(LOW_RAM_LIMIT + 4096)  # the MMIO hole

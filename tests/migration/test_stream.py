@@ -159,7 +159,7 @@ def test_newer_version(valid_stream: bytes) -> None:
 
 
 def test_truncated(valid_stream: bytes) -> None:
-    with pytest.raises(StreamError, match="truncated|ends before section"):
+    with pytest.raises(StreamError, match=r"truncated|ends before section"):
         decode(valid_stream[: len(valid_stream) // 2], GuestMemory(MEM))
 
 
@@ -172,8 +172,7 @@ def test_bit_flip_in_page_data_is_caught_by_the_checksum(valid_stream: bytes) ->
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.data())
-def test_random_damage_is_always_a_stream_error(valid_stream: bytes, data: st.DataObject
-                                                ) -> None:
+def test_random_damage_is_always_a_stream_error(valid_stream: bytes, data: st.DataObject) -> None:
     damaged = bytearray(valid_stream)
     # Distinct positions: two flips of one byte could cancel out.
     for pos in data.draw(st.sets(st.integers(0, len(damaged) - 1), min_size=1, max_size=4)):

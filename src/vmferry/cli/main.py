@@ -7,6 +7,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from vmferry.cli import demo as demo_cmd
 from vmferry.cli import run as run_cmd
 from vmferry.errors import VmferryError
 
@@ -22,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="log what vmferry does")
     sub = p.add_subparsers(dest="command", required=True)
     run_cmd.add_parser(sub)
+    demo_cmd.add_parser(sub)
     return p
 
 
@@ -35,8 +37,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(args_list)
     args.guest_cmdline = " ".join(guest_args)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="vmferry: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING, format="vmferry: %(message)s"
+    )
     try:
         status: int = args.func(args)
         return status

@@ -92,8 +92,11 @@ class Kvm:
             entries_t = uapi.KvmCpuidEntry2 * nent
 
             class Cpuid2(ctypes.Structure):
-                _fields_ = [("nent", ctypes.c_uint32), ("padding", ctypes.c_uint32),
-                            ("entries", entries_t)]
+                _fields_ = [
+                    ("nent", ctypes.c_uint32),
+                    ("padding", ctypes.c_uint32),
+                    ("entries", entries_t),
+                ]
 
             buf = Cpuid2(nent=nent)
             ret, err = ioctl_raw(self.fd, uapi.KVM_GET_SUPPORTED_CPUID, ctypes.addressof(buf))

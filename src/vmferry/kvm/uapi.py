@@ -33,13 +33,14 @@ def _iowr(nr: int, size: int) -> int:
     return _ioc(_IOC_READ | _IOC_WRITE, nr, size)
 
 
+REG_NAMES = (
+    *("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp"),
+    *("r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rip", "rflags"),
+)
+
+
 class KvmRegs(C.Structure):
-    _fields_ = [
-        (name, C.c_uint64)
-        for name in (
-            "rax rbx rcx rdx rsi rdi rsp rbp r8 r9 r10 r11 r12 r13 r14 r15 rip rflags".split()
-        )
-    ]
+    _fields_ = [(name, C.c_uint64) for name in REG_NAMES]
 
 
 class KvmSegment(C.Structure):
@@ -66,10 +67,10 @@ class KvmDtable(C.Structure):
 
 class KvmSregs(C.Structure):
     _fields_ = [
-        *[(name, KvmSegment) for name in "cs ds es fs gs ss tr ldt".split()],
+        *[(name, KvmSegment) for name in ["cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt"]],
         ("gdt", KvmDtable),
         ("idt", KvmDtable),
-        *[(name, C.c_uint64) for name in "cr0 cr2 cr3 cr4 cr8 efer apic_base".split()],
+        *[(name, C.c_uint64) for name in ["cr0", "cr2", "cr3", "cr4", "cr8", "efer", "apic_base"]],
         ("interrupt_bitmap", C.c_uint64 * 4),
     ]
 

@@ -7,6 +7,7 @@ import errno
 import mmap
 import os
 from dataclasses import dataclass
+from typing import Any
 
 from vmferry.errors import KvmError
 from vmferry.kvm import uapi
@@ -32,8 +33,9 @@ class VcpuHandle:
         self._xsave_size = vm.kvm.xsave_size()
         self._has_xsave2 = vm.kvm.check_extension(uapi.KVM_CAP_XSAVE2) > 0
         try:
-            self._run_map = mmap.mmap(self.fd, vm.kvm.vcpu_mmap_size(), mmap.MAP_SHARED,
-                                      mmap.PROT_READ | mmap.PROT_WRITE)
+            self._run_map = mmap.mmap(
+                self.fd, vm.kvm.vcpu_mmap_size(), mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE
+            )
         except BaseException:
             os.close(self.fd)
             raise
@@ -113,12 +115,14 @@ class VcpuHandle:
         self._set_blob(uapi.KVM_SET_XCRS, raw, uapi.SIZEOF_XCRS, "KVM_SET_XCRS")
 
     def get_vcpu_events(self) -> bytes:
-        return self._get_blob(uapi.KVM_GET_VCPU_EVENTS, uapi.SIZEOF_VCPU_EVENTS,
-                              "KVM_GET_VCPU_EVENTS")
+        return self._get_blob(
+            uapi.KVM_GET_VCPU_EVENTS, uapi.SIZEOF_VCPU_EVENTS, "KVM_GET_VCPU_EVENTS"
+        )
 
     def set_vcpu_events(self, raw: bytes) -> None:
-        self._set_blob(uapi.KVM_SET_VCPU_EVENTS, raw, uapi.SIZEOF_VCPU_EVENTS,
-                       "KVM_SET_VCPU_EVENTS")
+        self._set_blob(
+            uapi.KVM_SET_VCPU_EVENTS, raw, uapi.SIZEOF_VCPU_EVENTS, "KVM_SET_VCPU_EVENTS"
+        )
 
     def get_debugregs(self) -> bytes:
         return self._get_blob(uapi.KVM_GET_DEBUGREGS, uapi.SIZEOF_DEBUGREGS, "KVM_GET_DEBUGREGS")
@@ -141,21 +145,28 @@ class VcpuHandle:
         n = len(entries)
 
         class Cpuid2(ctypes.Structure):
-            _fields_ = [("nent", ctypes.c_uint32), ("padding", ctypes.c_uint32),
-                        ("entries", uapi.KvmCpuidEntry2 * n)]
+            _fields_ = [
+                ("nent", ctypes.c_uint32),
+                ("padding", ctypes.c_uint32),
+                ("entries", uapi.KvmCpuidEntry2 * n),
+            ]
 
         buf = Cpuid2(nent=n)
         for i, e in enumerate(entries):
-            buf.entries[i] = uapi.KvmCpuidEntry2(e.function, e.index, e.flags, e.eax, e.ebx,
-                                                 e.ecx, e.edx)
+            buf.entries[i] = uapi.KvmCpuidEntry2(
+                e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx
+            )
         ioctl(self.fd, uapi.KVM_SET_CPUID2, buf, what="KVM_SET_CPUID2")
 
-    def _msr_buffer(self, pairs: list[tuple[int, int]]) -> ctypes.Structure:
+    def _msr_buffer(self, pairs: list[tuple[int, int]]) -> Any:
         n = len(pairs)
 
         class Msrs(ctypes.Structure):
-            _fields_ = [("nmsrs", ctypes.c_uint32), ("pad", ctypes.c_uint32),
-                        ("entries", uapi.KvmMsrEntry * n)]
+            _fields_ = [
+                ("nmsrs", ctypes.c_uint32),
+                ("pad", ctypes.c_uint32),
+                ("entries", uapi.KvmMsrEntry * n),
+            ]
 
         buf = Msrs(nmsrs=n)
         for i, (index, data) in enumerate(pairs):
@@ -170,7 +181,7 @@ class VcpuHandle:
         while rest:
             buf = self._msr_buffer([(i, 0) for i in rest])
             n = ioctl(self.fd, uapi.KVM_GET_MSRS, buf, what="KVM_GET_MSRS")
-            entries = buf.entries  # type: ignore[attr-defined]
+            entries = buf.entries
             for k in range(n):
                 out[entries[k].index] = entries[k].data
             rest = rest[n + 1 :]

@@ -66,7 +66,9 @@ class VmHandle:
         range ends at the end of the slot.
         """
         log = uapi.KvmClearDirtyLog(
-            slot=slot, num_pages=num_pages, first_page=first_page,
+            slot=slot,
+            num_pages=num_pages,
+            first_page=first_page,
             dirty_bitmap=bitmap.ctypes.data,
         )
         ioctl(

@@ -43,8 +43,10 @@ class MachineConfig:
     def from_dict(cls, d: dict[str, Any]) -> MachineConfig:
         try:
             return cls(
-                memory=int(d["memory"]), vcpus=int(d["vcpus"]),
-                image=str(d["image"]), cmdline=str(d["cmdline"]),
+                memory=int(d["memory"]),
+                vcpus=int(d["vcpus"]),
+                image=str(d["image"]),
+                cmdline=str(d["cmdline"]),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ConfigError(f"machine config is incomplete or malformed: {e!r}") from e

@@ -11,8 +11,9 @@ HYPERVISOR_BASE_LEAF = 0x40000000
 TIMING_LEAF = 0x40000010  # TSC kHz in EAX: the leaf VMware defined and KVM/QEMU also offer
 
 
-def guest_cpuid(supported: list[CpuidEntry], index: int, nvcpus: int, tsc_khz: int
-                ) -> list[CpuidEntry]:
+def guest_cpuid(
+    supported: list[CpuidEntry], index: int, nvcpus: int, tsc_khz: int
+) -> list[CpuidEntry]:
     out: list[CpuidEntry] = []
     for e in supported:
         if e.function == 1:

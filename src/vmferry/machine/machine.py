@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import sys
 import threading
 import time
@@ -51,8 +53,14 @@ class GuestExit:
 class Machine:
     """One VM. Build with :meth:`boot` or :meth:`from_state`; then start/pause/resume/close."""
 
-    def __init__(self, config: MachineConfig, *, kvm_device: str = DEFAULT_DEVICE,
-                 serial: BinaryIO | None = None, memory: GuestMemory | None = None) -> None:
+    def __init__(
+        self,
+        config: MachineConfig,
+        *,
+        kvm_device: str = DEFAULT_DEVICE,
+        serial: BinaryIO | None = None,
+        memory: GuestMemory | None = None,
+    ) -> None:
         install_kick_handler()
         self.config = config
         self.kvm = Kvm(kvm_device)
@@ -112,8 +120,9 @@ class Machine:
 
     def _register_memory(self, *, log_dirty: bool) -> None:
         for slot, r in enumerate(self.memory.regions):
-            self.vm.set_memory_region(slot, r.gpa, r.size, self.memory.host_addr + r.ram_offset,
-                                      log_dirty=log_dirty)
+            self.vm.set_memory_region(
+                slot, r.gpa, r.size, self.memory.host_addr + r.ram_offset, log_dirty=log_dirty
+            )
 
     # ---- running
     def start(self, *, paused: bool = False) -> None:
@@ -189,11 +198,13 @@ class Machine:
             words = np.zeros((npages + 63) // 64, dtype=np.uint64)
             self.vm.get_dirty_log(slot, words)
             first = r.ram_offset >> PAGE_SHIFT  # region offsets are 64-page aligned
-            np.bitwise_or(into.words[first // 64 : first // 64 + words.size], words,
-                          out=into.words[first // 64 : first // 64 + words.size])
+            np.bitwise_or(
+                into.words[first // 64 : first // 64 + words.size],
+                words,
+                out=into.words[first // 64 : first // 64 + words.size],
+            )
 
-    def clear_dirty_log(self, pages: DirtyBitmap, first: int = 0, count: int | None = None
-                        ) -> None:
+    def clear_dirty_log(self, pages: DirtyBitmap, first: int = 0, count: int | None = None) -> None:
         """Re-protect the pages set in ``pages`` within RAM pages [first, first+count)."""
         if count is None:
             count = self.memory.npages - first
@@ -228,7 +239,7 @@ class Machine:
             )
         self.vm.set_clock(state.clock)
         for v, st in zip(self.vcpus, state.vcpus, strict=True):
-            v.call(lambda h, st=st: apply_vcpu(h, st))
+            v.call(functools.partial(_apply_on, st=st))
 
     # ---- teardown
     def close(self) -> None:
@@ -236,10 +247,8 @@ class Machine:
             return
         self._closed = True
         for v in getattr(self, "vcpus", []):
-            try:
+            with contextlib.suppress(MachineStateError):
                 v.request(VcpuRunState.STOPPED)
-            except MachineStateError:
-                pass
         for v in getattr(self, "vcpus", []):
             v.join(5.0)
         for h in getattr(self, "handles", []):
@@ -255,6 +264,10 @@ class Machine:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _apply_on(handle: VcpuHandle, st: VcpuState) -> None:
+    apply_vcpu(handle, st)
 
 
 def run_to_exit(machine: Machine, timeout: float | None = None) -> GuestExit:

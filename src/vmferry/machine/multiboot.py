@@ -39,7 +39,7 @@ def find_multiboot_header(head: bytes) -> int:
     for off in range(0, min(len(head), MULTIBOOT_SEARCH) - 11, 4):
         magic, flags, checksum = struct.unpack_from("<III", head, off)
         if magic == MULTIBOOT_HEADER_MAGIC and (magic + flags + checksum) & 0xFFFFFFFF == 0:
-            return flags
+            return int(flags)
     raise GuestImageError("no multiboot header (magic 0x1BADB002) in the first 8 KiB")
 
 
@@ -85,8 +85,10 @@ def write_boot_info(memory: GuestMemory, cmdline: str) -> int:
         raise GuestImageError(f"command line is {len(raw_cmd)} bytes, at most {CMDLINE_MAX}")
     memory.write_gpa(CMDLINE_ADDR, raw_cmd)
 
-    ranges = [(0, LOW_MEM_END, MMAP_AVAILABLE), (LOW_MEM_END, IMAGE_MIN_ADDR - LOW_MEM_END,
-                                                 MMAP_RESERVED)]
+    ranges = [
+        (0, LOW_MEM_END, MMAP_AVAILABLE),
+        (LOW_MEM_END, IMAGE_MIN_ADDR - LOW_MEM_END, MMAP_RESERVED),
+    ]
     for r in memory.regions:
         start = max(r.gpa, IMAGE_MIN_ADDR)
         ranges.append((start, r.gpa_end - start, MMAP_AVAILABLE))
@@ -95,8 +97,14 @@ def write_boot_info(memory: GuestMemory, cmdline: str) -> int:
 
     mem_upper_kib = (min(memory.size, LOW_RAM_LIMIT) - IMAGE_MIN_ADDR) // 1024
     info = bytearray(88)
-    struct.pack_into("<III", info, 0, MBI_FLAG_MEM | MBI_FLAG_CMDLINE | MBI_FLAG_MMAP,
-                     LOW_MEM_END // 1024, mem_upper_kib)
+    struct.pack_into(
+        "<III",
+        info,
+        0,
+        MBI_FLAG_MEM | MBI_FLAG_CMDLINE | MBI_FLAG_MMAP,
+        LOW_MEM_END // 1024,
+        mem_upper_kib,
+    )
     struct.pack_into("<I", info, 16, CMDLINE_ADDR)
     struct.pack_into("<II", info, 44, len(mmap), MMAP_ADDR)
     memory.write_gpa(MBI_ADDR, bytes(info))

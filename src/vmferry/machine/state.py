@@ -19,7 +19,7 @@ from vmferry.machine.config import MachineConfig
 
 log = logging.getLogger(__name__)
 
-REG_NAMES = [name for name, _ in uapi.KvmRegs._fields_]
+REG_NAMES = uapi.REG_NAMES
 
 # MSRs whose loss would change what the guest sees; a refusal to restore them is an error.
 ESSENTIAL_MSRS = {

@@ -8,6 +8,7 @@ capture and restore happen there, where KVM expects vCPU ioctls).
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import signal
 import threading
@@ -88,10 +89,8 @@ class VcpuThread:
             self._cond.notify_all()
             ident = self._ident
         if want is not VcpuRunState.RUNNING and ident is not None:
-            try:
+            with contextlib.suppress(ProcessLookupError):  # the thread just ended
                 signal.pthread_kill(ident, KICK_SIGNAL)
-            except ProcessLookupError:
-                pass
 
     def wait_settled(self, timeout: float = 10.0) -> None:
         """Wait until the thread has reached the state last requested (paused or stopped)."""
@@ -99,7 +98,7 @@ class VcpuThread:
         with self._cond:
             while self._state is not self._want and self._want is not VcpuRunState.RUNNING:
                 left = deadline - time.monotonic()
-                if left <= 0 or not self._thread.is_alive() and self._state is not self._want:
+                if left <= 0 or (not self._thread.is_alive() and self._state is not self._want):
                     raise MachineStateError(
                         f"vCPU {self.index} did not become {self._want.value} "
                         f"(it is {self._state.value})"
@@ -138,7 +137,7 @@ class VcpuThread:
             self._loop()
         except VmferryError as e:
             self._stop_with(e)
-        except Exception as e:  # noqa: BLE001 - reported, never swallowed
+        except Exception as e:
             self._stop_with(VmferryError(f"vCPU {self.index} thread crashed: {e!r}"))
 
     def _stop_with(self, err: VmferryError) -> None:
@@ -163,8 +162,7 @@ class VcpuThread:
                     if self._want is VcpuRunState.STOPPED:
                         return
                     self._run_calls()
-                    if self._want is not VcpuRunState.RUNNING:
-                        self._cond.wait()
+                    self._cond.wait()
                 self._state = VcpuRunState.RUNNING
                 self._cond.notify_all()
                 self.handle.set_immediate_exit(False)
@@ -180,7 +178,7 @@ class VcpuThread:
             fn, fut = self._calls.pop(0)
             try:
                 fut.set_result(fn(self.handle))
-            except BaseException as e:  # noqa: BLE001 - handed to the caller
+            except BaseException as e:
                 fut.set_exception(e)
 
     def _handle_exit(self, reason: int) -> None:

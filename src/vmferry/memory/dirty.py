@@ -49,7 +49,9 @@ class DirtyBitmap:
         return bool((int(self.words[page >> 6]) >> (page & 63)) & 1)
 
 
-def page_runs(pages: npt.NDArray[np.integer]) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+def page_runs(
+    pages: npt.NDArray[np.integer],
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
     """Split sorted page indices into runs of consecutive pages: (starts, lengths)."""
     p = np.asarray(pages, dtype=np.int64)
     if p.size == 0:

@@ -8,6 +8,7 @@ the 3–4 GiB hole for device MMIO (as PC chipsets do).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import mmap
 import os
@@ -83,11 +84,9 @@ class GuestMemory:
     def close(self) -> None:
         if self.fd >= 0:
             del self.bytes
-            try:
+            # A view may still be alive somewhere; the mapping then goes when it does.
+            with contextlib.suppress(BufferError):
                 self._map.close()
-            except BufferError:
-                # A view is still alive somewhere; the mapping goes when it does.
-                pass
             os.close(self.fd)
             self.fd = -1
 

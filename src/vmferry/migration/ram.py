@@ -48,8 +48,9 @@ class RamStats:
         self.bytes += other.bytes
 
 
-def split_runs(pages: npt.NDArray[np.int64], zero: npt.NDArray[np.bool_]
-               ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.bool_]]:
+def split_runs(
+    pages: npt.NDArray[np.int64], zero: npt.NDArray[np.bool_]
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.bool_]]:
     """Runs of consecutive pages with the same zero flag: (starts, lengths, is_zero)."""
     if pages.size == 0:
         e = np.zeros(0, dtype=np.int64)
@@ -67,13 +68,15 @@ def zero_pages(memory: GuestMemory, pages: npt.NDArray[np.int64]) -> npt.NDArray
     allp = memory.pages()
     lo, hi = int(pages[0]), int(pages[-1]) + 1
     if hi - lo <= 2 * pages.size:
-        nz = np.any(allp[lo:hi], axis=1)  # a view: no copy of the span
+        nz: npt.NDArray[np.bool_] = np.any(allp[lo:hi], axis=1)  # a view: no copy
         return ~nz[pages - lo]
-    return ~np.any(allp[pages], axis=1)
+    gathered: npt.NDArray[np.bool_] = np.any(allp[pages], axis=1)
+    return ~gathered
 
 
-def expand_runs(first: npt.NDArray[np.int64], npages: npt.NDArray[np.int64]
-                ) -> npt.NDArray[np.int64]:
+def expand_runs(
+    first: npt.NDArray[np.int64], npages: npt.NDArray[np.int64]
+) -> npt.NDArray[np.int64]:
     """[first_i, first_i + npages_i) for every run, concatenated, vectorised."""
     total = int(npages.sum())
     if total == 0:
@@ -82,8 +85,12 @@ def expand_runs(first: npt.NDArray[np.int64], npages: npt.NDArray[np.int64]
     return np.repeat(first, npages) + (np.arange(total, dtype=np.int64) - offsets)
 
 
-def send_pages(writer: StreamWriter, memory: GuestMemory, pages: npt.NDArray[np.int64],
-               batch_pages: int = DEFAULT_BATCH_PAGES) -> RamStats:
+def send_pages(
+    writer: StreamWriter,
+    memory: GuestMemory,
+    pages: npt.NDArray[np.int64],
+    batch_pages: int = DEFAULT_BATCH_PAGES,
+) -> RamStats:
     """Send the given sorted pages as RAM sections of at most ``batch_pages`` pages each."""
     stats = RamStats()
     allp = memory.pages()
@@ -96,11 +103,13 @@ def send_pages(writer: StreamWriter, memory: GuestMemory, pages: npt.NDArray[np.
         data_starts, data_lengths = starts[~is_zero], lengths[~is_zero]
         bufs: list[Buffer] = [RAM_HEAD.pack(runs.size, 0), runs.tobytes()]
         if data_starts.size and data_lengths.mean() < GATHER_BELOW_RUN:
-            bufs.append(memoryview(allp[expand_runs(data_starts, data_lengths)]).cast("B"))
+            bufs.append(allp[expand_runs(data_starts, data_lengths)].data.cast("B"))
         else:
             b = memory.bytes
-            bufs.extend(memoryview(b[s * PAGE_SIZE : (s + n) * PAGE_SIZE])  # type: ignore[arg-type]
-                        for s, n in zip(data_starts.tolist(), data_lengths.tolist(), strict=True))
+            bufs.extend(
+                memoryview(b[s * PAGE_SIZE : (s + n) * PAGE_SIZE])  # type: ignore[arg-type]
+                for s, n in zip(data_starts.tolist(), data_lengths.tolist(), strict=True)
+            )
         before = writer.bytes_written
         writer.section(RAM, bufs)
         nz = int(data_lengths.sum())
@@ -140,9 +149,14 @@ class RamReceiver:
             or (first + npages > self.memory.npages).any()
             or (flags & ~np.uint32(RUN_ZERO)).any()
         ):
-            bad = int(np.flatnonzero((runs["first"] >= self.memory.npages)
-                                     | (npages <= 0) | (first + npages > self.memory.npages)
-                                     | (flags & ~np.uint32(RUN_ZERO) != 0))[0])
+            bad = int(
+                np.flatnonzero(
+                    (runs["first"] >= self.memory.npages)
+                    | (npages <= 0)
+                    | (first + npages > self.memory.npages)
+                    | (flags & ~np.uint32(RUN_ZERO) != 0)
+                )[0]
+            )
             raise StreamError(
                 f"{hdr.describe()}: run {bad} (page {int(runs['first'][bad])} + "
                 f"{int(runs['npages'][bad])}, flags {int(flags[bad])}) is outside guest RAM "
@@ -159,8 +173,8 @@ class RamReceiver:
         allp = self.memory.pages()
         if d_first.size and d_n.mean() < GATHER_BELOW_RUN:
             bounce = np.empty((int(d_n.sum()), PAGE_SIZE // 8), dtype=np.uint64)
-            reader.read(hdr, memoryview(bounce).cast("B"))
-            h.update(bounce)
+            reader.read(hdr, bounce.data.cast("B"))
+            h.update(bounce.data)
             allp[expand_runs(d_first, d_n)] = bounce
         else:
             for s, n in zip(d_first.tolist(), d_n.tolist(), strict=True):
@@ -169,10 +183,12 @@ class RamReceiver:
                 h.update(view)
         z = expand_runs(first[is_zero], npages[is_zero])
         if z.size:
-            mask = ((self.written.words[z >> 6] >> (z & 63).astype(np.uint64))
-                    & np.uint64(1)).astype(bool)
+            mask = (
+                (self.written.words[z >> 6] >> (z & 63).astype(np.uint64)) & np.uint64(1)
+            ).astype(bool)
             allp[z[mask]] = 0
         reader.check(hdr, h)
         self.written.set_pages(expand_runs(d_first, d_n))
-        self.stats.add(RamStats(normal=int(d_n.sum()), zero=z.size,
-                                bytes=hdr.length + SECTION_HEADER_SIZE))
+        self.stats.add(
+            RamStats(normal=int(d_n.sum()), zero=z.size, bytes=hdr.length + SECTION_HEADER_SIZE)
+        )

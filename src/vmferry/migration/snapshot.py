@@ -30,8 +30,9 @@ def write_config(writer: StreamWriter, config: MachineConfig) -> None:
 
 
 def write_cpu_state(writer: StreamWriter, state: MachineState) -> None:
-    writer.section(CPUS, [_json({"clock": state.clock.hex(),
-                                 "vcpus": [v.to_dict() for v in state.vcpus]})])
+    writer.section(
+        CPUS, [_json({"clock": state.clock.hex(), "vcpus": [v.to_dict() for v in state.vcpus]})]
+    )
 
 
 def write_devices_and_end(writer: StreamWriter, devices: list[dict[str, Any]]) -> None:

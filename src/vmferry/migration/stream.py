@@ -138,8 +138,9 @@ class StreamReader:
             )
         if hdr.tag not in NEXT[self.last]:
             after = section_name(self.last) if self.last else "the stream header"
-            raise StreamError(f"{hdr.describe()}: a {section_name(hdr.tag)} section cannot "
-                              f"follow {after}")
+            raise StreamError(
+                f"{hdr.describe()}: a {section_name(hdr.tag)} section cannot follow {after}"
+            )
         self.seq += 1
         self.last = hdr.tag
         return hdr, xxhash.xxh3_64(bytes(raw[: SECTION_HEADER.size]))
