@@ -41,3 +41,11 @@ class StreamError(VmferryError):
 
 class ConfigError(VmferryError):
     """A parameter given by the user is wrong."""
+
+
+class MigrationError(VmferryError):
+    """A migration failed; the source VM keeps running."""
+
+
+class MigrationCancelled(MigrationError):
+    """The user cancelled the migration (migrate_cancel)."""

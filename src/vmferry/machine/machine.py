@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
+import numpy.typing as npt
 
 from vmferry.errors import MachineStateError, VmferryError
 from vmferry.kvm.system import DEFAULT_DEVICE, Kvm
@@ -35,6 +36,9 @@ from vmferry.machine.state import MachineState, VcpuState, apply_vcpu, capture_v
 from vmferry.machine.vcpu_thread import VcpuRunState, VcpuThread, install_kick_handler
 from vmferry.memory.dirty import DirtyBitmap
 from vmferry.memory.guest_memory import PAGE_SHIFT, GuestMemory
+
+
+THROTTLE_TIMESLICE_S = 0.010  # QEMU's CPU_THROTTLE_TIMESLICE: 10 ms of run per period
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,10 @@ class Machine:
         except BaseException:
             self.close()
             raise
+        self.throttle_pct = 0
+        self._throttle_lock = threading.Lock()
+        self._throttle_stop = threading.Event()
+        self._throttle_thread: threading.Thread | None = None
         self._exit_lock = threading.Lock()
         self._exited = threading.Event()
         self._exit: GuestExit | None = None
@@ -152,7 +160,8 @@ class Machine:
 
     @property
     def paused(self) -> bool:
-        return all(v.state is VcpuRunState.PAUSED for v in self.vcpus)
+        """No vCPU is in the guest: paused, or not started yet."""
+        return all(v.state in (VcpuRunState.PAUSED, VcpuRunState.CREATED) for v in self.vcpus)
 
     def wait(self, timeout: float | None = None) -> GuestExit | None:
         """Wait for the guest to end (debug exit or fault); None on timeout."""
@@ -223,6 +232,50 @@ class Machine:
             words = np.ascontiguousarray(pages.words[lo // 64 : (lo + n + 63) // 64])
             self.vm.clear_dirty_log(slot, lo - rfirst, words, n)
 
+    def clear_dirty_pages(self, pages: npt.NDArray[np.int64]) -> None:
+        """Re-protect exactly these (sorted) pages, just before they are read and sent."""
+        if pages.size == 0:
+            return
+        lo = int(pages[0]) & ~63
+        hi = int(pages[-1]) + 1
+        local = DirtyBitmap(hi - lo)
+        local.set_pages(pages - lo)
+        for slot, r in enumerate(self.memory.regions):
+            rfirst, rcount = r.ram_offset >> PAGE_SHIFT, r.size >> PAGE_SHIFT
+            a, b = max(lo, rfirst), min(hi, rfirst + rcount)
+            if a >= b:
+                continue
+            # KVM wants whole 64-page words, except where the range ends at the slot's end.
+            n = min((b - a + 63) & ~63, rfirst + rcount - a)
+            words = np.zeros((n + 63) // 64, dtype=np.uint64)
+            src = local.words[(a - lo) // 64 : (a - lo) // 64 + words.size]
+            words[: src.size] = src
+            self.vm.clear_dirty_log(slot, a - rfirst, words, n)
+
+    # ---- throttling (auto-converge)
+    def set_throttle(self, pct: int) -> None:
+        """Keep vCPUs out of the guest ``pct`` % of the time, as QEMU's cpu-throttle does."""
+        pct = max(0, min(99, pct))
+        self.throttle_pct = pct
+        with self._throttle_lock:
+            if pct and self._throttle_thread is None:
+                self._throttle_stop.clear()
+                self._throttle_thread = threading.Thread(target=self._throttle_loop,
+                                                         name="cpu-throttle", daemon=True)
+                self._throttle_thread.start()
+            elif not pct and self._throttle_thread is not None:
+                self._throttle_stop.set()
+                self._throttle_thread.join()
+                self._throttle_thread = None
+
+    def _throttle_loop(self) -> None:
+        while not self._throttle_stop.is_set():
+            pct = self.throttle_pct
+            sleep = THROTTLE_TIMESLICE_S * pct / (100 - pct)
+            for v in self.vcpus:
+                v.throttle(sleep)
+            self._throttle_stop.wait(THROTTLE_TIMESLICE_S + sleep)
+
     # ---- state
     def save_state(self) -> MachineState:
         if not self.paused:
@@ -246,6 +299,8 @@ class Machine:
         if self._closed:
             return
         self._closed = True
+        if getattr(self, "_throttle_thread", None) is not None:
+            self.set_throttle(0)
         for v in getattr(self, "vcpus", []):
             with contextlib.suppress(MachineStateError):
                 v.request(VcpuRunState.STOPPED)

@@ -58,6 +58,7 @@ class VcpuThread:
         self._state = VcpuRunState.CREATED
         self._want = VcpuRunState.PAUSED
         self._woken = False
+        self._throttle_sleep = 0.0
         self._calls: list[tuple[Callable[[VcpuHandle], Any], Future[Any]]] = []
         self._thread = threading.Thread(target=self._main, name=f"vcpu{self.index}", daemon=True)
         self._ident: int | None = None
@@ -104,6 +105,18 @@ class VcpuThread:
                         f"(it is {self._state.value})"
                     )
                 self._cond.wait(min(left, 0.1))
+
+    def throttle(self, sleep_s: float) -> None:
+        """Make the vCPU leave the guest now and stay out for ``sleep_s`` (auto-converge)."""
+        with self._cond:
+            if self._state is not VcpuRunState.RUNNING or self._want is not VcpuRunState.RUNNING:
+                return
+            self._throttle_sleep = sleep_s
+            self.handle.set_immediate_exit(True)
+            ident = self._ident
+        if ident is not None:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pthread_kill(ident, KICK_SIGNAL)
 
     def wake(self) -> None:
         """End a park early (the guest re-checks its condition)."""
@@ -169,6 +182,7 @@ class VcpuThread:
             was_running = True
             result = self.handle.run()
             if result.interrupted:
+                self._throttled_sleep()
                 continue
             self.exits += 1
             self._handle_exit(result.exit_reason)
@@ -215,6 +229,13 @@ class VcpuThread:
         else:
             name = uapi.EXIT_REASON_NAMES.get(reason, str(reason))
             raise GuestError(f"vCPU {self.index}: unexpected exit {name}")
+
+    def _throttled_sleep(self) -> None:
+        with self._cond:
+            sleep, self._throttle_sleep = self._throttle_sleep, 0.0
+            if sleep:
+                # A pause or stop request ends the sleep early.
+                self._cond.wait_for(lambda: self._want is not VcpuRunState.RUNNING, sleep)
 
     def park(self, max_us: int) -> None:
         """Called on this thread: wait until woken, a request, or max_us (0: no limit)."""

@@ -127,6 +127,14 @@ class GuestMemory:
             if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
                 raise
 
+    def populate_range(self, offset: int, length: int) -> None:
+        start = offset & ~(mmap.PAGESIZE - 1)
+        try:
+            self._map.madvise(MADV_POPULATE_WRITE, start, offset + length - start)
+        except OSError as e:
+            if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+
     def data_ranges(self) -> list[tuple[int, int]]:
         """Populated RAM as [start, end) offsets (tmpfs SEEK_DATA/SEEK_HOLE); holes read 0."""
         out: list[tuple[int, int]] = []

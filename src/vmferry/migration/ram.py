@@ -2,24 +2,29 @@
 
 Payload: ``u32 nruns | u32 reserved | runs[nruns] | data``, each run ``u64 first_page |
 u32 npages | u32 flags`` (flag 1: the pages are zero, no data follows). Data is the pages of
-the non-zero runs, in run order. Pages go out as memoryviews of guest memory (long runs)
-or as one gathered copy (scattered pages), and come in with ``readinto`` straight into
-guest memory — never a Python loop per page.
+the non-zero runs, in run order. With compression the whole payload is one zstd frame.
+Pages go out as memoryviews of guest memory (long runs) or as one gathered copy
+(scattered pages), and come in with ``readinto`` straight into guest memory — never a
+Python loop per page.
 """
 
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 import xxhash
+import zstandard
 
 from vmferry.errors import StreamError
 from vmferry.memory.dirty import DirtyBitmap
 from vmferry.memory.guest_memory import PAGE_SIZE, GuestMemory
 from vmferry.migration.stream import (
+    FLAG_LIVE,
+    FLAG_ZSTD,
     RAM,
     SECTION_HEADER_SIZE,
     SectionHeader,
@@ -32,8 +37,11 @@ RUN_DTYPE = np.dtype([("first", "<u8"), ("npages", "<u4"), ("flags", "<u4")])
 RUN_ZERO = 1
 RAM_HEAD = struct.Struct("<II")
 DEFAULT_BATCH_PAGES = 8192  # 32 MiB of data per section
+# A decompressed RAM payload is at most one batch; anything claiming more is corrupt.
+MAX_DECOMPRESSED = RAM_HEAD.size + (1 << 16) * (RUN_DTYPE.itemsize + PAGE_SIZE)
 # Runs shorter than this on average are gathered into one buffer instead of one iovec each.
 GATHER_BELOW_RUN = 8
+ZSTD_LEVEL = 1  # fastest standard level: migration is bandwidth-bound, not ratio-bound
 
 
 @dataclass
@@ -85,110 +93,179 @@ def expand_runs(
     return np.repeat(first, npages) + (np.arange(total, dtype=np.int64) - offsets)
 
 
-def send_pages(
-    writer: StreamWriter,
-    memory: GuestMemory,
-    pages: npt.NDArray[np.int64],
-    batch_pages: int = DEFAULT_BATCH_PAGES,
-) -> RamStats:
-    """Send the given sorted pages as RAM sections of at most ``batch_pages`` pages each."""
-    stats = RamStats()
-    allp = memory.pages()
-    for i in range(0, pages.size, batch_pages):
-        chunk = pages[i : i + batch_pages]
-        zero = zero_pages(memory, chunk)
+class RamSender:
+    """Turns page lists into RAM sections on one stream (one per channel)."""
+
+    def __init__(self, writer: StreamWriter, memory: GuestMemory, *, compress: bool = False,
+                 batch_pages: int = DEFAULT_BATCH_PAGES) -> None:
+        self.writer = writer
+        self.memory = memory
+        self.batch_pages = batch_pages
+        self._zstd = zstandard.ZstdCompressor(level=ZSTD_LEVEL) if compress else None
+        self.stats = RamStats()
+
+    def send(self, pages: npt.NDArray[np.int64],
+             before_batch: Callable[[npt.NDArray[np.int64]], None] | None = None,
+             *, live: bool = False) -> RamStats:
+        """Send sorted pages in batches; ``before_batch`` runs just before each is read
+        (the engine re-arms the dirty log for exactly those pages there). ``live``: the
+        guest is running, so page data may change while it is sent (see FLAG_LIVE)."""
+        stats = RamStats()
+        for i in range(0, pages.size, self.batch_pages):
+            chunk = pages[i : i + self.batch_pages]
+            if before_batch is not None:
+                before_batch(chunk)
+            stats.add(self._send_batch(chunk, live))
+        self.stats.add(stats)
+        return stats
+
+    def _send_batch(self, chunk: npt.NDArray[np.int64], live: bool) -> RamStats:
+        allp = self.memory.pages()
+        zero = zero_pages(self.memory, chunk)
         starts, lengths, is_zero = split_runs(chunk, zero)
         runs = np.zeros(starts.size, dtype=RUN_DTYPE)
         runs["first"], runs["npages"], runs["flags"] = starts, lengths, is_zero * RUN_ZERO
-        data_starts, data_lengths = starts[~is_zero], lengths[~is_zero]
-        bufs: list[Buffer] = [RAM_HEAD.pack(runs.size, 0), runs.tobytes()]
-        if data_starts.size and data_lengths.mean() < GATHER_BELOW_RUN:
-            bufs.append(allp[expand_runs(data_starts, data_lengths)].data.cast("B"))
+        d_starts, d_lengths = starts[~is_zero], lengths[~is_zero]
+        head: list[Buffer] = [RAM_HEAD.pack(runs.size, 0), runs.tobytes()]
+        data: list[Buffer]
+        if self._zstd is not None or (d_starts.size and d_lengths.mean() < GATHER_BELOW_RUN):
+            data = [allp[expand_runs(d_starts, d_lengths)].data.cast("B")] if d_starts.size else []
         else:
-            b = memory.bytes
-            bufs.extend(
-                memoryview(b[s * PAGE_SIZE : (s + n) * PAGE_SIZE])  # type: ignore[arg-type]
-                for s, n in zip(data_starts.tolist(), data_lengths.tolist(), strict=True)
-            )
-        before = writer.bytes_written
-        writer.section(RAM, bufs)
-        nz = int(data_lengths.sum())
-        stats.add(RamStats(normal=nz, zero=chunk.size - nz, bytes=writer.bytes_written - before))
-    return stats
+            b = self.memory.bytes
+            data = [
+                b[s * PAGE_SIZE : (s + n) * PAGE_SIZE].data
+                for s, n in zip(d_starts.tolist(), d_lengths.tolist(), strict=True)
+            ]
+        before = self.writer.bytes_written
+        if self._zstd is not None:
+            frame = self._zstd.compress(b"".join(bytes(x) for x in (*head, *data)))
+            self.writer.section(RAM, [frame], flags=FLAG_ZSTD)
+        elif live:
+            self.writer.section(RAM, [*head, *data], flags=FLAG_LIVE, hashed=len(head))
+        else:
+            self.writer.section(RAM, [*head, *data])
+        nz = int(d_lengths.sum())
+        return RamStats(normal=nz, zero=chunk.size - nz, bytes=self.writer.bytes_written - before)
+
+
+def send_pages(writer: StreamWriter, memory: GuestMemory, pages: npt.NDArray[np.int64],
+               batch_pages: int = DEFAULT_BATCH_PAGES) -> RamStats:
+    return RamSender(writer, memory, batch_pages=batch_pages).send(pages)
+
+
+class _StreamPayload:
+    """Reads a section payload from the stream, feeding the section checksum."""
+
+    def __init__(self, reader: StreamReader, hdr: SectionHeader, h: xxhash.xxh3_64) -> None:
+        self.reader, self.hdr, self.h = reader, hdr, h
+
+        self.hashing = True
+
+    @property
+    def stop_hashing_after_table(self) -> bool:
+        return bool(self.hdr.flags & FLAG_LIVE)
+
+    def read(self, view: memoryview) -> None:
+        self.reader.read(self.hdr, view)
+        if self.hashing:
+            self.h.update(view)
+
+
+class _BufferPayload:
+    """Reads a decompressed payload from memory."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = memoryview(data)
+        self.pos = 0
+
+    def read(self, view: memoryview) -> None:
+        n = view.nbytes
+        view.cast("B")[:] = self.data[self.pos : self.pos + n]
+        self.pos += n
 
 
 class RamReceiver:
-    """Loads RAM sections into guest memory, checking every address against RAM's size."""
+    """Loads RAM sections into guest memory, checking every address against RAM's size.
 
-    def __init__(self, memory: GuestMemory) -> None:
+    Thread-safe across channels as long as each page always travels on the same channel
+    (the engine assigns pages to channels by address), so no two threads write one page.
+    """
+
+    def __init__(self, memory: GuestMemory, written: DirtyBitmap | None = None) -> None:
         self.memory = memory
-        # Pages the stream has written: a zero page never written is zero already.
-        self.written = DirtyBitmap(memory.npages)
+        # Pages the stream has written: a zero page never written is zero already. Channels
+        # share one bitmap; their pages never share a 64-page word (see channel_of_pages).
+        self.written = written if written is not None else DirtyBitmap(memory.npages)
         self.stats = RamStats()
+        self._zstd = zstandard.ZstdDecompressor()
 
     def load(self, reader: StreamReader, hdr: SectionHeader, h: xxhash.xxh3_64) -> None:
+        if hdr.flags & FLAG_ZSTD:
+            frame = bytearray(hdr.length)
+            reader.read(hdr, memoryview(frame))
+            h.update(frame)
+            reader.check(hdr, h)  # the frame is checked before it is decompressed
+            size = zstandard.frame_content_size(bytes(frame[:18]))
+            if not 0 <= size <= MAX_DECOMPRESSED:
+                raise StreamError(f"{hdr.describe()}: compressed RAM claims {size} bytes")
+            try:
+                raw = self._zstd.decompress(bytes(frame), max_output_size=MAX_DECOMPRESSED)
+            except zstandard.ZstdError as e:
+                raise StreamError(f"{hdr.describe()}: cannot decompress RAM: {e}") from e
+            self._load_payload(_BufferPayload(raw), len(raw), hdr)
+        else:
+            src = _StreamPayload(reader, hdr, h)
+            self._load_payload(src, hdr.length, hdr, src.stop_hashing_after_table)
+            reader.check(hdr, h)
+
+    def _load_payload(self, src: _StreamPayload | _BufferPayload, length: int,
+                      hdr: SectionHeader, table_only: bool = False) -> None:
         head = bytearray(RAM_HEAD.size)
-        if hdr.length < RAM_HEAD.size:
-            raise StreamError(f"{hdr.describe()}: {hdr.length} bytes is too short for RAM")
-        reader.read(hdr, memoryview(head))
-        h.update(head)
+        if length < RAM_HEAD.size:
+            raise StreamError(f"{hdr.describe()}: {length} bytes is too short for RAM")
+        src.read(memoryview(head))
         nruns, _ = RAM_HEAD.unpack(head)
         table_len = nruns * RUN_DTYPE.itemsize
-        if RAM_HEAD.size + table_len > hdr.length:
-            raise StreamError(f"{hdr.describe()}: {nruns} runs do not fit in {hdr.length} bytes")
+        if RAM_HEAD.size + table_len > length:
+            raise StreamError(f"{hdr.describe()}: {nruns} runs do not fit in {length} bytes")
         table = bytearray(table_len)
-        reader.read(hdr, memoryview(table))
-        h.update(table)
+        src.read(memoryview(table))
         runs = np.frombuffer(table, dtype=RUN_DTYPE)
         first = runs["first"].astype(np.int64)
         npages = runs["npages"].astype(np.int64)
         flags = runs["flags"]
-        if runs.size and (
-            (runs["first"] >= self.memory.npages).any()
-            or (npages <= 0).any()
-            or (first + npages > self.memory.npages).any()
-            or (flags & ~np.uint32(RUN_ZERO)).any()
-        ):
-            bad = int(
-                np.flatnonzero(
-                    (runs["first"] >= self.memory.npages)
-                    | (npages <= 0)
-                    | (first + npages > self.memory.npages)
-                    | (flags & ~np.uint32(RUN_ZERO) != 0)
-                )[0]
-            )
+        npg = self.memory.npages
+        bad_mask = (runs["first"] >= npg) | (npages <= 0) | (first + npages > npg)
+        bad_mask |= (flags & ~np.uint32(RUN_ZERO)) != 0
+        if bad_mask.any():
+            bad = int(np.flatnonzero(bad_mask)[0])
             raise StreamError(
                 f"{hdr.describe()}: run {bad} (page {int(runs['first'][bad])} + "
                 f"{int(runs['npages'][bad])}, flags {int(flags[bad])}) is outside guest RAM "
-                f"of {self.memory.npages} pages or malformed"
+                f"of {npg} pages or malformed"
             )
         is_zero = (flags & RUN_ZERO) != 0
         data_len = int(npages[~is_zero].sum()) * PAGE_SIZE
-        if RAM_HEAD.size + table_len + data_len != hdr.length:
+        if RAM_HEAD.size + table_len + data_len != length:
             raise StreamError(
                 f"{hdr.describe()}: runs carry {data_len} bytes of pages but the section "
-                f"has {hdr.length - RAM_HEAD.size - table_len}"
+                f"has {length - RAM_HEAD.size - table_len}"
             )
         d_first, d_n = first[~is_zero], npages[~is_zero]
         allp = self.memory.pages()
-        if d_first.size and d_n.mean() < GATHER_BELOW_RUN:
+        if table_only and isinstance(src, _StreamPayload):
+            src.hashing = False
+        if d_first.size and (isinstance(src, _BufferPayload) or d_n.mean() < GATHER_BELOW_RUN):
             bounce = np.empty((int(d_n.sum()), PAGE_SIZE // 8), dtype=np.uint64)
-            reader.read(hdr, bounce.data.cast("B"))
-            h.update(bounce.data)
+            src.read(bounce.data.cast("B"))
             allp[expand_runs(d_first, d_n)] = bounce
         else:
             for s, n in zip(d_first.tolist(), d_n.tolist(), strict=True):
-                view = self.memory.view(s * PAGE_SIZE, n * PAGE_SIZE)
-                reader.read(hdr, view)
-                h.update(view)
+                src.read(self.memory.view(s * PAGE_SIZE, n * PAGE_SIZE))
         z = expand_runs(first[is_zero], npages[is_zero])
         if z.size:
-            mask = (
-                (self.written.words[z >> 6] >> (z & 63).astype(np.uint64)) & np.uint64(1)
-            ).astype(bool)
-            allp[z[mask]] = 0
-        reader.check(hdr, h)
+            bits = self.written.words[z >> 6] >> (z & 63).astype(np.uint64)
+            allp[z[(bits & np.uint64(1)).astype(bool)]] = 0
         self.written.set_pages(expand_runs(d_first, d_n))
-        self.stats.add(
-            RamStats(normal=int(d_n.sum()), zero=z.size, bytes=hdr.length + SECTION_HEADER_SIZE)
-        )
+        self.stats.add(RamStats(normal=int(d_n.sum()), zero=z.size,
+                                bytes=hdr.length + SECTION_HEADER_SIZE))

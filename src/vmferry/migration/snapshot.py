@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
 from typing import Any
 
-from vmferry.errors import StreamError, VmferryError
+from vmferry.errors import StreamError
 from vmferry.machine.config import MachineConfig
 from vmferry.machine.machine import Machine
-from vmferry.machine.state import MachineState, VcpuState
+from vmferry.machine.state import MachineState
 from vmferry.memory.guest_memory import GuestMemory
-from vmferry.migration.ram import RamReceiver, RamStats, send_pages
-from vmferry.migration.stream import CONF, CPUS, DEVS, END, RAM, StreamReader, StreamWriter
+from vmferry.migration.loader import LoadedStream, load_stream, read_head
+from vmferry.migration.ram import RamStats, send_pages
+from vmferry.migration.stream import CONF, CPUS, DEVS, END, StreamReader, StreamWriter
 from vmferry.migration.transport import FdSink, FdSource
 
 
@@ -49,63 +49,16 @@ def write_snapshot(writer: StreamWriter, machine: Machine, state: MachineState) 
     return stats
 
 
-def _decode_json(reader: StreamReader, payload: bytes, what: str) -> Any:
-    try:
-        return json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise StreamError(f"section #{reader.seq - 1} {what} is not valid JSON: {e}") from e
-
-
-@dataclass
-class LoadedSnapshot:
-    state: MachineState
-    memory: GuestMemory
-    devices: list[dict[str, Any]] = field(default_factory=list)
-    ram: RamStats = field(default_factory=RamStats)
-
-
-def read_snapshot(reader: StreamReader) -> LoadedSnapshot:
+def read_snapshot(reader: StreamReader) -> LoadedStream:
     """Read a complete stream into fresh guest memory; every section is checked.
 
     Nothing is started here: a caller builds the machine only from a stream that was read
     to its END section without error.
     """
-    hdr, h = reader.next_section()
-    conf = _decode_json(reader, reader.read_payload(hdr, h), "CONF")
+    head = read_head(reader)
+    memory = GuestMemory(head.config.memory)
     try:
-        config = MachineConfig.from_dict(conf["config"])
-    except (KeyError, TypeError, VmferryError) as e:
-        raise StreamError(f"section #0 CONF holds no usable machine config: {e}") from e
-    memory = GuestMemory(config.memory)
-    try:
-        receiver = RamReceiver(memory)
-        cpu: dict[str, Any] | None = None
-        devices: list[dict[str, Any]] = []
-        while True:
-            hdr, h = reader.next_section()
-            if hdr.tag == RAM:
-                receiver.load(reader, hdr, h)
-            elif hdr.tag == CPUS:
-                cpu = _decode_json(reader, reader.read_payload(hdr, h), "CPUS")
-            elif hdr.tag == DEVS:
-                devices = _decode_json(reader, reader.read_payload(hdr, h), "DEVS")
-            elif hdr.tag == END:
-                reader.read_payload(hdr, h)
-                break
-        assert cpu is not None  # the section grammar puts CPUS before END
-        try:
-            vcpus = [VcpuState.from_dict(v) for v in cpu["vcpus"]]
-            clock = bytes.fromhex(cpu["clock"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise StreamError(f"CPUS section is malformed: {e!r}") from e
-        if [v.index for v in vcpus] != list(range(config.vcpus)):
-            raise StreamError(
-                f"CPUS section has vCPUs {[v.index for v in vcpus]}, config says {config.vcpus}"
-            )
-        if not isinstance(devices, list):
-            raise StreamError("DEVS section is not a list")
-        state = MachineState(config=config, clock=clock, vcpus=vcpus)
-        return LoadedSnapshot(state=state, memory=memory, devices=devices, ram=receiver.stats)
+        return load_stream(head, reader, memory)
     except BaseException:
         memory.close()
         raise
@@ -129,7 +82,7 @@ def save_to_file(machine: Machine, path: str) -> RamStats:
     return stats
 
 
-def load_from_file(path: str) -> LoadedSnapshot:
+def load_from_file(path: str) -> LoadedStream:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as e:

@@ -8,7 +8,7 @@ Layout (little-endian):
 
 ``checksum`` is xxh3-64 over the first 24 header bytes and the payload, so a flipped bit in
 a length or a tag is caught too. ``seq`` counts sections from 0: a dropped or repeated
-section is an error. Sections come in a fixed grammar (see ``NEXT``); anything else is an
+section is an error. Sections come in a fixed grammar (``MAIN_GRAMMAR``); anything else is an
 error that names the section, its number and its byte offset.
 """
 
@@ -30,22 +30,44 @@ STREAM_HEADER_SIZE = STREAM_HEADER.size + 8
 SECTION_HEADER = struct.Struct("<4sIQII")
 SECTION_HEADER_SIZE = SECTION_HEADER.size + 8
 
-CONF = b"CONF"  # machine config (JSON)
+CONF = b"CONF"  # machine config and migration set-up (JSON)
 RAM = b"RAM\0"  # a batch of pages
+ROUND = b"RND\0"  # end of a pre-copy round (JSON: round number and counts)
 CPUS = b"CPUS"  # vCPU and VM state (JSON)
 DEVS = b"DEVS"  # device states (JSON list; empty until devices exist)
+VRFY = b"VRFY"  # page and CPU-state digests taken at switchover
 END = b"END\0"  # the stream is complete
+CHAN = b"CHAN"  # first section of an extra channel: which migration, which channel
+CEND = b"CEND"  # an extra channel has sent all its pages
 
-SECTION_NAMES = {CONF: "CONF", RAM: "RAM", CPUS: "CPUS", DEVS: "DEVS", END: "END"}
-MAX_PAYLOAD = {CONF: 1 << 20, RAM: 1 << 30, CPUS: 16 << 20, DEVS: 256 << 20, END: 0}
-# What may follow each section (None: the stream start).
-NEXT: dict[bytes | None, frozenset[bytes]] = {
+SECTION_NAMES = {CONF: "CONF", RAM: "RAM", ROUND: "ROUND", CPUS: "CPUS", DEVS: "DEVS",
+                 VRFY: "VRFY", END: "END", CHAN: "CHAN", CEND: "CEND"}
+MAX_PAYLOAD = {CONF: 1 << 20, RAM: 1 << 30, ROUND: 1 << 16, CPUS: 16 << 20,
+               DEVS: 256 << 20, VRFY: 1 << 30, END: 0, CHAN: 1 << 12, CEND: 1 << 12}
+FLAG_ZSTD = 1  # the payload is one zstd frame
+# The page data of this RAM section was read from a running guest, which may change a page
+# while it is being sent: the checksum covers the header and the run table only. Such a
+# page was dirtied, so it is sent again later; the switchover digests cover the end result.
+FLAG_LIVE = 2
+KNOWN_FLAGS = FLAG_ZSTD | FLAG_LIVE
+
+# What may follow each section (None: the stream start), for the main stream (a save file
+# is one) and for the extra channels of a multi-channel migration.
+MAIN_GRAMMAR: dict[bytes | None, frozenset[bytes]] = {
     None: frozenset({CONF}),
-    CONF: frozenset({RAM, CPUS}),
-    RAM: frozenset({RAM, CPUS}),
+    CONF: frozenset({RAM, ROUND, CPUS}),
+    RAM: frozenset({RAM, ROUND, CPUS}),
+    ROUND: frozenset({RAM, ROUND, CPUS}),
     CPUS: frozenset({DEVS}),
-    DEVS: frozenset({END}),
+    DEVS: frozenset({VRFY, END}),
+    VRFY: frozenset({END}),
     END: frozenset(),
+}
+CHANNEL_GRAMMAR: dict[bytes | None, frozenset[bytes]] = {
+    None: frozenset({CHAN}),
+    CHAN: frozenset({RAM, CEND}),
+    RAM: frozenset({RAM, CEND}),
+    CEND: frozenset(),
 }
 
 
@@ -78,12 +100,14 @@ class StreamWriter:
         self.sink.write(bufs)
         self.bytes_written += sum(len(b) for b in bufs)
 
-    def section(self, tag: bytes, payload: Sequence[Buffer], flags: int = 0) -> None:
-        """Write one section whose payload is the concatenation of ``payload``."""
-        length = sum(len(memoryview(b).cast("B")) for b in payload)
+    def section(self, tag: bytes, payload: Sequence[Buffer], flags: int = 0,
+                hashed: int | None = None) -> None:
+        """Write one section whose payload is the concatenation of ``payload``; only the
+        first ``hashed`` buffers enter the checksum when given (see FLAG_LIVE)."""
+        length = sum(memoryview(b).nbytes for b in payload)
         head = SECTION_HEADER.pack(tag, flags, length, self.seq, 0)
         h = xxhash.xxh3_64(head)
-        for b in payload:
+        for b in payload[:hashed]:
             h.update(b)
         self._emit([head + struct.pack("<Q", h.intdigest()), *payload])
         self.seq += 1
@@ -92,8 +116,10 @@ class StreamWriter:
 class StreamReader:
     """Reads and checks section headers; payloads are read by the caller through ``read``."""
 
-    def __init__(self, source: Source) -> None:
+    def __init__(self, source: Source,
+                 grammar: dict[bytes | None, frozenset[bytes]] = MAIN_GRAMMAR) -> None:
         self.source = source
+        self.grammar = grammar
         self.seq = 0
         self.last: bytes | None = None
         raw = bytearray(STREAM_HEADER_SIZE)
@@ -121,7 +147,7 @@ class StreamReader:
         try:
             self.source.readinto(memoryview(raw))
         except StreamError as e:
-            want = " or ".join(sorted(section_name(t) for t in NEXT[self.last]))
+            want = " or ".join(sorted(section_name(t) for t in self.grammar[self.last]))
             raise StreamError(f"stream ends before section #{self.seq} ({want}): {e}") from e
         tag, flags, length, seq, _ = SECTION_HEADER.unpack_from(raw)
         (checksum,) = struct.unpack_from("<Q", raw, SECTION_HEADER.size)
@@ -129,6 +155,8 @@ class StreamReader:
         where = f"section #{self.seq} at byte {offset}"
         if hdr.tag not in SECTION_NAMES:
             raise StreamError(f"{where}: unknown section tag {hdr.tag!r} (corrupt stream?)")
+        if flags & ~KNOWN_FLAGS or (flags and hdr.tag != RAM):
+            raise StreamError(f"{where}: unknown section flags {flags:#x} (corrupt stream?)")
         if seq != self.seq:
             raise StreamError(f"{where}: sequence number is {seq} (corrupt or reordered stream)")
         if length > MAX_PAYLOAD[hdr.tag]:
@@ -136,7 +164,7 @@ class StreamReader:
                 f"{hdr.describe()}: length {length} exceeds the limit "
                 f"{MAX_PAYLOAD[hdr.tag]} (corrupt stream?)"
             )
-        if hdr.tag not in NEXT[self.last]:
+        if hdr.tag not in self.grammar[self.last]:
             after = section_name(self.last) if self.last else "the stream header"
             raise StreamError(
                 f"{hdr.describe()}: a {section_name(hdr.tag)} section cannot follow {after}"

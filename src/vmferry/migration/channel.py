@@ -1,0 +1,134 @@
+"""Where a migration goes: URIs, TCP channels, and the destination's reply path.
+
+The main connection carries the stream one way and short JSON lines back (the reply
+path): ``ready`` (loaded and verified, not running), then the source's ``go``, then
+``resumed``; or ``failed`` with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from vmferry.errors import ConfigError, MigrationError
+
+# Pages travel on channel (page // 512) % n: a 2 MiB block always takes the same channel, so
+# a page re-sent in a later round can never overtake its older copy on another channel.
+CHANNEL_BLOCK_SHIFT = 9
+MAX_REPLY = 1 << 16
+
+
+@dataclass(frozen=True)
+class MigrationUri:
+    scheme: str  # tcp | file
+    host: str = ""
+    port: int = 0
+    path: str = ""
+
+    def __str__(self) -> str:
+        return f"file:{self.path}" if self.scheme == "file" else f"tcp:{self.host}:{self.port}"
+
+
+def parse_uri(uri: str) -> MigrationUri:
+    scheme, _, rest = uri.partition(":")
+    if scheme == "file" and rest:
+        return MigrationUri("file", path=rest)
+    if scheme == "tcp":
+        host, _, port = rest.rpartition(":")
+        host = host.strip("[]")
+        if host and port.isdigit() and 0 <= int(port) < 65536:  # 0: any free port
+            return MigrationUri("tcp", host=host, port=int(port))
+    raise ConfigError(f"migration URI {uri!r}: expected tcp:HOST:PORT or file:PATH")
+
+
+def split_by_channel(pages: npt.NDArray[np.int64], n: int) -> list[npt.NDArray[np.int64]]:
+    if n == 1:
+        return [pages]
+    ch = (pages >> CHANNEL_BLOCK_SHIFT) % n
+    return [pages[ch == c] for c in range(n)]
+
+
+def connect(uri: MigrationUri, timeout: float = 10.0) -> socket.socket:
+    try:
+        sock = socket.create_connection((uri.host, uri.port), timeout=timeout)
+    except OSError as e:
+        raise MigrationError(f"cannot connect to the destination {uri}: {e.strerror or e}"
+                             ) from e
+    sock.settimeout(None)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    # Large socket buffers: a migration is one long bulk transfer.
+    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        sock.setsockopt(socket.SOL_SOCKET, opt, 4 << 20)
+    return sock
+
+
+def listen(uri: MigrationUri) -> socket.socket:
+    family = socket.AF_INET6 if ":" in uri.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((uri.host, uri.port))
+    except OSError as e:
+        sock.close()
+        raise MigrationError(f"cannot listen on {uri}: {e.strerror or e}") from e
+    sock.listen(16)
+    return sock
+
+
+def accept(listener: socket.socket, timeout: float | None, what: str) -> socket.socket:
+    listener.settimeout(timeout)
+    try:
+        conn, _ = listener.accept()
+    except TimeoutError:
+        raise MigrationError(f"no {what} connected within {timeout:.0f} s") from None
+    conn.settimeout(None)
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    return conn
+
+
+class ReplyPath:
+    """JSON lines on the main connection, against the direction of the stream."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._buf = bytearray()
+
+    def send(self, kind: str, **fields: Any) -> None:
+        self.sock.sendall(json.dumps({"kind": kind, **fields}).encode() + b"\n")
+
+    def receive(self, timeout: float, waiting_for: str) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self._buf:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise MigrationError(f"no {waiting_for} from the peer within {timeout:.0f} s")
+            self.sock.settimeout(left)
+            try:
+                chunk = self.sock.recv(4096)
+            except TimeoutError:
+                continue
+            except OSError as e:
+                raise MigrationError(f"connection lost waiting for {waiting_for}: {e}") from e
+            finally:
+                self.sock.settimeout(None)
+            if not chunk:
+                raise MigrationError(f"the peer closed the connection before {waiting_for}")
+            self._buf += chunk
+            if len(self._buf) > MAX_REPLY:
+                raise MigrationError("the peer sent an oversized reply")
+        line, _, rest = bytes(self._buf).partition(b"\n")
+        self._buf = bytearray(rest)
+        try:
+            msg = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise MigrationError(f"the peer sent a malformed reply: {e}") from e
+        if not isinstance(msg, dict) or "kind" not in msg:
+            raise MigrationError("the peer sent a malformed reply")
+        return msg

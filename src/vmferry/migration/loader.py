@@ -1,0 +1,202 @@
+"""Loading a stream (and its extra channels) into fresh guest memory, checking everything.
+
+Shared by ``--incoming file:`` and ``--incoming tcp:``: nothing here starts a guest, and
+anything unexpected is a StreamError that names the section and what was wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from vmferry.errors import StreamError, VmferryError
+from vmferry.machine.config import MachineConfig
+from vmferry.machine.machine import Machine
+from vmferry.machine.state import MachineState, VcpuState
+from vmferry.memory.dirty import DirtyBitmap
+from vmferry.memory.guest_memory import GuestMemory
+from vmferry.migration.metrics import VerifyResult
+from vmferry.migration.ram import RamReceiver, RamStats
+from vmferry.migration.stream import (
+    CEND,
+    CONF,
+    CPUS,
+    DEVS,
+    END,
+    RAM,
+    ROUND,
+    VRFY,
+    StreamReader,
+)
+from vmferry.migration.verify import VerifyRecord, cpu_digest, mismatched_pages
+
+
+def decode_json(reader: StreamReader, payload: bytes, what: str) -> Any:
+    try:
+        return json.loads(payload)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise StreamError(f"section #{reader.seq - 1} {what} is not valid JSON: {e}") from e
+
+
+@dataclass
+class StreamHead:
+    config: MachineConfig
+    setup: dict[str, Any]  # migration set-up (absent in a plain save file)
+
+    @property
+    def channels(self) -> int:
+        n = self.setup.get("channels", 1)
+        if not isinstance(n, int) or not 1 <= n <= 255:
+            raise StreamError(f"CONF section: channel count {n!r} is invalid")
+        return n
+
+    @property
+    def resident(self) -> list[tuple[int, int]]:
+        ranges = self.setup.get("resident", [])
+        size = self.config.memory
+        try:
+            out = [(int(a), int(b)) for a, b in ranges]
+        except (TypeError, ValueError) as e:
+            raise StreamError("CONF section: resident ranges are malformed") from e
+        if any(not 0 <= a < b <= size for a, b in out):
+            raise StreamError("CONF section: a resident range lies outside guest RAM")
+        return out
+
+
+def read_head(reader: StreamReader) -> StreamHead:
+    hdr, h = reader.next_section()
+    assert hdr.tag == CONF  # the grammar allows nothing else first
+    conf = decode_json(reader, reader.read_payload(hdr, h), "CONF")
+    try:
+        config = MachineConfig.from_dict(conf["config"])
+        setup = conf.get("migration", {})
+        if not isinstance(setup, dict):
+            raise TypeError("migration set-up is not an object")
+    except (KeyError, TypeError, AttributeError, VmferryError) as e:
+        raise StreamError(f"section #0 CONF holds no usable machine config: {e}") from e
+    return StreamHead(config, setup)
+
+
+@dataclass
+class LoadedStream:
+    state: MachineState
+    memory: GuestMemory
+    devices: list[dict[str, Any]] = field(default_factory=list)
+    ram: RamStats = field(default_factory=RamStats)
+    verify: VerifyRecord | None = None
+    written: DirtyBitmap | None = None
+    rounds: int = 0
+
+
+def read_channel(reader: StreamReader, receiver: RamReceiver, mig_id: str, index: int) -> None:
+    """An extra channel: CHAN naming this migration, RAM sections, CEND."""
+    hdr, h = reader.next_section()
+    chan = decode_json(reader, reader.read_payload(hdr, h), "CHAN")
+    if not isinstance(chan, dict) or chan.get("id") != mig_id or chan.get("index") != index:
+        raise StreamError(f"channel {index} belongs to another migration: {chan!r}")
+    while True:
+        hdr, h = reader.next_section()
+        if hdr.tag == RAM:
+            receiver.load(reader, hdr, h)
+        else:
+            assert hdr.tag == CEND
+            reader.read_payload(hdr, h)
+            return
+
+
+def load_stream(head: StreamHead, main: StreamReader, memory: GuestMemory,
+                channels: list[StreamReader] | None = None) -> LoadedStream:
+    """Read the rest of the main stream, and the extra channels on threads, into memory."""
+    written = DirtyBitmap(memory.npages)
+    receivers = [RamReceiver(memory, written) for _ in range(1 + len(channels or []))]
+    errors: list[BaseException] = []
+    threads = []
+    for i, r in enumerate(channels or [], start=1):
+        def run(r: StreamReader = r, i: int = i) -> None:
+            try:
+                read_channel(r, receivers[i], head.setup.get("id", ""), i)
+            except BaseException as e:  # noqa: BLE001 - handed to the main thread
+                errors.append(e)
+        t = threading.Thread(target=run, name=f"incoming-ch{i}", daemon=True)
+        t.start()
+        threads.append(t)
+
+    cpu: Any = None
+    devices: Any = []
+    verify: VerifyRecord | None = None
+    rounds = 0
+    while True:
+        if errors:
+            raise errors[0]
+        hdr, h = main.next_section()
+        if hdr.tag == RAM:
+            receivers[0].load(main, hdr, h)
+        elif hdr.tag == ROUND:
+            main.read_payload(hdr, h)
+            rounds += 1
+        elif hdr.tag == CPUS:
+            cpu = decode_json(main, main.read_payload(hdr, h), "CPUS")
+        elif hdr.tag == DEVS:
+            devices = decode_json(main, main.read_payload(hdr, h), "DEVS")
+        elif hdr.tag == VRFY:
+            verify = VerifyRecord.decode(main.read_payload(hdr, h), memory.npages)
+        elif hdr.tag == END:
+            main.read_payload(hdr, h)
+            break
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    try:
+        vcpus = [VcpuState.from_dict(v) for v in cpu["vcpus"]]
+        clock = bytes.fromhex(cpu["clock"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise StreamError(f"CPUS section is malformed: {e!r}") from e
+    if [v.index for v in vcpus] != list(range(head.config.vcpus)):
+        raise StreamError(
+            f"CPUS section has vCPUs {[v.index for v in vcpus]}, config says "
+            f"{head.config.vcpus}"
+        )
+    if not isinstance(devices, list):
+        raise StreamError("DEVS section is not a list")
+    ram = RamStats()
+    for rx in receivers:
+        ram.add(rx.stats)
+    return LoadedStream(MachineState(head.config, clock, vcpus), memory, devices, ram, verify,
+                        written, rounds)
+
+
+def check_loaded(loaded: LoadedStream, machine: Machine) -> VerifyResult:
+    """Compare what arrived with the source's digests, before the guest may run."""
+    rec = loaded.verify
+    if rec is None:
+        return VerifyResult(status="off", cpu_state="off")
+    assert loaded.written is not None
+    bad = mismatched_pages(loaded.memory, rec, loaded.written.pages())
+    cpu_ok = cpu_digest(machine.save_state()) == rec.cpu
+    result = VerifyResult(status="passed" if not bad and cpu_ok else "failed",
+                          pages_checked=int(rec.pages.size), mismatched_pages=bad,
+                          cpu_state="passed" if cpu_ok else "failed")
+    if bad:
+        shown = ", ".join(str(p) for p in bad[:8])
+        result.detail = f"guest RAM differs from the source's in pages {shown}"
+        if len(bad) > 8:
+            result.detail += f" and {len(bad) - 8} more"
+    elif not cpu_ok:
+        result.detail = "the loaded vCPU state differs from the source's"
+    return result
+
+
+def populate(memory: GuestMemory, ranges: list[tuple[int, int]]) -> threading.Thread:
+    """Pre-fault the RAM the source said holds data, in the background (fresh memory takes
+    many times longer to receive into)."""
+    def run() -> None:
+        for a, b in ranges:
+            memory.populate_range(a, b - a)
+
+    t = threading.Thread(target=run, name="populate", daemon=True)
+    t.start()
+    return t
+

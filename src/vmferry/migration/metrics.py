@@ -1,0 +1,71 @@
+"""What a migration measures, as plain data; query-migrate and the report are views of it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class RoundRecord:
+    """One pre-copy round (round 0 sends all of RAM; the last one is the stop-and-copy)."""
+
+    index: int
+    start_s: float  # seconds since the migration started
+    duration_s: float
+    pages: int  # pages sent (normal + zero)
+    zero_pages: int
+    bytes: int  # bytes on the wire
+    dirty_pages: int  # pages found dirty at the sync that ended the round
+    dirty_rate: float  # bytes/s the guest dirtied during the round
+    bandwidth: float  # bytes/s achieved during the round
+    throttle_pct: int = 0
+    stop_copy: bool = False
+
+
+@dataclass
+class DowntimeBreakdown:
+    """Where the downtime went, in milliseconds (source pause → destination resume)."""
+
+    pause_ms: float = 0.0  # kicking every vCPU out of KVM_RUN
+    final_ram_ms: float = 0.0  # last dirty log, last pages
+    cpu_state_ms: float = 0.0  # capture + send of vCPU/VM state
+    device_state_ms: float = 0.0  # device stop-copy streams
+    verify_ms: float = 0.0  # digests on both sides and the comparison
+    resume_ms: float = 0.0  # destination builds vCPUs and starts them, confirmation
+    total_ms: float = 0.0
+
+
+@dataclass
+class VerifyResult:
+    status: str = "off"  # off | passed | failed
+    pages_checked: int = 0
+    mismatched_pages: list[int] = field(default_factory=list)  # first few, RAM page numbers
+    cpu_state: str = "off"  # off | passed | failed
+    detail: str = ""
+
+
+@dataclass
+class MigrationStats:
+    """Counters with QEMU's meanings (query-migrate ``ram``), plus vmferry's own."""
+
+    status: str = "none"
+    total_ram: int = 0
+    transferred: int = 0
+    duplicate: int = 0  # zero pages (sent as flags)
+    normal: int = 0  # pages sent with data
+    remaining: int = 0  # bytes still dirty
+    dirty_sync_count: int = 0
+    dirty_pages_rate: float = 0.0  # pages/s
+    mbps: float = 0.0  # megabits/s, as QEMU reports it
+    precopy_bytes: int = 0
+    downtime_bytes: int = 0
+    setup_ms: float = 0.0
+    total_ms: float = 0.0
+    downtime_ms: float = 0.0
+    expected_downtime_ms: float = 0.0
+    throttle_pct: int = 0
+    rounds: list[RoundRecord] = field(default_factory=list)
+    downtime: DowntimeBreakdown = field(default_factory=DowntimeBreakdown)
+    verify: VerifyResult = field(default_factory=VerifyResult)
+    error: str = ""
+    convergence: str = ""  # why the migration switched over, or why it could not

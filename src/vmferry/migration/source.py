@@ -1,0 +1,338 @@
+"""The source side of a live migration: pre-copy rounds, switchover, hand-over, rollback.
+
+Until the destination says ``ready`` (everything loaded and verified) and the source has
+answered ``go``, the source keeps everything it needs: any failure or a cancel resumes the
+VM here as if nothing happened. After ``go`` the source never runs the guest again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from vmferry.errors import MigrationCancelled, MigrationError, VmferryError
+from vmferry.machine.machine import Machine
+from vmferry.memory.dirty import DirtyBitmap
+from vmferry.memory.guest_memory import PAGE_SIZE
+from vmferry.migration import policy
+from vmferry.migration.channel import ReplyPath, connect, parse_uri, split_by_channel
+from vmferry.migration.metrics import MigrationStats, RoundRecord
+from vmferry.migration.params import MigrationCapabilities, MigrationParameters
+from vmferry.migration.ram import RamSender, RamStats
+from vmferry.migration.snapshot import write_cpu_state, write_devices_and_end
+from vmferry.migration.stream import CEND, CHAN, CONF, DEVS, END, ROUND, VRFY, StreamWriter
+from vmferry.migration.transport import FdSink
+from vmferry.migration.verify import VerifyRecord, cpu_digest, page_digests
+
+log = logging.getLogger(__name__)
+
+READY_TIMEOUT_S = 120.0  # destination loads the last data and verifies
+RESUMED_TIMEOUT_S = 30.0
+
+EventSink = Callable[[str, dict[str, Any]], None]
+
+
+class MigrationSource:
+    """One outgoing migration of a running machine, on its own thread."""
+
+    def __init__(self, machine: Machine, uri: str, params: MigrationParameters,
+                 caps: MigrationCapabilities, *, on_event: EventSink | None = None) -> None:
+        self.machine = machine
+        self.uri = parse_uri(uri)
+        self.params = params
+        self.caps = caps
+        self.on_event = on_event or (lambda name, data: None)
+        self.stats = MigrationStats(status="setup", total_ram=machine.memory.size)
+        self.released = False  # after "go": this VM must never run here again
+        self.done = threading.Event()
+        self._cancel = threading.Event()
+        self._socks: list[socket.socket] = []
+        self._paused_by_us = False
+        self._t0 = 0.0
+        self._thread = threading.Thread(target=self._main, name="migration", daemon=True)
+
+    # ---- control
+    def start(self) -> None:
+        self._t0 = time.monotonic()
+        self._set_status("setup")
+        self._thread.start()
+
+    def cancel(self) -> None:
+        """Abandon the migration unless the hand-over already happened."""
+        if self.released or self.done.is_set():
+            return
+        self._cancel.set()
+        for s in self._socks:  # unblock any send in progress
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self.done.wait(timeout)
+
+    @property
+    def channels(self) -> int:
+        if self.uri.scheme == "file":
+            return 1
+        return self.params.multifd_channels if self.caps.multifd else 1
+
+    def _set_status(self, status: str) -> None:
+        self.stats.status = status
+        self.on_event("MIGRATION", {"status": status})
+
+    def _elapsed_ms(self) -> float:
+        return (time.monotonic() - self._t0) * 1e3
+
+    # ---- the thread
+    def _main(self) -> None:
+        try:
+            self._migrate()
+        except BaseException as e:  # noqa: BLE001 - every failure is reported and undone
+            cancelled = self._cancel.is_set()
+            if isinstance(e, VmferryError | OSError):
+                msg = str(e)
+            else:
+                msg = f"internal error: {e!r}"
+            if cancelled and not isinstance(e, MigrationCancelled):
+                msg = f"cancelled ({msg})"
+            self.stats.error = msg
+            if not self.released:
+                self._rollback()
+                self._set_status("cancelled" if cancelled else "failed")
+            else:
+                self._set_status("failed")
+            log.warning("migration to %s %s: %s", self.uri, self.stats.status, msg)
+        finally:
+            for s in self._socks:
+                s.close()
+            self.stats.total_ms = self._elapsed_ms()
+            self.done.set()
+
+    def _rollback(self) -> None:
+        """Leave the source exactly as it was: no throttle, no dirty log, running."""
+        m = self.machine
+        m.set_throttle(0)
+        try:
+            m.set_dirty_logging(False)
+        except VmferryError as e:
+            log.warning("could not turn the dirty log off after a failed migration: %s", e)
+        if self._paused_by_us and m.exit is None:
+            m.resume()
+            self.on_event("RESUME", {})
+        self._paused_by_us = False
+
+    def _check_cancel(self) -> None:
+        if self._cancel.is_set():
+            raise MigrationCancelled("migration cancelled by the user")
+        if self.machine.exit is not None:
+            raise MigrationError("the guest ended during the migration")
+
+    # ---- the flow
+    def _open(self) -> list[StreamWriter]:
+        if self.uri.scheme == "file":
+            fd = os.open(self.uri.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
+                         0o600)
+            return [StreamWriter(FdSink(fd))]
+        writers = []
+        for _ in range(self.channels):
+            s = connect(self.uri)
+            self._socks.append(s)
+            writers.append(StreamWriter(FdSink(s.fileno(), owned=False)))
+        return writers
+
+    def _migrate(self) -> None:
+        m, mem, st = self.machine, self.machine.memory, self.stats
+        writers = self._open()
+        main = writers[0]
+        mig_id = uuid.uuid4().hex
+        resident = mem.data_ranges()
+        setup = {"id": mig_id, "channels": len(writers), "resident": resident,
+                 "verify": self.caps.x_verify}
+        main.section(CONF, [_json({"config": m.config.to_dict(), "migration": setup})])
+        for i, w in enumerate(writers[1:], start=1):
+            w.section(CHAN, [_json({"id": mig_id, "index": i})])
+        compress = self.params.multifd_compression == "zstd"
+        senders = [RamSender(w, mem, compress=compress) for w in writers]
+        m.set_dirty_logging(True)  # from here on every guest write is logged
+        st.setup_ms = self._elapsed_ms()
+        self._set_status("active")
+        limiter = policy.RateLimiter(self.params.max_bandwidth) if self.params.max_bandwidth \
+            else None
+
+        pages = mem.resident_pages()  # round 0: all RAM that holds data
+        throttle = policy.ThrottleState()
+        round_no = 0
+        with ThreadPoolExecutor(max_workers=len(senders)) as pool:
+            while True:
+                self._check_cancel()
+                t_round = time.monotonic()
+                sent = self._send(pool, senders, pages, clear=True, limiter=limiter)
+                main.section(ROUND, [_json({"round": round_no, "pages": int(pages.size)})])
+                dirty = DirtyBitmap(mem.npages)
+                m.fetch_dirty_log(dirty)
+                st.dirty_sync_count += 1
+                dt = max(time.monotonic() - t_round, 1e-6)
+                ndirty = dirty.count()
+                pending = ndirty * PAGE_SIZE
+                bandwidth = sent.bytes / dt
+                dirty_rate = pending / dt
+                self._account_round(round_no, t_round, dt, sent, ndirty, bandwidth, dirty_rate)
+                st.remaining = pending
+                st.expected_downtime_ms = policy.expected_downtime_ms(pending, bandwidth)
+                decision = policy.decide(self._elapsed_ms(), pending, bandwidth, dirty_rate,
+                                         self.params)
+                st.convergence = decision.reason
+                if decision.action == "switchover":
+                    break
+                if decision.action == "cancel":
+                    raise MigrationError(f"did not converge: {decision.reason}")
+                throttle = policy.next_throttle(throttle, pending, sent.bytes, self.params,
+                                                self.caps.auto_converge)
+                if throttle.pct != m.throttle_pct:
+                    m.set_throttle(throttle.pct)
+                    st.throttle_pct = throttle.pct
+                pages = dirty.pages()
+                round_no += 1
+            self._check_cancel()
+            self._switchover(pool, senders, writers, round_no + 1)
+
+    def _send(self, pool: ThreadPoolExecutor, senders: list[RamSender],
+              pages: npt.NDArray[np.int64], *, clear: bool,
+              limiter: policy.RateLimiter | None) -> RamStats:
+        parts = split_by_channel(pages, len(senders))
+        before = self.machine.clear_dirty_pages if clear else None
+
+        def one(i: int) -> RamStats:
+            def hook(chunk: npt.NDArray[np.int64]) -> None:
+                self._check_cancel()
+                if before is not None:
+                    before(chunk)
+                if limiter is not None:
+                    # Pace to max-bandwidth; the budget is shared by all channels.
+                    time.sleep(limiter.delay_for(int(chunk.size) * PAGE_SIZE, time.monotonic()))
+            return senders[i].send(parts[i], hook, live=clear)
+
+        total = RamStats()
+        for s in pool.map(one, range(len(senders))):
+            total.add(s)
+        self.stats.transferred += total.bytes
+        self.stats.normal += total.normal
+        self.stats.duplicate += total.zero
+        return total
+
+    def _account_round(self, index: int, t_start: float, dt: float, sent: RamStats,
+                       ndirty: int, bandwidth: float, dirty_rate: float,
+                       stop_copy: bool = False) -> None:
+        st = self.stats
+        st.rounds.append(RoundRecord(
+            index=index, start_s=t_start - self._t0, duration_s=dt,
+            pages=sent.normal + sent.zero, zero_pages=sent.zero, bytes=sent.bytes,
+            dirty_pages=ndirty, dirty_rate=dirty_rate, bandwidth=bandwidth,
+            throttle_pct=self.machine.throttle_pct, stop_copy=stop_copy))
+        st.dirty_pages_rate = dirty_rate / PAGE_SIZE
+        st.mbps = bandwidth * 8 / 1e6
+        if not stop_copy:
+            st.precopy_bytes += sent.bytes
+
+    def _switchover(self, pool: ThreadPoolExecutor, senders: list[RamSender],
+                    writers: list[StreamWriter], round_no: int) -> None:
+        m, st, dt_ = self.machine, self.stats, self.stats.downtime
+        t_pause = time.monotonic()
+        m.pause()
+        self._paused_by_us = True
+        self.on_event("STOP", {})
+        m.set_throttle(0)
+        t1 = time.monotonic()
+        dt_.pause_ms = (t1 - t_pause) * 1e3
+        self._set_status("device")  # QEMU's name for "stopped, sending the rest"
+
+        dirty = DirtyBitmap(m.memory.npages)
+        m.fetch_dirty_log(dirty)
+        st.dirty_sync_count += 1
+        final = self._send(pool, senders, dirty.pages(), clear=False, limiter=None)
+        st.downtime_bytes = final.bytes
+        t2 = time.monotonic()
+        self._account_round(round_no, t1, t2 - t1, final, 0, final.bytes / max(t2 - t1, 1e-6),
+                            0.0, stop_copy=True)
+        dt_.final_ram_ms = (t2 - t1) * 1e3
+
+        main = writers[0]
+        state = m.save_state()
+        write_cpu_state(main, state)
+        t3 = time.monotonic()
+        dt_.cpu_state_ms = (t3 - t2) * 1e3
+        devices: list[dict[str, Any]] = []  # device sections go here (device framework)
+        if self.caps.x_verify:
+            main.section(DEVS, [_json(devices)])
+            t4 = time.monotonic()
+            dt_.device_state_ms = (t4 - t3) * 1e3
+            pages = m.memory.resident_pages()
+            seed = secrets.randbits(63)
+            rec = VerifyRecord(seed, pages, page_digests(m.memory, pages, seed),
+                               cpu_digest(state))
+            main.section(VRFY, rec.encode())
+            main.section(END, [])
+            t5 = time.monotonic()
+            dt_.verify_ms = (t5 - t4) * 1e3
+        else:
+            write_devices_and_end(main, devices)
+            t5 = time.monotonic()
+            dt_.device_state_ms = (t5 - t3) * 1e3
+        for w in writers[1:]:
+            w.section(CEND, [])
+
+        if self.uri.scheme == "file":
+            # A file has no one to hand over to: the VM stays paused here (QEMU's
+            # postmigrate), and the file continues it with `vmferry run --incoming file:`.
+            self.released = True
+            dt_.total_ms = (time.monotonic() - t_pause) * 1e3
+            st.downtime_ms = dt_.total_ms
+            self._set_status("completed")
+            return
+
+        reply = ReplyPath(self._socks[0])
+        msg = reply.receive(READY_TIMEOUT_S, "ready from the destination")
+        if msg["kind"] != "ready":
+            raise MigrationError(f"the destination refused the VM: {msg.get('error', msg)}")
+        dt_.verify_ms += float(msg.get("verify_ms", 0.0))
+        self._apply_verify(msg)
+        self._check_cancel()
+        reply.send("go")
+        self.released = True  # from here on this VM never runs on the source again
+        m.set_dirty_logging(False)
+        try:
+            msg = reply.receive(RESUMED_TIMEOUT_S, "confirmation that the VM resumed")
+        except MigrationError as e:
+            raise MigrationError(f"{e}; the VM stays paused here (postmigrate) because the "
+                                 "destination may be running it") from e
+        t_resumed = time.monotonic()
+        dt_.resume_ms = float(msg.get("resume_ms", 0.0))
+        dt_.total_ms = (t_resumed - t_pause) * 1e3
+        st.downtime_ms = dt_.total_ms
+        st.remaining = 0
+        self._set_status("completed")
+
+    def _apply_verify(self, msg: dict[str, Any]) -> None:
+        v = self.stats.verify
+        if not self.caps.x_verify:
+            return
+        v.status = "passed"
+        v.cpu_state = "passed"
+        v.pages_checked = int(msg.get("pages_checked", 0))
+
+
+def _json(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
