@@ -193,7 +193,7 @@ class MigrationSource:
                 st.remaining = pending
                 st.expected_downtime_ms = policy.expected_downtime_ms(pending, bandwidth)
                 decision = policy.decide(self._elapsed_ms(), pending, bandwidth, dirty_rate,
-                                         self.params)
+                                         self.params, throttle_pct=throttle.pct)
                 st.convergence = decision.reason
                 if decision.action == "switchover":
                     break

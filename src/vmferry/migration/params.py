@@ -1,0 +1,136 @@
+"""Migration parameters and capabilities, under QEMU's QMP names.
+
+Defaults are QEMU's (``migrate-set-parameters`` / ``migrate-set-capabilities``), except
+``max-bandwidth``: QEMU limits a migration to 128 MiB/s unless told otherwise; vmferry
+sends as fast as the link allows unless told otherwise. ``x-switchover-timeout`` and
+``x-switchover-policy`` are vmferry's own (hence the ``x-``), as is the ``x-verify``
+capability.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from typing import Any, Final
+
+from vmferry.errors import ConfigError
+
+COMPRESSIONS: Final = ("none", "zstd")  # QEMU also has zlib, qpl, uadk, qatzip
+SWITCHOVER_POLICIES: Final = ("keep-going", "force", "cancel")
+
+# QEMU's limits: downtime-limit ≤ 2000 s, multifd-channels 1..255, throttle values 1..99.
+MAX_DOWNTIME_LIMIT_MS: Final = 2_000_000
+MAX_MULTIFD_CHANNELS: Final = 255
+MAX_BANDWIDTH: Final = 2**63 - 1
+# vmferry's own bound on x-switchover-timeout: one day; longer is a typo, not a plan.
+MAX_SWITCHOVER_TIMEOUT_MS: Final = 86_400_000
+
+# Python field name → QMP name, in QEMU's order.
+_PARAM_NAMES: Final = {
+    "downtime_limit_ms": "downtime-limit",
+    "max_bandwidth": "max-bandwidth",
+    "multifd_channels": "multifd-channels",
+    "multifd_compression": "multifd-compression",
+    "cpu_throttle_initial": "cpu-throttle-initial",
+    "cpu_throttle_increment": "cpu-throttle-increment",
+    "max_cpu_throttle": "max-cpu-throttle",
+    "switchover_timeout_ms": "x-switchover-timeout",
+    "switchover_policy": "x-switchover-policy",
+}
+_INT_RANGES: Final = {
+    "downtime_limit_ms": (0, MAX_DOWNTIME_LIMIT_MS, "ms"),
+    "max_bandwidth": (0, MAX_BANDWIDTH, "bytes/s, 0 = unlimited"),
+    "multifd_channels": (1, MAX_MULTIFD_CHANNELS, "channels"),
+    "cpu_throttle_initial": (1, 99, "%"),
+    "cpu_throttle_increment": (1, 99, "%"),
+    "max_cpu_throttle": (1, 99, "%"),
+    "switchover_timeout_ms": (0, MAX_SWITCHOVER_TIMEOUT_MS, "ms, 0 = none"),
+}
+_CHOICES: Final = {
+    "multifd_compression": COMPRESSIONS,
+    "switchover_policy": SWITCHOVER_POLICIES,
+}
+_CAP_NAMES: Final = {"auto_converge": "auto-converge", "multifd": "multifd", "x_verify": "x-verify"}
+
+
+def _check_int(qmp_name: str, value: object, low: int, high: int, unit: str) -> None:
+    # bool is an int in Python, but `true` for a byte count is a mistake, not 1.
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ConfigError(f"{qmp_name} = {value!r}: expected an integer in {low}..{high} ({unit})")
+    if not low <= value <= high:
+        raise ConfigError(f"{qmp_name} = {value} is out of range: allowed {low}..{high} ({unit})")
+
+
+def _check_choice(qmp_name: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{qmp_name} = {value!r}: allowed values are {', '.join(choices)}")
+
+
+def _renamed(qmp: Mapping[str, Any], names: Mapping[str, str], what: str) -> dict[str, Any]:
+    """QMP-named keys → field names; an unknown key is an error naming it."""
+    by_qmp = {q: f for f, q in names.items()}
+    unknown = sorted(k for k in qmp if k not in by_qmp)
+    if unknown:
+        raise ConfigError(
+            f"unknown migration {what} {', '.join(unknown)}: known are {', '.join(names.values())}"
+        )
+    return {by_qmp[k]: v for k, v in qmp.items()}
+
+
+@dataclass(frozen=True)
+class MigrationParameters:
+    """What ``migrate-set-parameters`` sets; validated on construction."""
+
+    downtime_limit_ms: int = 300  # QEMU's default
+    max_bandwidth: int = 0  # bytes/s; 0 = unlimited (QEMU: 128 MiB/s)
+    multifd_channels: int = 2  # QEMU's default; used only with the multifd capability
+    multifd_compression: str = "none"
+    cpu_throttle_initial: int = 20  # QEMU's default, in %
+    cpu_throttle_increment: int = 10  # QEMU's default, in %
+    max_cpu_throttle: int = 99  # QEMU's default, in %
+    switchover_timeout_ms: int = 0  # 0 = wait for convergence forever (QEMU's behaviour)
+    switchover_policy: str = "keep-going"  # what to do when the timeout passes
+
+    def __post_init__(self) -> None:
+        for name, (low, high, unit) in _INT_RANGES.items():
+            _check_int(_PARAM_NAMES[name], getattr(self, name), low, high, unit)
+        for name, choices in _CHOICES.items():
+            _check_choice(_PARAM_NAMES[name], getattr(self, name), choices)
+
+    def to_qmp(self) -> dict[str, Any]:
+        return {q: getattr(self, f) for f, q in _PARAM_NAMES.items()}
+
+    def updated(self, qmp: Mapping[str, Any]) -> MigrationParameters:
+        """A copy with the given QMP-named parameters changed; the others are kept."""
+        return replace(self, **_renamed(qmp, _PARAM_NAMES, "parameter"))
+
+
+@dataclass(frozen=True)
+class MigrationCapabilities:
+    """What ``migrate-set-capabilities`` sets."""
+
+    auto_converge: bool = False  # QEMU's default
+    multifd: bool = False  # QEMU's default
+    x_verify: bool = True  # vmferry's: compare page digests before the destination resumes
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, bool):
+                raise ConfigError(f"{_CAP_NAMES[f.name]} = {value!r}: expected true or false")
+
+    def to_qmp(self) -> dict[str, bool]:
+        return {q: bool(getattr(self, f)) for f, q in _CAP_NAMES.items()}
+
+    def to_qmp_list(self) -> list[dict[str, Any]]:
+        """The shape of QEMU's ``query-migrate-capabilities`` reply."""
+        return [{"capability": q, "state": s} for q, s in self.to_qmp().items()]
+
+    def updated(self, qmp: Mapping[str, Any]) -> MigrationCapabilities:
+        """A copy with the given QMP-named capabilities changed; the others are kept."""
+        return replace(self, **_renamed(qmp, _CAP_NAMES, "capability"))
+
+
+def channels(params: MigrationParameters, caps: MigrationCapabilities) -> int:
+    """How many channels a migration really opens: multifd-channels only with multifd."""
+    return params.multifd_channels if caps.multifd else 1

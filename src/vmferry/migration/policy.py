@@ -1,0 +1,235 @@
+"""When to stop iterating: pure functions of measured metrics (no I/O, no clocks).
+
+The rules are QEMU's (``migration/migration.c``, ``migration/ram.c``): switch over once
+what is still pending fits in bandwidth × downtime-limit; with auto-converge, throttle the
+guest's vCPUs when it dirties memory faster than half of what is sent. Like Cloud
+Hypervisor's ``is_precopy_converged`` they take numbers and return a decision, so every
+case is tested without a VM. Units: bytes, bytes/s, milliseconds.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Final, Literal
+
+from vmferry.errors import ConfigError
+from vmferry.migration.params import MigrationParameters
+
+Action = Literal["continue", "switchover", "cancel"]
+
+MIB: Final = 1 << 20
+# QEMU counts a strike when the guest dirtied more than 50 % of what was sent in a period
+# (its throttle-trigger-threshold default), and throttles on the second strike.
+THROTTLE_TRIGGER_PCT: Final = 50
+STRIKES_TO_THROTTLE: Final = 2
+# QEMU's rate limiter budgets max-bandwidth in 100 ms windows.
+RATE_WINDOW_S: Final = 0.1
+
+
+def size(nbytes: float) -> str:
+    """``812 MiB``, ``1.5 GiB``, ``300 KiB``: short enough for a reason line."""
+    for unit, scale in (("GiB", 1 << 30), ("MiB", MIB), ("KiB", 1 << 10)):
+        if abs(nbytes) >= scale:
+            value = nbytes / scale
+            return (
+                f"{value:.1f} {unit}"
+                if value < 10 and value != int(value)
+                else f"{value:.0f} {unit}"
+            )
+    return f"{nbytes:.0f} B"
+
+
+def rate(bps: float) -> str:
+    return f"{size(bps)}/s"
+
+
+def switchover_threshold(bandwidth_bps: float, downtime_limit_ms: int) -> int:
+    """Bytes that can be sent within the downtime limit at the measured bandwidth."""
+    return int(max(bandwidth_bps, 0.0) * downtime_limit_ms / 1000)
+
+
+def expected_downtime_ms(pending_bytes: int, bandwidth_bps: float) -> float:
+    """How long sending what is pending would take; infinite with no bandwidth."""
+    if pending_bytes <= 0:
+        return 0.0
+    if bandwidth_bps <= 0:
+        return math.inf
+    return pending_bytes / bandwidth_bps * 1000
+
+
+def bandwidth_estimate(nbytes: int, seconds: float, previous: float = 0.0) -> float:
+    """Bytes/s over a period; a period of no length keeps the previous estimate (as QEMU)."""
+    if seconds <= 0 or nbytes < 0:
+        return previous
+    return nbytes / seconds
+
+
+def should_switch_over(
+    pending_bytes: int, bandwidth_bps: float, params: MigrationParameters, device_pending: int = 0
+) -> bool:
+    """RAM and device state still to send fit in the downtime limit (or nothing is left).
+
+    Device stop-copy bytes count because they, too, are sent while the VM is stopped.
+    """
+    total = pending_bytes + device_pending
+    return total <= 0 or total <= switchover_threshold(bandwidth_bps, params.downtime_limit_ms)
+
+
+@dataclass(frozen=True)
+class ThrottleState:
+    pct: int = 0  # vCPU throttle in percent; 0 = not throttled
+    strikes: int = 0  # periods with dirtied > 50 % of sent since the last change
+
+
+def next_throttle(
+    state: ThrottleState,
+    dirtied_bytes_in_period: int,
+    sent_bytes_in_period: int,
+    params: MigrationParameters,
+    enabled: bool,
+) -> ThrottleState:
+    """Auto-converge after one sync period, as QEMU's ``migration_trigger_throttle``.
+
+    Strikes need not be consecutive: QEMU resets its count only when it throttles.
+    With auto-converge off nothing changes.
+    """
+    if not enabled:
+        return state
+    if dirtied_bytes_in_period * 100 <= sent_bytes_in_period * THROTTLE_TRIGGER_PCT:
+        return state
+    strikes = state.strikes + 1
+    if strikes < STRIKES_TO_THROTTLE:
+        return ThrottleState(state.pct, strikes)
+    if state.pct == 0:
+        pct = params.cpu_throttle_initial
+    else:
+        pct = state.pct + params.cpu_throttle_increment
+    return ThrottleState(min(pct, params.max_cpu_throttle), 0)
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: Action
+    reason: str  # one line with the numbers that decided it
+    expected_downtime_ms: float
+
+
+def _fit(pending_bytes: int, device_pending: int, bandwidth_bps: float, limit_ms: int) -> str:
+    """``pending 812 MiB > threshold 96 MiB (bandwidth 320 MiB/s × 300 ms)``."""
+    threshold = switchover_threshold(bandwidth_bps, limit_ms)
+    total = pending_bytes + device_pending
+    what = f"pending {size(total)}"
+    if device_pending:
+        what += f" ({size(pending_bytes)} RAM + {size(device_pending)} device state)"
+    op = "≤" if total <= threshold else ">"
+    return (
+        f"{what} {op} threshold {size(threshold)} (bandwidth {rate(bandwidth_bps)} × {limit_ms} ms)"
+    )
+
+
+def non_convergence_reason(
+    pending_bytes: int,
+    bandwidth_bps: float,
+    dirty_rate_bps: float,
+    params: MigrationParameters,
+    device_pending: int = 0,
+    throttle_pct: int = 0,
+) -> str:
+    """Why pending does not (yet) fit in the threshold, in words with the numbers."""
+    threshold = switchover_threshold(bandwidth_bps, params.downtime_limit_ms)
+    if bandwidth_bps <= 0:
+        return "no bandwidth measured yet"
+    if device_pending > threshold:
+        # Iterating cannot shrink a device's stop-copy size: only limit or bandwidth can.
+        return (
+            f"device state {size(device_pending)} alone exceeds threshold {size(threshold)}; "
+            f"it needs a downtime limit of at least "
+            f"{math.ceil(expected_downtime_ms(device_pending, bandwidth_bps))} ms"
+        )
+    throttled = f" with vCPUs throttled {throttle_pct} %" if throttle_pct else ""
+    if dirty_rate_bps >= bandwidth_bps:
+        reason = (
+            f"guest dirties {rate(dirty_rate_bps)}{throttled}, "
+            f"faster than {rate(bandwidth_bps)} can be sent"
+        )
+        if throttle_pct >= params.max_cpu_throttle:
+            reason += f"; throttle already at its maximum {params.max_cpu_throttle} %"
+        return reason
+    excess = pending_bytes + device_pending - threshold
+    eta_s = excess / (bandwidth_bps - dirty_rate_bps)
+    return (
+        f"guest dirties {rate(dirty_rate_bps)}{throttled}, slower than {rate(bandwidth_bps)} "
+        f"is sent: about {eta_s:.1f} s more at these rates"
+    )
+
+
+def decide(
+    elapsed_ms: float,
+    pending_bytes: int,
+    bandwidth_bps: float,
+    dirty_rate_bps: float,
+    params: MigrationParameters,
+    device_pending: int = 0,
+    throttle_pct: int = 0,
+) -> Decision:
+    """After a sync: switch over, keep iterating, or cancel (x-switchover-timeout/policy)."""
+    total = pending_bytes + device_pending
+    expected = expected_downtime_ms(total, bandwidth_bps)
+    limit = params.downtime_limit_ms
+    fit = _fit(pending_bytes, device_pending, bandwidth_bps, limit)
+    if should_switch_over(pending_bytes, bandwidth_bps, params, device_pending):
+        if total <= 0:
+            return Decision("switchover", "converged: nothing pending", 0.0)
+        return Decision(
+            "switchover", f"converged: {fit}; expected downtime {expected:.0f} ms", expected
+        )
+    why = non_convergence_reason(
+        pending_bytes, bandwidth_bps, dirty_rate_bps, params, device_pending, throttle_pct
+    )
+    timeout = params.switchover_timeout_ms
+    if not timeout or elapsed_ms < timeout:
+        return Decision("continue", f"{fit}; {why}", expected)
+    late = f"switchover timeout {timeout} ms passed (elapsed {elapsed_ms:.0f} ms)"
+    policy = params.switchover_policy
+    if policy == "force":
+        return Decision(
+            "switchover",
+            f"forced: {late}; {fit}; expected downtime {expected:.0f} ms > limit {limit} ms",
+            expected,
+        )
+    if policy == "cancel":
+        return Decision("cancel", f"cancelled: {late}; {fit}; {why}", expected)
+    if policy == "keep-going":
+        return Decision("continue", f"{late}, policy keep-going: {fit}; {why}", expected)
+    raise ConfigError(
+        f"x-switchover-policy = {policy!r}: allowed values are keep-going, force, cancel"
+    )
+
+
+class RateLimiter:
+    """max-bandwidth as a token bucket holding one 100 ms window of budget, as QEMU.
+
+    The caller asks before each send how long to sleep first; time is an argument, so
+    tests need no clock. Unlike QEMU's fixed windows, the debt of a send larger than a
+    window carries over, so the long-run rate holds for any batch size.
+    """
+
+    def __init__(self, max_bandwidth: int, window_s: float = RATE_WINDOW_S) -> None:
+        if max_bandwidth < 0:
+            raise ConfigError(f"max-bandwidth = {max_bandwidth}: must be ≥ 0 (0 = unlimited)")
+        if window_s <= 0:
+            raise ConfigError(f"rate window = {window_s} s: must be > 0")
+        self.max_bandwidth = max_bandwidth  # may change mid-migration, as in QEMU
+        self.window_s = window_s
+        self._busy_until: float | None = None  # when the bytes granted so far are paid for
+
+    def delay_for(self, nbytes: int, now: float) -> float:
+        """Seconds to sleep before sending ``nbytes`` at time ``now`` (seconds)."""
+        if self.max_bandwidth == 0:
+            self._busy_until = None
+            return 0.0
+        start = now if self._busy_until is None else max(self._busy_until, now)
+        self._busy_until = start + nbytes / self.max_bandwidth
+        # Sending may run ahead of the rate by at most one window.
+        return max(0.0, self._busy_until - self.window_s - now)

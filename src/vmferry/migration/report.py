@@ -1,0 +1,154 @@
+"""Views of MigrationStats: QEMU's ``query-migrate`` reply and vmferry's full JSON report.
+
+Field names and types are QEMU's (``qapi/migration.json``): times are whole milliseconds,
+counters whole bytes or pages, ``mbps`` a number. vmferry adds the downtime breakdown
+(ms, fractional), the rounds (seconds, bytes, bytes/s), the verification and the
+parameters the migration ran with.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, Final
+
+from vmferry.migration.metrics import MigrationStats
+from vmferry.migration.params import MigrationCapabilities, MigrationParameters
+
+PAGE_SIZE: Final = 4096
+# States in which QEMU's query-migrate fills in times and ram (fill_source_migration_info).
+_RUNNING: Final = frozenset(
+    {"active", "cancelling", "pre-switchover", "device", "wait-unplug", "postcopy-active"}
+)
+# States in which QEMU reports the measured downtime instead of the expected one.
+_DOWNTIME_KNOWN: Final = frozenset({"completed", "postcopy-active"})
+
+
+def _ms(value: float) -> int:
+    """Whole ms as QEMU reports them; -1 when unknown (JSON has no infinity)."""
+    return round(value) if math.isfinite(value) else -1
+
+
+def _num(value: float) -> float:
+    return value if math.isfinite(value) else -1.0
+
+
+def ram_dict(stats: MigrationStats) -> dict[str, Any]:
+    """query-migrate's ``ram`` object."""
+    return {
+        "transferred": stats.transferred,
+        "remaining": stats.remaining,
+        "total": stats.total_ram,
+        "duplicate": stats.duplicate,
+        "normal": stats.normal,
+        "normal-bytes": stats.normal * PAGE_SIZE,
+        "dirty-pages-rate": _ms(stats.dirty_pages_rate),  # QEMU: an integer, pages/s
+        "mbps": _num(stats.mbps),
+        "dirty-sync-count": stats.dirty_sync_count,
+        "precopy-bytes": stats.precopy_bytes,
+        "downtime-bytes": stats.downtime_bytes,
+        "postcopy-bytes": 0,  # vmferry has no post-copy
+        "page-size": PAGE_SIZE,
+    }
+
+
+def query_migrate_dict(stats: MigrationStats) -> dict[str, Any]:
+    """What QEMU's ``query-migrate`` would return on the source in this state.
+
+    As QEMU: nothing at all before any migration; times and ``ram`` only while running or
+    completed; ``downtime`` once known, ``expected-downtime`` before; ``error-desc`` when
+    an error was recorded.
+    """
+    if stats.status == "none":
+        return {}
+    out: dict[str, Any] = {"status": stats.status}
+    if stats.status in _RUNNING or stats.status == "completed":
+        out["setup-time"] = _ms(stats.setup_ms)
+        out["total-time"] = _ms(stats.total_ms)
+        if stats.status in _DOWNTIME_KNOWN:
+            out["downtime"] = _ms(stats.downtime_ms)
+        else:
+            out["expected-downtime"] = _ms(stats.expected_downtime_ms)
+        out["ram"] = ram_dict(stats)
+        if stats.throttle_pct and stats.status != "completed":
+            out["cpu-throttle-percentage"] = stats.throttle_pct
+    if stats.error:
+        out["error-desc"] = stats.error
+    return out
+
+
+def _downtime_dict(stats: MigrationStats) -> dict[str, float]:
+    d = stats.downtime
+    parts = {
+        "pause": d.pause_ms,
+        "final-ram": d.final_ram_ms,
+        "cpu-state": d.cpu_state_ms,
+        "device-state": d.device_state_ms,
+        "verify": d.verify_ms,
+        "resume": d.resume_ms,
+        "total": d.total_ms,
+    }
+    return {k: round(_num(v), 3) for k, v in parts.items()}
+
+
+def _rounds_list(stats: MigrationStats) -> list[dict[str, Any]]:
+    return [
+        {
+            "index": r.index,
+            "start": round(r.start_s, 6),
+            "duration": round(r.duration_s, 6),
+            "pages": r.pages,
+            "zero-pages": r.zero_pages,
+            "bytes": r.bytes,
+            "dirty-pages": r.dirty_pages,
+            "dirty-rate": _num(r.dirty_rate),
+            "bandwidth": _num(r.bandwidth),
+            "throttle": r.throttle_pct,
+            "stop-copy": r.stop_copy,
+        }
+        for r in stats.rounds
+    ]
+
+
+def report_dict(
+    stats: MigrationStats, params: MigrationParameters, caps: MigrationCapabilities
+) -> dict[str, Any]:
+    """Everything measured, under QEMU's names where QEMU has one."""
+    v = stats.verify
+    out: dict[str, Any] = {
+        "status": stats.status,
+        "total-time": _ms(stats.total_ms),
+        "downtime": _ms(stats.downtime_ms),
+        "expected-downtime": _ms(stats.expected_downtime_ms),
+        "setup-time": _ms(stats.setup_ms),
+        "cpu-throttle-percentage": stats.throttle_pct,
+        "ram": ram_dict(stats),
+        "downtime-breakdown": _downtime_dict(stats),
+        "rounds": _rounds_list(stats),
+        "verify": {
+            "status": v.status,
+            "pages-checked": v.pages_checked,
+            "first-mismatches": list(v.mismatched_pages),
+            "cpu-state": v.cpu_state,
+            "detail": v.detail,
+        },
+        "parameters": params.to_qmp(),
+        "capabilities": caps.to_qmp(),
+        "convergence": stats.convergence,
+    }
+    if stats.error:
+        out["error-desc"] = stats.error
+    return out
+
+
+def write_report(
+    path: str | os.PathLike[str],
+    stats: MigrationStats,
+    params: MigrationParameters,
+    caps: MigrationCapabilities,
+) -> None:
+    """The full report as JSON (indent 2), strictly valid: no NaN or Infinity."""
+    text = json.dumps(report_dict(stats, params, caps), indent=2, allow_nan=False)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text + "\n")

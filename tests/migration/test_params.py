@@ -1,0 +1,101 @@
+"""Migration parameters: QEMU's defaults and names, validation that names what is wrong."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from vmferry.errors import ConfigError
+from vmferry.migration.params import MigrationCapabilities, MigrationParameters, channels
+
+
+def test_defaults_are_qemus_except_bandwidth() -> None:
+    p = MigrationParameters()
+    assert p.to_qmp() == {
+        "downtime-limit": 300,
+        "max-bandwidth": 0,  # QEMU: 128 MiB/s; vmferry: unlimited on purpose
+        "multifd-channels": 2,
+        "multifd-compression": "none",
+        "cpu-throttle-initial": 20,
+        "cpu-throttle-increment": 10,
+        "max-cpu-throttle": 99,
+        "x-switchover-timeout": 0,
+        "x-switchover-policy": "keep-going",
+    }
+    assert MigrationCapabilities().to_qmp() == {
+        "auto-converge": False,
+        "multifd": False,
+        "x-verify": True,
+    }
+
+
+def test_qmp_round_trip() -> None:
+    p = MigrationParameters(
+        downtime_limit_ms=50,
+        max_bandwidth=1 << 30,
+        multifd_channels=8,
+        multifd_compression="zstd",
+        cpu_throttle_initial=30,
+        cpu_throttle_increment=5,
+        max_cpu_throttle=90,
+        switchover_timeout_ms=10_000,
+        switchover_policy="cancel",
+    )
+    assert MigrationParameters().updated(p.to_qmp()) == p
+    c = MigrationCapabilities(auto_converge=True, multifd=True, x_verify=False)
+    assert MigrationCapabilities().updated(c.to_qmp()) == c
+    assert c.to_qmp_list()[0] == {"capability": "auto-converge", "state": True}
+
+
+def test_updated_keeps_the_rest_and_returns_a_new_instance() -> None:
+    p = MigrationParameters()
+    q = p.updated({"downtime-limit": 100})
+    assert q.downtime_limit_ms == 100 and p.downtime_limit_ms == 300
+    assert q.multifd_channels == p.multifd_channels
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "allowed"),
+    [
+        ("downtime-limit", -1, "0..2000000"),
+        ("downtime-limit", 2_000_001, "0..2000000"),
+        ("max-bandwidth", -5, "0.."),
+        ("multifd-channels", 0, "1..255"),
+        ("multifd-channels", 256, "1..255"),
+        ("cpu-throttle-initial", 0, "1..99"),
+        ("cpu-throttle-increment", 100, "1..99"),
+        ("max-cpu-throttle", 100, "1..99"),
+        ("x-switchover-timeout", -1, "0..86400000"),
+        ("multifd-compression", "zlib", "none, zstd"),
+        ("x-switchover-policy", "pray", "keep-going, force, cancel"),
+        ("downtime-limit", "300", "0..2000000"),
+        ("multifd-channels", True, "1..255"),
+        ("downtime-limit", 1.5, "0..2000000"),
+    ],
+)
+def test_bad_values_name_parameter_value_and_range(name: str, value: Any, allowed: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        MigrationParameters().updated({name: value})
+    msg = str(e.value)
+    assert name in msg and repr(value).strip("'") in msg and allowed in msg
+
+
+def test_unknown_parameter_is_named() -> None:
+    with pytest.raises(ConfigError, match="xbzrle-cache-size"):
+        MigrationParameters().updated({"xbzrle-cache-size": 1 << 26})
+    with pytest.raises(ConfigError, match="postcopy-ram"):
+        MigrationCapabilities().updated({"postcopy-ram": True})
+
+
+def test_construction_validates_too() -> None:
+    with pytest.raises(ConfigError, match="downtime-limit"):
+        MigrationParameters(downtime_limit_ms=-3)
+    with pytest.raises(ConfigError, match="multifd"):
+        MigrationCapabilities(multifd=1)  # type: ignore[arg-type]
+
+
+def test_channels_used() -> None:
+    p = MigrationParameters(multifd_channels=4)
+    assert channels(p, MigrationCapabilities()) == 1
+    assert channels(p, MigrationCapabilities(multifd=True)) == 4
