@@ -7,7 +7,9 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from vmferry.cli import bench as bench_cmd
 from vmferry.cli import demo as demo_cmd
+from vmferry.cli import migrate as migrate_cmd
 from vmferry.cli import run as run_cmd
 from vmferry.errors import VmferryError
 
@@ -23,7 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="log what vmferry does")
     sub = p.add_subparsers(dest="command", required=True)
     run_cmd.add_parser(sub)
+    bench_cmd.add_parser(sub)
     demo_cmd.add_parser(sub)
+    migrate_cmd.add_parser(sub)
     return p
 
 

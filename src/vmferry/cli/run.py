@@ -1,22 +1,29 @@
-"""``vmferry run``: boot a guest image, or continue a saved one, and run it to its end."""
+"""``vmferry run``: boot a guest image, or take one in from a file or a migration, and run
+it until it ends, is migrated away, or is told to quit."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from typing import Any, BinaryIO
 
-from vmferry.errors import ConfigError, GuestError
+from vmferry.controller import VmController
+from vmferry.errors import ConfigError, GuestError, MigrationError
 from vmferry.kvm.system import DEFAULT_DEVICE
 from vmferry.machine import GuestExit, Machine, MachineConfig, parse_size
+from vmferry.migration.channel import parse_uri
+from vmferry.migration.destination import IncomingMigration
+from vmferry.migration.loader import check_loaded
 from vmferry.migration.snapshot import load_from_file, save_to_file
+from vmferry.qmp.server import QmpServer
 
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser(
         "run",
-        help="run a guest image (or restore a saved one)",
+        help="run a guest image (or take one in from a file or a migration)",
         description="Run a multiboot guest image on KVM. Guest arguments go after '--'. "
         "The exit status is the value the guest wrote to the debug-exit port; vmferry's own "
         "errors exit with 125.",
@@ -38,8 +45,12 @@ def add_parser(sub: Any) -> None:
         help="stop the VM after SECONDS and save its complete state to FILE",
     )
     p.add_argument(
-        "--incoming", metavar="URI", help="restore a VM instead of booting one: file:PATH"
+        "--incoming",
+        metavar="URI",
+        help="take the VM in instead of booting one: file:PATH (a saved or "
+        "migrated state) or tcp:HOST:PORT (wait for a live migration)",
     )
+    p.add_argument("--qmp", metavar="unix:PATH", help="open a QMP control socket (mode 0600)")
     p.add_argument(
         "--timeout",
         type=float,
@@ -56,7 +67,7 @@ def _serial_out(path: str | None) -> BinaryIO:
     return open(path, "ab")
 
 
-def _finish(result: GuestExit | None, timeout: float | None) -> int:
+def _exit_status(result: GuestExit | None, timeout: float | None) -> int:
     if result is None:
         raise GuestError(f"the guest did not finish within {timeout} s")
     if result.error is not None:
@@ -65,65 +76,119 @@ def _finish(result: GuestExit | None, timeout: float | None) -> int:
     return result.code & 0xFF
 
 
+def _note(msg: str) -> None:
+    print(f"vmferry: {msg}", file=sys.stderr, flush=True)
+
+
+def _qmp_path(arg: str | None) -> str | None:
+    if arg is None:
+        return None
+    scheme, _, path = arg.partition(":")
+    if scheme != "unix" or not path:
+        raise ConfigError(f"--qmp {arg}: expected unix:PATH")
+    return path
+
+
+def _incoming(args: argparse.Namespace, serial: BinaryIO) -> Machine:
+    uri = parse_uri(args.incoming)
+    t0 = time.perf_counter()
+    if uri.scheme == "file":
+        snap = load_from_file(uri.path)
+        machine = Machine.from_state(
+            snap.state, snap.memory, kvm_device=args.kvm_device, serial=serial
+        )
+        verify = check_loaded(snap, machine)
+        if verify.status == "failed":
+            machine.close()
+            raise MigrationError(f"{uri.path}: verification failed: {verify.detail}")
+        _note(
+            f"restored {snap.state.config.image or 'guest'} from {uri.path} "
+            f"({snap.ram.normal} pages, {snap.ram.zero} zero; verification {verify.status})"
+            f" in {time.perf_counter() - t0:.3f} s"
+        )
+        machine.start()
+        return machine
+    incoming = IncomingMigration(uri, kvm_device=args.kvm_device, serial=serial)
+    result = incoming.receive()
+    _note(
+        f"migration received ({result.rounds} rounds, {result.ram_pages} pages; "
+        f"verification {result.verify.status}); the VM runs here now"
+    )
+    return result.machine
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     serial = _serial_out(args.serial)
+    qmp_path = _qmp_path(args.qmp)
     if args.incoming:
         if args.image or args.save_after:
             raise ConfigError(
                 "--incoming takes no image and no --save-after: the VM's "
                 "configuration comes from the stream"
             )
-        scheme, _, where = args.incoming.partition(":")
-        if scheme != "file" or not where:
-            raise ConfigError(f"--incoming {args.incoming}: expected file:PATH")
-        t0 = time.perf_counter()
-        snap = load_from_file(where)
-        machine = Machine.from_state(
-            snap.state, snap.memory, kvm_device=args.kvm_device, serial=serial
+        machine = _incoming(args, serial)
+    else:
+        if not args.image:
+            raise ConfigError("vmferry run needs a guest image (or --incoming URI)")
+        config = MachineConfig(
+            memory=parse_size(args.memory),
+            vcpus=args.vcpus,
+            image=args.image,
+            cmdline=args.guest_cmdline,
         )
-        print(
-            f"vmferry: restored {snap.state.config.image or 'guest'} from {where} "
-            f"({snap.ram.normal} pages, {snap.ram.zero} zero) in "
-            f"{time.perf_counter() - t0:.3f} s",
-            file=sys.stderr,
-        )
-        with machine:
-            machine.start()
-            return _finish(machine.wait(args.timeout), args.timeout)
-
-    if not args.image:
-        raise ConfigError("vmferry run needs a guest image (or --incoming file:PATH)")
-    config = MachineConfig(
-        memory=parse_size(args.memory),
-        vcpus=args.vcpus,
-        image=args.image,
-        cmdline=args.guest_cmdline,
-    )
-    with Machine.boot(config, kvm_device=args.kvm_device, serial=serial) as machine:
-        if not args.save_after:
-            machine.start()
-            return _finish(machine.wait(args.timeout), args.timeout)
-        try:
-            seconds = float(args.save_after[0])
-        except ValueError:
-            raise ConfigError(f"--save-after {args.save_after[0]}: not a number") from None
-        path = args.save_after[1]
+        machine = Machine.boot(config, kvm_device=args.kvm_device, serial=serial)
+        if args.save_after:
+            with machine:
+                return _save_after(machine, args.save_after)
         machine.start()
-        early = machine.wait(seconds)
-        if early is not None:
-            if early.error:
-                raise early.error
-            raise GuestError(
-                f"the guest finished (exit {early.code}) before the save point "
-                f"at {seconds} s; nothing was saved"
+
+    with machine, contextlib.ExitStack() as stack:
+        controller = VmController(machine)
+        if qmp_path:
+            server = QmpServer(qmp_path, controller)
+            controller.emit = server.emit
+            server.start()
+            stack.callback(server.close)
+        deadline = None if args.timeout is None else time.monotonic() + args.timeout
+        while True:
+            outcome = controller.wait_for(0.5)
+            if outcome or (deadline is not None and time.monotonic() > deadline):
+                break
+        if outcome == "migrated":
+            assert controller.migration is not None
+            st = controller.migration.stats
+            _note(
+                f"migrated to {controller.migration.uri} in {st.total_ms:.0f} ms "
+                f"(downtime {st.downtime_ms:.1f} ms, verification {st.verify.status}); "
+                "the VM runs there now"
             )
-        pause_s = machine.pause()
-        t0 = time.perf_counter()
-        stats = save_to_file(machine, path)
-        dt = time.perf_counter() - t0
-        print(
-            f"vmferry: saved to {path}: {stats.bytes / 2**20:.1f} MiB ({stats.normal} pages, "
-            f"{stats.zero} zero) in {dt:.3f} s (pause took {pause_s * 1e3:.1f} ms)",
-            file=sys.stderr,
+            return 0
+        if outcome == "quit":
+            return 0
+        return _exit_status(machine.exit, args.timeout)
+
+
+def _save_after(machine: Machine, save_after: list[str]) -> int:
+    try:
+        seconds = float(save_after[0])
+    except ValueError:
+        raise ConfigError(f"--save-after {save_after[0]}: not a number") from None
+    path = save_after[1]
+    machine.start()
+    early = machine.wait(seconds)
+    if early is not None:
+        if early.error:
+            raise early.error
+        raise GuestError(
+            f"the guest finished (exit {early.code}) before the save point "
+            f"at {seconds} s; nothing was saved"
         )
-        return 0
+    pause_s = machine.pause()
+    t0 = time.perf_counter()
+    stats = save_to_file(machine, path)
+    _note(
+        f"saved to {path}: {stats.bytes / 2**20:.1f} MiB ({stats.normal} pages, "
+        f"{stats.zero} zero) in {time.perf_counter() - t0:.3f} s "
+        f"(pause took {pause_s * 1e3:.1f} ms)"
+    )
+    return 0

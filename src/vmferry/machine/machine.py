@@ -37,7 +37,6 @@ from vmferry.machine.vcpu_thread import VcpuRunState, VcpuThread, install_kick_h
 from vmferry.memory.dirty import DirtyBitmap
 from vmferry.memory.guest_memory import PAGE_SHIFT, GuestMemory
 
-
 THROTTLE_TIMESLICE_S = 0.010  # QEMU's CPU_THROTTLE_TIMESLICE: 10 ms of run per period
 
 
@@ -260,8 +259,9 @@ class Machine:
         with self._throttle_lock:
             if pct and self._throttle_thread is None:
                 self._throttle_stop.clear()
-                self._throttle_thread = threading.Thread(target=self._throttle_loop,
-                                                         name="cpu-throttle", daemon=True)
+                self._throttle_thread = threading.Thread(
+                    target=self._throttle_loop, name="cpu-throttle", daemon=True
+                )
                 self._throttle_thread.start()
             elif not pct and self._throttle_thread is not None:
                 self._throttle_stop.set()

@@ -58,8 +58,7 @@ def connect(uri: MigrationUri, timeout: float = 10.0) -> socket.socket:
     try:
         sock = socket.create_connection((uri.host, uri.port), timeout=timeout)
     except OSError as e:
-        raise MigrationError(f"cannot connect to the destination {uri}: {e.strerror or e}"
-                             ) from e
+        raise MigrationError(f"cannot connect to the destination {uri}: {e.strerror or e}") from e
     sock.settimeout(None)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     # Large socket buffers: a migration is one long bulk transfer.

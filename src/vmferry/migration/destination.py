@@ -7,6 +7,7 @@ read to its end and verified.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import struct
@@ -50,8 +51,14 @@ def _recv_timeout(sock: socket.socket, seconds: int) -> None:
 class IncomingMigration:
     """Waits on tcp:HOST:PORT for one migration and returns the running machine."""
 
-    def __init__(self, uri: MigrationUri, *, kvm_device: str = DEFAULT_DEVICE,
-                 serial: BinaryIO | None = None, announce: bool = True) -> None:
+    def __init__(
+        self,
+        uri: MigrationUri,
+        *,
+        kvm_device: str = DEFAULT_DEVICE,
+        serial: BinaryIO | None = None,
+        announce: bool = True,
+    ) -> None:
         self.uri = uri
         self.kvm_device = kvm_device
         self.serial = serial
@@ -66,36 +73,46 @@ class IncomingMigration:
         memory: GuestMemory | None = None
         try:
             if self.announce:
-                print(f"vmferry: waiting for a migration on {self.uri.host}:{self.port}",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"vmferry: waiting for a migration on {self.uri.host}:{self.port}",
+                    file=sys.stderr,
+                    flush=True,
+                )
             main_sock = accept(self.listener, None, "source")
             socks.append(main_sock)
             _recv_timeout(main_sock, IDLE_TIMEOUT_S)
             reply = ReplyPath(main_sock)
             t0 = time.monotonic()
-            main = StreamReader(FdSource(main_sock.fileno(), owned=False,
-                                         name="migration stream"))
+            main = StreamReader(FdSource(main_sock.fileno(), owned=False, name="migration stream"))
             head = read_head(main)
             readers = []
             for i in range(1, head.channels):
                 s = accept(self.listener, CHANNEL_ACCEPT_TIMEOUT_S, f"channel {i}")
                 socks.append(s)
                 _recv_timeout(s, IDLE_TIMEOUT_S)
-                readers.append(StreamReader(FdSource(s.fileno(), owned=False,
-                                                     name=f"channel {i}"), CHANNEL_GRAMMAR))
+                readers.append(
+                    StreamReader(
+                        FdSource(s.fileno(), owned=False, name=f"channel {i}"), CHANNEL_GRAMMAR
+                    )
+                )
             memory = GuestMemory(head.config.memory)
             populate(memory, head.resident)
             loaded = load_stream(head, main, memory, readers)
             t_loaded = time.monotonic()
-            machine = Machine.from_state(loaded.state, memory, kvm_device=self.kvm_device,
-                                         serial=self.serial)
+            machine = Machine.from_state(
+                loaded.state, memory, kvm_device=self.kvm_device, serial=self.serial
+            )
             memory = None  # the machine owns it now
             verify = check_loaded(loaded, machine)
             t_verified = time.monotonic()
             if verify.status == "failed":
                 raise MigrationError(f"verification failed: {verify.detail}")
-            reply.send("ready", verify_ms=(t_verified - t_loaded) * 1e3,
-                       pages_checked=verify.pages_checked, verify=verify.status)
+            reply.send(
+                "ready",
+                verify_ms=(t_verified - t_loaded) * 1e3,
+                pages_checked=verify.pages_checked,
+                verify=verify.status,
+            )
             msg = reply.receive(GO_TIMEOUT_S, "go from the source")
             if msg["kind"] != "go":
                 raise MigrationError(f"the source did not hand over: {msg}")
@@ -103,15 +120,18 @@ class IncomingMigration:
             machine.start()
             t_started = time.monotonic()
             reply.send("resumed", resume_ms=(t_started - t_go) * 1e3)
-            return IncomingResult(machine, verify, t_loaded - t0, loaded.rounds,
-                                  loaded.ram.normal + loaded.ram.zero,
-                                  {"load_s": t_loaded - t0, "verify_s": t_verified - t_loaded})
+            return IncomingResult(
+                machine,
+                verify,
+                t_loaded - t0,
+                loaded.rounds,
+                loaded.ram.normal + loaded.ram.zero,
+                {"load_s": t_loaded - t0, "verify_s": t_verified - t_loaded},
+            )
         except BaseException as e:
             if reply is not None:
-                try:
+                with contextlib.suppress(OSError):
                     reply.send("failed", error=str(e))
-                except OSError:
-                    pass
             if machine is not None:
                 machine.close()
             elif memory is not None:

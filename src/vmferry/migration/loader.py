@@ -106,19 +106,25 @@ def read_channel(reader: StreamReader, receiver: RamReceiver, mig_id: str, index
             return
 
 
-def load_stream(head: StreamHead, main: StreamReader, memory: GuestMemory,
-                channels: list[StreamReader] | None = None) -> LoadedStream:
+def load_stream(
+    head: StreamHead,
+    main: StreamReader,
+    memory: GuestMemory,
+    channels: list[StreamReader] | None = None,
+) -> LoadedStream:
     """Read the rest of the main stream, and the extra channels on threads, into memory."""
     written = DirtyBitmap(memory.npages)
     receivers = [RamReceiver(memory, written) for _ in range(1 + len(channels or []))]
     errors: list[BaseException] = []
     threads = []
     for i, r in enumerate(channels or [], start=1):
+
         def run(r: StreamReader = r, i: int = i) -> None:
             try:
                 read_channel(r, receivers[i], head.setup.get("id", ""), i)
-            except BaseException as e:  # noqa: BLE001 - handed to the main thread
+            except BaseException as e:
                 errors.append(e)
+
         t = threading.Thread(target=run, name=f"incoming-ch{i}", daemon=True)
         t.start()
         threads.append(t)
@@ -156,16 +162,16 @@ def load_stream(head: StreamHead, main: StreamReader, memory: GuestMemory,
         raise StreamError(f"CPUS section is malformed: {e!r}") from e
     if [v.index for v in vcpus] != list(range(head.config.vcpus)):
         raise StreamError(
-            f"CPUS section has vCPUs {[v.index for v in vcpus]}, config says "
-            f"{head.config.vcpus}"
+            f"CPUS section has vCPUs {[v.index for v in vcpus]}, config says {head.config.vcpus}"
         )
     if not isinstance(devices, list):
         raise StreamError("DEVS section is not a list")
     ram = RamStats()
     for rx in receivers:
         ram.add(rx.stats)
-    return LoadedStream(MachineState(head.config, clock, vcpus), memory, devices, ram, verify,
-                        written, rounds)
+    return LoadedStream(
+        MachineState(head.config, clock, vcpus), memory, devices, ram, verify, written, rounds
+    )
 
 
 def check_loaded(loaded: LoadedStream, machine: Machine) -> VerifyResult:
@@ -176,9 +182,12 @@ def check_loaded(loaded: LoadedStream, machine: Machine) -> VerifyResult:
     assert loaded.written is not None
     bad = mismatched_pages(loaded.memory, rec, loaded.written.pages())
     cpu_ok = cpu_digest(machine.save_state()) == rec.cpu
-    result = VerifyResult(status="passed" if not bad and cpu_ok else "failed",
-                          pages_checked=int(rec.pages.size), mismatched_pages=bad,
-                          cpu_state="passed" if cpu_ok else "failed")
+    result = VerifyResult(
+        status="passed" if not bad and cpu_ok else "failed",
+        pages_checked=int(rec.pages.size),
+        mismatched_pages=bad,
+        cpu_state="passed" if cpu_ok else "failed",
+    )
     if bad:
         shown = ", ".join(str(p) for p in bad[:8])
         result.detail = f"guest RAM differs from the source's in pages {shown}"
@@ -192,6 +201,7 @@ def check_loaded(loaded: LoadedStream, machine: Machine) -> VerifyResult:
 def populate(memory: GuestMemory, ranges: list[tuple[int, int]]) -> threading.Thread:
     """Pre-fault the RAM the source said holds data, in the background (fresh memory takes
     many times longer to receive into)."""
+
     def run() -> None:
         for a, b in ranges:
             memory.populate_range(a, b - a)
@@ -199,4 +209,3 @@ def populate(memory: GuestMemory, ranges: list[tuple[int, int]]) -> threading.Th
     t = threading.Thread(target=run, name="populate", daemon=True)
     t.start()
     return t
-

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import textwrap
-from typing import Final
+from typing import Any, Final
 
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -144,3 +144,10 @@ def plot_timeline(stats: MigrationStats, path: str | os.PathLike[str]) -> None:
     if stats.convergence:
         fig.supxlabel(textwrap.fill(stats.convergence, 140), fontsize=7, ha="center")
     fig.savefig(path, format="png")
+
+
+def plot_report(report: dict[str, Any], path: str | os.PathLike[str]) -> None:
+    """The timeline from a JSON report (as ``vmferry migrate`` gets it over QMP)."""
+    from vmferry.migration.report import stats_from_report
+
+    plot_timeline(stats_from_report(report), path)

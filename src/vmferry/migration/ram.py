@@ -96,17 +96,27 @@ def expand_runs(
 class RamSender:
     """Turns page lists into RAM sections on one stream (one per channel)."""
 
-    def __init__(self, writer: StreamWriter, memory: GuestMemory, *, compress: bool = False,
-                 batch_pages: int = DEFAULT_BATCH_PAGES) -> None:
+    def __init__(
+        self,
+        writer: StreamWriter,
+        memory: GuestMemory,
+        *,
+        compress: bool = False,
+        batch_pages: int = DEFAULT_BATCH_PAGES,
+    ) -> None:
         self.writer = writer
         self.memory = memory
         self.batch_pages = batch_pages
         self._zstd = zstandard.ZstdCompressor(level=ZSTD_LEVEL) if compress else None
         self.stats = RamStats()
 
-    def send(self, pages: npt.NDArray[np.int64],
-             before_batch: Callable[[npt.NDArray[np.int64]], None] | None = None,
-             *, live: bool = False) -> RamStats:
+    def send(
+        self,
+        pages: npt.NDArray[np.int64],
+        before_batch: Callable[[npt.NDArray[np.int64]], None] | None = None,
+        *,
+        live: bool = False,
+    ) -> RamStats:
         """Send sorted pages in batches; ``before_batch`` runs just before each is read
         (the engine re-arms the dirty log for exactly those pages there). ``live``: the
         guest is running, so page data may change while it is sent (see FLAG_LIVE)."""
@@ -148,8 +158,12 @@ class RamSender:
         return RamStats(normal=nz, zero=chunk.size - nz, bytes=self.writer.bytes_written - before)
 
 
-def send_pages(writer: StreamWriter, memory: GuestMemory, pages: npt.NDArray[np.int64],
-               batch_pages: int = DEFAULT_BATCH_PAGES) -> RamStats:
+def send_pages(
+    writer: StreamWriter,
+    memory: GuestMemory,
+    pages: npt.NDArray[np.int64],
+    batch_pages: int = DEFAULT_BATCH_PAGES,
+) -> RamStats:
     return RamSender(writer, memory, batch_pages=batch_pages).send(pages)
 
 
@@ -218,8 +232,13 @@ class RamReceiver:
             self._load_payload(src, hdr.length, hdr, src.stop_hashing_after_table)
             reader.check(hdr, h)
 
-    def _load_payload(self, src: _StreamPayload | _BufferPayload, length: int,
-                      hdr: SectionHeader, table_only: bool = False) -> None:
+    def _load_payload(
+        self,
+        src: _StreamPayload | _BufferPayload,
+        length: int,
+        hdr: SectionHeader,
+        table_only: bool = False,
+    ) -> None:
         head = bytearray(RAM_HEAD.size)
         if length < RAM_HEAD.size:
             raise StreamError(f"{hdr.describe()}: {length} bytes is too short for RAM")
@@ -267,5 +286,6 @@ class RamReceiver:
             bits = self.written.words[z >> 6] >> (z & 63).astype(np.uint64)
             allp[z[(bits & np.uint64(1)).astype(bool)]] = 0
         self.written.set_pages(expand_runs(d_first, d_n))
-        self.stats.add(RamStats(normal=int(d_n.sum()), zero=z.size,
-                                bytes=hdr.length + SECTION_HEADER_SIZE))
+        self.stats.add(
+            RamStats(normal=int(d_n.sum()), zero=z.size, bytes=hdr.length + SECTION_HEADER_SIZE)
+        )

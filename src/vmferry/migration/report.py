@@ -13,7 +13,7 @@ import math
 import os
 from typing import Any, Final
 
-from vmferry.migration.metrics import MigrationStats
+from vmferry.migration.metrics import DowntimeBreakdown, MigrationStats, RoundRecord, VerifyResult
 from vmferry.migration.params import MigrationCapabilities, MigrationParameters
 
 PAGE_SIZE: Final = 4096
@@ -152,3 +152,55 @@ def write_report(
     text = json.dumps(report_dict(stats, params, caps), indent=2, allow_nan=False)
     with open(path, "w", encoding="utf-8") as f:
         f.write(text + "\n")
+
+
+def stats_from_report(rep: dict[str, Any]) -> MigrationStats:
+    """The measured data back from a report (another process made it), e.g. to plot it."""
+    d = rep.get("downtime-breakdown", {})
+    v = rep.get("verify", {})
+    ram = rep.get("ram", {})
+    return MigrationStats(
+        status=rep.get("status", "none"),
+        total_ram=ram.get("total", 0),
+        transferred=ram.get("transferred", 0),
+        duplicate=ram.get("duplicate", 0),
+        normal=ram.get("normal", 0),
+        setup_ms=rep.get("setup-time", 0),
+        total_ms=rep.get("total-time", 0),
+        downtime_ms=rep.get("downtime", 0),
+        throttle_pct=rep.get("cpu-throttle-percentage", 0),
+        rounds=[
+            RoundRecord(
+                index=r["index"],
+                start_s=r["start"],
+                duration_s=r["duration"],
+                pages=r["pages"],
+                zero_pages=r["zero-pages"],
+                bytes=r["bytes"],
+                dirty_pages=r["dirty-pages"],
+                dirty_rate=r["dirty-rate"],
+                bandwidth=r["bandwidth"],
+                throttle_pct=r["throttle"],
+                stop_copy=r["stop-copy"],
+            )
+            for r in rep.get("rounds", [])
+        ],
+        downtime=DowntimeBreakdown(
+            pause_ms=d.get("pause", 0.0),
+            final_ram_ms=d.get("final-ram", 0.0),
+            cpu_state_ms=d.get("cpu-state", 0.0),
+            device_state_ms=d.get("device-state", 0.0),
+            verify_ms=d.get("verify", 0.0),
+            resume_ms=d.get("resume", 0.0),
+            total_ms=d.get("total", 0.0),
+        ),
+        verify=VerifyResult(
+            status=v.get("status", "off"),
+            pages_checked=v.get("pages-checked", 0),
+            mismatched_pages=list(v.get("first-mismatches", [])),
+            cpu_state=v.get("cpu-state", "off"),
+            detail=v.get("detail", ""),
+        ),
+        error=rep.get("error-desc", ""),
+        convergence=rep.get("convergence", ""),
+    )

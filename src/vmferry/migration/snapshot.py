@@ -15,7 +15,7 @@ from vmferry.machine.config import MachineConfig
 from vmferry.machine.machine import Machine
 from vmferry.machine.state import MachineState
 from vmferry.memory.guest_memory import GuestMemory
-from vmferry.migration.loader import LoadedStream, load_stream, read_head
+from vmferry.migration.loader import LoadedStream, load_stream, populate, read_head
 from vmferry.migration.ram import RamStats, send_pages
 from vmferry.migration.stream import CONF, CPUS, DEVS, END, StreamReader, StreamWriter
 from vmferry.migration.transport import FdSink, FdSource
@@ -25,8 +25,11 @@ def _json(obj: Any) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode()
 
 
-def write_config(writer: StreamWriter, config: MachineConfig) -> None:
-    writer.section(CONF, [_json({"config": config.to_dict()})])
+def write_config(
+    writer: StreamWriter, config: MachineConfig, resident: list[tuple[int, int]]
+) -> None:
+    # The RAM ranges that hold data let the reader pre-fault them before pages arrive.
+    writer.section(CONF, [_json({"config": config.to_dict(), "migration": {"resident": resident}})])
 
 
 def write_cpu_state(writer: StreamWriter, state: MachineState) -> None:
@@ -42,7 +45,7 @@ def write_devices_and_end(writer: StreamWriter, devices: list[dict[str, Any]]) -
 
 def write_snapshot(writer: StreamWriter, machine: Machine, state: MachineState) -> RamStats:
     """A paused machine, whole: only populated RAM is read; zero pages go as flags."""
-    write_config(writer, state.config)
+    write_config(writer, state.config, machine.memory.data_ranges())
     stats = send_pages(writer, machine.memory, machine.memory.resident_pages())
     write_cpu_state(writer, state)
     write_devices_and_end(writer, [])
@@ -58,6 +61,7 @@ def read_snapshot(reader: StreamReader) -> LoadedStream:
     head = read_head(reader)
     memory = GuestMemory(head.config.memory)
     try:
+        populate(memory, head.resident)
         return load_stream(head, reader, memory)
     except BaseException:
         memory.close()

@@ -7,6 +7,7 @@ VM here as if nothing happened. After ``go`` the source never runs the guest aga
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -47,8 +48,15 @@ EventSink = Callable[[str, dict[str, Any]], None]
 class MigrationSource:
     """One outgoing migration of a running machine, on its own thread."""
 
-    def __init__(self, machine: Machine, uri: str, params: MigrationParameters,
-                 caps: MigrationCapabilities, *, on_event: EventSink | None = None) -> None:
+    def __init__(
+        self,
+        machine: Machine,
+        uri: str,
+        params: MigrationParameters,
+        caps: MigrationCapabilities,
+        *,
+        on_event: EventSink | None = None,
+    ) -> None:
         self.machine = machine
         self.uri = parse_uri(uri)
         self.params = params
@@ -75,10 +83,8 @@ class MigrationSource:
             return
         self._cancel.set()
         for s in self._socks:  # unblock any send in progress
-            try:
+            with contextlib.suppress(OSError):
                 s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
 
     def wait(self, timeout: float | None = None) -> bool:
         return self.done.wait(timeout)
@@ -100,12 +106,9 @@ class MigrationSource:
     def _main(self) -> None:
         try:
             self._migrate()
-        except BaseException as e:  # noqa: BLE001 - every failure is reported and undone
+        except BaseException as e:
             cancelled = self._cancel.is_set()
-            if isinstance(e, VmferryError | OSError):
-                msg = str(e)
-            else:
-                msg = f"internal error: {e!r}"
+            msg = str(e) if isinstance(e, VmferryError | OSError) else f"internal error: {e!r}"
             if cancelled and not isinstance(e, MigrationCancelled):
                 msg = f"cancelled ({msg})"
             self.stats.error = msg
@@ -143,8 +146,7 @@ class MigrationSource:
     # ---- the flow
     def _open(self) -> list[StreamWriter]:
         if self.uri.scheme == "file":
-            fd = os.open(self.uri.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
-                         0o600)
+            fd = os.open(self.uri.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
             return [StreamWriter(FdSink(fd))]
         writers = []
         for _ in range(self.channels):
@@ -159,8 +161,12 @@ class MigrationSource:
         main = writers[0]
         mig_id = uuid.uuid4().hex
         resident = mem.data_ranges()
-        setup = {"id": mig_id, "channels": len(writers), "resident": resident,
-                 "verify": self.caps.x_verify}
+        setup = {
+            "id": mig_id,
+            "channels": len(writers),
+            "resident": resident,
+            "verify": self.caps.x_verify,
+        }
         main.section(CONF, [_json({"config": m.config.to_dict(), "migration": setup})])
         for i, w in enumerate(writers[1:], start=1):
             w.section(CHAN, [_json({"id": mig_id, "index": i})])
@@ -169,8 +175,9 @@ class MigrationSource:
         m.set_dirty_logging(True)  # from here on every guest write is logged
         st.setup_ms = self._elapsed_ms()
         self._set_status("active")
-        limiter = policy.RateLimiter(self.params.max_bandwidth) if self.params.max_bandwidth \
-            else None
+        limiter = (
+            policy.RateLimiter(self.params.max_bandwidth) if self.params.max_bandwidth else None
+        )
 
         pages = mem.resident_pages()  # round 0: all RAM that holds data
         throttle = policy.ThrottleState()
@@ -192,15 +199,22 @@ class MigrationSource:
                 self._account_round(round_no, t_round, dt, sent, ndirty, bandwidth, dirty_rate)
                 st.remaining = pending
                 st.expected_downtime_ms = policy.expected_downtime_ms(pending, bandwidth)
-                decision = policy.decide(self._elapsed_ms(), pending, bandwidth, dirty_rate,
-                                         self.params, throttle_pct=throttle.pct)
+                decision = policy.decide(
+                    self._elapsed_ms(),
+                    pending,
+                    bandwidth,
+                    dirty_rate,
+                    self.params,
+                    throttle_pct=throttle.pct,
+                )
                 st.convergence = decision.reason
                 if decision.action == "switchover":
                     break
                 if decision.action == "cancel":
                     raise MigrationError(f"did not converge: {decision.reason}")
-                throttle = policy.next_throttle(throttle, pending, sent.bytes, self.params,
-                                                self.caps.auto_converge)
+                throttle = policy.next_throttle(
+                    throttle, pending, sent.bytes, self.params, self.caps.auto_converge
+                )
                 if throttle.pct != m.throttle_pct:
                     m.set_throttle(throttle.pct)
                     st.throttle_pct = throttle.pct
@@ -209,9 +223,15 @@ class MigrationSource:
             self._check_cancel()
             self._switchover(pool, senders, writers, round_no + 1)
 
-    def _send(self, pool: ThreadPoolExecutor, senders: list[RamSender],
-              pages: npt.NDArray[np.int64], *, clear: bool,
-              limiter: policy.RateLimiter | None) -> RamStats:
+    def _send(
+        self,
+        pool: ThreadPoolExecutor,
+        senders: list[RamSender],
+        pages: npt.NDArray[np.int64],
+        *,
+        clear: bool,
+        limiter: policy.RateLimiter | None,
+    ) -> RamStats:
         parts = split_by_channel(pages, len(senders))
         before = self.machine.clear_dirty_pages if clear else None
 
@@ -223,6 +243,7 @@ class MigrationSource:
                 if limiter is not None:
                     # Pace to max-bandwidth; the budget is shared by all channels.
                     time.sleep(limiter.delay_for(int(chunk.size) * PAGE_SIZE, time.monotonic()))
+
             return senders[i].send(parts[i], hook, live=clear)
 
         total = RamStats()
@@ -233,26 +254,50 @@ class MigrationSource:
         self.stats.duplicate += total.zero
         return total
 
-    def _account_round(self, index: int, t_start: float, dt: float, sent: RamStats,
-                       ndirty: int, bandwidth: float, dirty_rate: float,
-                       stop_copy: bool = False) -> None:
+    def _account_round(
+        self,
+        index: int,
+        t_start: float,
+        dt: float,
+        sent: RamStats,
+        ndirty: int,
+        bandwidth: float,
+        dirty_rate: float,
+        stop_copy: bool = False,
+    ) -> None:
         st = self.stats
-        st.rounds.append(RoundRecord(
-            index=index, start_s=t_start - self._t0, duration_s=dt,
-            pages=sent.normal + sent.zero, zero_pages=sent.zero, bytes=sent.bytes,
-            dirty_pages=ndirty, dirty_rate=dirty_rate, bandwidth=bandwidth,
-            throttle_pct=self.machine.throttle_pct, stop_copy=stop_copy))
+        st.rounds.append(
+            RoundRecord(
+                index=index,
+                start_s=t_start - self._t0,
+                duration_s=dt,
+                pages=sent.normal + sent.zero,
+                zero_pages=sent.zero,
+                bytes=sent.bytes,
+                dirty_pages=ndirty,
+                dirty_rate=dirty_rate,
+                bandwidth=bandwidth,
+                throttle_pct=self.machine.throttle_pct,
+                stop_copy=stop_copy,
+            )
+        )
         st.dirty_pages_rate = dirty_rate / PAGE_SIZE
         st.mbps = bandwidth * 8 / 1e6
         if not stop_copy:
             st.precopy_bytes += sent.bytes
 
-    def _switchover(self, pool: ThreadPoolExecutor, senders: list[RamSender],
-                    writers: list[StreamWriter], round_no: int) -> None:
+    def _switchover(
+        self,
+        pool: ThreadPoolExecutor,
+        senders: list[RamSender],
+        writers: list[StreamWriter],
+        round_no: int,
+    ) -> None:
         m, st, dt_ = self.machine, self.stats, self.stats.downtime
         t_pause = time.monotonic()
+        # A VM the user had paused stays paused if the migration fails.
+        self._paused_by_us = not m.paused
         m.pause()
-        self._paused_by_us = True
         self.on_event("STOP", {})
         m.set_throttle(0)
         t1 = time.monotonic()
@@ -265,8 +310,9 @@ class MigrationSource:
         final = self._send(pool, senders, dirty.pages(), clear=False, limiter=None)
         st.downtime_bytes = final.bytes
         t2 = time.monotonic()
-        self._account_round(round_no, t1, t2 - t1, final, 0, final.bytes / max(t2 - t1, 1e-6),
-                            0.0, stop_copy=True)
+        self._account_round(
+            round_no, t1, t2 - t1, final, 0, final.bytes / max(t2 - t1, 1e-6), 0.0, stop_copy=True
+        )
         dt_.final_ram_ms = (t2 - t1) * 1e3
 
         main = writers[0]
@@ -281,8 +327,7 @@ class MigrationSource:
             dt_.device_state_ms = (t4 - t3) * 1e3
             pages = m.memory.resident_pages()
             seed = secrets.randbits(63)
-            rec = VerifyRecord(seed, pages, page_digests(m.memory, pages, seed),
-                               cpu_digest(state))
+            rec = VerifyRecord(seed, pages, page_digests(m.memory, pages, seed), cpu_digest(state))
             main.section(VRFY, rec.encode())
             main.section(END, [])
             t5 = time.monotonic()
@@ -316,8 +361,10 @@ class MigrationSource:
         try:
             msg = reply.receive(RESUMED_TIMEOUT_S, "confirmation that the VM resumed")
         except MigrationError as e:
-            raise MigrationError(f"{e}; the VM stays paused here (postmigrate) because the "
-                                 "destination may be running it") from e
+            raise MigrationError(
+                f"{e}; the VM stays paused here (postmigrate) because the "
+                "destination may be running it"
+            ) from e
         t_resumed = time.monotonic()
         dt_.resume_ms = float(msg.get("resume_ms", 0.0))
         dt_.total_ms = (t_resumed - t_pause) * 1e3

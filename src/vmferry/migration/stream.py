@@ -40,10 +40,28 @@ END = b"END\0"  # the stream is complete
 CHAN = b"CHAN"  # first section of an extra channel: which migration, which channel
 CEND = b"CEND"  # an extra channel has sent all its pages
 
-SECTION_NAMES = {CONF: "CONF", RAM: "RAM", ROUND: "ROUND", CPUS: "CPUS", DEVS: "DEVS",
-                 VRFY: "VRFY", END: "END", CHAN: "CHAN", CEND: "CEND"}
-MAX_PAYLOAD = {CONF: 1 << 20, RAM: 1 << 30, ROUND: 1 << 16, CPUS: 16 << 20,
-               DEVS: 256 << 20, VRFY: 1 << 30, END: 0, CHAN: 1 << 12, CEND: 1 << 12}
+SECTION_NAMES = {
+    CONF: "CONF",
+    RAM: "RAM",
+    ROUND: "ROUND",
+    CPUS: "CPUS",
+    DEVS: "DEVS",
+    VRFY: "VRFY",
+    END: "END",
+    CHAN: "CHAN",
+    CEND: "CEND",
+}
+MAX_PAYLOAD = {
+    CONF: 1 << 20,
+    RAM: 1 << 30,
+    ROUND: 1 << 16,
+    CPUS: 16 << 20,
+    DEVS: 256 << 20,
+    VRFY: 1 << 30,
+    END: 0,
+    CHAN: 1 << 12,
+    CEND: 1 << 12,
+}
 FLAG_ZSTD = 1  # the payload is one zstd frame
 # The page data of this RAM section was read from a running guest, which may change a page
 # while it is being sent: the checksum covers the header and the run table only. Such a
@@ -100,8 +118,9 @@ class StreamWriter:
         self.sink.write(bufs)
         self.bytes_written += sum(len(b) for b in bufs)
 
-    def section(self, tag: bytes, payload: Sequence[Buffer], flags: int = 0,
-                hashed: int | None = None) -> None:
+    def section(
+        self, tag: bytes, payload: Sequence[Buffer], flags: int = 0, hashed: int | None = None
+    ) -> None:
         """Write one section whose payload is the concatenation of ``payload``; only the
         first ``hashed`` buffers enter the checksum when given (see FLAG_LIVE)."""
         length = sum(memoryview(b).nbytes for b in payload)
@@ -116,8 +135,9 @@ class StreamWriter:
 class StreamReader:
     """Reads and checks section headers; payloads are read by the caller through ``read``."""
 
-    def __init__(self, source: Source,
-                 grammar: dict[bytes | None, frozenset[bytes]] = MAIN_GRAMMAR) -> None:
+    def __init__(
+        self, source: Source, grammar: dict[bytes | None, frozenset[bytes]] = MAIN_GRAMMAR
+    ) -> None:
         self.source = source
         self.grammar = grammar
         self.seq = 0

@@ -36,8 +36,9 @@ def page_keys(seed: int) -> npt.NDArray[np.uint64]:
     return keys | np.uint64(1)
 
 
-def page_digests(memory: GuestMemory, pages: npt.NDArray[np.int64], seed: int,
-                 threads: int = 2) -> npt.NDArray[np.uint64]:
+def page_digests(
+    memory: GuestMemory, pages: npt.NDArray[np.int64], seed: int, threads: int = 2
+) -> npt.NDArray[np.uint64]:
     """Digest of each listed page, in order; dense runs are hashed without copying."""
     keys = page_keys(seed)
     allp = memory.pages()
@@ -76,8 +77,11 @@ class VerifyRecord:
     cpu: int
 
     def encode(self) -> list[bytes]:
-        return [VRFY_HEAD.pack(self.seed, self.pages.size, self.cpu),
-                self.pages.astype("<i8").tobytes(), self.digests.astype("<u8").tobytes()]
+        return [
+            VRFY_HEAD.pack(self.seed, self.pages.size, self.cpu),
+            self.pages.astype("<i8").tobytes(),
+            self.digests.astype("<u8").tobytes(),
+        ]
 
     @classmethod
     def decode(cls, payload: bytes, npages_ram: int) -> VerifyRecord:
@@ -87,16 +91,17 @@ class VerifyRecord:
         if len(payload) != VRFY_HEAD.size + 16 * count:
             raise StreamError(f"VRFY section has {len(payload)} bytes for {count} pages")
         pages = np.frombuffer(payload, dtype="<i8", count=count, offset=VRFY_HEAD.size)
-        digests = np.frombuffer(payload, dtype="<u8", count=count,
-                                offset=VRFY_HEAD.size + 8 * count)
-        if count and (pages.min() < 0 or pages.max() >= npages_ram
-                      or (np.diff(pages) <= 0).any()):
+        digests = np.frombuffer(
+            payload, dtype="<u8", count=count, offset=VRFY_HEAD.size + 8 * count
+        )
+        if count and (pages.min() < 0 or pages.max() >= npages_ram or (np.diff(pages) <= 0).any()):
             raise StreamError("VRFY section lists pages outside guest RAM or out of order")
         return cls(seed, pages.astype(np.int64), digests.astype(np.uint64), cpu)
 
 
-def mismatched_pages(memory: GuestMemory, record: VerifyRecord,
-                     written_elsewhere: npt.NDArray[np.int64]) -> list[int]:
+def mismatched_pages(
+    memory: GuestMemory, record: VerifyRecord, written_elsewhere: npt.NDArray[np.int64]
+) -> list[int]:
     """Pages whose content differs from the source's: digests that differ, and pages the
     destination holds data for that the source had as holes (those must read zero)."""
     mine = page_digests(memory, record.pages, record.seed)

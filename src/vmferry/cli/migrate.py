@@ -1,0 +1,149 @@
+"""``vmferry migrate``: start a migration on a running vmferry over QMP and watch it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Any
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from vmferry.errors import MigrationError
+from vmferry.migration.policy import rate, size
+from vmferry.qmp.client import QmpClient
+
+POLL_S = 0.2
+DONE = ("completed", "failed", "cancelled")
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "migrate",
+        help="live-migrate a running VM (over its QMP socket)",
+        description="Start a live migration of the VM behind a QMP socket "
+        "and show its progress; print a summary at the end.",
+    )
+    p.add_argument(
+        "uri", help="tcp:HOST:PORT (a `vmferry run --incoming` waiting there) or file:PATH"
+    )
+    p.add_argument(
+        "--qmp", required=True, metavar="SOCKET", help="the VM's QMP socket (unix:PATH or PATH)"
+    )
+    p.add_argument("--channels", type=int, help="parallel channels (multifd)")
+    p.add_argument("--compress", choices=["none", "zstd"], help="compress pages")
+    p.add_argument("--downtime-limit", type=int, metavar="MS", help="default 300")
+    p.add_argument(
+        "--max-bandwidth",
+        type=int,
+        metavar="BYTES_PER_S",
+        help="0 = unlimited (the default; QEMU's default is 128 MiB/s)",
+    )
+    p.add_argument(
+        "--auto-converge",
+        action="store_true",
+        help="throttle the vCPUs when the guest dirties memory faster than it can be sent",
+    )
+    p.add_argument(
+        "--switchover-timeout",
+        type=int,
+        metavar="MS",
+        help="after this long without converging, apply --switchover-policy",
+    )
+    p.add_argument("--switchover-policy", choices=["keep-going", "force", "cancel"])
+    p.add_argument("--no-verify", action="store_true", help="skip the switchover digests")
+    p.add_argument("--report", metavar="FILE", help="write the JSON report here")
+    p.add_argument("--plot", metavar="FILE.png", help="draw the timeline here")
+    p.set_defaults(func=cmd_migrate)
+
+
+def _progress(info: dict[str, Any]) -> Table:
+    ram = info.get("ram", {})
+    t = Table.grid(padding=(0, 2))
+    total = max(ram.get("total", 1), 1)
+    sent = ram.get("transferred", 0)
+    t.add_row(
+        "status", str(info.get("status", "?")), "sync rounds", str(ram.get("dirty-sync-count", 0))
+    )
+    t.add_row("sent", size(sent), "remaining", size(ram.get("remaining", 0)))
+    t.add_row(
+        "bandwidth",
+        f"{ram.get('mbps', 0) / 8:.0f} MB/s",
+        "dirty rate",
+        rate(ram.get("dirty-pages-rate", 0) * 4096),
+    )
+    t.add_row(
+        "expected downtime",
+        f"{info.get('expected-downtime', 0)} ms",
+        "RAM sent / size",
+        f"{sent / total:.0%}",
+    )
+    return t
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    console = Console(stderr=True)
+    path = args.qmp.removeprefix("unix:")
+    with QmpClient(path) as qmp:
+        params: dict[str, Any] = {}
+        for key, value in (
+            ("multifd-channels", args.channels),
+            ("multifd-compression", args.compress),
+            ("downtime-limit", args.downtime_limit),
+            ("max-bandwidth", args.max_bandwidth),
+            ("x-switchover-timeout", args.switchover_timeout),
+            ("x-switchover-policy", args.switchover_policy),
+        ):
+            if value is not None:
+                params[key] = value
+        if params:
+            qmp.execute("migrate-set-parameters", **params)
+        caps = [
+            {"capability": "multifd", "state": bool(args.channels and args.channels > 1)},
+            {"capability": "auto-converge", "state": args.auto_converge},
+            {"capability": "x-verify", "state": not args.no_verify},
+        ]
+        qmp.execute("migrate-set-capabilities", capabilities=caps)
+        qmp.execute("migrate", uri=args.uri)
+        info: dict[str, Any] = {"status": "setup"}
+        with Live(_progress(info), console=console, refresh_per_second=10) as live:
+            while info.get("status") not in DONE:
+                time.sleep(POLL_S)
+                info = qmp.execute("query-migrate")
+                live.update(_progress(info))
+        rep: dict[str, Any] = qmp.execute("x-query-migrate-report")
+    _summary(console, rep)
+    if args.report:
+        with open(args.report, "w") as f:
+            json.dump(rep, f, indent=2)
+    if args.plot:
+        from vmferry.migration.plot import plot_report
+
+        plot_report(rep, args.plot)
+    if rep["status"] != "completed":
+        raise MigrationError(f"migration {rep['status']}: {rep.get('error-desc', '')}")
+    return 0
+
+
+def _summary(console: Console, rep: dict[str, Any]) -> None:
+    t = Table(title=f"migration {rep['status']}")
+    t.add_column("")
+    t.add_column("")
+    ram = rep.get("ram", {})
+    rows = [
+        ("total time", f"{rep.get('total-time', 0)} ms"),
+        ("downtime", f"{rep.get('downtime', '-')} ms"),
+        ("rounds", str(len(rep.get("rounds", [])))),
+        ("RAM sent", size(ram.get("transferred", 0))),
+        ("verification", rep.get("verify", {}).get("status", "off")),
+        ("convergence", rep.get("convergence", "")),
+    ]
+    for k, v in rep.get("downtime-breakdown", {}).items():
+        rows.append((f"  downtime: {k}", f"{v:.1f} ms"))
+    if rep.get("error-desc"):
+        rows.append(("error", rep["error-desc"]))
+    for k, v in rows:
+        t.add_row(k, v)
+    console.print(t)

@@ -1,0 +1,157 @@
+"""One VM under control: run state, migrations, and the QMP commands that drive them.
+
+It implements ``vmferry.qmp.backend.QmpBackend``; the CLI uses it with or without a QMP
+socket. The rule it enforces: once a migration has handed the VM over, the VM never runs
+here again (``cont`` is refused), and a failed migration leaves it as it was.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from vmferry.errors import ConfigError, MachineStateError
+from vmferry.machine.machine import Machine
+from vmferry.migration import report
+from vmferry.migration.params import MigrationCapabilities, MigrationParameters
+from vmferry.migration.source import MigrationSource
+from vmferry.qmp.backend import QmpError
+
+Emit = Callable[[str, dict[str, Any]], None]
+ACTIVE = ("setup", "active", "device")
+
+
+class VmController:
+    def __init__(self, machine: Machine, *, emit: Emit | None = None) -> None:
+        self.machine = machine
+        self.emit: Emit = emit or (lambda name, data: None)
+        self.params = MigrationParameters()
+        self.caps = MigrationCapabilities()
+        self.migration: MigrationSource | None = None
+        self.finished = threading.Event()
+        self.outcome = ""  # guest-exit | migrated | quit
+        self._lock = threading.Lock()
+
+    # ---- run state
+    def run_state(self) -> str:
+        """QEMU's RunState names."""
+        mig = self.migration
+        if self.machine.exit is not None:
+            return "shutdown"
+        if mig is not None and mig.released:
+            return "postmigrate"
+        if mig is not None and mig.stats.status == "device":
+            return "finish-migrate"
+        return "paused" if self.machine.paused else "running"
+
+    def query_status(self) -> dict[str, Any]:
+        state = self.run_state()
+        return {"running": state == "running", "status": state}
+
+    def stop(self) -> None:
+        if self.run_state() == "running":
+            self.machine.pause()
+            self.emit("STOP", {})
+
+    def cont(self) -> None:
+        state = self.run_state()
+        if state == "postmigrate":
+            raise QmpError(
+                "the VM was handed over to the migration destination and runs "
+                "there; it cannot run here again"
+            )
+        if state in ("shutdown", "finish-migrate"):
+            raise QmpError(f"the VM cannot be resumed in state '{state}'")
+        if state == "paused":
+            self.machine.resume()
+            self.emit("RESUME", {})
+
+    def quit(self) -> None:
+        self._finish("quit")
+
+    def _finish(self, outcome: str) -> None:
+        if not self.finished.is_set():
+            self.outcome = outcome
+            self.finished.set()
+
+    # ---- migration
+    def migrate(self, uri: str, detach: bool = True, resume: bool = False) -> None:
+        with self._lock:
+            if resume:
+                raise QmpError("resuming a paused post-copy migration is not supported")
+            if self.migration is not None and self.migration.stats.status in ACTIVE:
+                raise QmpError("There's a migration process in progress")
+            if self.migration is not None and self.migration.released:
+                raise QmpError("the VM has already been migrated away")
+            if self.machine.exit is not None:
+                raise QmpError("the guest has ended; there is nothing to migrate")
+            try:
+                mig = MigrationSource(self.machine, uri, self.params, self.caps, on_event=self.emit)
+            except ConfigError as e:
+                raise QmpError(str(e)) from e
+            self.migration = mig
+            mig.start()
+        threading.Thread(
+            target=self._watch, args=(mig,), name="migration-watch", daemon=True
+        ).start()
+
+    def _watch(self, mig: MigrationSource) -> None:
+        mig.wait()
+        if mig.stats.status == "completed" and mig.uri.scheme == "tcp":
+            # The VM runs on the destination now: this process's part is over.
+            self._finish("migrated")
+
+    def migrate_incoming(self, uri: str) -> None:
+        raise QmpError(
+            "this VM is already running; start vmferry with --incoming defer to receive a migration"
+        )
+
+    def migrate_cancel(self) -> None:
+        if self.migration is not None:
+            self.migration.cancel()
+
+    def query_migrate(self) -> dict[str, Any]:
+        if self.migration is None:
+            return {}
+        return report.query_migrate_dict(self.migration.stats)
+
+    def x_query_migrate_report(self) -> dict[str, Any]:
+        if self.migration is None:
+            raise QmpError("no migration has been started")
+        return report.report_dict(self.migration.stats, self.params, self.caps)
+
+    def migrate_set_parameters(self, params: dict[str, Any]) -> None:
+        try:
+            self.params = self.params.updated(params)
+        except ConfigError as e:
+            raise QmpError(str(e)) from e
+
+    def query_migrate_parameters(self) -> dict[str, Any]:
+        return self.params.to_qmp()
+
+    def migrate_set_capabilities(self, caps: dict[str, bool]) -> None:
+        if self.migration is not None and self.migration.stats.status in ACTIVE:
+            raise QmpError("There's a migration process in progress")
+        try:
+            self.caps = self.caps.updated(caps)
+        except ConfigError as e:
+            raise QmpError(str(e)) from e
+
+    def query_migrate_capabilities(self) -> dict[str, bool]:
+        return self.caps.to_qmp()
+
+    # ---- waiting
+    def wait_for(self, timeout: float) -> str:
+        """Wait up to ``timeout`` for the guest to end, the VM to be migrated away, or quit;
+        returns which ("" if none yet)."""
+        if not self.finished.is_set() and self.machine.wait(timeout) is not None:
+            mig = self.migration
+            if mig is not None and not mig.done.is_set():
+                mig.wait()
+            if not (mig is not None and mig.released):
+                self._finish("guest-exit")
+        return self.outcome if self.finished.is_set() else ""
+
+
+__all__ = ["MachineStateError", "VmController"]

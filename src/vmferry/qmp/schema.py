@@ -1,0 +1,149 @@
+"""The QMP commands vmferry answers, as data: arguments, backend method, reply shape.
+
+Adding a command (a device or mdev one, say) is one `Command` in `_COMMANDS`, plus the
+backend method it names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from vmferry.migration.params import (
+    COMPRESSIONS,
+    MAX_BANDWIDTH,
+    MAX_DOWNTIME_LIMIT_MS,
+    MAX_MULTIFD_CHANNELS,
+    MAX_SWITCHOVER_TIMEOUT_MS,
+    SWITCHOVER_POLICIES,
+)
+from vmferry.qmp.argtypes import Arg, Array, Bool, Int, Str, Struct
+from vmferry.qmp.backend import QmpError
+
+Json = Any  # a decoded JSON value; the checks in argtypes narrow it
+
+#: Capabilities `migrate-set-capabilities` knows, in the order query lists them.
+MIGRATION_CAPABILITIES: tuple[str, ...] = ("auto-converge", "multifd", "x-verify")
+
+_PERCENT = Int(1, 99, "percent")
+
+#: `migrate-set-parameters`, all optional; `query-migrate-parameters` returns the same names.
+#: The bounds are the migration engine's, so a value refused there is refused here first,
+#: with QMP's wording.
+MIGRATION_PARAMETERS: Mapping[str, Arg] = {
+    "downtime-limit": Arg(Int(0, MAX_DOWNTIME_LIMIT_MS, "milliseconds")),
+    # 0 means unlimited in vmferry (QEMU has no such value).
+    "max-bandwidth": Arg(Int(0, MAX_BANDWIDTH, "bytes per second")),
+    "multifd-channels": Arg(Int(1, MAX_MULTIFD_CHANNELS, "channels")),
+    "multifd-compression": Arg(Str(COMPRESSIONS)),
+    "cpu-throttle-initial": Arg(_PERCENT),
+    "cpu-throttle-increment": Arg(_PERCENT),
+    "max-cpu-throttle": Arg(_PERCENT),
+    # vmferry's own: how long switchover may take (0: no limit) and what to do past it.
+    "x-switchover-timeout": Arg(Int(0, MAX_SWITCHOVER_TIMEOUT_MS, "milliseconds")),
+    "x-switchover-policy": Arg(Str(SWITCHOVER_POLICIES)),
+}
+
+
+def python_kwargs(args: dict[str, Json]) -> dict[str, Json]:
+    """QMP's dashed argument names as Python keyword names."""
+    return {key.replace("-", "_"): value for key, value in args.items()}
+
+
+def plain_return(result: Json) -> Json:
+    # QMP answers a command that returns nothing with an empty object.
+    return {} if result is None else result
+
+
+@dataclass(frozen=True)
+class Command:
+    """One QMP command.
+
+    `method` names the `QmpBackend` method that runs it, or is None for the commands the
+    protocol answers itself. `to_call` turns checked arguments into that method's keyword
+    arguments; `to_return` turns its result into the reply's "return" value.
+    """
+
+    name: str
+    args: Mapping[str, Arg] = field(default_factory=dict)
+    method: str | None = None
+    to_call: Callable[[dict[str, Json]], dict[str, Json]] = python_kwargs
+    to_return: Callable[[Json], Json] = plain_return
+
+    def check_arguments(self, arguments: Mapping[str, Json]) -> dict[str, Json]:
+        """Checked arguments, or `QmpError` with QEMU's text for the first problem."""
+        return Struct(self.args).check_members(arguments)
+
+
+def _backend(name: str, **kwargs: Any) -> Command:
+    """A command run by the backend method of the same name, underscored."""
+    return Command(name, method=name.replace("-", "_"), **kwargs)
+
+
+def _status_return(result: Json) -> Json:
+    # QEMU 8 still reports singlestep; clients that read it expect it present.
+    return {"singlestep": False, **result}
+
+
+def _capabilities_call(args: dict[str, Json]) -> dict[str, Json]:
+    return {"caps": {c["capability"]: c["state"] for c in args["capabilities"]}}
+
+
+def _capabilities_return(result: Json) -> Json:
+    return [{"capability": name, "state": state} for name, state in result.items()]
+
+
+_CAPABILITY_STATE = Struct(
+    {
+        "capability": Arg(
+            Str(MIGRATION_CAPABILITIES, rejected="Invalid parameter '{value}'"), required=True
+        ),
+        "state": Arg(Bool(), required=True),
+    }
+)
+
+_COMMANDS: tuple[Command, ...] = (
+    Command("qmp_capabilities", {"enable": Arg(Array(Str(("oob",))))}),
+    Command("query-commands"),
+    Command("query-version"),
+    _backend("query-status", to_return=_status_return),
+    _backend("stop"),
+    _backend("cont"),
+    _backend("quit"),
+    _backend(
+        "migrate",
+        args={
+            "uri": Arg(Str(), required=True),
+            "detach": Arg(Bool()),
+            "resume": Arg(Bool()),
+        },
+    ),
+    _backend("migrate-incoming", args={"uri": Arg(Str(), required=True)}),
+    _backend("migrate_cancel"),
+    _backend("query-migrate"),
+    _backend(
+        "migrate-set-parameters",
+        args=MIGRATION_PARAMETERS,
+        to_call=lambda args: {"params": args},
+    ),
+    _backend("query-migrate-parameters"),
+    _backend(
+        "migrate-set-capabilities",
+        args={"capabilities": Arg(Array(_CAPABILITY_STATE), required=True)},
+        to_call=_capabilities_call,
+    ),
+    _backend("query-migrate-capabilities", to_return=_capabilities_return),
+    # vmferry's own: the whole report of the last migration (rounds, downtime breakdown,
+    # verification), as `--report` writes it.
+    _backend("x-query-migrate-report"),
+)
+
+COMMANDS: Mapping[str, Command] = {c.name: c for c in _COMMANDS}
+
+
+def find_command(name: str) -> Command:
+    try:
+        return COMMANDS[name]
+    except KeyError:
+        raise QmpError(f"The command {name} has not been found", "CommandNotFound") from None

@@ -1,0 +1,83 @@
+"""An in-memory QmpBackend: a VM that is only state, and remembers what it was asked."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vmferry.qmp import QmpError
+from vmferry.qmp.schema import MIGRATION_CAPABILITIES
+
+
+class FakeVm:
+    """Implements every QmpBackend method; `calls` records (method, arguments)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, dict[str, Any]]] = []
+        self.running = True
+        self.migration: dict[str, Any] = {}
+        self.parameters: dict[str, Any] = {
+            "downtime-limit": 300,
+            "max-bandwidth": 0,
+            "multifd-channels": 2,
+            "multifd-compression": "none",
+            "cpu-throttle-initial": 20,
+            "cpu-throttle-increment": 10,
+            "max-cpu-throttle": 99,
+            "x-switchover-timeout": 0,
+            "x-switchover-policy": "keep-going",
+        }
+        self.capabilities = dict.fromkeys(MIGRATION_CAPABILITIES, False)
+
+    def query_status(self) -> dict[str, Any]:
+        self.calls.append(("query_status", {}))
+        return {"running": self.running, "status": "running" if self.running else "paused"}
+
+    def stop(self) -> None:
+        self.calls.append(("stop", {}))
+        self.running = False
+
+    def cont(self) -> None:
+        self.calls.append(("cont", {}))
+        self.running = True
+
+    def quit(self) -> None:
+        self.calls.append(("quit", {}))
+
+    def migrate(self, uri: str, detach: bool = True, resume: bool = False) -> None:
+        self.calls.append(("migrate", {"uri": uri, "detach": detach, "resume": resume}))
+        if uri.startswith("refused:"):
+            raise QmpError("migration refused by the fake", "DeviceNotActive")
+        self.migration = {"status": "active"}
+
+    def migrate_incoming(self, uri: str) -> None:
+        self.calls.append(("migrate_incoming", {"uri": uri}))
+        if uri == "crash:":
+            raise RuntimeError("the fake backend broke")
+
+    def migrate_cancel(self) -> None:
+        self.calls.append(("migrate_cancel", {}))
+        self.migration = {"status": "cancelled"}
+
+    def query_migrate(self) -> dict[str, Any]:
+        self.calls.append(("query_migrate", {}))
+        return dict(self.migration)
+
+    def migrate_set_parameters(self, params: dict[str, Any]) -> None:
+        self.calls.append(("migrate_set_parameters", {"params": params}))
+        self.parameters.update(params)
+
+    def query_migrate_parameters(self) -> dict[str, Any]:
+        self.calls.append(("query_migrate_parameters", {}))
+        return dict(self.parameters)
+
+    def migrate_set_capabilities(self, caps: dict[str, bool]) -> None:
+        self.calls.append(("migrate_set_capabilities", {"caps": caps}))
+        self.capabilities.update(caps)
+
+    def query_migrate_capabilities(self) -> dict[str, bool]:
+        self.calls.append(("query_migrate_capabilities", {}))
+        return dict(self.capabilities)
+
+    def x_query_migrate_report(self) -> dict[str, Any]:
+        self.calls.append(("x_query_migrate_report", {}))
+        return {"status": "none"}
