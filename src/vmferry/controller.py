@@ -11,9 +11,10 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from vmferry.errors import ConfigError, MachineStateError
+from vmferry.errors import ConfigError, MachineStateError, VmferryError
 from vmferry.machine.machine import Machine
 from vmferry.migration import report
+from vmferry.migration.destination import IncomingMigration
 from vmferry.migration.params import MigrationCapabilities, MigrationParameters
 from vmferry.migration.source import MigrationSource
 from vmferry.qmp.backend import QmpError
@@ -23,38 +24,64 @@ ACTIVE = ("setup", "active", "device")
 
 
 class VmController:
-    def __init__(self, machine: Machine, *, emit: Emit | None = None) -> None:
-        self.machine = machine
+    def __init__(
+        self,
+        machine: Machine | None,
+        *,
+        emit: Emit | None = None,
+        make_incoming: Callable[[str], IncomingMigration] | None = None,
+    ) -> None:
+        """``machine`` is None for ``--incoming defer``: the VM arrives by migrate-incoming,
+        through ``make_incoming(uri)``."""
+        self._machine = machine
+        self.make_incoming = make_incoming
+        self.incoming_status = ""  # "" | active | completed | failed
+        self.incoming_error = ""
         self.emit: Emit = emit or (lambda name, data: None)
         self.params = MigrationParameters()
         self.caps = MigrationCapabilities()
         self.migration: MigrationSource | None = None
         self.finished = threading.Event()
+        self._arrived = threading.Event()
         self.outcome = ""  # guest-exit | migrated | quit
         self._lock = threading.Lock()
+
+    @property
+    def current_machine(self) -> Machine | None:
+        return self._machine
+
+    @property
+    def machine(self) -> Machine:
+        if self._machine is None:
+            raise QmpError("the VM has not arrived yet: it waits for an incoming migration")
+        return self._machine
 
     # ---- run state
     def run_state(self) -> str:
         """QEMU's RunState names."""
         mig = self.migration
+        if self._machine is None:
+            return "inmigrate"
         if self.machine.exit is not None:
             return "shutdown"
         if mig is not None and mig.released:
             return "postmigrate"
         if mig is not None and mig.stats.status == "device":
             return "finish-migrate"
-        return "paused" if self.machine.paused else "running"
+        return "running" if self.machine.running else "paused"
 
     def query_status(self) -> dict[str, Any]:
         state = self.run_state()
         return {"running": state == "running", "status": state}
 
     def stop(self) -> None:
+        _ = self.machine  # refuses while the VM has not arrived
         if self.run_state() == "running":
             self.machine.pause()
             self.emit("STOP", {})
 
     def cont(self) -> None:
+        _ = self.machine
         state = self.run_state()
         if state == "postmigrate":
             raise QmpError(
@@ -103,9 +130,38 @@ class VmController:
             self._finish("migrated")
 
     def migrate_incoming(self, uri: str) -> None:
-        raise QmpError(
-            "this VM is already running; start vmferry with --incoming defer to receive a migration"
-        )
+        with self._lock:
+            if self._machine is not None or self.make_incoming is None:
+                raise QmpError(
+                    "this VM is already running; start vmferry with --incoming defer to "
+                    "receive a migration"
+                )
+            if self.incoming_status in ("active", "completed"):
+                raise QmpError("an incoming migration has already been started")
+            try:
+                incoming = self.make_incoming(uri)
+            except VmferryError as e:
+                raise QmpError(str(e)) from e
+            self.incoming_status = "active"
+        self.emit("MIGRATION", {"status": "active"})
+        threading.Thread(
+            target=self._receive, args=(incoming,), name="incoming", daemon=True
+        ).start()
+
+    def _receive(self, incoming: IncomingMigration) -> None:
+        try:
+            result = incoming.receive()
+        except VmferryError as e:
+            self.incoming_status, self.incoming_error = "failed", str(e)
+            self.emit("MIGRATION", {"status": "failed"})
+            self._finish("incoming-failed")
+            self._arrived.set()
+            return
+        self._machine = result.machine
+        self.incoming_status = "completed"
+        self.emit("MIGRATION", {"status": "completed"})
+        self.emit("RESUME", {})
+        self._arrived.set()
 
     def migrate_cancel(self) -> None:
         if self.migration is not None:
@@ -113,6 +169,11 @@ class VmController:
 
     def query_migrate(self) -> dict[str, Any]:
         if self.migration is None:
+            if self.incoming_status:
+                info: dict[str, Any] = {"status": self.incoming_status}
+                if self.incoming_error:
+                    info["error-desc"] = self.incoming_error
+                return info
             return {}
         return report.query_migrate_dict(self.migration.stats)
 
@@ -145,6 +206,9 @@ class VmController:
     def wait_for(self, timeout: float) -> str:
         """Wait up to ``timeout`` for the guest to end, the VM to be migrated away, or quit;
         returns which ("" if none yet)."""
+        if self._machine is None:
+            self._arrived.wait(timeout)
+            return self.outcome if self.finished.is_set() else ""
         if not self.finished.is_set() and self.machine.wait(timeout) is not None:
             mig = self.migration
             if mig is not None and not mig.done.is_set():

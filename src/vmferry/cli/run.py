@@ -13,6 +13,7 @@ from vmferry.controller import VmController
 from vmferry.errors import ConfigError, GuestError, MigrationError
 from vmferry.kvm.system import DEFAULT_DEVICE
 from vmferry.machine import GuestExit, Machine, MachineConfig, parse_size
+from vmferry.machine.vcpu_thread import install_kick_handler
 from vmferry.migration.channel import parse_uri
 from vmferry.migration.destination import IncomingMigration
 from vmferry.migration.loader import check_loaded
@@ -118,15 +119,24 @@ def _incoming(args: argparse.Namespace, serial: BinaryIO) -> Machine:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    # Machines may be built later on other threads (migrate-incoming): arm the vCPU kick
+    # signal now, on the main thread, where Python lets a handler be installed.
+    install_kick_handler()
     serial = _serial_out(args.serial)
     qmp_path = _qmp_path(args.qmp)
+    machine: Machine | None = None
     if args.incoming:
         if args.image or args.save_after:
             raise ConfigError(
                 "--incoming takes no image and no --save-after: the VM's "
                 "configuration comes from the stream"
             )
-        machine = _incoming(args, serial)
+        if args.incoming != "defer":
+            machine = _incoming(args, serial)
+        elif not qmp_path:
+            raise ConfigError(
+                "--incoming defer needs --qmp: the QMP command migrate-incoming starts it"
+            )
     else:
         if not args.image:
             raise ConfigError("vmferry run needs a guest image (or --incoming URI)")
@@ -142,8 +152,13 @@ def cmd_run(args: argparse.Namespace) -> int:
                 return _save_after(machine, args.save_after)
         machine.start()
 
-    with machine, contextlib.ExitStack() as stack:
-        controller = VmController(machine)
+    def make_incoming(uri: str) -> IncomingMigration:
+        return IncomingMigration(parse_uri(uri), kvm_device=args.kvm_device, serial=serial)
+
+    controller = VmController(machine, make_incoming=make_incoming)
+    with contextlib.ExitStack() as stack:
+        # Closed last: the machine, whether it was booted here or arrived later.
+        stack.callback(_close_machine, controller)
         if qmp_path:
             server = QmpServer(qmp_path, controller)
             controller.emit = server.emit
@@ -165,7 +180,16 @@ def cmd_run(args: argparse.Namespace) -> int:
             return 0
         if outcome == "quit":
             return 0
-        return _exit_status(machine.exit, args.timeout)
+        if outcome == "incoming-failed":
+            raise MigrationError(controller.incoming_error)
+        if controller.current_machine is None:
+            raise GuestError(f"no VM arrived within {args.timeout} s")
+        return _exit_status(controller.current_machine.exit, args.timeout)
+
+
+def _close_machine(controller: VmController) -> None:
+    if controller.current_machine is not None:
+        controller.current_machine.close()
 
 
 def _save_after(machine: Machine, save_after: list[str]) -> int:

@@ -158,6 +158,11 @@ class Machine:
                 v.wait_settled()
 
     @property
+    def running(self) -> bool:
+        """Started and not asked to pause or stop: what a user means by 'running'."""
+        return self.started and all(v.requested is VcpuRunState.RUNNING for v in self.vcpus)
+
+    @property
     def paused(self) -> bool:
         """No vCPU is in the guest: paused, or not started yet."""
         return all(v.state in (VcpuRunState.PAUSED, VcpuRunState.CREATED) for v in self.vcpus)

@@ -68,6 +68,11 @@ class VcpuThread:
     def state(self) -> VcpuRunState:
         return self._state
 
+    @property
+    def requested(self) -> VcpuRunState:
+        """The state last asked for (``state`` follows it within microseconds)."""
+        return self._want
+
     # ---- requests (any thread)
     def start(self, *, running: bool) -> None:
         with self._cond:

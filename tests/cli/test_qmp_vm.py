@@ -1,0 +1,120 @@
+"""QMP on a real running VM: run state, events, quit, and migrate-incoming (defer)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, RESULT_RE, vmferry
+from vmferry.qmp.backend import QmpError
+from vmferry.qmp.client import QmpClient
+
+pytestmark = [pytest.mark.kvm, pytest.mark.slow]
+VMFERRY = [sys.executable, "-m", "vmferry.cli.main"]
+
+
+def _start(*args: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [*VMFERRY, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+
+
+def _client(path: str, proc: subprocess.Popen[bytes]) -> QmpClient:
+    for _ in range(100):
+        if Path(path).exists():
+            try:
+                return QmpClient(path)
+            except ConnectionRefusedError:
+                pass  # bound but not listening yet
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        time.sleep(0.05)
+    raise AssertionError(f"no QMP socket at {path}")
+
+
+@pytest.fixture
+def qmp_path(tmp_path: Path) -> str:
+    # AF_UNIX paths are limited to 107 bytes; pytest's tmp_path can be longer.
+    return f"/tmp/vmferry-test-{tmp_path.name[:40]}.qmp"
+
+
+def test_stop_cont_quit_with_events(qmp_path: str) -> None:
+    proc = _start(
+        "run",
+        "memtouch",
+        "--memory",
+        "128M",
+        "--qmp",
+        f"unix:{qmp_path}",
+        "--",
+        "wss=16M",
+        "rate=20",
+        "rounds=100000",
+    )
+    try:
+        with _client(qmp_path, proc) as qmp:
+            assert qmp.execute("query-status")["status"] == "running"
+            qmp.execute("stop")
+            qmp.wait_event("STOP", timeout=5)
+            assert qmp.execute("query-status") == {
+                "running": False,
+                "status": "paused",
+                "singlestep": False,
+            }
+            qmp.execute("cont")
+            qmp.wait_event("RESUME", timeout=5)
+            assert qmp.execute("query-status")["running"] is True
+            assert qmp.execute("query-migrate") == {}
+            with pytest.raises(QmpError, match="migration URI"):
+                qmp.execute("migrate", uri="udp:nowhere")
+            qmp.execute("quit")
+        assert proc.wait(10) == 0
+    finally:
+        proc.kill()
+
+
+def test_deferred_incoming_receives_a_live_migration(qmp_path: str) -> None:
+    dst_qmp = qmp_path.replace(".qmp", "-dst.qmp")
+    dst = _start("run", "--incoming", "defer", "--qmp", f"unix:{dst_qmp}")
+    src = _start(
+        "run",
+        "memtouch",
+        "--memory",
+        "256M",
+        "--qmp",
+        f"unix:{qmp_path}",
+        "--",
+        "wss=32M",
+        "seed=5",
+        "rate=100",
+        "rounds=20",
+    )
+    try:
+        with _client(dst_qmp, dst) as qmp:
+            assert qmp.execute("query-status")["status"] == "inmigrate"
+            with pytest.raises(QmpError, match="has not arrived yet"):
+                qmp.execute("stop")
+            qmp.execute("migrate-incoming", uri="tcp:127.0.0.1:0")
+        # The destination listens on a port chosen by the kernel; it says which.
+        port = None
+        assert dst.stderr is not None
+        for _ in range(50):
+            line = dst.stderr.readline().decode()
+            if "waiting for a migration on" in line:
+                port = int(line.rsplit(":", 1)[1])
+                break
+        assert port, "the destination did not say where it listens"
+        _client(qmp_path, src).close()
+        mig = vmferry("migrate", "--qmp", qmp_path, f"tcp:127.0.0.1:{port}")
+        assert mig.returncode == 0, mig.stderr
+        assert src.wait(30) == 0
+        out, _ = dst.communicate(timeout=60)
+        assert dst.returncode == 0
+        ref = vmferry("run", "memtouch", "--memory", "256M", "--", "wss=32M", "seed=5", "rounds=20")
+        assert RESULT_RE.findall(out) == RESULT_RE.findall(ref.stdout)
+    finally:
+        dst.kill()
+        src.kill()
