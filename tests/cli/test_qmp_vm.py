@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, RESULT_RE, vmferry
+from tests.conftest import RESULT_RE, ROOT, vmferry
 from vmferry.qmp.backend import QmpError
 from vmferry.qmp.client import QmpClient
 
