@@ -30,7 +30,7 @@ from vmferry.migration.stream import (
     VRFY,
     StreamReader,
 )
-from vmferry.migration.verify import VerifyRecord, cpu_digest, mismatched_pages
+from vmferry.migration.verify import PageDigests, VerifyRecord, cpu_digest, mismatched_pages
 
 
 def decode_json(reader: StreamReader, payload: bytes, what: str) -> Any:
@@ -88,6 +88,7 @@ class LoadedStream:
     verify: VerifyRecord | None = None
     written: DirtyBitmap | None = None
     rounds: int = 0
+    digests: PageDigests | None = None
 
 
 def read_channel(reader: StreamReader, receiver: RamReceiver, mig_id: str, index: int) -> None:
@@ -114,7 +115,9 @@ def load_stream(
 ) -> LoadedStream:
     """Read the rest of the main stream, and the extra channels on threads, into memory."""
     written = DirtyBitmap(memory.npages)
-    receivers = [RamReceiver(memory, written) for _ in range(1 + len(channels or []))]
+    seed = head.setup.get("verify_seed")
+    digests = PageDigests(memory.npages, seed) if isinstance(seed, int) and seed >= 0 else None
+    receivers = [RamReceiver(memory, written, digests) for _ in range(1 + len(channels or []))]
     errors: list[BaseException] = []
     threads = []
     for i, r in enumerate(channels or [], start=1):
@@ -170,7 +173,14 @@ def load_stream(
     for rx in receivers:
         ram.add(rx.stats)
     return LoadedStream(
-        MachineState(head.config, clock, vcpus), memory, devices, ram, verify, written, rounds
+        MachineState(head.config, clock, vcpus),
+        memory,
+        devices,
+        ram,
+        verify,
+        written,
+        rounds,
+        digests,
     )
 
 
@@ -180,7 +190,7 @@ def check_loaded(loaded: LoadedStream, machine: Machine) -> VerifyResult:
     if rec is None:
         return VerifyResult(status="off", cpu_state="off")
     assert loaded.written is not None
-    bad = mismatched_pages(loaded.memory, rec, loaded.written.pages())
+    bad = mismatched_pages(loaded.memory, rec, loaded.written.pages(), loaded.digests)
     cpu_ok = cpu_digest(machine.save_state()) == rec.cpu
     result = VerifyResult(
         status="passed" if not bad and cpu_ok else "failed",

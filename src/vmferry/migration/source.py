@@ -17,7 +17,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -68,8 +68,10 @@ class MigrationSource:
         self._cancel = threading.Event()
         self._socks: list[socket.socket] = []
         self._paused_by_us = False
+        self._seed = secrets.randbits(63)
         self._t0 = 0.0
         self._thread = threading.Thread(target=self._main, name="migration", daemon=True)
+        self._digest_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="digest")
 
     # ---- control
     def start(self) -> None:
@@ -121,6 +123,7 @@ class MigrationSource:
         finally:
             for s in self._socks:
                 s.close()
+            self._digest_pool.shutdown(wait=False)
             self.stats.total_ms = self._elapsed_ms()
             self.done.set()
 
@@ -166,6 +169,9 @@ class MigrationSource:
             "channels": len(writers),
             "resident": resident,
             "verify": self.caps.x_verify,
+            # Known in advance so the destination digests pages as they arrive, leaving
+            # only a comparison for the downtime.
+            "verify_seed": self._seed,
         }
         main.section(CONF, [_json({"config": m.config.to_dict(), "migration": setup})])
         for i, w in enumerate(writers[1:], start=1):
@@ -303,6 +309,11 @@ class MigrationSource:
         t1 = time.monotonic()
         dt_.pause_ms = (t1 - t_pause) * 1e3
         self._set_status("device")  # QEMU's name for "stopped, sending the rest"
+        digests: Future[npt.NDArray[np.uint64]] | None = None
+        resident = m.memory.resident_pages()
+        if self.caps.x_verify:
+            # Digest all of RAM as it is now, while the last pages are being sent.
+            digests = self._digest_pool.submit(page_digests, m.memory, resident, self._seed, 1)
 
         dirty = DirtyBitmap(m.memory.npages)
         m.fetch_dirty_log(dirty)
@@ -325,9 +336,8 @@ class MigrationSource:
             main.section(DEVS, [_json(devices)])
             t4 = time.monotonic()
             dt_.device_state_ms = (t4 - t3) * 1e3
-            pages = m.memory.resident_pages()
-            seed = secrets.randbits(63)
-            rec = VerifyRecord(seed, pages, page_digests(m.memory, pages, seed), cpu_digest(state))
+            assert digests is not None
+            rec = VerifyRecord(self._seed, resident, digests.result(), cpu_digest(state))
             main.section(VRFY, rec.encode())
             main.section(END, [])
             t5 = time.monotonic()
