@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -38,7 +40,7 @@ def _client(path: str, proc: subprocess.Popen[bytes]) -> QmpClient:
 @pytest.fixture
 def qmp_path(tmp_path: Path) -> str:
     # AF_UNIX paths are limited to 107 bytes; pytest's tmp_path can be longer.
-    return f"/tmp/vmferry-test-{tmp_path.name[:40]}.qmp"
+    return f"/tmp/vmferry-test-{os.getpid()}-{uuid.uuid4().hex[:8]}.qmp"
 
 
 def test_stop_cont_quit_with_events(qmp_path: str) -> None:

@@ -13,7 +13,7 @@ from rich.table import Table
 
 from vmferry.errors import MigrationError
 from vmferry.migration.policy import rate, size
-from vmferry.qmp.client import QmpClient
+from vmferry.qmp.client import QmpClient, QmpProtocolError
 
 POLL_S = 0.2
 DONE = ("completed", "failed", "cancelled")
@@ -84,8 +84,18 @@ def _progress(info: dict[str, Any]) -> Table:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    console = Console(stderr=True)
     path = args.qmp.removeprefix("unix:")
+    try:
+        return _migrate(args, path)
+    except (OSError, QmpProtocolError) as e:
+        raise MigrationError(
+            f"lost the QMP connection to the source at {path} ({e}): the source process "
+            "ended — did the guest finish or fail?"
+        ) from e
+
+
+def _migrate(args: argparse.Namespace, path: str) -> int:
+    console = Console(stderr=True)
     with QmpClient(path) as qmp:
         params: dict[str, Any] = {}
         for key, value in (

@@ -16,6 +16,7 @@ from vmferry.machine import GuestExit, Machine, MachineConfig, parse_size
 from vmferry.machine.vcpu_thread import install_kick_handler
 from vmferry.migration.channel import parse_uri
 from vmferry.migration.destination import IncomingMigration
+from vmferry.migration.devices import DestinationDevices
 from vmferry.migration.loader import check_loaded
 from vmferry.migration.snapshot import load_from_file, save_to_file
 from vmferry.qmp.server import QmpServer
@@ -50,6 +51,14 @@ def add_parser(sub: Any) -> None:
         metavar="URI",
         help="take the VM in instead of booting one: file:PATH (a saved or "
         "migrated state) or tcp:HOST:PORT (wait for a live migration)",
+    )
+    p.add_argument(
+        "--device",
+        action="append",
+        default=[],
+        metavar="MODEL[,dirty=MODE…]",
+        help="attach a device (e.g. dmaengine,dirty=iommu; modes: iommu, device, none, "
+        "broken); repeat for more",
     )
     p.add_argument("--qmp", metavar="unix:PATH", help="open a QMP control socket (mode 0600)")
     p.add_argument(
@@ -96,7 +105,11 @@ def _incoming(args: argparse.Namespace, serial: BinaryIO) -> Machine:
     if uri.scheme == "file":
         snap = load_from_file(uri.path)
         machine = Machine.from_state(
-            snap.state, snap.memory, kvm_device=args.kvm_device, serial=serial
+            snap.state,
+            snap.memory,
+            kvm_device=args.kvm_device,
+            serial=serial,
+            devices=snap.device_models,
         )
         verify = check_loaded(snap, machine)
         if verify.status == "failed":
@@ -107,6 +120,7 @@ def _incoming(args: argparse.Namespace, serial: BinaryIO) -> Machine:
             f"({snap.ram.normal} pages, {snap.ram.zero} zero; verification {verify.status})"
             f" in {time.perf_counter() - t0:.3f} s"
         )
+        DestinationDevices(machine.devices).start()  # RUNNING_P2P → RUNNING, then vCPUs
         machine.start()
         return machine
     incoming = IncomingMigration(uri, kvm_device=args.kvm_device, serial=serial)
@@ -145,6 +159,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             vcpus=args.vcpus,
             image=args.image,
             cmdline=args.guest_cmdline,
+            devices=tuple(args.device),
         )
         machine = Machine.boot(config, kvm_device=args.kvm_device, serial=serial)
         if args.save_after:

@@ -27,6 +27,7 @@ class MachineConfig:
     vcpus: int = 1
     image: str = ""
     cmdline: str = ""
+    devices: tuple[str, ...] = ()  # device specs, "MODEL[,key=value…]", one per slot
 
     def __post_init__(self) -> None:
         if not 1 <= self.vcpus <= MAX_VCPUS:
@@ -36,8 +37,17 @@ class MachineConfig:
                 f"--memory {self.memory}: must be at least 16 MiB and a multiple of 2 MiB"
             )
 
+        from vmferry.devices.registry import MAX_DEVICES, DeviceSpec
+
+        if len(self.devices) > MAX_DEVICES:
+            raise ConfigError(f"at most {MAX_DEVICES} devices")
+        for spec in self.devices:
+            DeviceSpec.parse(spec)  # refuses unknown models and options now
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        d["devices"] = list(self.devices)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> MachineConfig:
@@ -47,6 +57,7 @@ class MachineConfig:
                 vcpus=int(d["vcpus"]),
                 image=str(d["image"]),
                 cmdline=str(d["cmdline"]),
+                devices=tuple(str(s) for s in d.get("devices", [])),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ConfigError(f"machine config is incomplete or malformed: {e!r}") from e

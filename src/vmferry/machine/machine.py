@@ -14,6 +14,8 @@ from typing import BinaryIO
 import numpy as np
 import numpy.typing as npt
 
+from vmferry.devices.base import DeviceModel
+from vmferry.devices.registry import create_devices, mmio_base
 from vmferry.errors import MachineStateError, VmferryError
 from vmferry.kvm.system import DEFAULT_DEVICE, Kvm
 from vmferry.kvm.vcpu import VcpuHandle
@@ -22,6 +24,7 @@ from vmferry.machine import boot
 from vmferry.machine.config import MachineConfig
 from vmferry.machine.cpuid import guest_cpuid
 from vmferry.machine.images import resolve_image
+from vmferry.machine.mmio import MmioBus
 from vmferry.machine.multiboot import load_image, write_boot_info
 from vmferry.machine.ports import (
     COM1_BASE,
@@ -63,7 +66,10 @@ class Machine:
         kvm_device: str = DEFAULT_DEVICE,
         serial: BinaryIO | None = None,
         memory: GuestMemory | None = None,
+        devices: list[DeviceModel] | None = None,
     ) -> None:
+        """``devices``: already built (a migration destination builds them at set-up, to
+        check them and feed them their state before the machine exists)."""
         install_kick_handler()
         self.config = config
         self.kvm = Kvm(kvm_device)
@@ -84,7 +90,15 @@ class Machine:
             supported = self.kvm.supported_cpuid()
             for h in self.handles:
                 h.set_cpuid(guest_cpuid(supported, h.index, config.vcpus, self.tsc_khz))
-            self.vcpus = [VcpuThread(h, self.bus, self._vcpu_fault) for h in self.handles]
+            self.mmio = MmioBus()
+            self.devices: list[DeviceModel] = (
+                devices if devices is not None else create_devices(config, self.memory)
+            )
+            for i, dev in enumerate(self.devices):
+                self.mmio.register(mmio_base(i), dev.mmio_size, dev)
+            self.vcpus = [
+                VcpuThread(h, self.bus, self.mmio, self._vcpu_fault) for h in self.handles
+            ]
         except BaseException:
             self.close()
             raise
@@ -311,6 +325,8 @@ class Machine:
                 v.request(VcpuRunState.STOPPED)
         for v in getattr(self, "vcpus", []):
             v.join(5.0)
+        for dev in getattr(self, "devices", []):
+            dev.close()
         for h in getattr(self, "handles", []):
             h.close()
         if hasattr(self, "vm"):

@@ -20,6 +20,7 @@ from typing import Any
 from vmferry.errors import GuestError, MachineStateError, VmferryError
 from vmferry.kvm import uapi
 from vmferry.kvm.vcpu import VcpuHandle
+from vmferry.machine.mmio import MmioBus
 from vmferry.machine.ports import IoBus
 
 KICK_SIGNAL = signal.SIGUSR1
@@ -48,11 +49,13 @@ class VcpuThread:
         self,
         handle: VcpuHandle,
         bus: IoBus,
+        mmio: MmioBus,
         on_fault: Callable[[int, VmferryError], None],
     ) -> None:
         self.handle = handle
         self.index = handle.index
         self.bus = bus
+        self.mmio = mmio
         self.on_fault = on_fault
         self._cond = threading.Condition()
         self._state = VcpuRunState.CREATED
@@ -213,10 +216,13 @@ class VcpuThread:
                     chunk[:] = self.bus.read(io.port, io.size).to_bytes(io.size, "little")
         elif reason == uapi.KVM_EXIT_MMIO:
             mmio = run.exit.mmio
-            if not mmio.is_write:
-                # Nothing decodes this address: reads float high, as on a PC bus.
-                for i in range(mmio.len):
-                    mmio.data[i] = 0xFF
+            n = min(int(mmio.len), 8)
+            if mmio.is_write:
+                self.mmio.write(mmio.phys_addr, n, int.from_bytes(bytes(mmio.data[:n]), "little"))
+            else:
+                value = self.mmio.read(mmio.phys_addr, n).to_bytes(n, "little")
+                for i in range(n):
+                    mmio.data[i] = value[i]
         elif reason == uapi.KVM_EXIT_HLT:
             self.park(0)
         elif reason == uapi.KVM_EXIT_SHUTDOWN:

@@ -21,7 +21,8 @@ from vmferry.kvm.system import DEFAULT_DEVICE
 from vmferry.machine.machine import Machine
 from vmferry.memory.guest_memory import GuestMemory
 from vmferry.migration.channel import MigrationUri, ReplyPath, accept, listen
-from vmferry.migration.loader import check_loaded, load_stream, populate, read_head
+from vmferry.migration.devices import DestinationDevices
+from vmferry.migration.loader import check_loaded, load_stream, open_devices, populate, read_head
 from vmferry.migration.metrics import VerifyResult
 from vmferry.migration.stream import CHANNEL_GRAMMAR, StreamReader
 from vmferry.migration.transport import FdSource
@@ -71,6 +72,7 @@ class IncomingMigration:
         reply: ReplyPath | None = None
         machine: Machine | None = None
         memory: GuestMemory | None = None
+        devices: DestinationDevices | None = None
         try:
             if self.announce:
                 print(
@@ -97,12 +99,20 @@ class IncomingMigration:
                 )
             memory = GuestMemory(head.config.memory)
             populate(memory, head.resident)
-            loaded = load_stream(head, main, memory, readers)
+            devices = open_devices(head, memory)
+            reply.send("accepted")
+            loaded = load_stream(head, main, memory, readers, devices)
+            devices.commit()  # RESUMING → STOP: each device checks its state
             t_loaded = time.monotonic()
             machine = Machine.from_state(
-                loaded.state, memory, kvm_device=self.kvm_device, serial=self.serial
+                loaded.state,
+                memory,
+                kvm_device=self.kvm_device,
+                serial=self.serial,
+                devices=devices.devices,
             )
             memory = None  # the machine owns it now
+            devices = None
             verify = check_loaded(loaded, machine)
             t_verified = time.monotonic()
             if verify.status == "failed":
@@ -117,6 +127,7 @@ class IncomingMigration:
             if msg["kind"] != "go":
                 raise MigrationError(f"the source did not hand over: {msg}")
             t_go = time.monotonic()
+            DestinationDevices(machine.devices).start()
             machine.start()
             t_started = time.monotonic()
             reply.send("resumed", resume_ms=(t_started - t_go) * 1e3)
@@ -134,8 +145,11 @@ class IncomingMigration:
                     reply.send("failed", error=str(e))
             if machine is not None:
                 machine.close()
-            elif memory is not None:
-                memory.close()
+            else:
+                if devices is not None:
+                    devices.close()
+                if memory is not None:
+                    memory.close()
             if isinstance(e, StreamError | MigrationError):
                 raise
             if isinstance(e, VmferryError):

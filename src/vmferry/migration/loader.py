@@ -11,18 +11,22 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
+from vmferry.devices.base import DeviceModel
+from vmferry.devices.registry import create_devices
 from vmferry.errors import StreamError, VmferryError
 from vmferry.machine.config import MachineConfig
 from vmferry.machine.machine import Machine
 from vmferry.machine.state import MachineState, VcpuState
 from vmferry.memory.dirty import DirtyBitmap
 from vmferry.memory.guest_memory import GuestMemory
+from vmferry.migration.devices import DestinationDevices
 from vmferry.migration.metrics import VerifyResult
 from vmferry.migration.ram import RamReceiver, RamStats
 from vmferry.migration.stream import (
     CEND,
     CONF,
     CPUS,
+    DEVD,
     DEVS,
     END,
     RAM,
@@ -30,7 +34,7 @@ from vmferry.migration.stream import (
     VRFY,
     StreamReader,
 )
-from vmferry.migration.verify import PageDigests, VerifyRecord, cpu_digest, mismatched_pages
+from vmferry.migration.verify import VerifyRecord, cpu_digest, mismatched_pages
 
 
 def decode_json(reader: StreamReader, payload: bytes, what: str) -> Any:
@@ -88,7 +92,7 @@ class LoadedStream:
     verify: VerifyRecord | None = None
     written: DirtyBitmap | None = None
     rounds: int = 0
-    digests: PageDigests | None = None
+    device_models: list[DeviceModel] = field(default_factory=list)  # committed, stopped
 
 
 def read_channel(reader: StreamReader, receiver: RamReceiver, mig_id: str, index: int) -> None:
@@ -112,12 +116,12 @@ def load_stream(
     main: StreamReader,
     memory: GuestMemory,
     channels: list[StreamReader] | None = None,
+    devices: DestinationDevices | None = None,
 ) -> LoadedStream:
-    """Read the rest of the main stream, and the extra channels on threads, into memory."""
+    """Read the rest of the main stream, and the extra channels on threads, into memory;
+    device state goes to ``devices`` (in RESUMING)."""
     written = DirtyBitmap(memory.npages)
-    seed = head.setup.get("verify_seed")
-    digests = PageDigests(memory.npages, seed) if isinstance(seed, int) and seed >= 0 else None
-    receivers = [RamReceiver(memory, written, digests) for _ in range(1 + len(channels or []))]
+    receivers = [RamReceiver(memory, written) for _ in range(1 + len(channels or []))]
     errors: list[BaseException] = []
     threads = []
     for i, r in enumerate(channels or [], start=1):
@@ -133,7 +137,7 @@ def load_stream(
         threads.append(t)
 
     cpu: Any = None
-    devices: Any = []
+    summary: Any = []
     verify: VerifyRecord | None = None
     rounds = 0
     while True:
@@ -145,10 +149,15 @@ def load_stream(
         elif hdr.tag == ROUND:
             main.read_payload(hdr, h)
             rounds += 1
+        elif hdr.tag == DEVD:
+            payload = main.read_payload(hdr, h)
+            if devices is None:
+                raise StreamError(f"{hdr.describe()}: device state for a VM without devices")
+            devices.write(payload)
         elif hdr.tag == CPUS:
             cpu = decode_json(main, main.read_payload(hdr, h), "CPUS")
         elif hdr.tag == DEVS:
-            devices = decode_json(main, main.read_payload(hdr, h), "DEVS")
+            summary = decode_json(main, main.read_payload(hdr, h), "DEVS")
         elif hdr.tag == VRFY:
             verify = VerifyRecord.decode(main.read_payload(hdr, h), memory.npages)
         elif hdr.tag == END:
@@ -167,7 +176,7 @@ def load_stream(
         raise StreamError(
             f"CPUS section has vCPUs {[v.index for v in vcpus]}, config says {head.config.vcpus}"
         )
-    if not isinstance(devices, list):
+    if not isinstance(summary, list):
         raise StreamError("DEVS section is not a list")
     ram = RamStats()
     for rx in receivers:
@@ -175,12 +184,11 @@ def load_stream(
     return LoadedStream(
         MachineState(head.config, clock, vcpus),
         memory,
-        devices,
+        summary,
         ram,
         verify,
         written,
         rounds,
-        digests,
     )
 
 
@@ -190,7 +198,8 @@ def check_loaded(loaded: LoadedStream, machine: Machine) -> VerifyResult:
     if rec is None:
         return VerifyResult(status="off", cpu_state="off")
     assert loaded.written is not None
-    bad = mismatched_pages(loaded.memory, rec, loaded.written.pages(), loaded.digests)
+    # Digests of RAM as it is now, not as it arrived: whatever wrote it since is caught too.
+    bad = mismatched_pages(loaded.memory, rec, loaded.written.pages())
     cpu_ok = cpu_digest(machine.save_state()) == rec.cpu
     result = VerifyResult(
         status="passed" if not bad and cpu_ok else "failed",
@@ -219,3 +228,16 @@ def populate(memory: GuestMemory, ranges: list[tuple[int, int]]) -> threading.Th
     t = threading.Thread(target=run, name="populate", daemon=True)
     t.start()
     return t
+
+
+def open_devices(head: StreamHead, memory: GuestMemory) -> DestinationDevices:
+    """The VM's devices, built here, checked against the source's, put in RESUMING."""
+    models = create_devices(head.config, memory)
+    devices = DestinationDevices(models)
+    try:
+        devices.check_compatible(head.setup.get("devices", [d.identity.to_dict() for d in models]))
+        devices.begin()
+    except BaseException:
+        devices.close()
+        raise
+    return devices

@@ -67,5 +67,7 @@ class MigrationStats:
     rounds: list[RoundRecord] = field(default_factory=list)
     downtime: DowntimeBreakdown = field(default_factory=DowntimeBreakdown)
     verify: VerifyResult = field(default_factory=VerifyResult)
+    device_transferred: int = 0  # QEMU's vfio.transferred: device state bytes
+    devices: list[dict[str, object]] = field(default_factory=list)  # per-device figures
     error: str = ""
     convergence: str = ""  # why the migration switched over, or why it could not

@@ -32,7 +32,6 @@ from vmferry.migration.stream import (
     StreamWriter,
 )
 from vmferry.migration.transport import Buffer
-from vmferry.migration.verify import PageDigests
 
 RUN_DTYPE = np.dtype([("first", "<u8"), ("npages", "<u4"), ("flags", "<u4")])
 RUN_ZERO = 1
@@ -206,16 +205,8 @@ class RamReceiver:
     (the engine assigns pages to channels by address), so no two threads write one page.
     """
 
-    def __init__(
-        self,
-        memory: GuestMemory,
-        written: DirtyBitmap | None = None,
-        digests: PageDigests | None = None,
-    ) -> None:
+    def __init__(self, memory: GuestMemory, written: DirtyBitmap | None = None) -> None:
         self.memory = memory
-        # With verification on, each page's digest is taken as it lands, so switchover
-        # only compares (the source's digests cover RAM as it is at the pause).
-        self.digests = digests
         # Pages the stream has written: a zero page never written is zero already. Channels
         # share one bitmap; their pages never share a 64-page word (see channel_of_pages).
         self.written = written if written is not None else DirtyBitmap(memory.npages)
@@ -294,9 +285,6 @@ class RamReceiver:
         if z.size:
             bits = self.written.words[z >> 6] >> (z & 63).astype(np.uint64)
             allp[z[(bits & np.uint64(1)).astype(bool)]] = 0
-        if self.digests is not None:
-            self.digests.update(self.memory, expand_runs(d_first, d_n))
-            self.digests.values[z] = 0
         self.written.set_pages(expand_runs(d_first, d_n))
         self.stats.add(
             RamStats(normal=int(d_n.sum()), zero=z.size, bytes=hdr.length + SECTION_HEADER_SIZE)

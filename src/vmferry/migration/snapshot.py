@@ -15,7 +15,8 @@ from vmferry.machine.config import MachineConfig
 from vmferry.machine.machine import Machine
 from vmferry.machine.state import MachineState
 from vmferry.memory.guest_memory import GuestMemory
-from vmferry.migration.loader import LoadedStream, load_stream, populate, read_head
+from vmferry.migration.devices import SourceDevices
+from vmferry.migration.loader import LoadedStream, load_stream, open_devices, populate, read_head
 from vmferry.migration.ram import RamStats, send_pages
 from vmferry.migration.stream import CONF, CPUS, DEVS, END, StreamReader, StreamWriter
 from vmferry.migration.transport import FdSink, FdSource
@@ -26,10 +27,14 @@ def _json(obj: Any) -> bytes:
 
 
 def write_config(
-    writer: StreamWriter, config: MachineConfig, resident: list[tuple[int, int]]
+    writer: StreamWriter,
+    config: MachineConfig,
+    resident: list[tuple[int, int]],
+    devices: list[dict[str, Any]],
 ) -> None:
     # The RAM ranges that hold data let the reader pre-fault them before pages arrive.
-    writer.section(CONF, [_json({"config": config.to_dict(), "migration": {"resident": resident}})])
+    setup = {"resident": resident, "devices": devices}
+    writer.section(CONF, [_json({"config": config.to_dict(), "migration": setup})])
 
 
 def write_cpu_state(writer: StreamWriter, state: MachineState) -> None:
@@ -44,11 +49,16 @@ def write_devices_and_end(writer: StreamWriter, devices: list[dict[str, Any]]) -
 
 
 def write_snapshot(writer: StreamWriter, machine: Machine, state: MachineState) -> RamStats:
-    """A paused machine, whole: only populated RAM is read; zero pages go as flags."""
-    write_config(writer, state.config, machine.memory.data_ranges())
+    """A paused machine, whole: only populated RAM is read; zero pages go as flags.
+
+    Devices stop first (their state goes out, and no DMA changes RAM after that); the
+    machine cannot run on after a save."""
+    devices = SourceDevices(machine.devices)
+    write_config(writer, state.config, machine.memory.data_ranges(), devices.identities())
+    devices.stop_and_copy(writer)
     stats = send_pages(writer, machine.memory, machine.memory.resident_pages())
     write_cpu_state(writer, state)
-    write_devices_and_end(writer, [])
+    write_devices_and_end(writer, [s.to_dict() for s in devices.stats])
     return stats
 
 
@@ -60,10 +70,17 @@ def read_snapshot(reader: StreamReader) -> LoadedStream:
     """
     head = read_head(reader)
     memory = GuestMemory(head.config.memory)
+    devices = None
     try:
         populate(memory, head.resident)
-        return load_stream(head, reader, memory)
+        devices = open_devices(head, memory)
+        loaded = load_stream(head, reader, memory, devices=devices)
+        devices.commit()
+        loaded.device_models = devices.devices
+        return loaded
     except BaseException:
+        if devices is not None:
+            devices.close()
         memory.close()
         raise
 

@@ -29,16 +29,18 @@ from vmferry.memory.dirty import DirtyBitmap
 from vmferry.memory.guest_memory import PAGE_SIZE
 from vmferry.migration import policy
 from vmferry.migration.channel import ReplyPath, connect, parse_uri, split_by_channel
+from vmferry.migration.devices import SourceDevices, blockers
 from vmferry.migration.metrics import MigrationStats, RoundRecord
 from vmferry.migration.params import MigrationCapabilities, MigrationParameters
 from vmferry.migration.ram import RamSender, RamStats
-from vmferry.migration.snapshot import write_cpu_state, write_devices_and_end
+from vmferry.migration.snapshot import write_cpu_state
 from vmferry.migration.stream import CEND, CHAN, CONF, DEVS, END, ROUND, VRFY, StreamWriter
 from vmferry.migration.transport import FdSink
 from vmferry.migration.verify import VerifyRecord, cpu_digest, page_digests
 
 log = logging.getLogger(__name__)
 
+SETUP_TIMEOUT_S = 30.0
 READY_TIMEOUT_S = 120.0  # destination loads the last data and verifies
 RESUMED_TIMEOUT_S = 30.0
 
@@ -63,6 +65,8 @@ class MigrationSource:
         self.caps = caps
         self.on_event = on_event or (lambda name, data: None)
         self.stats = MigrationStats(status="setup", total_ram=machine.memory.size)
+        self.devices = SourceDevices(machine.devices)
+        self._reply: ReplyPath | None = None
         self.released = False  # after "go": this VM must never run here again
         self.done = threading.Event()
         self._cancel = threading.Event()
@@ -131,6 +135,7 @@ class MigrationSource:
         """Leave the source exactly as it was: no throttle, no dirty log, running."""
         m = self.machine
         m.set_throttle(0)
+        self.devices.rollback()
         try:
             m.set_dirty_logging(False)
         except VmferryError as e:
@@ -160,6 +165,9 @@ class MigrationSource:
 
     def _migrate(self) -> None:
         m, mem, st = self.machine, self.machine.memory, self.stats
+        blocked = blockers(m.devices)
+        if blocked:
+            raise MigrationError("migration blocked: " + "; ".join(blocked))
         writers = self._open()
         main = writers[0]
         mig_id = uuid.uuid4().hex
@@ -169,16 +177,22 @@ class MigrationSource:
             "channels": len(writers),
             "resident": resident,
             "verify": self.caps.x_verify,
-            # Known in advance so the destination digests pages as they arrive, leaving
-            # only a comparison for the downtime.
-            "verify_seed": self._seed,
+            "devices": self.devices.identities(),
         }
         main.section(CONF, [_json({"config": m.config.to_dict(), "migration": setup})])
         for i, w in enumerate(writers[1:], start=1):
             w.section(CHAN, [_json({"id": mig_id, "index": i})])
+        if self._socks:
+            # The destination checks the VM and its devices before anything moves: an
+            # incompatible destination fails the migration while the VM runs on.
+            self._reply = ReplyPath(self._socks[0])
+            msg = self._reply.receive(SETUP_TIMEOUT_S, "the destination's set-up answer")
+            if msg["kind"] != "accepted":
+                raise MigrationError(f"the destination refused: {msg.get('error', msg)}")
         compress = self.params.multifd_compression == "zstd"
         senders = [RamSender(w, mem, compress=compress) for w in writers]
         m.set_dirty_logging(True)  # from here on every guest write is logged
+        self.devices.start()  # DMA dirty tracking on, PRE_COPY for devices that have it
         st.setup_ms = self._elapsed_ms()
         self._set_status("active")
         limiter = (
@@ -193,9 +207,12 @@ class MigrationSource:
                 self._check_cancel()
                 t_round = time.monotonic()
                 sent = self._send(pool, senders, pages, clear=True, limiter=limiter)
+                dev_sent = self.devices.send_precopy(main)
+                sent.bytes += dev_sent
                 main.section(ROUND, [_json({"round": round_no, "pages": int(pages.size)})])
                 dirty = DirtyBitmap(mem.npages)
                 m.fetch_dirty_log(dirty)
+                self.devices.collect_dirty(dirty)
                 st.dirty_sync_count += 1
                 dt = max(time.monotonic() - t_round, 1e-6)
                 ndirty = dirty.count()
@@ -205,15 +222,23 @@ class MigrationSource:
                 self._account_round(round_no, t_round, dt, sent, ndirty, bandwidth, dirty_rate)
                 st.remaining = pending
                 st.expected_downtime_ms = policy.expected_downtime_ms(pending, bandwidth)
+                dev_pending, dev_initial = self.devices.pending()
                 decision = policy.decide(
                     self._elapsed_ms(),
                     pending,
                     bandwidth,
                     dirty_rate,
                     self.params,
+                    device_pending=dev_pending,
                     throttle_pct=throttle.pct,
                 )
+                if decision.action == "switchover" and dev_initial:
+                    # A device's initial data must be across first (REFERENCE §1).
+                    decision = policy.Decision(
+                        "continue", f"devices still have {dev_initial} initial bytes", 0.0
+                    )
                 st.convergence = decision.reason
+                st.device_transferred = self.devices.transferred
                 if decision.action == "switchover":
                     break
                 if decision.action == "cancel":
@@ -227,7 +252,9 @@ class MigrationSource:
                 pages = dirty.pages()
                 round_no += 1
             self._check_cancel()
-            self._switchover(pool, senders, writers, round_no + 1)
+            # The last sync's set was not sent: KVM keeps those bits until they are cleared,
+            # but DMA dirty bits were read-and-cleared, so they must be carried over.
+            self._switchover(pool, senders, writers, round_no + 1, dirty)
 
     def _send(
         self,
@@ -298,8 +325,10 @@ class MigrationSource:
         senders: list[RamSender],
         writers: list[StreamWriter],
         round_no: int,
+        unsent: DirtyBitmap,
     ) -> None:
         m, st, dt_ = self.machine, self.stats, self.stats.downtime
+        main = writers[0]
         t_pause = time.monotonic()
         # A VM the user had paused stays paused if the migration fails.
         self._paused_by_us = not m.paused
@@ -309,56 +338,61 @@ class MigrationSource:
         t1 = time.monotonic()
         dt_.pause_ms = (t1 - t_pause) * 1e3
         self._set_status("device")  # QEMU's name for "stopped, sending the rest"
+
+        # Devices quiesce, stop and hand over their state; after this no DMA happens, so
+        # the dirty log below is the last word on guest memory.
+        dev_bytes = self.devices.stop_and_copy(main)
+        t2 = time.monotonic()
+        dt_.device_state_ms = (t2 - t1) * 1e3
+        st.device_transferred = self.devices.transferred
+
         digests: Future[npt.NDArray[np.uint64]] | None = None
         resident = m.memory.resident_pages()
         if self.caps.x_verify:
             # Digest all of RAM as it is now, while the last pages are being sent.
             digests = self._digest_pool.submit(page_digests, m.memory, resident, self._seed, 1)
-
-        dirty = DirtyBitmap(m.memory.npages)
+        dirty = unsent
         m.fetch_dirty_log(dirty)
+        self.devices.collect_dirty(dirty)
         st.dirty_sync_count += 1
         final = self._send(pool, senders, dirty.pages(), clear=False, limiter=None)
-        st.downtime_bytes = final.bytes
-        t2 = time.monotonic()
+        st.downtime_bytes = final.bytes + dev_bytes
+        t3 = time.monotonic()
         self._account_round(
-            round_no, t1, t2 - t1, final, 0, final.bytes / max(t2 - t1, 1e-6), 0.0, stop_copy=True
+            round_no, t1, t3 - t1, final, 0, final.bytes / max(t3 - t2, 1e-6), 0.0, stop_copy=True
         )
-        dt_.final_ram_ms = (t2 - t1) * 1e3
+        dt_.final_ram_ms = (t3 - t2) * 1e3
 
-        main = writers[0]
         state = m.save_state()
         write_cpu_state(main, state)
-        t3 = time.monotonic()
-        dt_.cpu_state_ms = (t3 - t2) * 1e3
-        devices: list[dict[str, Any]] = []  # device sections go here (device framework)
-        if self.caps.x_verify:
-            main.section(DEVS, [_json(devices)])
-            t4 = time.monotonic()
-            dt_.device_state_ms = (t4 - t3) * 1e3
-            assert digests is not None
+        summary = [
+            {**ident, **stats.to_dict()}
+            for ident, stats in zip(self.devices.identities(), self.devices.stats, strict=True)
+        ]
+        main.section(DEVS, [_json(summary)])
+        t4 = time.monotonic()
+        dt_.cpu_state_ms = (t4 - t3) * 1e3
+        if digests is not None:
             rec = VerifyRecord(self._seed, resident, digests.result(), cpu_digest(state))
             main.section(VRFY, rec.encode())
-            main.section(END, [])
-            t5 = time.monotonic()
-            dt_.verify_ms = (t5 - t4) * 1e3
-        else:
-            write_devices_and_end(main, devices)
-            t5 = time.monotonic()
-            dt_.device_state_ms = (t5 - t3) * 1e3
+        main.section(END, [])
         for w in writers[1:]:
             w.section(CEND, [])
+        t5 = time.monotonic()
+        dt_.verify_ms = (t5 - t4) * 1e3 if digests is not None else 0.0
 
         if self.uri.scheme == "file":
             # A file has no one to hand over to: the VM stays paused here (QEMU's
             # postmigrate), and the file continues it with `vmferry run --incoming file:`.
             self.released = True
+            self.devices.release()
             dt_.total_ms = (time.monotonic() - t_pause) * 1e3
             st.downtime_ms = dt_.total_ms
             self._set_status("completed")
             return
 
-        reply = ReplyPath(self._socks[0])
+        assert self._reply is not None
+        reply = self._reply
         msg = reply.receive(READY_TIMEOUT_S, "ready from the destination")
         if msg["kind"] != "ready":
             raise MigrationError(f"the destination refused the VM: {msg.get('error', msg)}")
@@ -381,6 +415,7 @@ class MigrationSource:
         st.downtime_ms = dt_.total_ms
         st.remaining = 0
         self._set_status("completed")
+        self.devices.release()
 
     def _apply_verify(self, msg: dict[str, Any]) -> None:
         v = self.stats.verify

@@ -34,7 +34,8 @@ CONF = b"CONF"  # machine config and migration set-up (JSON)
 RAM = b"RAM\0"  # a batch of pages
 ROUND = b"RND\0"  # end of a pre-copy round (JSON: round number and counts)
 CPUS = b"CPUS"  # vCPU and VM state (JSON)
-DEVS = b"DEVS"  # device states (JSON list; empty until devices exist)
+DEVD = b"DEVD"  # a chunk of one device's migration stream (pre-copy or stop-copy)
+DEVS = b"DEVS"  # device summary (JSON list: identity and bytes per device)
 VRFY = b"VRFY"  # page and CPU-state digests taken at switchover
 END = b"END\0"  # the stream is complete
 CHAN = b"CHAN"  # first section of an extra channel: which migration, which channel
@@ -45,6 +46,7 @@ SECTION_NAMES = {
     RAM: "RAM",
     ROUND: "ROUND",
     CPUS: "CPUS",
+    DEVD: "DEVD",
     DEVS: "DEVS",
     VRFY: "VRFY",
     END: "END",
@@ -56,7 +58,8 @@ MAX_PAYLOAD = {
     RAM: 1 << 30,
     ROUND: 1 << 16,
     CPUS: 16 << 20,
-    DEVS: 256 << 20,
+    DEVD: 16 << 20,
+    DEVS: 1 << 20,
     VRFY: 1 << 30,
     END: 0,
     CHAN: 1 << 12,
@@ -73,9 +76,10 @@ KNOWN_FLAGS = FLAG_ZSTD | FLAG_LIVE
 # is one) and for the extra channels of a multi-channel migration.
 MAIN_GRAMMAR: dict[bytes | None, frozenset[bytes]] = {
     None: frozenset({CONF}),
-    CONF: frozenset({RAM, ROUND, CPUS}),
-    RAM: frozenset({RAM, ROUND, CPUS}),
-    ROUND: frozenset({RAM, ROUND, CPUS}),
+    CONF: frozenset({RAM, ROUND, DEVD, CPUS}),
+    RAM: frozenset({RAM, ROUND, DEVD, CPUS}),
+    ROUND: frozenset({RAM, ROUND, DEVD, CPUS}),
+    DEVD: frozenset({RAM, ROUND, DEVD, CPUS}),
     CPUS: frozenset({DEVS}),
     DEVS: frozenset({VRFY, END}),
     VRFY: frozenset({END}),

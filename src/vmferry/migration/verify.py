@@ -57,25 +57,6 @@ def page_digests(
     return out
 
 
-class PageDigests:
-    """A digest per RAM page, kept up to date as pages are written (the destination)."""
-
-    def __init__(self, npages: int, seed: int) -> None:
-        self.seed = seed
-        self.keys = page_keys(seed)
-        self.values = np.zeros(npages, dtype=np.uint64)  # a zero page digests to 0
-
-    def update(self, memory: GuestMemory, pages: npt.NDArray[np.int64]) -> None:
-        if pages.size == 0:
-            return
-        allp = memory.pages()
-        lo, hi = int(pages[0]), int(pages[-1]) + 1
-        if hi - lo == pages.size:  # one run: a view, no gather
-            self.values[lo:hi] = allp[lo:hi] @ self.keys
-        else:
-            self.values[pages] = allp[pages] @ self.keys
-
-
 def cpu_digest(state: MachineState) -> int:
     """Digest of everything a vCPU resumes from (the clock and TSC move while paused)."""
     parts = []
@@ -122,15 +103,10 @@ def mismatched_pages(
     memory: GuestMemory,
     record: VerifyRecord,
     written_elsewhere: npt.NDArray[np.int64],
-    kept: PageDigests | None = None,
 ) -> list[int]:
     """Pages whose content differs from the source's: digests that differ, and pages the
-    destination holds data for that the source had as holes (those must read zero).
-    ``kept``: digests taken as pages arrived (same seed), instead of reading RAM again."""
-    if kept is not None and kept.seed == record.seed:
-        mine = kept.values[record.pages]
-    else:
-        mine = page_digests(memory, record.pages, record.seed)
+    destination holds data for that the source had as holes (those must read zero)."""
+    mine = page_digests(memory, record.pages, record.seed)
     bad = record.pages[mine != record.digests]
     extra = np.setdiff1d(written_elsewhere, record.pages, assume_unique=True)
     if extra.size:

@@ -1,0 +1,1 @@
+"""Device models and the contract they share with the migration engine."""

@@ -1,0 +1,341 @@
+"""The device contract: what a device model implements, and the migration framework
+around it (the VFIO migration v2 semantics every device shares).
+
+A model implements a handful of hooks — its registers, one direct FSM arc at a time, its
+saved pieces and how to load them back — in the way libvfio-user devices implement three
+callbacks. :class:`DeviceModel` walks multi-hop requests along ``fsm.path``, keeps the
+saving and resuming stream sessions, frames the pieces, answers PRECOPY_INFO and the
+stop-copy size, and implements VFIO DMA logging on top of the IOMMU's write reports.
+"""
+
+from __future__ import annotations
+
+import itertools
+import struct
+import threading
+import zlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import numpy.typing as npt
+
+from vmferry.devices import fsm
+from vmferry.devices.fsm import FsmError, MigCap, MigState
+from vmferry.devices.iommu import DirtyTracking, Iommu
+from vmferry.errors import VmferryError
+
+# What QEMU assumes when a device cannot say how big its stop-copy data is: never
+# under-estimate downtime.
+UNKNOWN_STOP_COPY_SIZE = 100 << 30
+PIECE_HEAD = struct.Struct("<4sII")  # kind, length, crc32
+PIECE_INITIAL, PIECE_DIRTY, PIECE_FINAL = b"INIT", b"DIRT", b"FINL"
+DMA_LOG_MAX_RANGES = 256  # VFIO_DEVICE_FEATURE_DMA_LOGGING_START's limit
+
+
+class DeviceError(VmferryError):
+    """A device refused an operation or could not complete a transition."""
+
+
+@dataclass(frozen=True)
+class DeviceIdentity:
+    """What the destination checks at setup: same model, same version, same configuration."""
+
+    model: str
+    version: int
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def incompatibility(self, other: DeviceIdentity) -> str | None:
+        if self.model != other.model:
+            return f"model {other.model!r} here, {self.model!r} on the source"
+        if self.version != other.version:
+            return f"{self.model} version {other.version} here, {self.version} on the source"
+        if self.config != other.config:
+            return f"{self.model} configuration {other.config} here, {self.config} on the source"
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "version": self.version, "config": self.config}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DeviceIdentity:
+        return cls(str(d["model"]), int(d["version"]), dict(d.get("config", {})))
+
+
+def frame_piece(kind: bytes, data: bytes) -> bytes:
+    return PIECE_HEAD.pack(kind, len(data), zlib.crc32(data)) + data
+
+
+def parse_pieces(stream: bytes, what: str) -> list[tuple[bytes, bytes]]:
+    out: list[tuple[bytes, bytes]] = []
+    pos = 0
+    while pos < len(stream):
+        if pos + PIECE_HEAD.size > len(stream):
+            raise DeviceError(f"{what}: device stream ends inside a piece header")
+        kind, n, crc = PIECE_HEAD.unpack_from(stream, pos)
+        data = stream[pos + PIECE_HEAD.size : pos + PIECE_HEAD.size + n]
+        if kind not in (PIECE_INITIAL, PIECE_DIRTY, PIECE_FINAL) or len(data) != n:
+            raise DeviceError(f"{what}: device stream is malformed at byte {pos}")
+        if zlib.crc32(data) != crc:
+            raise DeviceError(f"{what}: device stream piece at byte {pos} is corrupt")
+        out.append((kind, data))
+        pos += PIECE_HEAD.size + n
+    return out
+
+
+class DeviceModel(ABC):
+    """A migratable device. Subclasses implement the hooks marked abstract."""
+
+    model: ClassVar[str]
+    version: ClassVar[int]
+    caps: ClassVar[MigCap]
+    mmio_size: ClassVar[int] = 0x1000
+
+    def __init__(self, name: str, iommu: Iommu, options: dict[str, str]) -> None:
+        self.name = name
+        self.iommu = iommu
+        self.options = options
+        self.state = MigState.RUNNING
+        self._lock = threading.RLock()
+        self._saving: bytearray | None = None  # unread part of the saving stream
+        self._saving_initial_left = 0
+        self._resuming: bytearray | None = None
+        self.fail_arcs: set[tuple[MigState, MigState]] = set()  # fault injection (tests)
+        self._dma_log: DmaLog | None = None
+        if iommu.mode is DirtyTracking.DEVICE:
+            iommu.device_logger = self._log_dma_write
+        self.stats = {"precopy_bytes": 0, "stop_copy_bytes": 0}
+
+    def close(self) -> None:  # noqa: B027 - optional hook: most models have no threads
+        """Stop the device's threads (the machine is going away)."""
+
+    # ---- identity and registers (hooks)
+    @property
+    def identity(self) -> DeviceIdentity:
+        return DeviceIdentity(self.model, self.version, self.config())
+
+    def config(self) -> dict[str, Any]:
+        """The configuration a destination must match (e.g. sizes), not runtime state."""
+        return {}
+
+    @abstractmethod
+    def mmio_read(self, offset: int, size: int) -> int: ...
+
+    @abstractmethod
+    def mmio_write(self, offset: int, size: int, value: int) -> None: ...
+
+    @abstractmethod
+    def device_reset(self) -> None:
+        """Back to power-on state: no work in flight, registers at their defaults."""
+
+    @abstractmethod
+    def on_arc(self, cur: MigState, nxt: MigState) -> None:
+        """Do the device's part of one direct arc (quiesce, stop, resume, …)."""
+
+    @abstractmethod
+    def save_initial(self) -> bytes:
+        """Pre-copy initial data (entering PRE_COPY): what can move while it runs."""
+
+    def save_dirty(self) -> bytes:
+        """Internal state changed since the initial data was saved; b'' if none."""
+        return b""
+
+    def dirty_estimate(self) -> int:
+        return 0
+
+    @abstractmethod
+    def save_final(self) -> bytes:
+        """Everything else, with the device stopped (entering STOP_COPY)."""
+
+    def final_estimate(self) -> int | None:
+        """Bytes ``save_final`` will produce; None if the device cannot say."""
+        return None
+
+    @abstractmethod
+    def load(self, pieces: list[tuple[bytes, bytes]]) -> None:
+        """Take the state back from the pieces of a resuming stream (INIT, DIRT…, FINL);
+        raise DeviceError if they are inconsistent."""
+
+    # ---- the FSM walk (framework)
+    def set_state(self, target: MigState) -> None:
+        """VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE: walk hop by hop to ``target``.
+
+        A failed hop leaves the device where the walk stopped, or in ERROR if the device
+        could not undo its half-done arc."""
+        with self._lock:
+            for nxt in fsm.path(self.caps, self.state, target):
+                self._hop(nxt)
+
+    def _hop(self, nxt: MigState) -> None:
+        cur = self.state
+        arc = (cur, nxt)
+        try:
+            if arc in self.fail_arcs:
+                raise DeviceError(f"{self.name}: injected failure on {cur.name}→{nxt.name}")
+            self.on_arc(cur, nxt)
+        except DeviceError:
+            raise
+        except Exception as e:
+            self.state = MigState.ERROR
+            self._saving = self._resuming = None
+            raise DeviceError(f"{self.name}: {cur.name}→{nxt.name} failed: {e}") from e
+        if fsm.opens_saving(arc):
+            self._saving = bytearray()
+            self._saving_initial_left = 0
+        if fsm.closes_saving(arc):
+            self._saving = None
+        if nxt in (MigState.PRE_COPY, MigState.PRE_COPY_P2P) and fsm.opens_saving(arc):
+            initial = frame_piece(PIECE_INITIAL, self.save_initial())
+            assert self._saving is not None
+            self._saving += initial
+            self._saving_initial_left = len(initial)
+        if nxt is MigState.STOP_COPY and self._saving is not None:
+            self._saving += frame_piece(PIECE_FINAL, self.save_final())
+        if fsm.opens_resuming(arc):
+            self._resuming = bytearray()
+        if fsm.commits_resuming(arc):
+            data, self._resuming = self._resuming, None
+            pieces = parse_pieces(bytes(data or b""), self.name)
+            if not pieces or pieces[-1][0] != PIECE_FINAL:
+                raise DeviceError(
+                    f"{self.name}: resuming stream is incomplete (no final "
+                    "state); the device keeps its previous state"
+                )
+            self.load(pieces)
+        self.state = nxt
+
+    def reset(self) -> None:
+        """VFIO reset: leaves ERROR for RUNNING; open streams are invalidated."""
+        with self._lock:
+            self._saving = self._resuming = None
+            self._saving_initial_left = 0
+            self.device_reset()
+            self.state = MigState.RUNNING
+
+    # ---- streams (framework)
+    def read_data(self, max_bytes: int = 1 << 20) -> bytes | None:
+        """Read the saving stream. In PRE_COPY: None means "nothing now" (ENOMSG), more may
+        come later. In STOP_COPY: b'' is the end."""
+        with self._lock:
+            if self._saving is None:
+                raise DeviceError(f"{self.name}: no saving stream in state {self.state.name}")
+            if not self._saving and self.state in (MigState.PRE_COPY, MigState.PRE_COPY_P2P):
+                dirty = self.save_dirty()
+                if dirty:
+                    self._saving += frame_piece(PIECE_DIRTY, dirty)
+            if not self._saving:
+                return b"" if self.state is MigState.STOP_COPY else None
+            out = bytes(self._saving[:max_bytes])
+            del self._saving[:max_bytes]
+            self._saving_initial_left = max(0, self._saving_initial_left - len(out))
+            key = "stop_copy_bytes" if self.state is MigState.STOP_COPY else "precopy_bytes"
+            self.stats[key] += len(out)
+            return out
+
+    def write_data(self, data: bytes) -> None:
+        with self._lock:
+            if self._resuming is None:
+                raise DeviceError(f"{self.name}: not resuming (state {self.state.name})")
+            self._resuming += data
+
+    def precopy_info(self) -> tuple[int, int]:
+        """VFIO_MIG_GET_PRECOPY_INFO: (initial_bytes, dirty_bytes); only in pre-copy."""
+        with self._lock:
+            if self.state not in (MigState.PRE_COPY, MigState.PRE_COPY_P2P):
+                raise DeviceError(f"{self.name}: PRECOPY_INFO in state {self.state.name}")
+            pending = len(self._saving or b"")
+            initial = self._saving_initial_left
+            return initial, max(0, pending - initial) + self.dirty_estimate()
+
+    def stop_copy_size(self) -> int:
+        """VFIO_DEVICE_FEATURE_MIG_DATA_SIZE: the stop-copy estimate (huge if unknown)."""
+        est = self.final_estimate()
+        return UNKNOWN_STOP_COPY_SIZE if est is None else est + PIECE_HEAD.size
+
+    # ---- DMA logging (VFIO_DEVICE_FEATURE_DMA_LOGGING_START / REPORT / STOP)
+    def dma_logging_start(self, ranges: list[tuple[int, int]], page_size: int) -> int:
+        """Start logging DMA writes within ``ranges`` (IOVA, length); returns the page size
+        the device chose (it may pick its own)."""
+        if self.iommu.mode is not DirtyTracking.DEVICE:
+            raise DeviceError(
+                f"{self.name} does not log its own DMA (tracking is {self.iommu.mode.value})"
+            )
+        if not ranges or len(ranges) > DMA_LOG_MAX_RANGES:
+            raise DeviceError(f"{self.name}: DMA logging takes 1 to {DMA_LOG_MAX_RANGES} ranges")
+        if page_size < 4096 or page_size & (page_size - 1):
+            raise DeviceError(f"{self.name}: DMA logging page size {page_size} is invalid")
+        s = sorted(ranges)
+        for (a, n), (b, _) in itertools.pairwise(s):
+            if a + n > b:
+                raise DeviceError(f"{self.name}: DMA logging ranges overlap at {b:#x}")
+        if any(a % page_size or n % page_size or n <= 0 for a, n in s):
+            raise DeviceError(f"{self.name}: DMA logging ranges must be page aligned")
+        self._dma_log = DmaLog(s, page_size)
+        return page_size
+
+    def dma_logging_report(self, iova: int, length: int) -> npt.NDArray[np.uint64]:
+        """Bitmap of pages written in [iova, iova+length) (bit k = page k), read-and-clear."""
+        log = self._dma_log
+        if log is None:
+            raise DeviceError(f"{self.name}: DMA logging is not started")
+        return log.report(iova, length)
+
+    def dma_logging_stop(self) -> None:
+        self._dma_log = None
+
+    def _log_dma_write(self, iova: int, length: int) -> None:
+        log = self._dma_log
+        if log is not None:
+            log.record(iova, length)
+
+
+class DmaLog:
+    """The device's own write log: a bitmap per range, page size chosen at start."""
+
+    def __init__(self, ranges: list[tuple[int, int]], page_size: int) -> None:
+        self.page_size = page_size
+        self.ranges = ranges
+        self._bits = [np.zeros((n // page_size + 63) // 64, dtype=np.uint64) for _, n in ranges]
+        self._lock = threading.Lock()
+
+    def record(self, iova: int, length: int) -> None:
+        ps = self.page_size
+        with self._lock:
+            for (a, n), bits in zip(self.ranges, self._bits, strict=True):
+                lo, hi = max(iova, a), min(iova + length, a + n)
+                if lo >= hi:
+                    continue
+                pages = np.arange((lo - a) // ps, (hi - 1 - a) // ps + 1, dtype=np.uint64)
+                np.bitwise_or.at(
+                    bits, pages >> np.uint64(6), np.uint64(1) << (pages & np.uint64(63))
+                )
+
+    def report(self, iova: int, length: int) -> npt.NDArray[np.uint64]:
+        ps = self.page_size
+        if iova % ps or length % ps or length <= 0:
+            raise DeviceError(f"DMA log report {iova:#x}+{length:#x} is not page aligned")
+        npages = length // ps
+        out = np.zeros((npages + 63) // 64, dtype=np.uint64)
+        covered = 0
+        with self._lock:
+            for (a, n), bits in zip(self.ranges, self._bits, strict=True):
+                lo, hi = max(iova, a), min(iova + length, a + n)
+                if lo >= hi:
+                    continue
+                covered += hi - lo
+                src = np.arange((lo - a) // ps, (hi - a) // ps, dtype=np.int64)
+                set_ = (bits[src >> 6] >> (src & 63).astype(np.uint64)) & np.uint64(1)
+                dst = (src * ps + a - iova) // ps
+                on = dst[set_.astype(bool)].astype(np.uint64)
+                np.bitwise_or.at(out, on >> np.uint64(6), np.uint64(1) << (on & np.uint64(63)))
+                clear = src.astype(np.uint64)
+                np.bitwise_and.at(
+                    bits, clear >> np.uint64(6), ~(np.uint64(1) << (clear & np.uint64(63)))
+                )
+        if covered != length:
+            raise DeviceError(f"DMA log report {iova:#x}+{length:#x} is outside the logged ranges")
+        return out
+
+
+__all__ = ["DeviceError", "DeviceIdentity", "DeviceModel", "FsmError", "MigCap", "MigState"]

@@ -1,0 +1,95 @@
+"""Device models by name, device specs from the command line, and where devices live."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from vmferry.devices.base import DeviceModel
+from vmferry.devices.dmaengine import DmaEngine
+from vmferry.devices.iommu import DirtyTracking, Iommu
+from vmferry.errors import ConfigError
+from vmferry.memory.guest_memory import GuestMemory
+
+if TYPE_CHECKING:
+    from vmferry.machine.config import MachineConfig
+
+MODELS: dict[str, type[DeviceModel]] = {DmaEngine.model: DmaEngine}
+MMIO_BASE = 0xFEB00000  # device slot i at MMIO_BASE + i * MMIO_STRIDE, in the 3–4 GiB hole
+MMIO_STRIDE = 0x1000
+MAX_DEVICES = 8
+# dirty: DMA dirty tracking mode. x-…: for tests — report another model version, fail
+# one FSM arc, or block migration.
+COMMON_OPTIONS = {"dirty", "x-version", "x-fail-arc", "x-migratable"}
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    """``MODEL[,key=value…]`` as given to ``--device``."""
+
+    model: str
+    options: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, text: str) -> DeviceSpec:
+        model, *rest = text.split(",")
+        if model not in MODELS:
+            raise ConfigError(
+                f"--device {text}: unknown device model {model!r} "
+                f"(known: {', '.join(sorted(MODELS))})"
+            )
+        options: dict[str, str] = {}
+        for item in rest:
+            key, eq, value = item.partition("=")
+            if not eq or not key:
+                raise ConfigError(f"--device {text}: option {item!r} is not key=value")
+            if key not in COMMON_OPTIONS:
+                raise ConfigError(
+                    f"--device {text}: unknown option {key!r} "
+                    f"(known: {', '.join(sorted(COMMON_OPTIONS))})"
+                )
+            options[key] = value
+        mode = options.get("dirty", "iommu")
+        if mode not in {m.value for m in DirtyTracking}:
+            raise ConfigError(f"--device {text}: dirty={mode}: use iommu, device, none or broken")
+        return cls(model, options)
+
+    def __str__(self) -> str:
+        return ",".join([self.model, *(f"{k}={v}" for k, v in self.options.items())])
+
+    @property
+    def tracking(self) -> DirtyTracking:
+        return DirtyTracking(self.options.get("dirty", "iommu"))
+
+
+def create_device(spec: DeviceSpec, index: int, memory: GuestMemory) -> DeviceModel:
+    iommu = Iommu(memory, spec.tracking)
+    dev = MODELS[spec.model](f"{spec.model}{index}", iommu, dict(spec.options))
+    if "x-fail-arc" in spec.options:
+        from vmferry.devices.fsm import MigState
+
+        a, _, b = spec.options["x-fail-arc"].partition(">")
+        try:
+            dev.fail_arcs.add((MigState[a], MigState[b]))
+        except KeyError:
+            raise ConfigError(
+                f"x-fail-arc={spec.options['x-fail-arc']}: use FROM>TO state "
+                "names, e.g. RUNNING_P2P>STOP"
+            ) from None
+    return dev
+
+
+def mmio_base(index: int) -> int:
+    return MMIO_BASE + index * MMIO_STRIDE
+
+
+def create_devices(config: MachineConfig, memory: GuestMemory) -> list[DeviceModel]:
+    devices: list[DeviceModel] = []
+    try:
+        for i, text in enumerate(config.devices):
+            devices.append(create_device(DeviceSpec.parse(text), i, memory))
+    except BaseException:
+        for d in devices:
+            d.close()
+        raise
+    return devices

@@ -1,0 +1,270 @@
+"""Devices in a migration: set-up checks, DMA dirty tracking, pre-copy data, the
+stop-and-copy of device state, and putting devices back after a failure.
+
+The source drives each device through the VFIO v2 states (REFERENCE.md §3): PRE_COPY
+while RAM is copied, RUNNING_P2P/PRE_COPY_P2P for all of them at the switchover, then each
+to STOP_COPY and its stream read to the end. The destination puts each in RESUMING, writes
+the stream, commits with STOP, then RUNNING_P2P → RUNNING before the vCPUs run.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from vmferry.devices.base import DeviceError, DeviceIdentity, DeviceModel
+from vmferry.devices.fsm import MigCap, MigState
+from vmferry.devices.iommu import DirtyTracking
+from vmferry.errors import MigrationError, StreamError
+from vmferry.memory.dirty import DirtyBitmap
+from vmferry.memory.guest_memory import PAGE_SHIFT, PAGE_SIZE
+from vmferry.migration.stream import DEVD, StreamWriter
+
+DEVD_HEAD = struct.Struct("<II")  # device index, phase
+PHASE_PRECOPY, PHASE_STOP_COPY = 0, 1
+CHUNK = 1 << 20  # QEMU reads up to 1 MiB of device data per device per round
+DMA_LOG_PAGE = 4096
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DeviceStats:
+    name: str
+    tracking: str
+    precopy_bytes: int = 0
+    stop_copy_bytes: int = 0
+    stop_copy_ms: float = 0.0
+    dma_dirty_pages: int = 0  # pages reported dirty by DMA tracking, all syncs
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "dirty-tracking": self.tracking,
+            "precopy-bytes": self.precopy_bytes,
+            "stop-copy-bytes": self.stop_copy_bytes,
+            "stop-copy-time": round(self.stop_copy_ms, 3),
+            "dma-dirty-pages": self.dma_dirty_pages,
+        }
+
+
+def blockers(devices: list[DeviceModel]) -> list[str]:
+    """Why a device cannot migrate at all (QEMU calls these migration blockers)."""
+    out = []
+    for d in devices:
+        if not d.caps & MigCap.STOP_COPY:
+            out.append(f"{d.name} does not support migration (no STOP_COPY)")
+        if d.options.get("x-migratable", "on") == "off":
+            out.append(f"{d.name} is marked not migratable")
+    return out
+
+
+@dataclass
+class SourceDevices:
+    devices: list[DeviceModel]
+    stats: list[DeviceStats] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.stats = [DeviceStats(d.name, d.iommu.mode.value) for d in self.devices]
+
+    @property
+    def transferred(self) -> int:
+        return sum(s.precopy_bytes + s.stop_copy_bytes for s in self.stats)
+
+    def identities(self) -> list[dict[str, Any]]:
+        return [d.identity.to_dict() for d in self.devices]
+
+    # ---- set-up
+    def start(self) -> None:
+        for d in self.devices:
+            if d.iommu.mode is DirtyTracking.IOMMU:
+                d.iommu.set_dirty_tracking(True)
+            elif d.iommu.mode is DirtyTracking.DEVICE:
+                ranges = [(m.iova, m.size) for m in d.iommu.mappings]
+                d.dma_logging_start(ranges, DMA_LOG_PAGE)
+            if d.caps & MigCap.PRE_COPY:
+                d.set_state(MigState.PRE_COPY)
+
+    # ---- every sync
+    def collect_dirty(self, into: DirtyBitmap) -> None:
+        """Merge what device DMA dirtied since the last sync (KVM's log cannot see it)."""
+        for d, st in zip(self.devices, self.stats, strict=True):
+            mode = d.iommu.mode
+            before = into.count()
+            if mode is DirtyTracking.IOMMU:
+                d.iommu.read_and_clear_dirty(into)
+            elif mode is DirtyTracking.DEVICE:
+                self._device_log(d, into)
+            elif mode is DirtyTracking.NONE:
+                # No tracking: every page the device can reach may have changed (holes in
+                # RAM excepted: a page DMA wrote to is no longer a hole).
+                reachable = d.iommu.mapped_pages()
+                into.set_pages(np.intersect1d(reachable, d.iommu.memory.resident_pages()))
+            st.dma_dirty_pages += into.count() - before
+
+    @staticmethod
+    def _device_log(d: DeviceModel, into: DirtyBitmap) -> None:
+        for m in d.iommu.mappings:
+            try:
+                bits = d.dma_logging_report(m.iova, m.size)
+            except DeviceError as e:
+                # REFERENCE §2: any report error means everything it maps is dirty.
+                log.warning(
+                    "%s: DMA log report failed (%s); treating its memory as dirty", d.name, e
+                )
+                into.set_pages(d.iommu.mapped_pages())
+                return
+            pages = _bits_to_pages(bits, m.size // DMA_LOG_PAGE)
+            if pages.size:
+                into.set_pages((m.ram_offset >> PAGE_SHIFT) + pages)
+
+    def send_precopy(self, writer: StreamWriter) -> int:
+        """Up to 1 MiB of pre-copy data per device; returns bytes sent."""
+        sent = 0
+        for i, (d, st) in enumerate(zip(self.devices, self.stats, strict=True)):
+            if d.state not in (MigState.PRE_COPY, MigState.PRE_COPY_P2P):
+                continue
+            budget = CHUNK
+            while budget > 0:
+                data = d.read_data(budget)
+                if not data:  # None: nothing now, more may come later
+                    break
+                writer.section(DEVD, [DEVD_HEAD.pack(i, PHASE_PRECOPY), data])
+                st.precopy_bytes += len(data)
+                sent += len(data)
+                budget -= len(data)
+        return sent
+
+    def pending(self) -> tuple[int, int]:
+        """(device bytes still to send — pre-copy left plus the stop-copy estimates,
+        initial bytes not yet sent). A device that cannot estimate counts as huge."""
+        total = initial = 0
+        for d in self.devices:
+            if d.state in (MigState.PRE_COPY, MigState.PRE_COPY_P2P):
+                ini, dirty = d.precopy_info()
+                initial += ini
+                total += ini + dirty
+            total += d.stop_copy_size()
+        return total, initial
+
+    # ---- switchover
+    def stop_and_copy(self, writer: StreamWriter) -> int:
+        """All devices quiesce (P2P) first, then each stops and its state is read out."""
+        for d in self.devices:
+            d.set_state(
+                MigState.PRE_COPY_P2P
+                if d.state is MigState.PRE_COPY and d.caps & MigCap.P2P
+                else _quiesced(d)
+            )
+        sent = 0
+        for i, (d, st) in enumerate(zip(self.devices, self.stats, strict=True)):
+            t0 = time.monotonic()
+            d.set_state(MigState.STOP_COPY)
+            while data := d.read_data(CHUNK):
+                writer.section(DEVD, [DEVD_HEAD.pack(i, PHASE_STOP_COPY), data])
+                st.stop_copy_bytes += len(data)
+                sent += len(data)
+            st.stop_copy_ms = (time.monotonic() - t0) * 1e3
+        return sent
+
+    # ---- afterwards
+    def stop_tracking(self) -> None:
+        for d in self.devices:
+            d.iommu.set_dirty_tracking(False)
+            if d.iommu.mode is DirtyTracking.DEVICE:
+                d.dma_logging_stop()
+
+    def rollback(self) -> None:
+        """Back to RUNNING (reset if the device cannot get there): the VM goes on here."""
+        for d in self.devices:
+            try:
+                d.set_state(MigState.RUNNING)
+            except DeviceError as e:
+                log.warning("%s could not return to RUNNING (%s); resetting it", d.name, e)
+                d.reset()
+        self.stop_tracking()
+
+    def release(self) -> None:
+        """The destination runs the VM now: stop the devices here (outside the downtime)."""
+        for d in self.devices:
+            try:
+                d.set_state(MigState.STOP)
+            except DeviceError as e:
+                log.warning("%s: %s", d.name, e)
+        self.stop_tracking()
+
+
+def _quiesced(d: DeviceModel) -> MigState:
+    return MigState.RUNNING_P2P if d.caps & MigCap.P2P else MigState.STOP
+
+
+def _bits_to_pages(bits: np.ndarray, npages: int) -> np.ndarray:
+    nz = np.flatnonzero(bits)
+    if nz.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    unpacked = np.unpackbits(bits[nz].view(np.uint8), bitorder="little").reshape(-1, 64)
+    row, col = np.nonzero(unpacked)
+    pages = (nz[row].astype(np.int64) << 6) + col
+    return pages[pages < npages]
+
+
+class DestinationDevices:
+    """The destination's devices: checked at set-up, fed their streams, committed."""
+
+    def __init__(self, devices: list[DeviceModel]) -> None:
+        self.devices = devices
+
+    def check_compatible(self, source: list[dict[str, Any]]) -> None:
+        if len(source) != len(self.devices):
+            raise MigrationError(
+                f"the source has {len(source)} devices, this VM {len(self.devices)}"
+            )
+        for d, ident in zip(self.devices, source, strict=True):
+            try:
+                theirs = DeviceIdentity.from_dict(ident)
+            except (KeyError, TypeError, ValueError) as e:
+                raise StreamError(f"CONF section: device identity is malformed: {e!r}") from e
+            why = theirs.incompatibility(d.identity)
+            if why:
+                raise MigrationError(f"device {d.name} is incompatible: {why}")
+
+    def begin(self) -> None:
+        for d in self.devices:
+            d.set_state(MigState.RESUMING)
+
+    def write(self, payload: bytes) -> None:
+        if len(payload) < DEVD_HEAD.size:
+            raise StreamError("DEVD section is too short")
+        index, phase = DEVD_HEAD.unpack_from(payload)
+        if index >= len(self.devices) or phase not in (PHASE_PRECOPY, PHASE_STOP_COPY):
+            raise StreamError(
+                f"DEVD section names device {index}, phase {phase}: no such device or phase"
+            )
+        try:
+            self.devices[index].write_data(payload[DEVD_HEAD.size :])
+        except DeviceError as e:
+            raise StreamError(str(e)) from e
+
+    def commit(self) -> None:
+        """RESUMING → STOP: each device checks its stream is complete and consistent."""
+        for d in self.devices:
+            try:
+                d.set_state(MigState.STOP)
+            except DeviceError as e:
+                raise MigrationError(f"device {d.name} refused its state: {e}") from e
+
+    def start(self) -> None:
+        for d in self.devices:
+            d.set_state(MigState.RUNNING)
+
+    def close(self) -> None:
+        for d in self.devices:
+            d.close()
+
+
+__all__ = ["PAGE_SIZE", "DestinationDevices", "SourceDevices", "blockers"]
