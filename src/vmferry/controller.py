@@ -15,6 +15,7 @@ from vmferry.errors import ConfigError, MachineStateError, VmferryError
 from vmferry.machine.machine import Machine
 from vmferry.migration import report
 from vmferry.migration.destination import IncomingMigration
+from vmferry.migration.devices import blockers
 from vmferry.migration.params import MigrationCapabilities, MigrationParameters
 from vmferry.migration.source import MigrationSource
 from vmferry.qmp.backend import QmpError
@@ -113,6 +114,9 @@ class VmController:
                 raise QmpError("the VM has already been migrated away")
             if self.machine.exit is not None:
                 raise QmpError("the guest has ended; there is nothing to migrate")
+            blocked = blockers(self.machine.devices)
+            if blocked:
+                raise QmpError("migration blocked: " + "; ".join(blocked))
             try:
                 mig = MigrationSource(self.machine, uri, self.params, self.caps, on_event=self.emit)
             except ConfigError as e:

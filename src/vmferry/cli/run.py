@@ -60,6 +60,14 @@ def add_parser(sub: Any) -> None:
         help="attach a device (e.g. dmaengine,dirty=iommu; modes: iommu, device, none, "
         "broken); repeat for more",
     )
+    p.add_argument(
+        "--x-device-version",
+        action="append",
+        default=[],
+        metavar="MODEL=N",
+        help="on a destination: make this host's MODEL report version N (to see what an "
+        "incompatible destination does)",
+    )
     p.add_argument("--qmp", metavar="unix:PATH", help="open a QMP control socket (mode 0600)")
     p.add_argument(
         "--timeout",
@@ -99,6 +107,16 @@ def _qmp_path(arg: str | None) -> str | None:
     return path
 
 
+def _versions(args: argparse.Namespace) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for item in args.x_device_version:
+        model, _, n = item.partition("=")
+        if not model or not n.isdigit():
+            raise ConfigError(f"--x-device-version {item}: expected MODEL=N")
+        out[model] = int(n)
+    return out
+
+
 def _incoming(args: argparse.Namespace, serial: BinaryIO) -> Machine:
     uri = parse_uri(args.incoming)
     t0 = time.perf_counter()
@@ -123,7 +141,9 @@ def _incoming(args: argparse.Namespace, serial: BinaryIO) -> Machine:
         DestinationDevices(machine.devices).start()  # RUNNING_P2P → RUNNING, then vCPUs
         machine.start()
         return machine
-    incoming = IncomingMigration(uri, kvm_device=args.kvm_device, serial=serial)
+    incoming = IncomingMigration(
+        uri, kvm_device=args.kvm_device, serial=serial, device_versions=_versions(args)
+    )
     result = incoming.receive()
     _note(
         f"migration received ({result.rounds} rounds, {result.ram_pages} pages; "
@@ -168,7 +188,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         machine.start()
 
     def make_incoming(uri: str) -> IncomingMigration:
-        return IncomingMigration(parse_uri(uri), kvm_device=args.kvm_device, serial=serial)
+        return IncomingMigration(
+            parse_uri(uri),
+            kvm_device=args.kvm_device,
+            serial=serial,
+            device_versions=_versions(args),
+        )
 
     controller = VmController(machine, make_incoming=make_incoming)
     with contextlib.ExitStack() as stack:

@@ -113,7 +113,8 @@ class DeviceModel(ABC):
     # ---- identity and registers (hooks)
     @property
     def identity(self) -> DeviceIdentity:
-        return DeviceIdentity(self.model, self.version, self.config())
+        version = int(self.options.get("x-version", self.version))
+        return DeviceIdentity(self.model, version, self.config())
 
     def config(self) -> dict[str, Any]:
         """The configuration a destination must match (e.g. sizes), not runtime state."""

@@ -78,11 +78,6 @@ class DmaEngine(DeviceModel):
         self._worker = threading.Thread(target=self._run, name=f"{name}-worker", daemon=True)
         self._worker.start()
 
-    @property
-    def identity(self) -> DeviceIdentity:
-        version = int(self.options.get("x-version", self.version))
-        return DeviceIdentity(self.model, version, self.config())
-
     def _reset_registers(self) -> None:
         self.ctrl = self.ring_base = self.ring_size = self.ring_tail = self.ring_head = 0
         self.error = False

@@ -62,9 +62,16 @@ class DeviceSpec:
         return DirtyTracking(self.options.get("dirty", "iommu"))
 
 
-def create_device(spec: DeviceSpec, index: int, memory: GuestMemory) -> DeviceModel:
+def create_device(
+    spec: DeviceSpec, index: int, memory: GuestMemory, version: int | None = None
+) -> DeviceModel:
+    """``version``: report another model version (``--x-device-version``: to try what a
+    destination with another device model does)."""
     iommu = Iommu(memory, spec.tracking)
-    dev = MODELS[spec.model](f"{spec.model}{index}", iommu, dict(spec.options))
+    options = dict(spec.options)
+    if version is not None:
+        options["x-version"] = str(version)
+    dev = MODELS[spec.model](f"{spec.model}{index}", iommu, options)
     if "x-fail-arc" in spec.options:
         from vmferry.devices.fsm import MigState
 
@@ -83,11 +90,14 @@ def mmio_base(index: int) -> int:
     return MMIO_BASE + index * MMIO_STRIDE
 
 
-def create_devices(config: MachineConfig, memory: GuestMemory) -> list[DeviceModel]:
+def create_devices(
+    config: MachineConfig, memory: GuestMemory, versions: dict[str, int] | None = None
+) -> list[DeviceModel]:
     devices: list[DeviceModel] = []
     try:
         for i, text in enumerate(config.devices):
-            devices.append(create_device(DeviceSpec.parse(text), i, memory))
+            spec = DeviceSpec.parse(text)
+            devices.append(create_device(spec, i, memory, (versions or {}).get(spec.model)))
     except BaseException:
         for d in devices:
             d.close()

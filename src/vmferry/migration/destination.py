@@ -59,11 +59,13 @@ class IncomingMigration:
         kvm_device: str = DEFAULT_DEVICE,
         serial: BinaryIO | None = None,
         announce: bool = True,
+        device_versions: dict[str, int] | None = None,
     ) -> None:
         self.uri = uri
         self.kvm_device = kvm_device
         self.serial = serial
         self.announce = announce
+        self.device_versions = device_versions or {}
         self.listener = listen(uri)
         self.port = self.listener.getsockname()[1]
 
@@ -99,7 +101,7 @@ class IncomingMigration:
                 )
             memory = GuestMemory(head.config.memory)
             populate(memory, head.resident)
-            devices = open_devices(head, memory)
+            devices = open_devices(head, memory, self.device_versions)
             reply.send("accepted")
             loaded = load_stream(head, main, memory, readers, devices)
             devices.commit()  # RESUMING → STOP: each device checks its state

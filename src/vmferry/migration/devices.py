@@ -251,16 +251,24 @@ class DestinationDevices:
             raise StreamError(str(e)) from e
 
     def commit(self) -> None:
-        """RESUMING → STOP: each device checks its stream is complete and consistent."""
+        """RESUMING → STOP (each device checks its stream is complete and consistent),
+        then RUNNING_P2P: all that can fail happens before the source hands over."""
         for d in self.devices:
             try:
                 d.set_state(MigState.STOP)
+                d.set_state(_quiesced(d))
             except DeviceError as e:
                 raise MigrationError(f"device {d.name} refused its state: {e}") from e
 
     def start(self) -> None:
+        """The last arc, after the hand-over: the VM must run here now, so a device that
+        cannot start is reset rather than leaving the VM nowhere."""
         for d in self.devices:
-            d.set_state(MigState.RUNNING)
+            try:
+                d.set_state(MigState.RUNNING)
+            except DeviceError as e:
+                log.warning("%s could not start (%s); resetting it", d.name, e)
+                d.reset()
 
     def close(self) -> None:
         for d in self.devices:

@@ -230,9 +230,11 @@ def populate(memory: GuestMemory, ranges: list[tuple[int, int]]) -> threading.Th
     return t
 
 
-def open_devices(head: StreamHead, memory: GuestMemory) -> DestinationDevices:
+def open_devices(
+    head: StreamHead, memory: GuestMemory, versions: dict[str, int] | None = None
+) -> DestinationDevices:
     """The VM's devices, built here, checked against the source's, put in RESUMING."""
-    models = create_devices(head.config, memory)
+    models = create_devices(head.config, memory, versions)
     devices = DestinationDevices(models)
     try:
         devices.check_compatible(head.setup.get("devices", [d.identity.to_dict() for d in models]))
