@@ -1,0 +1,1 @@
+"""A public testing kit: checks any device model must pass."""
