@@ -191,7 +191,8 @@ def check_reset_from_error(dut: DeviceUnderTest) -> None:
         else:
             raise AssertionError("left ERROR without a reset")
         dev.reset()
-        assert dev.state == MigState.RUNNING
+        state: MigState = dev.state  # (mypy narrowed it to ERROR above)
+        assert state is MigState.RUNNING
         try:
             dev.read_data()
         except DeviceError:
