@@ -139,7 +139,7 @@ def test_report_vmferry_sections() -> None:
     }
     assert len(r["rounds"]) == 6
     keys = {"index", "start", "duration", "pages", "zero-pages", "bytes", "dirty-pages"}
-    keys |= {"dirty-rate", "bandwidth", "throttle", "stop-copy"}
+    keys |= {"dirty-rate", "bandwidth", "throttle", "stop-copy", "device-bytes"}
     assert all(set(x) == keys for x in r["rounds"])
     assert r["rounds"][-1]["stop-copy"] is True and r["rounds"][0]["stop-copy"] is False
     assert r["verify"] == {
@@ -168,7 +168,7 @@ def test_report_failed_has_error_desc_and_valid_json(tmp_path: Path) -> None:
 
 def test_query_migrate_completed() -> None:
     q = query_migrate_dict(completed_stats())
-    assert set(q) == {"status", "setup-time", "total-time", "downtime", "ram"}
+    assert set(q) == {"status", "setup-time", "total-time", "downtime", "ram", "vfio"}
     assert q["downtime"] == 123
 
 
@@ -183,6 +183,7 @@ def test_query_migrate_active() -> None:
         "total-time",
         "expected-downtime",
         "ram",
+        "vfio",
         "cpu-throttle-percentage",
     }
     assert q["expected-downtime"] == 110 and q["ram"]["remaining"] == 40 * MIB

@@ -20,6 +20,7 @@ class RoundRecord:
     bandwidth: float  # bytes/s achieved during the round
     throttle_pct: int = 0
     stop_copy: bool = False
+    device_bytes: int = 0  # device state sent in this round (included in ``bytes``)
 
 
 @dataclass

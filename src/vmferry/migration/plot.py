@@ -20,6 +20,7 @@ from vmferry.migration.metrics import MigrationStats, RoundRecord
 MIB: Final = 1 << 20
 PRECOPY_COLOR: Final = "#4c72b0"
 STOPCOPY_COLOR: Final = "#dd5533"
+DEVICE_COLOR: Final = "#7b3294"
 DIRTY_COLOR: Final = "#2a9d55"
 BANDWIDTH_COLOR: Final = "#777777"
 # A stop-copy of 50 ms in a 30 s migration would be invisible at its true width.
@@ -72,6 +73,19 @@ def _bars(ax: Axes, rounds: list[RoundRecord], span_s: float) -> None:
             edgecolor="white",
             linewidth=0.5,
             label=label,
+        )
+    with_devices = [r for r in rounds if r.device_bytes]
+    if with_devices:
+        # Device state, drawn over the part of each bar it accounts for.
+        ax.bar(
+            [r.start_s for r in with_devices],
+            [r.device_bytes / MIB for r in with_devices],
+            width=[max(r.duration_s, min_width) for r in with_devices],
+            align="edge",
+            color=DEVICE_COLOR,
+            edgecolor="white",
+            linewidth=0.5,
+            label="device state",
         )
     if len(rounds) <= LABEL_THROTTLE_UP_TO:
         for r in rounds:

@@ -71,6 +71,7 @@ def query_migrate_dict(stats: MigrationStats) -> dict[str, Any]:
         else:
             out["expected-downtime"] = _ms(stats.expected_downtime_ms)
         out["ram"] = ram_dict(stats)
+        out["vfio"] = {"transferred": stats.device_transferred}
         if stats.throttle_pct and stats.status != "completed":
             out["cpu-throttle-percentage"] = stats.throttle_pct
     if stats.error:
@@ -106,6 +107,7 @@ def _rounds_list(stats: MigrationStats) -> list[dict[str, Any]]:
             "bandwidth": _num(r.bandwidth),
             "throttle": r.throttle_pct,
             "stop-copy": r.stop_copy,
+            "device-bytes": r.device_bytes,
         }
         for r in stats.rounds
     ]
@@ -126,6 +128,8 @@ def report_dict(
         "ram": ram_dict(stats),
         "downtime-breakdown": _downtime_dict(stats),
         "rounds": _rounds_list(stats),
+        "vfio": {"transferred": stats.device_transferred},
+        "devices": stats.devices,
         "verify": {
             "status": v.status,
             "pages-checked": v.pages_checked,
@@ -182,6 +186,7 @@ def stats_from_report(rep: dict[str, Any]) -> MigrationStats:
                 bandwidth=r["bandwidth"],
                 throttle_pct=r["throttle"],
                 stop_copy=r["stop-copy"],
+                device_bytes=r.get("device-bytes", 0),
             )
             for r in rep.get("rounds", [])
         ],
@@ -201,6 +206,8 @@ def stats_from_report(rep: dict[str, Any]) -> MigrationStats:
             cpu_state=v.get("cpu-state", "off"),
             detail=v.get("detail", ""),
         ),
+        device_transferred=rep.get("vfio", {}).get("transferred", 0),
+        devices=list(rep.get("devices", [])),
         error=rep.get("error-desc", ""),
         convergence=rep.get("convergence", ""),
     )

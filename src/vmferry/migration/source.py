@@ -115,6 +115,12 @@ class MigrationSource:
         except BaseException as e:
             cancelled = self._cancel.is_set()
             msg = str(e) if isinstance(e, VmferryError | OSError) else f"internal error: {e!r}"
+            if isinstance(e, OSError) and not cancelled and not self.released:
+                # A destination that fails hangs up, which the sender sees as a reset or a
+                # broken pipe; the reason it sent on the reply path says more.
+                why = self._reason_from_destination()
+                if why:
+                    msg = f"the destination refused the VM: {why}"
             if cancelled and not isinstance(e, MigrationCancelled):
                 msg = f"cancelled ({msg})"
             self.stats.error = msg
@@ -130,6 +136,18 @@ class MigrationSource:
             self._digest_pool.shutdown(wait=False)
             self.stats.total_ms = self._elapsed_ms()
             self.done.set()
+
+    def _reason_from_destination(self) -> str:
+        """The error a destination that failed sent before hanging up ("" if none)."""
+        if not self._socks:
+            return ""
+        reply = self._reply or ReplyPath(self._socks[0])
+        try:
+            while (msg := reply.receive(1.0, "the destination's reason"))["kind"] != "failed":
+                pass
+        except MigrationError:
+            return ""
+        return str(msg.get("error", ""))
 
     def _rollback(self) -> None:
         """Leave the source exactly as it was: no throttle, no dirty log, running."""
@@ -219,7 +237,16 @@ class MigrationSource:
                 pending = ndirty * PAGE_SIZE
                 bandwidth = sent.bytes / dt
                 dirty_rate = pending / dt
-                self._account_round(round_no, t_round, dt, sent, ndirty, bandwidth, dirty_rate)
+                self._account_round(
+                    round_no,
+                    t_round,
+                    dt,
+                    sent,
+                    ndirty,
+                    bandwidth,
+                    dirty_rate,
+                    device_bytes=dev_sent,
+                )
                 st.remaining = pending
                 st.expected_downtime_ms = policy.expected_downtime_ms(pending, bandwidth)
                 dev_pending, dev_initial = self.devices.pending()
@@ -297,8 +324,10 @@ class MigrationSource:
         bandwidth: float,
         dirty_rate: float,
         stop_copy: bool = False,
+        device_bytes: int = 0,
     ) -> None:
         st = self.stats
+        st.devices = [s.to_dict() for s in self.devices.stats]
         st.rounds.append(
             RoundRecord(
                 index=index,
@@ -312,6 +341,7 @@ class MigrationSource:
                 bandwidth=bandwidth,
                 throttle_pct=self.machine.throttle_pct,
                 stop_copy=stop_copy,
+                device_bytes=device_bytes,
             )
         )
         st.dirty_pages_rate = dirty_rate / PAGE_SIZE
@@ -356,10 +386,20 @@ class MigrationSource:
         self.devices.collect_dirty(dirty)
         st.dirty_sync_count += 1
         final = self._send(pool, senders, dirty.pages(), clear=False, limiter=None)
-        st.downtime_bytes = final.bytes + dev_bytes
         t3 = time.monotonic()
+        bandwidth = final.bytes / max(t3 - t2, 1e-6)
+        final.bytes += dev_bytes
+        st.downtime_bytes = final.bytes
         self._account_round(
-            round_no, t1, t3 - t1, final, 0, final.bytes / max(t3 - t2, 1e-6), 0.0, stop_copy=True
+            round_no,
+            t1,
+            t3 - t1,
+            final,
+            0,
+            bandwidth,
+            0.0,
+            stop_copy=True,
+            device_bytes=dev_bytes,
         )
         dt_.final_ram_ms = (t3 - t2) * 1e3
 
