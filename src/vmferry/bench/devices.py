@@ -52,19 +52,23 @@ class ModeResult:
 
 
 def migrate_once(mode: str, memory_mib: int) -> MigrationSource:
-    config = MachineConfig(memory=memory_mib << 20, image="dmatest", cmdline=GUEST_ARGS,
-                           devices=(f"dmaengine,dirty={mode}",))
+    config = MachineConfig(
+        memory=memory_mib << 20,
+        image="dmatest",
+        cmdline=GUEST_ARGS,
+        devices=(f"dmaengine,dirty={mode}",),
+    )
     src = Machine.boot(config, serial=io.BytesIO())
-    incoming = IncomingMigration(parse_uri("tcp:127.0.0.1:0"), serial=io.BytesIO(),
-                                 announce=False)
+    incoming = IncomingMigration(parse_uri("tcp:127.0.0.1:0"), serial=io.BytesIO(), announce=False)
     got: dict[str, IncomingResult] = {}
     t = threading.Thread(target=lambda: got.update(r=incoming.receive()), daemon=True)
     t.start()
     try:
         src.start()
         time.sleep(1.0)  # the ring is busy by now
-        mig = MigrationSource(src, f"tcp:127.0.0.1:{incoming.port}", MigrationParameters(),
-                              MigrationCapabilities())
+        mig = MigrationSource(
+            src, f"tcp:127.0.0.1:{incoming.port}", MigrationParameters(), MigrationCapabilities()
+        )
         mig.start()
         mig.wait(120)
         t.join(120)

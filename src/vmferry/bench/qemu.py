@@ -54,8 +54,9 @@ class QemuGuest:
     cmdline: str
     serial: Path
     qmp: Path
-    # RAM comes from this file (copy-on-write, share=off) instead of anonymous memory:
-    # how the benchmark puts the same host-made data in QEMU's RAM as in vmferry's.
+    # RAM is this tmpfs file, mapped shared and pre-faulted (as vmferry's memfd RAM is)
+    # instead of anonymous memory: how the benchmark puts the same host-made data in
+    # QEMU's RAM as in vmferry's.
     ram_file: Path | None = None
     incoming: bool = False  # wait for `migrate-incoming` (-incoming defer)
     start_paused: bool = False
@@ -63,7 +64,10 @@ class QemuGuest:
     def argv(self) -> list[str]:
         mib = self.memory >> 20
         if self.ram_file is not None:
-            backend = f"memory-backend-file,id=ram0,size={mib}M,mem-path={self.ram_file},share=off"
+            backend = (
+                f"memory-backend-file,id=ram0,size={mib}M,mem-path={self.ram_file},"
+                "share=on,prealloc=on"
+            )
         else:
             backend = f"memory-backend-ram,id=ram0,size={mib}M"
         argv = [

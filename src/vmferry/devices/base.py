@@ -11,9 +11,7 @@ stop-copy size, and implements VFIO DMA logging on top of the IOMMU's write repo
 from __future__ import annotations
 
 import itertools
-import struct
 import threading
-import zlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -24,17 +22,24 @@ import numpy.typing as npt
 from vmferry.devices import fsm
 from vmferry.devices.fsm import FsmError, MigCap, MigState
 from vmferry.devices.iommu import DirtyTracking, Iommu
-from vmferry.errors import VmferryError
+from vmferry.devices.stream import (
+    PIECE_DIRTY,
+    PIECE_FINAL,
+    PIECE_INITIAL,
+    Chunk,
+    DeviceStreamError,
+    ResumingStream,
+    SavingStream,
+    framed_size,
+)
 
 # What QEMU assumes when a device cannot say how big its stop-copy data is: never
 # under-estimate downtime.
 UNKNOWN_STOP_COPY_SIZE = 100 << 30
-PIECE_HEAD = struct.Struct("<4sII")  # kind, length, crc32
-PIECE_INITIAL, PIECE_DIRTY, PIECE_FINAL = b"INIT", b"DIRT", b"FINL"
 DMA_LOG_MAX_RANGES = 256  # VFIO_DEVICE_FEATURE_DMA_LOGGING_START's limit
 
 
-class DeviceError(VmferryError):
+class DeviceError(DeviceStreamError):
     """A device refused an operation or could not complete a transition."""
 
 
@@ -63,27 +68,6 @@ class DeviceIdentity:
         return cls(str(d["model"]), int(d["version"]), dict(d.get("config", {})))
 
 
-def frame_piece(kind: bytes, data: bytes) -> bytes:
-    return PIECE_HEAD.pack(kind, len(data), zlib.crc32(data)) + data
-
-
-def parse_pieces(stream: bytes, what: str) -> list[tuple[bytes, bytes]]:
-    out: list[tuple[bytes, bytes]] = []
-    pos = 0
-    while pos < len(stream):
-        if pos + PIECE_HEAD.size > len(stream):
-            raise DeviceError(f"{what}: device stream ends inside a piece header")
-        kind, n, crc = PIECE_HEAD.unpack_from(stream, pos)
-        data = stream[pos + PIECE_HEAD.size : pos + PIECE_HEAD.size + n]
-        if kind not in (PIECE_INITIAL, PIECE_DIRTY, PIECE_FINAL) or len(data) != n:
-            raise DeviceError(f"{what}: device stream is malformed at byte {pos}")
-        if zlib.crc32(data) != crc:
-            raise DeviceError(f"{what}: device stream piece at byte {pos} is corrupt")
-        out.append((kind, data))
-        pos += PIECE_HEAD.size + n
-    return out
-
-
 class DeviceModel(ABC):
     """A migratable device. Subclasses implement the hooks marked abstract."""
 
@@ -98,9 +82,9 @@ class DeviceModel(ABC):
         self.options = options
         self.state = MigState.RUNNING
         self._lock = threading.RLock()
-        self._saving: bytearray | None = None  # unread part of the saving stream
-        self._saving_initial_left = 0
-        self._resuming: bytearray | None = None
+        self._saving: SavingStream | None = None
+        self._resuming: ResumingStream | None = None
+        self._staged: list[tuple[bytes, bytes]] = []
         self.fail_arcs: set[tuple[MigState, MigState]] = set()  # fault injection (tests)
         self._dma_log: DmaLog | None = None
         if iommu.mode is DirtyTracking.DEVICE:
@@ -135,28 +119,40 @@ class DeviceModel(ABC):
         """Do the device's part of one direct arc (quiesce, stop, resume, …)."""
 
     @abstractmethod
-    def save_initial(self) -> bytes:
-        """Pre-copy initial data (entering PRE_COPY): what can move while it runs."""
+    def save_initial(self) -> Chunk | list[Chunk]:
+        """Pre-copy initial data (entering PRE_COPY): what can move while it runs. A list
+        makes one piece per element (at most 64 MiB each); views of device memory are
+        copied only as they are read."""
 
-    def save_dirty(self) -> bytes:
-        """Internal state changed since the initial data was saved; b'' if none."""
+    def save_dirty(self) -> Chunk | list[Chunk]:
+        """Internal state changed since it was last saved; empty if none."""
         return b""
 
     def dirty_estimate(self) -> int:
         return 0
 
     @abstractmethod
-    def save_final(self) -> bytes:
+    def save_final(self) -> Chunk | list[Chunk]:
         """Everything else, with the device stopped (entering STOP_COPY)."""
 
     def final_estimate(self) -> int | None:
         """Bytes ``save_final`` will produce; None if the device cannot say."""
         return None
 
-    @abstractmethod
     def load(self, pieces: list[tuple[bytes, bytes]]) -> None:
-        """Take the state back from the pieces of a resuming stream (INIT, DIRT…, FINL);
-        raise DeviceError if they are inconsistent."""
+        """Take the state back from the pieces of a resuming stream (INIT…, DIRT…, FINL);
+        raise DeviceError if they are inconsistent. Devices with big state override
+        ``accept_piece`` and ``finish_load`` instead, to stage pieces as they come."""
+        raise NotImplementedError
+
+    def accept_piece(self, kind: bytes, data: bytes) -> None:
+        """One complete piece of the resuming stream (default: keep it for ``load``)."""
+        self._staged.append((kind, data))
+
+    def finish_load(self) -> None:
+        """The stream is complete (RESUMING→STOP): apply it, or raise DeviceError."""
+        pieces, self._staged = self._staged, []
+        self.load(pieces)
 
     # ---- the FSM walk (framework)
     def set_state(self, target: MigState) -> None:
@@ -182,35 +178,39 @@ class DeviceModel(ABC):
             self._saving = self._resuming = None
             raise DeviceError(f"{self.name}: {cur.name}→{nxt.name} failed: {e}") from e
         if fsm.opens_saving(arc):
-            self._saving = bytearray()
-            self._saving_initial_left = 0
+            self._saving = SavingStream()
         if fsm.closes_saving(arc):
             self._saving = None
         if nxt in (MigState.PRE_COPY, MigState.PRE_COPY_P2P) and fsm.opens_saving(arc):
-            initial = frame_piece(PIECE_INITIAL, self.save_initial())
-            assert self._saving is not None
-            self._saving += initial
-            self._saving_initial_left = len(initial)
+            self._push(PIECE_INITIAL, self.save_initial(), initial=True)
         if nxt is MigState.STOP_COPY and self._saving is not None:
-            self._saving += frame_piece(PIECE_FINAL, self.save_final())
+            self._push(PIECE_FINAL, self.save_final())
         if fsm.opens_resuming(arc):
-            self._resuming = bytearray()
+            self._staged = []
+            self._resuming = ResumingStream(self.accept_piece, self.name)
         if fsm.commits_resuming(arc):
-            data, self._resuming = self._resuming, None
-            pieces = parse_pieces(bytes(data or b""), self.name)
-            if not pieces or pieces[-1][0] != PIECE_FINAL:
-                raise DeviceError(
-                    f"{self.name}: resuming stream is incomplete (no final "
-                    "state); the device keeps its previous state"
-                )
-            self.load(pieces)
+            stream, self._resuming = self._resuming, None
+            try:
+                if stream is None:
+                    raise DeviceError(f"{self.name}: no resuming stream to commit")
+                stream.check_complete()
+                self.finish_load()
+            except DeviceStreamError as e:
+                self._staged = []
+                raise DeviceError(f"{e}; the device keeps its previous state") from e
         self.state = nxt
+
+    def _push(self, kind: bytes, data: Chunk | list[Chunk], *, initial: bool = False) -> None:
+        assert self._saving is not None
+        parts = data if isinstance(data, list) else [data]
+        for part in parts:
+            self._saving.push(kind, part, initial=initial)
 
     def reset(self) -> None:
         """VFIO reset: leaves ERROR for RUNNING; open streams are invalidated."""
         with self._lock:
             self._saving = self._resuming = None
-            self._saving_initial_left = 0
+            self._staged = []
             self.device_reset()
             self.state = MigState.RUNNING
 
@@ -219,40 +219,40 @@ class DeviceModel(ABC):
         """Read the saving stream. In PRE_COPY: None means "nothing now" (ENOMSG), more may
         come later. In STOP_COPY: b'' is the end."""
         with self._lock:
-            if self._saving is None:
+            stream = self._saving
+            if stream is None:
                 raise DeviceError(f"{self.name}: no saving stream in state {self.state.name}")
-            if not self._saving and self.state in (MigState.PRE_COPY, MigState.PRE_COPY_P2P):
+            precopy = self.state in (MigState.PRE_COPY, MigState.PRE_COPY_P2P)
+            if not stream.pending and precopy:
                 dirty = self.save_dirty()
-                if dirty:
-                    self._saving += frame_piece(PIECE_DIRTY, dirty)
-            if not self._saving:
-                return b"" if self.state is MigState.STOP_COPY else None
-            out = bytes(self._saving[:max_bytes])
-            del self._saving[:max_bytes]
-            self._saving_initial_left = max(0, self._saving_initial_left - len(out))
-            key = "stop_copy_bytes" if self.state is MigState.STOP_COPY else "precopy_bytes"
+                if len(dirty) if isinstance(dirty, list) else memoryview(dirty).nbytes:
+                    self._push(PIECE_DIRTY, dirty)
+            if not stream.pending:
+                return None if precopy else b""
+            out = stream.read(max_bytes)
+            key = "precopy_bytes" if precopy else "stop_copy_bytes"
             self.stats[key] += len(out)
             return out
 
-    def write_data(self, data: bytes) -> None:
+    def write_data(self, data: Chunk) -> None:
         with self._lock:
             if self._resuming is None:
                 raise DeviceError(f"{self.name}: not resuming (state {self.state.name})")
-            self._resuming += data
+            self._resuming.feed(data)
 
     def precopy_info(self) -> tuple[int, int]:
         """VFIO_MIG_GET_PRECOPY_INFO: (initial_bytes, dirty_bytes); only in pre-copy."""
         with self._lock:
             if self.state not in (MigState.PRE_COPY, MigState.PRE_COPY_P2P):
                 raise DeviceError(f"{self.name}: PRECOPY_INFO in state {self.state.name}")
-            pending = len(self._saving or b"")
-            initial = self._saving_initial_left
-            return initial, max(0, pending - initial) + self.dirty_estimate()
+            assert self._saving is not None
+            initial = self._saving.initial_left
+            return initial, self._saving.pending - initial + self.dirty_estimate()
 
     def stop_copy_size(self) -> int:
         """VFIO_DEVICE_FEATURE_MIG_DATA_SIZE: the stop-copy estimate (huge if unknown)."""
         est = self.final_estimate()
-        return UNKNOWN_STOP_COPY_SIZE if est is None else est + PIECE_HEAD.size
+        return UNKNOWN_STOP_COPY_SIZE if est is None else framed_size(est)
 
     # ---- DMA logging (VFIO_DEVICE_FEATURE_DMA_LOGGING_START / REPORT / STOP)
     def dma_logging_start(self, ranges: list[tuple[int, int]], page_size: int) -> int:

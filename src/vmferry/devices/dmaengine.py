@@ -14,16 +14,10 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from vmferry.devices.base import (
-    PIECE_DIRTY,
-    PIECE_FINAL,
-    PIECE_INITIAL,
-    DeviceError,
-    DeviceIdentity,
-    DeviceModel,
-)
+from vmferry.devices.base import DeviceError, DeviceIdentity, DeviceModel
 from vmferry.devices.fsm import MigCap, MigState
 from vmferry.devices.iommu import DmaFault, Iommu
+from vmferry.devices.stream import PIECE_DIRTY, PIECE_FINAL, PIECE_INITIAL
 
 ID = 0x45414D44  # "DMAE"
 CAPS_BITS = 0b111

@@ -49,6 +49,12 @@ def _recv_timeout(sock: socket.socket, seconds: int) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", seconds, 0))
 
 
+def _wake(sock: socket.socket) -> None:
+    # Readers blocked on the socket see its end (close(2) alone does not wake them).
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RD)
+
+
 class IncomingMigration:
     """Waits on tcp:HOST:PORT for one migration and returns the running machine."""
 
@@ -103,7 +109,9 @@ class IncomingMigration:
             populate(memory, head.resident)
             devices = open_devices(head, memory, self.device_versions)
             reply.send("accepted")
-            loaded = load_stream(head, main, memory, readers, devices)
+            loaded = load_stream(
+                head, main, memory, readers, devices, wake_main=lambda: _wake(main_sock)
+            )
             devices.commit()  # RESUMING → STOP: each device checks its state
             t_loaded = time.monotonic()
             machine = Machine.from_state(
@@ -161,5 +169,6 @@ class IncomingMigration:
             raise
         finally:
             for s in socks:
+                _wake(s)  # a channel thread blocked on its socket returns now
                 s.close()
             self.listener.close()

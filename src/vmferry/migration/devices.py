@@ -20,6 +20,7 @@ import numpy as np
 from vmferry.devices.base import DeviceError, DeviceIdentity, DeviceModel
 from vmferry.devices.fsm import MigCap, MigState
 from vmferry.devices.iommu import DirtyTracking
+from vmferry.devices.stream import DeviceStreamError
 from vmferry.errors import MigrationError, StreamError
 from vmferry.memory.dirty import DirtyBitmap
 from vmferry.memory.guest_memory import PAGE_SHIFT, PAGE_SIZE
@@ -247,7 +248,7 @@ class DestinationDevices:
             )
         try:
             self.devices[index].write_data(payload[DEVD_HEAD.size :])
-        except DeviceError as e:
+        except DeviceStreamError as e:
             raise StreamError(str(e)) from e
 
     def commit(self) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,7 +19,7 @@ from vmferry.machine.config import MachineConfig
 from vmferry.machine.machine import Machine
 from vmferry.machine.state import MachineState, VcpuState
 from vmferry.memory.dirty import DirtyBitmap
-from vmferry.memory.guest_memory import GuestMemory
+from vmferry.memory.guest_memory import MAX_RAM, GuestMemory
 from vmferry.migration.devices import DestinationDevices
 from vmferry.migration.metrics import VerifyResult
 from vmferry.migration.ram import RamReceiver, RamStats
@@ -78,7 +79,9 @@ def read_head(reader: StreamReader) -> StreamHead:
         setup = conf.get("migration", {})
         if not isinstance(setup, dict):
             raise TypeError("migration set-up is not an object")
-    except (KeyError, TypeError, AttributeError, VmferryError) as e:
+        if config.memory > MAX_RAM:
+            raise ValueError(f"{config.memory} bytes of RAM is more than the 1 TiB vmferry runs")
+    except (KeyError, TypeError, ValueError, AttributeError, VmferryError) as e:
         raise StreamError(f"section #0 CONF holds no usable machine config: {e}") from e
     return StreamHead(config, setup)
 
@@ -117,9 +120,11 @@ def load_stream(
     memory: GuestMemory,
     channels: list[StreamReader] | None = None,
     devices: DestinationDevices | None = None,
+    wake_main: Callable[[], None] | None = None,
 ) -> LoadedStream:
     """Read the rest of the main stream, and the extra channels on threads, into memory;
-    device state goes to ``devices`` (in RESUMING)."""
+    device state goes to ``devices`` (in RESUMING). ``wake_main`` ends a read blocked on
+    the main stream (which may be idle while a channel fails)."""
     written = DirtyBitmap(memory.npages)
     receivers = [RamReceiver(memory, written) for _ in range(1 + len(channels or []))]
     errors: list[BaseException] = []
@@ -131,6 +136,8 @@ def load_stream(
                 read_channel(r, receivers[i], head.setup.get("id", ""), i)
             except BaseException as e:
                 errors.append(e)
+                if wake_main is not None:
+                    wake_main()
 
         t = threading.Thread(target=run, name=f"incoming-ch{i}", daemon=True)
         t.start()
@@ -143,26 +150,31 @@ def load_stream(
     while True:
         if errors:
             raise errors[0]
-        hdr, h = main.next_section()
-        if hdr.tag == RAM:
-            receivers[0].load(main, hdr, h)
-        elif hdr.tag == ROUND:
-            main.read_payload(hdr, h)
-            rounds += 1
-        elif hdr.tag == DEVD:
-            payload = main.read_payload(hdr, h)
-            if devices is None:
-                raise StreamError(f"{hdr.describe()}: device state for a VM without devices")
-            devices.write(payload)
-        elif hdr.tag == CPUS:
-            cpu = decode_json(main, main.read_payload(hdr, h), "CPUS")
-        elif hdr.tag == DEVS:
-            summary = decode_json(main, main.read_payload(hdr, h), "DEVS")
-        elif hdr.tag == VRFY:
-            verify = VerifyRecord.decode(main.read_payload(hdr, h), memory.npages)
-        elif hdr.tag == END:
-            main.read_payload(hdr, h)
-            break
+        try:
+            hdr, h = main.next_section()
+            if hdr.tag == RAM:
+                receivers[0].load(main, hdr, h)
+            elif hdr.tag == ROUND:
+                main.read_payload(hdr, h)
+                rounds += 1
+            elif hdr.tag == DEVD:
+                payload = main.read_payload(hdr, h)
+                if devices is None:
+                    raise StreamError(f"{hdr.describe()}: device state for a VM without devices")
+                devices.write(payload)
+            elif hdr.tag == CPUS:
+                cpu = decode_json(main, main.read_payload(hdr, h), "CPUS")
+            elif hdr.tag == DEVS:
+                summary = decode_json(main, main.read_payload(hdr, h), "DEVS")
+            elif hdr.tag == VRFY:
+                verify = VerifyRecord.decode(main.read_payload(hdr, h), memory.npages)
+            elif hdr.tag == END:
+                main.read_payload(hdr, h)
+                break
+        except VmferryError:
+            if errors:  # the channel's error is the cause; the main stream was woken
+                raise errors[0] from None
+            raise
     for t in threads:
         t.join()
     if errors:

@@ -219,7 +219,10 @@ class RamReceiver:
             reader.read(hdr, memoryview(frame))
             h.update(frame)
             reader.check(hdr, h)  # the frame is checked before it is decompressed
-            size = zstandard.frame_content_size(bytes(frame[:18]))
+            try:
+                size = zstandard.frame_content_size(bytes(frame[:18]))
+            except zstandard.ZstdError as e:
+                raise StreamError(f"{hdr.describe()}: compressed RAM is not a zstd frame") from e
             if not 0 <= size <= MAX_DECOMPRESSED:
                 raise StreamError(f"{hdr.describe()}: compressed RAM claims {size} bytes")
             try:

@@ -19,6 +19,7 @@ from vmferry.devices import fsm
 from vmferry.devices.base import DeviceError, DeviceModel
 from vmferry.devices.fsm import FsmError, MigCap, MigState
 from vmferry.devices.iommu import DirtyTracking
+from vmferry.devices.stream import DeviceStreamError
 from vmferry.memory.guest_memory import PAGE_SIZE, GuestMemory
 
 MEMORY = 64 << 20
@@ -108,7 +109,8 @@ def check_round_trip(dut: DeviceUnderTest) -> None:
 
 
 def check_bad_streams_refused(dut: DeviceUnderTest) -> None:
-    """A truncated or corrupt resuming stream fails the commit with DeviceError."""
+    """A truncated or corrupt resuming stream is refused — by the write or by the commit —
+    and the device stays in RESUMING."""
     mem_a, a = dut.build()
     stream = saved_stream(dut, mem_a, a)
     a.close()
@@ -119,11 +121,11 @@ def check_bad_streams_refused(dut: DeviceUnderTest) -> None:
         mem, dev = dut.build()
         try:
             dev.set_state(MigState.RESUMING)
-            dev.write_data(bad)
             try:
+                dev.write_data(bad)
                 dev.set_state(MigState.STOP)
-            except DeviceError:
-                assert dev.state is MigState.RESUMING, "a failed commit changed the state"
+            except DeviceStreamError:
+                assert dev.state is MigState.RESUMING, "a refused stream changed the state"
             else:
                 raise AssertionError(f"a bad stream of {len(bad)} bytes was accepted")
         finally:
