@@ -139,12 +139,6 @@ def test_auto_converge_throttles_a_guest_that_outruns_the_link() -> None:
     assert st.verify.status == "passed"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="vcpu_thread.py drops a throttle request that arrives while the vCPU is outside "
-    "KVM_RUN (parked on the halt port, where a paced guest spends most of its time): the "
-    "loop clears immediate_exit before the next KVM_RUN and never takes the sleep",
-)
 def test_auto_converge_throttles_a_paced_guest() -> None:
     w = Workload("32M", seed=13, rounds=40, rate=300)  # 300 MB/s, in 16-page steps
     guest = Guest(w)

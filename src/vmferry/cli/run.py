@@ -21,6 +21,8 @@ from vmferry.migration.loader import check_loaded
 from vmferry.migration.snapshot import load_from_file, save_to_file
 from vmferry.qmp.server import QmpServer
 
+LINGER_S = 10.0
+
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser(
@@ -199,6 +201,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     with contextlib.ExitStack() as stack:
         # Closed last: the machine, whether it was booted here or arrived later.
         stack.callback(_close_machine, controller)
+        server: QmpServer | None = None
         if qmp_path:
             server = QmpServer(qmp_path, controller)
             controller.emit = server.emit
@@ -211,6 +214,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                 break
         if outcome == "migrated":
             assert controller.migration is not None
+            if server is not None:
+                _linger(server)
             st = controller.migration.stats
             _note(
                 f"migrated to {controller.migration.uri} in {st.total_ms:.0f} ms "
@@ -225,6 +230,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         if controller.current_machine is None:
             raise GuestError(f"no VM arrived within {args.timeout} s")
         return _exit_status(controller.current_machine.exit, args.timeout)
+
+
+def _linger(server: QmpServer) -> None:
+    """The VM runs elsewhere now; stay a moment for a QMP client (``vmferry migrate``) to
+    read the final report, then go."""
+    deadline = time.monotonic() + LINGER_S
+    while server.client_count and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def _close_machine(controller: VmController) -> None:

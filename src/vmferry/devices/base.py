@@ -75,6 +75,12 @@ class DeviceModel(ABC):
     version: ClassVar[int]
     caps: ClassVar[MigCap]
     mmio_size: ClassVar[int] = 0x1000
+    # ``--device MODEL,key=value`` options this model takes besides the common ones.
+    model_options: ClassVar[frozenset[str]] = frozenset()
+    # DMA dirty-tracking modes this model supports (``mediated`` needs a mediator).
+    tracking_modes: ClassVar[frozenset[DirtyTracking]] = frozenset(
+        {DirtyTracking.IOMMU, DirtyTracking.DEVICE, DirtyTracking.NONE, DirtyTracking.BROKEN}
+    )
 
     def __init__(self, name: str, iommu: Iommu, options: dict[str, str]) -> None:
         self.name = name
@@ -130,6 +136,12 @@ class DeviceModel(ABC):
 
     def dirty_estimate(self) -> int:
         return 0
+
+    def mediated_dirty_pages(self) -> npt.NDArray[np.int64]:
+        """``mediated`` tracking: RAM pages (RAM offset / 4096) the device has written or
+        is about to write since the last call, known from what the mediator parsed;
+        the engine calls it at every sync."""
+        raise DeviceError(f"{self.name} has no mediator to report its DMA")
 
     @abstractmethod
     def save_final(self) -> Chunk | list[Chunk]:

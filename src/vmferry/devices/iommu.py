@@ -7,6 +7,9 @@ Tracking modes, chosen per device:
   (IOMMUFD ``HWPT_GET_DIRTY_BITMAP`` without NO_CLEAR).
 - ``device``: the device logs its own writes (VFIO DMA logging, features 6/7/8); the
   IOMMU reports each write to the device's logger.
+- ``mediated``: the device's host-side mediator knows, from the descriptors and commands
+  it parses, which guest pages the device will write, and reports them itself (Yan Zhao's
+  X710 RFC; gMig for GVT-g).
 - ``none``: nothing is tracked; the migration engine treats every DMA-mapped page as
   dirty at every sync (legacy type1 — correct and costly).
 - ``broken``: writes go untracked and nobody compensates (tests only: verification must
@@ -31,6 +34,7 @@ from vmferry.memory.guest_memory import PAGE_SHIFT, PAGE_SIZE, GuestMemory
 class DirtyTracking(enum.Enum):
     IOMMU = "iommu"
     DEVICE = "device"
+    MEDIATED = "mediated"
     NONE = "none"
     BROKEN = "broken"
 

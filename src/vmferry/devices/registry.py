@@ -43,15 +43,16 @@ class DeviceSpec:
             key, eq, value = item.partition("=")
             if not eq or not key:
                 raise ConfigError(f"--device {text}: option {item!r} is not key=value")
-            if key not in COMMON_OPTIONS:
+            known = COMMON_OPTIONS | MODELS[model].model_options
+            if key not in known:
                 raise ConfigError(
-                    f"--device {text}: unknown option {key!r} "
-                    f"(known: {', '.join(sorted(COMMON_OPTIONS))})"
+                    f"--device {text}: unknown option {key!r} (known: {', '.join(sorted(known))})"
                 )
             options[key] = value
         mode = options.get("dirty", "iommu")
-        if mode not in {m.value for m in DirtyTracking}:
-            raise ConfigError(f"--device {text}: dirty={mode}: use iommu, device, none or broken")
+        modes = sorted(m.value for m in MODELS[model].tracking_modes)
+        if mode not in modes:
+            raise ConfigError(f"--device {text}: dirty={mode}: {model} supports {', '.join(modes)}")
         return cls(model, options)
 
     def __str__(self) -> str:

@@ -184,13 +184,19 @@ class VcpuThread:
                         return
                     self._run_calls()
                     self._cond.wait()
+                if self._throttle_sleep:
+                    # Auto-converge: stay out of the guest for a while (a pause or stop
+                    # request ends the sleep). Taken here, so a request that came while
+                    # the vCPU was parked or handling an exit is not lost.
+                    sleep, self._throttle_sleep = self._throttle_sleep, 0.0
+                    self._cond.wait_for(lambda: self._want is not VcpuRunState.RUNNING, sleep)
+                    continue
                 self._state = VcpuRunState.RUNNING
                 self._cond.notify_all()
                 self.handle.set_immediate_exit(False)
             was_running = True
             result = self.handle.run()
             if result.interrupted:
-                self._throttled_sleep()
                 continue
             self.exits += 1
             self._handle_exit(result.exit_reason)
@@ -240,13 +246,6 @@ class VcpuThread:
         else:
             name = uapi.EXIT_REASON_NAMES.get(reason, str(reason))
             raise GuestError(f"vCPU {self.index}: unexpected exit {name}")
-
-    def _throttled_sleep(self) -> None:
-        with self._cond:
-            sleep, self._throttle_sleep = self._throttle_sleep, 0.0
-            if sleep:
-                # A pause or stop request ends the sleep early.
-                self._cond.wait_for(lambda: self._want is not VcpuRunState.RUNNING, sleep)
 
     def park(self, max_us: int) -> None:
         """Called on this thread: wait until woken, a request, or max_us (0: no limit)."""

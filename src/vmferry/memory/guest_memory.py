@@ -9,6 +9,8 @@ the 3–4 GiB hole for device MMIO (as PC chipsets do).
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import errno
 import mmap
 import os
@@ -26,6 +28,10 @@ HIGH_RAM_BASE = 4 << 30
 MMIO_HOLE = (LOW_RAM_LIMIT, HIGH_RAM_BASE)
 MAX_RAM = 1 << 40
 MADV_POPULATE_WRITE = 23  # Linux 5.14; not yet in Python 3.11's mmap module
+POPULATE_CHUNK = 64 << 20  # so a reader waiting behind it is never far behind
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_libc.madvise.restype = ctypes.c_int
 
 
 @dataclass(frozen=True)
@@ -121,19 +127,20 @@ class GuestMemory:
     # ---- residency
     def populate(self) -> None:
         """Allocate every page now: receiving into fresh memory is many times slower."""
-        try:
-            self._map.madvise(MADV_POPULATE_WRITE)
-        except OSError as e:
-            if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
-                raise
+        self.populate_range(0, self.size)
 
     def populate_range(self, offset: int, length: int) -> None:
-        start = offset & ~(mmap.PAGESIZE - 1)
-        try:
-            self._map.madvise(MADV_POPULATE_WRITE, start, offset + length - start)
-        except OSError as e:
-            if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
-                raise
+        """MADV_POPULATE_WRITE through ctypes: unlike mmap.madvise it releases the GIL, so a
+        destination can pre-fault RAM on a thread while its other threads receive."""
+        start = offset & ~(PAGE_SIZE - 1)
+        end = min(offset + length, self.size)
+        for pos in range(start, end, POPULATE_CHUNK):
+            n = min(POPULATE_CHUNK, end - pos)
+            if _libc.madvise(ctypes.c_void_p(self.host_addr + pos), n, MADV_POPULATE_WRITE):
+                err = ctypes.get_errno()
+                if err in (errno.EINVAL, errno.EOPNOTSUPP):
+                    return  # an older kernel: pages fault in as they are written
+                raise OSError(err, f"madvise(MADV_POPULATE_WRITE) of guest RAM: {os.strerror(err)}")
 
     def data_ranges(self) -> list[tuple[int, int]]:
         """Populated RAM as [start, end) offsets (tmpfs SEEK_DATA/SEEK_HOLE); holes read 0."""

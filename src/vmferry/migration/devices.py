@@ -28,7 +28,10 @@ from vmferry.migration.stream import DEVD, StreamWriter
 
 DEVD_HEAD = struct.Struct("<II")  # device index, phase
 PHASE_PRECOPY, PHASE_STOP_COPY = 0, 1
-CHUNK = 1 << 20  # QEMU reads up to 1 MiB of device data per device per round
+CHUNK = 1 << 20  # one DEVD section: QEMU reads device data 1 MiB at a time
+# Pre-copy data per device per round. QEMU reads 1 MiB per device per iteration; a vGPU's
+# VRAM share of gigabytes would then take thousands of rounds, so vmferry reads more.
+ROUND_BUDGET = 256 << 20
 DMA_LOG_PAGE = 4096
 
 log = logging.getLogger(__name__)
@@ -101,6 +104,8 @@ class SourceDevices:
                 d.iommu.read_and_clear_dirty(into)
             elif mode is DirtyTracking.DEVICE:
                 self._device_log(d, into)
+            elif mode is DirtyTracking.MEDIATED:
+                into.set_pages(d.mediated_dirty_pages())
             elif mode is DirtyTracking.NONE:
                 # No tracking: every page the device can reach may have changed (holes in
                 # RAM excepted: a page DMA wrote to is no longer a hole).
@@ -125,14 +130,15 @@ class SourceDevices:
                 into.set_pages((m.ram_offset >> PAGE_SHIFT) + pages)
 
     def send_precopy(self, writer: StreamWriter) -> int:
-        """Up to 1 MiB of pre-copy data per device; returns bytes sent."""
+        """Up to ROUND_BUDGET of pre-copy data per device, 1 MiB per section; returns
+        bytes sent."""
         sent = 0
         for i, (d, st) in enumerate(zip(self.devices, self.stats, strict=True)):
             if d.state not in (MigState.PRE_COPY, MigState.PRE_COPY_P2P):
                 continue
-            budget = CHUNK
+            budget = ROUND_BUDGET
             while budget > 0:
-                data = d.read_data(budget)
+                data = d.read_data(min(budget, CHUNK))
                 if not data:  # None: nothing now, more may come later
                     break
                 writer.section(DEVD, [DEVD_HEAD.pack(i, PHASE_PRECOPY), data])

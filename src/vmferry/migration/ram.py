@@ -70,16 +70,22 @@ def split_runs(
 
 
 def zero_pages(memory: GuestMemory, pages: npt.NDArray[np.int64]) -> npt.NDArray[np.bool_]:
-    """Which of the (sorted) pages hold only zeros; a view over dense spans, a gather else."""
+    """Which of the (sorted) pages hold only zeros.
+
+    Only a page whose first word is zero can be a zero page, and in a guest's data almost
+    none is: reading one word per page (one cache line in 64) rules out most pages, and
+    only the rest are read whole."""
+    zero = np.zeros(pages.size, dtype=bool)
     if pages.size == 0:
-        return np.zeros(0, dtype=bool)
+        return zero
     allp = memory.pages()
     lo, hi = int(pages[0]), int(pages[-1]) + 1
-    if hi - lo <= 2 * pages.size:
-        nz: npt.NDArray[np.bool_] = np.any(allp[lo:hi], axis=1)  # a view: no copy
-        return ~nz[pages - lo]
-    gathered: npt.NDArray[np.bool_] = np.any(allp[pages], axis=1)
-    return ~gathered
+    dense = hi - lo <= 2 * pages.size  # then a strided view, and a small gather from it
+    first_words = allp[lo:hi, 0][pages - lo] if dense else allp[pages, 0]
+    maybe = np.flatnonzero(first_words == 0)
+    if maybe.size:
+        zero[maybe] = ~np.any(allp[pages[maybe]], axis=1)
+    return zero
 
 
 def expand_runs(

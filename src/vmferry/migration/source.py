@@ -380,7 +380,7 @@ class MigrationSource:
         resident = m.memory.resident_pages()
         if self.caps.x_verify:
             # Digest all of RAM as it is now, while the last pages are being sent.
-            digests = self._digest_pool.submit(page_digests, m.memory, resident, self._seed, 1)
+            digests = self._digest_pool.submit(page_digests, m.memory, resident, self._seed, 2)
         dirty = unsent
         m.fetch_dirty_log(dirty)
         self.devices.collect_dirty(dirty)

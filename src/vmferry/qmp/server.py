@@ -115,6 +115,11 @@ class QmpServer:
         )
         self._accept_thread.start()
 
+    @property
+    def client_count(self) -> int:
+        with self._lock:
+            return len(self._clients)
+
     def emit(self, event: str, data: Mapping[str, Any] | None = None) -> None:
         """Send an event to every client that has completed negotiation."""
         message = event_message(event, data)
