@@ -11,6 +11,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from vmferry.bench import devices as bench_devices
 from vmferry.bench import migrate as bench_migrate
 from vmferry.bench.vmm import FULL, QUICK, Measurement, host_info, run_all
 
@@ -46,6 +47,16 @@ def add_parser(sub: Any) -> None:
     mig.add_argument("--quick", action="store_true", help="1 GiB guests only, one repeat")
     mig.add_argument("--markdown", metavar="FILE", help="also write the tables to FILE as Markdown")
     mig.set_defaults(func=cmd_bench_migrate)
+    dev = which.add_parser(
+        "devices",
+        help="what each DMA dirty-tracking mode costs a migration (dmatest + dmaengine)",
+        description="Migrate dmatest with a busy dmaengine in each tracking mode (iommu, "
+        "device, none), interleaved, and report total time, downtime and bytes as ratios to "
+        "iommu mode measured in the same run.",
+    )
+    dev.add_argument("--repeats", type=int, default=5, help="migrations per mode (median)")
+    dev.add_argument("--json", metavar="FILE", help="also write the results to FILE as JSON")
+    dev.set_defaults(func=cmd_bench_devices)
 
 
 def _fmt(value: float, unit: str) -> str:
@@ -148,4 +159,41 @@ def cmd_bench_migrate(args: argparse.Namespace) -> int:
             **results.to_dict(),
         }
         Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
+    return 0
+
+
+def cmd_bench_devices(args: argparse.Namespace) -> int:
+    rows = bench_devices.run(args.repeats)
+    table = Table(
+        title=f"vmferry bench devices: dmatest, median of {args.repeats} "
+        "(ratio = mode / iommu, same run)"
+    )
+    cols = (
+        "mode",
+        "total-time-ms",
+        "total-time-ratio",
+        "downtime-ms",
+        "downtime-ratio",
+        "ram-bytes",
+        "ram-bytes-ratio",
+        "device-bytes",
+        "dma-dirty-pages",
+        "rounds",
+    )
+    for c in cols:
+        table.add_column(c, justify="left" if c == "mode" else "right")
+    for r in rows:
+        table.add_row(
+            *(
+                f"{r[c]:,.2f}"
+                if isinstance(r[c], float)
+                else f"{r[c]:,}"
+                if isinstance(r[c], int)
+                else str(r[c])
+                for c in cols
+            )
+        )
+    Console().print(table)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
     return 0
