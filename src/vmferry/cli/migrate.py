@@ -7,8 +7,9 @@ import json
 import time
 from typing import Any
 
-from rich.console import Console
+from rich.console import Console, Group
 from rich.live import Live
+from rich.progress_bar import ProgressBar
 from rich.table import Table
 
 from vmferry.errors import MigrationError
@@ -59,15 +60,18 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(func=cmd_migrate)
 
 
-def _progress(info: dict[str, Any]) -> Table:
+def _progress(info: dict[str, Any]) -> Group:
     ram = info.get("ram", {})
-    t = Table.grid(padding=(0, 2))
-    total = max(ram.get("total", 1), 1)
     sent = ram.get("transferred", 0)
+    remaining = ram.get("remaining", 0)
+    # Progress of the copy as far as it is known: what went out against that plus what
+    # is still dirty (it grows when the guest dirties faster than it is sent).
+    bar = ProgressBar(total=max(sent + remaining, 1), completed=sent, width=60)
+    t = Table.grid(padding=(0, 2))
     t.add_row(
         "status", str(info.get("status", "?")), "sync rounds", str(ram.get("dirty-sync-count", 0))
     )
-    t.add_row("sent", size(sent), "remaining", size(ram.get("remaining", 0)))
+    t.add_row("sent", size(sent), "remaining", size(remaining))
     t.add_row(
         "bandwidth",
         f"{ram.get('mbps', 0) / 8:.0f} MB/s",
@@ -77,10 +81,10 @@ def _progress(info: dict[str, Any]) -> Table:
     t.add_row(
         "expected downtime",
         f"{info.get('expected-downtime', 0)} ms",
-        "RAM sent / size",
-        f"{sent / total:.0%}",
+        "device state",
+        size(info.get("vfio", {}).get("transferred", 0)),
     )
-    return t
+    return Group(bar, t)
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
