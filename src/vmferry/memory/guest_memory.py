@@ -14,6 +14,7 @@ import ctypes.util
 import errno
 import mmap
 import os
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -74,6 +75,8 @@ class GuestMemory:
                 os.close(fd)
                 raise VmferryError(f"cannot size guest memory to {size} bytes: {e}") from e
         self.fd = fd
+        self._populate_lock = threading.Lock()
+        self._closing = False
         self._map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         # One exported buffer for the life of the mapping; everything else views into it.
         self.bytes: npt.NDArray[np.uint8] = np.frombuffer(self._map, dtype=np.uint8)
@@ -88,6 +91,10 @@ class GuestMemory:
         return cls(size, fd=fd)
 
     def close(self) -> None:
+        # Wait for a populate chunk in progress: madvise on an unmapped range would fail,
+        # and on a range mapped again by someone else would touch their memory.
+        with self._populate_lock:
+            self._closing = True
         if self.fd >= 0:
             del self.bytes
             # A view may still be alive somewhere; the mapping then goes when it does.
@@ -136,7 +143,13 @@ class GuestMemory:
         end = min(offset + length, self.size)
         for pos in range(start, end, POPULATE_CHUNK):
             n = min(POPULATE_CHUNK, end - pos)
-            if _libc.madvise(ctypes.c_void_p(self.host_addr + pos), n, MADV_POPULATE_WRITE):
+            with self._populate_lock:
+                if self._closing:
+                    return
+                failed = _libc.madvise(
+                    ctypes.c_void_p(self.host_addr + pos), n, MADV_POPULATE_WRITE
+                )
+            if failed:
                 err = ctypes.get_errno()
                 if err in (errno.EINVAL, errno.EOPNOTSUPP):
                     return  # an older kernel: pages fault in as they are written

@@ -7,6 +7,7 @@ anything unexpected is a StreamError that names the section and what was wrong.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,6 +37,8 @@ from vmferry.migration.stream import (
     StreamReader,
 )
 from vmferry.migration.verify import VerifyRecord, cpu_digest, mismatched_pages
+
+log = logging.getLogger(__name__)
 
 
 def decode_json(reader: StreamReader, payload: bytes, what: str) -> Any:
@@ -234,8 +237,12 @@ def populate(memory: GuestMemory, ranges: list[tuple[int, int]]) -> threading.Th
     many times longer to receive into)."""
 
     def run() -> None:
-        for a, b in ranges:
-            memory.populate_range(a, b - a)
+        try:
+            for a, b in ranges:
+                memory.populate_range(a, b - a)
+        except OSError as e:
+            # Only a head start: pages not populated here fault in as data arrives.
+            log.warning("pre-faulting guest RAM stopped: %s", e)
 
     t = threading.Thread(target=run, name="populate", daemon=True)
     t.start()
