@@ -6,6 +6,9 @@ import os
 import re
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,3 +65,20 @@ def vmferry(*args: str, timeout: float = 120) -> Completed:
         cwd=ROOT,
     )
     return Completed(p.returncode, p.stdout, p.stderr.decode(errors="replace"))
+
+
+@pytest.fixture(autouse=True)
+def no_thread_left_behind() -> Iterator[None]:
+    """A non-daemon thread a test leaves running would keep the interpreter (and CI) from
+    exiting: fail the test that leaked it instead."""
+    before = set(threading.enumerate())
+    yield
+    deadline = time.monotonic() + 2.0
+    while True:
+        leaked = [t for t in threading.enumerate()
+                  if t not in before and t.is_alive() and not t.daemon
+                  and not t.name.startswith(("ThreadPoolExecutor", "digest"))]
+        if not leaked or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert not leaked, f"the test left non-daemon threads running: {[t.name for t in leaked]}"

@@ -68,7 +68,7 @@ def migrate(
         except BaseException as e:
             got["e"] = e
 
-    t = threading.Thread(target=receive)
+    t = threading.Thread(target=receive, daemon=True)
     t.start()
     m.start()
     assert m.wait(after_s) is None, "the guest ended before the migration"
@@ -77,7 +77,10 @@ def migrate(
     )
     src.start()
     assert src.wait(60)
+    if src.stats.status != "completed" and not src.stats.rounds:
+        incoming.close()  # the source never got far enough to connect (or was refused)
     t.join(60)
+    assert not t.is_alive(), "the destination is still waiting"
     res = got.get("r")
     err = got.get("e")
     return Outcome(

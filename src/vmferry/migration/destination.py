@@ -75,6 +75,12 @@ class IncomingMigration:
         self.listener = listen(uri)
         self.port = self.listener.getsockname()[1]
 
+    def close(self) -> None:
+        """Stop waiting: a ``receive`` blocked in accept returns with an error."""
+        _wake(self.listener)
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)
+
     def receive(self) -> IncomingResult:
         socks: list[socket.socket] = []
         reply: ReplyPath | None = None
