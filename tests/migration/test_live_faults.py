@@ -49,7 +49,7 @@ from vmferry.qmp.client import QmpClient
 pytestmark = [pytest.mark.kvm, pytest.mark.slow]
 
 # Runs about 3 s (6 rounds × 32 MB at 64 MB/s): a migration fails well before it ends.
-WORKLOAD = Workload(wss="32M", seed=5, rounds=6, rate=64)
+WORKLOAD = Workload(wss="32M", seed=5, rounds=9, rate=64)  # about 4.5 s
 # Round 0 (the whole working set) takes about 2 s at this bandwidth: time to break it.
 SLOW = MigrationParameters(max_bandwidth=16_000_000)
 IMAGE_PAGE = (1 << 20) // PAGE_SIZE  # the guest's code: written once at boot, never again
