@@ -75,9 +75,14 @@ def no_thread_left_behind() -> Iterator[None]:
     yield
     deadline = time.monotonic() + 2.0
     while True:
-        leaked = [t for t in threading.enumerate()
-                  if t not in before and t.is_alive() and not t.daemon
-                  and not t.name.startswith(("ThreadPoolExecutor", "digest"))]
+        leaked = [
+            t
+            for t in threading.enumerate()
+            if t not in before
+            and t.is_alive()
+            and not t.daemon
+            and not t.name.startswith(("ThreadPoolExecutor", "digest"))
+        ]
         if not leaked or time.monotonic() > deadline:
             break
         time.sleep(0.05)

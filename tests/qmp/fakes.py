@@ -81,3 +81,39 @@ class FakeVm:
     def x_query_migrate_report(self) -> dict[str, Any]:
         self.calls.append(("x_query_migrate_report", {}))
         return {"status": "none"}
+
+    def x_mdev_types(self, parent: str = "gpu0") -> list[dict[str, Any]]:
+        self.calls.append(("x_mdev_types", {"parent": parent}))
+        return [{"name": "vgpu-4", "parent": parent, "available-instances": 4}]
+
+    def x_mdev_create(
+        self, type: str, uuid: str | None = None, parent: str = "gpu0", vram: int | None = None
+    ) -> dict[str, Any]:
+        self.calls.append(("x_mdev_create", {"type": type, "uuid": uuid, "parent": parent}))
+        return {"uuid": uuid or "00000000-0000-0000-0000-000000000001", "type": type}
+
+    def x_mdev_remove(self, uuid: str) -> None:
+        self.calls.append(("x_mdev_remove", {"uuid": uuid}))
+
+    def x_mdev_list(self) -> list[dict[str, Any]]:
+        self.calls.append(("x_mdev_list", {}))
+        return []
+
+    def x_sriov_set_numvfs(self, pf: str, numvfs: int) -> dict[str, Any]:
+        self.calls.append(("x_sriov_set_numvfs", {"pf": pf, "numvfs": numvfs}))
+        return {"pf": pf, "numvfs": numvfs, "uplink": "127.0.0.1:4790"}
+
+    def x_sriov_config_vf(
+        self,
+        pf: str,
+        index: int,
+        mac: str | None = None,
+        vlan: int | None = None,
+        queues: int | None = None,
+    ) -> dict[str, Any]:
+        self.calls.append(("x_sriov_config_vf", {"pf": pf, "index": index, "vlan": vlan}))
+        return {"pf": pf, "index": index, "mac": mac or "02:56:00:00:00:00", "vlan": vlan or 0}
+
+    def x_query_sriov(self) -> list[dict[str, Any]]:
+        self.calls.append(("x_query_sriov", {}))
+        return []

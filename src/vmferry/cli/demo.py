@@ -18,10 +18,15 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from vmferry.cli import traffic as traffic_cmd
+
 RESULT_RE = re.compile(r"^RESULT ([0-9a-f]{16})$", re.MULTILINE)
 GUEST = ["memtouch", "--memory", "1G", "--vcpus", "2"]
 GUEST_ARGS = ["--", "wss=256M", "pattern=random", "seed=7", "rounds=200"]
 VMFERRY = [sys.executable, "-m", "vmferry.cli.main"]
+# The vGPU act: gpujob on a vGPU made by UUID, checking every result, migrated mid-job.
+GPU_GUEST = ["gpujob", "--memory", "256M"]
+GPU_ARGS = ["--", "seed=4", "rounds=3000", "ws=32M", "rate=500"]
 
 
 def add_parser(sub: Any) -> None:
@@ -61,8 +66,13 @@ def _run(console: Console, args: list[str], why: str) -> tuple[str | None, float
 
 
 def _live_migration(
-    console: Console, args: argparse.Namespace, d: Path
+    console: Console,
+    args: argparse.Namespace,
+    d: Path,
+    guest: tuple[list[str], list[str]] = (GUEST, GUEST_ARGS),
+    outputs: tuple[str, str] | None = None,
 ) -> tuple[str | None, str | None]:
+    report, plot = outputs or (args.report, args.plot)
     port = _free_port()
     qmp = str(d / "source.qmp")
     dst_args = ["run", "--incoming", f"tcp:127.0.0.1:{port}"]
@@ -70,7 +80,7 @@ def _live_migration(
     dst = subprocess.Popen(
         [*VMFERRY, *dst_args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    src_args = ["run", *GUEST, "--qmp", f"unix:{qmp}", *GUEST_ARGS]
+    src_args = ["run", *guest[0], "--qmp", f"unix:{qmp}", *guest[1]]
     _say(console, src_args, "the source boots the guest, with a QMP socket")
     src = subprocess.Popen(
         [*VMFERRY, *src_args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -85,9 +95,9 @@ def _live_migration(
             "--channels",
             "2",
             "--report",
-            args.report,
+            report,
             "--plot",
-            args.plot,
+            plot,
         ]
         _say(console, mig_args, f"after {args.migrate_after} s, move it while it runs")
         mig = subprocess.run([*VMFERRY, *mig_args], timeout=300)
@@ -103,6 +113,39 @@ def _live_migration(
     if mig.returncode != 0:
         raise SystemExit("vmferry demo: the migration failed (see above)")
     return _result(src_out), _result(dst_out)
+
+
+def _vgpu_act(console: Console, args: argparse.Namespace, d: Path) -> bool:
+    console.rule("a vGPU: gpujob on a mediated vGPU, VRAM pre-copied, migrated mid-job")
+    uuid = _run_text(console, ["mdev", "create", "vgpu-4", "--vram", "1G"], "a 256 MiB vGPU")
+    _run_text(console, ["mdev", "list"], "it exists until removed")
+    dev = ["--device", f"vgpu,uuid={uuid}"]
+    try:
+        ref, _, _ = _run(console, ["run", *GPU_GUEST, *dev, *GPU_ARGS], "reference run")
+        on_source, migrated = _live_migration(
+            console,
+            args,
+            d,
+            ([*GPU_GUEST, *dev], GPU_ARGS),
+            (
+                str(Path(args.report).with_suffix(".vgpu.json")),
+                str(Path(args.plot).with_suffix(".vgpu.png")),
+            ),
+        )
+    finally:
+        _run(console, ["mdev", "remove", uuid], "give the VRAM back")
+    ok = ref is not None and ref == migrated and on_source is None
+    console.print(f"gpujob RESULT: reference {ref}, live-migrated {migrated}", highlight=False)
+    return ok
+
+
+def _run_text(console: Console, args: list[str], why: str) -> str:
+    _say(console, args, why)
+    p = subprocess.run([*VMFERRY, *args], capture_output=True, text=True, timeout=60)
+    console.print(f"  {(p.stdout + p.stderr).strip()}", highlight=False)
+    if p.returncode != 0 or not p.stdout.split():
+        raise SystemExit(f"vmferry demo: '{why}' failed with status {p.returncode}")
+    return p.stdout.split()[0]
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -123,6 +166,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         restored, _, _ = _run(
             console, ["run", "--incoming", f"file:{state}"], "continue the saved VM"
         )
+        vgpu_ok = _vgpu_act(console, args, d)
+        vf_ok = traffic_cmd.demo_act(console, d, args.migrate_after)
 
     table = Table(title="memtouch: 1 GiB, 2 vCPUs, 256 MiB working set, random pattern")
     table.add_column("run")
@@ -133,6 +178,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     console.print(table)
     console.print(f"report: {args.report}   timeline: {args.plot}")
     ok = ref is not None and ref == migrated == restored and on_source is None
+    ok = ok and vgpu_ok and vf_ok
     if not ok:
         console.print(
             "[bold red]a RESULT differs from the reference (or the source finished "

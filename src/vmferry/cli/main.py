@@ -9,8 +9,11 @@ from collections.abc import Sequence
 
 from vmferry.cli import bench as bench_cmd
 from vmferry.cli import demo as demo_cmd
+from vmferry.cli import mdev as mdev_cmd
 from vmferry.cli import migrate as migrate_cmd
 from vmferry.cli import run as run_cmd
+from vmferry.cli import sriov as sriov_cmd
+from vmferry.cli import traffic as traffic_cmd
 from vmferry.errors import VmferryError
 
 # vmferry's own failures exit with this status (the guest's exit value is passed through).
@@ -27,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     run_cmd.add_parser(sub)
     bench_cmd.add_parser(sub)
     demo_cmd.add_parser(sub)
+    mdev_cmd.add_parser(sub)
+    sriov_cmd.add_parser(sub)
+    traffic_cmd.add_parser(sub)
     migrate_cmd.add_parser(sub)
     return p
 

@@ -8,13 +8,19 @@ from typing import TYPE_CHECKING
 from vmferry.devices.base import DeviceModel
 from vmferry.devices.dmaengine import DmaEngine
 from vmferry.devices.iommu import DirtyTracking, Iommu
+from vmferry.devices.nic.vf import VirtualFunction
+from vmferry.devices.vgpu.device import Vgpu
 from vmferry.errors import ConfigError
 from vmferry.memory.guest_memory import GuestMemory
 
 if TYPE_CHECKING:
     from vmferry.machine.config import MachineConfig
 
-MODELS: dict[str, type[DeviceModel]] = {DmaEngine.model: DmaEngine}
+MODELS: dict[str, type[DeviceModel]] = {
+    DmaEngine.model: DmaEngine,
+    VirtualFunction.model: VirtualFunction,
+    Vgpu.model: Vgpu,
+}
 MMIO_BASE = 0xFEB00000  # device slot i at MMIO_BASE + i * MMIO_STRIDE, in the 3–4 GiB hole
 MMIO_STRIDE = 0x1000
 MAX_DEVICES = 8

@@ -72,3 +72,34 @@ class QmpBackend(Protocol):
     def x_query_migrate_report(self) -> dict[str, Any]:
         """vmferry's full report of the last migration (the `--report` JSON)."""
         ...
+
+    def x_mdev_types(self, parent: str = "gpu0") -> list[dict[str, Any]]:
+        """The parent's vGPU types with their `available-instances`."""
+        ...
+
+    def x_mdev_create(
+        self, type: str, uuid: str | None = None, parent: str = "gpu0", vram: int | None = None
+    ) -> dict[str, Any]:
+        """Create a vGPU on the host; returns it (with its `uuid`)."""
+        ...
+
+    def x_mdev_remove(self, uuid: str) -> None: ...
+
+    def x_mdev_list(self) -> list[dict[str, Any]]:
+        """The host's vGPUs and the processes using them."""
+        ...
+
+    def x_sriov_set_numvfs(self, pf: str, numvfs: int) -> dict[str, Any]: ...
+
+    def x_sriov_config_vf(
+        self,
+        pf: str,
+        index: int,
+        mac: str | None = None,
+        vlan: int | None = None,
+        queues: int | None = None,
+    ) -> dict[str, Any]: ...
+
+    def x_query_sriov(self) -> list[dict[str, Any]]:
+        """The host's PFs and VFs, as `vmferry sriov list --json` prints them."""
+        ...

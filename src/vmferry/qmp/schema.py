@@ -137,6 +137,35 @@ _COMMANDS: tuple[Command, ...] = (
     # vmferry's own: the whole report of the last migration (rounds, downtime breakdown,
     # verification), as `--report` writes it.
     _backend("x-query-migrate-report"),
+    # vmferry's own: the host's vGPUs (mediated devices), as `vmferry mdev` manages them.
+    _backend("x-mdev-types", args={"parent": Arg(Str())}),
+    _backend(
+        "x-mdev-create",
+        args={
+            "type": Arg(Str(("vgpu-1", "vgpu-2", "vgpu-4", "vgpu-8")), required=True),
+            "uuid": Arg(Str()),
+            "parent": Arg(Str()),
+            "vram": Arg(Int(1, None, "bytes")),
+        },
+    ),
+    _backend("x-mdev-remove", args={"uuid": Arg(Str(), required=True)}),
+    _backend("x-mdev-list"),
+    # vmferry's own: the host's SR-IOV NICs, as `vmferry sriov` manages them.
+    _backend(
+        "x-sriov-set-numvfs",
+        args={"pf": Arg(Str(), required=True), "numvfs": Arg(Int(0, 16, "VFs"), required=True)},
+    ),
+    _backend(
+        "x-sriov-config-vf",
+        args={
+            "pf": Arg(Str(), required=True),
+            "index": Arg(Int(0, 15, "VF index"), required=True),
+            "mac": Arg(Str()),
+            "vlan": Arg(Int(0, 4094, "VLAN id")),
+            "queues": Arg(Int(1, 4, "queues")),
+        },
+    ),
+    _backend("x-query-sriov"),
 )
 
 COMMANDS: Mapping[str, Command] = {c.name: c for c in _COMMANDS}

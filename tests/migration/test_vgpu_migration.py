@@ -1,0 +1,173 @@
+"""gpujob on a vGPU, live-migrated mid-job in every DMA dirty-tracking mode, with and
+without VRAM pre-copy; untracked device writes are caught; an mdev UUID attaches."""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import RESULT_RE
+from vmferry.devices.vgpu import mdev
+from vmferry.devices.vgpu.registers import COMPLETED
+from vmferry.machine import Machine, MachineConfig, run_to_exit
+from vmferry.migration.channel import parse_uri
+from vmferry.migration.destination import IncomingMigration, IncomingResult
+from vmferry.migration.params import MigrationCapabilities, MigrationParameters
+from vmferry.migration.source import MigrationSource
+
+pytestmark = [pytest.mark.kvm, pytest.mark.slow]
+
+# ~3 s of GPU work at 400 command buffers/s: the migration lands mid-job.
+ARGS = "seed=5 rounds=1200 ws=8M rate=400"
+REF_ARGS = "seed=5 rounds=1200 ws=8M"  # rate only paces: RESULT is the same
+MEMORY = 128 << 20
+VGPU = "vgpu,type=vgpu-4,vram=128M"
+PROGRESS = 128 + 1 + 7 * 50  # the initial fill of 8 MiB in 64 KiB blocks, then 50 rounds
+_reference: dict[str, str] = {}
+
+
+@pytest.fixture(autouse=True)
+def mdev_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setenv("VMFERRY_STATE_DIR", str(tmp_path / "state"))
+    yield
+    assert not mdev.list_instances(), "a transient vGPU outlived its VM"
+
+
+def config(device: str, args: str = ARGS) -> MachineConfig:
+    return MachineConfig(memory=MEMORY, image="gpujob", cmdline=args, devices=(device,))
+
+
+def result_of(out: io.BytesIO) -> str | None:
+    found = RESULT_RE.findall(out.getvalue())
+    return found[-1].decode() if found else None
+
+
+def reference() -> str:
+    if "r" not in _reference:
+        out = io.BytesIO()
+        with Machine.boot(config(VGPU, REF_ARGS), serial=out) as m:
+            assert run_to_exit(m, 60).code == 0, out.getvalue()
+        r = result_of(out)
+        assert r is not None
+        _reference["r"] = r
+    return _reference["r"]
+
+
+@dataclass
+class Outcome:
+    source: MigrationSource
+    source_out: io.BytesIO
+    source_machine: Machine
+    dest: IncomingResult | None
+    dest_error: BaseException | None
+    dest_out: io.BytesIO
+
+
+def migrate(device: str, after_s: float = 0.2) -> Outcome:
+    src_out, dst_out = io.BytesIO(), io.BytesIO()
+    m = Machine.boot(config(device), serial=src_out)
+    incoming = IncomingMigration(parse_uri("tcp:127.0.0.1:0"), serial=dst_out, announce=False)
+    got: dict[str, object] = {}
+
+    def receive() -> None:
+        try:
+            got["r"] = incoming.receive()
+        except BaseException as e:
+            got["e"] = e
+
+    t = threading.Thread(target=receive, daemon=True)
+    t.start()
+    m.start()
+    # Into the job proper (GGTT programmed, VRAM filled, rounds running), however loaded
+    # this machine is: only then does every kind of device write happen.
+    deadline = time.monotonic() + 30
+    while m.devices[0].mmio_read(COMPLETED, 8) < PROGRESS:
+        assert time.monotonic() < deadline and m.exit is None, "gpujob made no progress"
+        time.sleep(0.01)
+    assert m.wait(after_s) is None, "the guest ended before the migration"
+    src = MigrationSource(
+        m, f"tcp:127.0.0.1:{incoming.port}", MigrationParameters(), MigrationCapabilities()
+    )
+    src.start()
+    assert src.wait(60)
+    if src.stats.status != "completed" and not src.stats.rounds:
+        incoming.close()  # the source never got far enough to connect
+    t.join(60)
+    assert not t.is_alive(), "the destination is still waiting"
+    res, err = got.get("r"), got.get("e")
+    return Outcome(
+        src,
+        src_out,
+        m,
+        res if isinstance(res, IncomingResult) else None,
+        err if isinstance(err, BaseException) else None,
+        dst_out,
+    )
+
+
+def finish(o: Outcome) -> None:
+    try:
+        if o.dest is not None:
+            assert o.dest.machine.wait(60) is not None
+            o.dest.machine.close()
+        if o.source.stats.status != "completed":
+            assert o.source_machine.wait(60) is not None
+    finally:
+        o.source_machine.close()
+
+
+@pytest.mark.parametrize(
+    "options",
+    ["dirty=iommu", "dirty=device", "dirty=mediated", "dirty=none", "dirty=mediated,precopy=off"],
+)
+def test_gpujob_migrates_mid_job_intact(options: str) -> None:
+    o = migrate(f"{VGPU},{options}")
+    try:
+        st = o.source.stats
+        assert st.status == "completed", st.error
+        assert st.verify.status == "passed"
+        assert o.dest is not None and o.dest.verify.status == "passed"
+        assert st.device_transferred >= 32 << 20, "the VRAM share did not move"
+        dev = o.source.devices.stats[0]
+        assert dev.dma_dirty_pages > 0, "no device write to guest RAM was tracked"
+        if "precopy=off" in options:
+            assert dev.precopy_bytes == 0 and dev.stop_copy_bytes >= 32 << 20
+        else:
+            assert dev.precopy_bytes >= 32 << 20, "VRAM was not pre-copied"
+            assert dev.stop_copy_bytes < 8 << 20, "most of VRAM moved in the downtime"
+        ex = o.dest.machine.wait(60)
+        assert ex is not None and ex.code == 0, o.dest_out.getvalue()[-2000:]
+        assert result_of(o.dest_out) == reference()
+        assert result_of(o.source_out) is None, "the source ran the guest to its end too"
+    finally:
+        finish(o)
+
+
+def test_untracked_device_writes_are_caught_and_the_source_runs_on() -> None:
+    o = migrate(f"{VGPU},dirty=broken")
+    try:
+        st = o.source.stats
+        assert st.status == "failed"
+        assert "verification failed" in st.error
+        assert o.source_machine.wait(60) is not None
+        assert result_of(o.source_out) == reference()
+    finally:
+        finish(o)
+
+
+def test_a_vgpu_created_by_uuid_runs_gpujob_and_is_released() -> None:
+    inst = mdev.create(None, "vgpu-4", vram=64 << 20)
+    out = io.BytesIO()
+    cfg = config(f"vgpu,uuid={inst.uuid}", "seed=2 rounds=50")
+    with Machine.boot(cfg, serial=out) as m:
+        assert [i.holders for i in mdev.list_instances()] != [[]]
+        assert run_to_exit(m, 60).code == 0, out.getvalue()
+    assert result_of(out) is not None
+    assert [i.holders for i in mdev.list_instances()] == [[]]
+    mdev.remove(inst.uuid)
