@@ -209,7 +209,7 @@ def cmd_bench_devices(args: argparse.Namespace) -> int:
                 for c in cols
             )
         )
-    Console().print(table)
+    Console(width=200).print(table)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
     return 0
