@@ -109,16 +109,6 @@ static inline void wr64(u32 off, u64 v)
 
 static inline void cpu_pause(void) { __asm__ volatile("pause" ::: "memory"); }
 
-static inline u64 mix64(u64 z)
-{
-	z ^= z >> 30;
-	z *= 0xbf58476d1ce4e5b9UL;
-	z ^= z >> 27;
-	z *= 0x94d049bb133111ebUL;
-	z ^= z >> 31;
-	return z;
-}
-
 static inline u8 *buf_addr(u32 i) { return bufs_base + (u64)i * buf_stride; }
 
 static const char *op_name(u32 op)

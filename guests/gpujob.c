@@ -107,16 +107,6 @@ static inline u64 rd64(u32 off) { return *(volatile u64 *)(regs + off); }
 static inline void wr64(u32 off, u64 v) { *(volatile u64 *)(regs + off) = v; }
 static inline void cpu_pause(void) { __asm__ volatile("pause" ::: "memory"); }
 
-static inline u64 mix64(u64 z)
-{
-	z ^= z >> 30;
-	z *= 0xbf58476d1ce4e5b9UL;
-	z ^= z >> 27;
-	z *= 0x94d049bb133111ebUL;
-	z ^= z >> 31;
-	return z;
-}
-
 static __attribute__((noreturn)) void fail(const char *msg, u32 code)
 {
 	rt_puts("gpujob: ");

@@ -46,16 +46,6 @@ static inline u8 *page_addr(u64 pg)
 	return (u8 *)(s->base + ((pg - s->first) << PAGE_SHIFT));
 }
 
-static inline u64 mix64(u64 z)
-{
-	z ^= z >> 30;
-	z *= 0xbf58476d1ce4e5b9UL;
-	z ^= z >> 27;
-	z *= 0x94d049bb133111ebUL;
-	z ^= z >> 31;
-	return z;
-}
-
 static u64 gcd(u64 x, u64 y)
 {
 	while (y) {

@@ -88,16 +88,6 @@ static inline void wr32(u32 off, u32 v) { *(volatile u32 *)(regs + off) = v; }
 static inline u64 rd64(u32 off) { u64 lo = rd32(off); return lo | ((u64)rd32(off + 4) << 32); }
 static inline void wr64(u32 off, u64 v) { wr32(off, (u32)v); wr32(off + 4, (u32)(v >> 32)); }
 
-static inline u64 mix64(u64 z)
-{
-	z ^= z >> 30;
-	z *= 0xbf58476d1ce4e5b9UL;
-	z ^= z >> 27;
-	z *= 0x94d049bb133111ebUL;
-	z ^= z >> 31;
-	return z;
-}
-
 static u64 result_value(void)
 {
 	return mix64(mix64(h_total ^ h_count) ^ h_xor ^ 0x6e65746563686fUL);

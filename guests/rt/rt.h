@@ -101,6 +101,17 @@ static inline void spin_unlock(spinlock_t *l) { __atomic_store_n(&l->v, 0, __ATO
 /* lock xadd; returns the old value */
 static inline u64 atomic_add(volatile u64 *p, u64 v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
 static inline u64 atomic_load(volatile u64 *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+
+/* A 64-bit mixing function (splitmix64's finaliser): the guests' deterministic data. */
+static inline u64 mix64(u64 z)
+{
+	z ^= z >> 30;
+	z *= 0xbf58476d1ce4e5b9UL;
+	z ^= z >> 27;
+	z *= 0x94d049bb133111ebUL;
+	z ^= z >> 31;
+	return z;
+}
 /* All nvcpus vCPUs wait here for each other (halt_us polling). */
 void barrier_wait(void);
 

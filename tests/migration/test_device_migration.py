@@ -4,17 +4,12 @@ tracking, an incompatible destination, a blocker and a failing device arc do."""
 from __future__ import annotations
 
 import io
-import threading
-from dataclasses import dataclass
 
 import pytest
 
 from tests.conftest import RESULT_RE
+from tests.migration.inprocess import Outcome, migrate_running
 from vmferry.machine import Machine, MachineConfig, run_to_exit
-from vmferry.migration.channel import parse_uri
-from vmferry.migration.destination import IncomingMigration, IncomingResult
-from vmferry.migration.params import MigrationCapabilities, MigrationParameters
-from vmferry.migration.source import MigrationSource
 
 pytestmark = [pytest.mark.kvm, pytest.mark.slow]
 
@@ -38,70 +33,18 @@ def reference() -> str:
     return _reference["r"]
 
 
-@dataclass
-class Outcome:
-    source: MigrationSource
-    source_out: io.BytesIO
-    source_machine: Machine
-    dest: IncomingResult | None
-    dest_error: BaseException | None
-    dest_out: io.BytesIO
-
-    def result(self, out: io.BytesIO) -> str | None:
-        found = RESULT_RE.findall(out.getvalue())
-        return found[-1].decode() if found else None
-
-
 def migrate(
     device: str, *, versions: dict[str, int] | None = None, after_s: float = 0.4
 ) -> Outcome:
-    src_out, dst_out = io.BytesIO(), io.BytesIO()
+    src_out = io.BytesIO()
     m = Machine.boot(config(device), serial=src_out)
-    incoming = IncomingMigration(
-        parse_uri("tcp:127.0.0.1:0"), serial=dst_out, announce=False, device_versions=versions
-    )
-    got: dict[str, object] = {}
-
-    def receive() -> None:
-        try:
-            got["r"] = incoming.receive()
-        except BaseException as e:
-            got["e"] = e
-
-    t = threading.Thread(target=receive, daemon=True)
-    t.start()
     m.start()
     assert m.wait(after_s) is None, "the guest ended before the migration"
-    src = MigrationSource(
-        m, f"tcp:127.0.0.1:{incoming.port}", MigrationParameters(), MigrationCapabilities()
-    )
-    src.start()
-    assert src.wait(60)
-    if src.stats.status != "completed" and not src.stats.rounds:
-        incoming.close()  # the source never got far enough to connect (or was refused)
-    t.join(60)
-    assert not t.is_alive(), "the destination is still waiting"
-    res = got.get("r")
-    err = got.get("e")
-    return Outcome(
-        src,
-        src_out,
-        m,
-        res if isinstance(res, IncomingResult) else None,
-        err if isinstance(err, BaseException) else None,
-        dst_out,
-    )
+    return migrate_running(m, src_out, versions=versions)
 
 
 def finish(o: Outcome) -> None:
-    try:
-        if o.dest is not None:
-            assert o.dest.machine.wait(60) is not None
-            o.dest.machine.close()
-        if o.source.stats.status != "completed":
-            assert o.source_machine.wait(60) is not None
-    finally:
-        o.source_machine.close()
+    o.finish()
 
 
 @pytest.mark.parametrize("mode", ["iommu", "device", "none"])

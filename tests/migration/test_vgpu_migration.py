@@ -4,22 +4,16 @@ without VRAM pre-copy; untracked device writes are caught; an mdev UUID attaches
 from __future__ import annotations
 
 import io
-import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import RESULT_RE
+from tests.migration.inprocess import Outcome, migrate_running, result_of
 from vmferry.devices.vgpu import mdev
 from vmferry.devices.vgpu.registers import COMPLETED
 from vmferry.machine import Machine, MachineConfig, run_to_exit
-from vmferry.migration.channel import parse_uri
-from vmferry.migration.destination import IncomingMigration, IncomingResult
-from vmferry.migration.params import MigrationCapabilities, MigrationParameters
-from vmferry.migration.source import MigrationSource
 
 pytestmark = [pytest.mark.kvm, pytest.mark.slow]
 
@@ -43,11 +37,6 @@ def config(device: str, args: str = ARGS) -> MachineConfig:
     return MachineConfig(memory=MEMORY, image="gpujob", cmdline=args, devices=(device,))
 
 
-def result_of(out: io.BytesIO) -> str | None:
-    found = RESULT_RE.findall(out.getvalue())
-    return found[-1].decode() if found else None
-
-
 def reference() -> str:
     if "r" not in _reference:
         out = io.BytesIO()
@@ -59,30 +48,9 @@ def reference() -> str:
     return _reference["r"]
 
 
-@dataclass
-class Outcome:
-    source: MigrationSource
-    source_out: io.BytesIO
-    source_machine: Machine
-    dest: IncomingResult | None
-    dest_error: BaseException | None
-    dest_out: io.BytesIO
-
-
 def migrate(device: str, after_s: float = 0.2) -> Outcome:
-    src_out, dst_out = io.BytesIO(), io.BytesIO()
+    src_out = io.BytesIO()
     m = Machine.boot(config(device), serial=src_out)
-    incoming = IncomingMigration(parse_uri("tcp:127.0.0.1:0"), serial=dst_out, announce=False)
-    got: dict[str, object] = {}
-
-    def receive() -> None:
-        try:
-            got["r"] = incoming.receive()
-        except BaseException as e:
-            got["e"] = e
-
-    t = threading.Thread(target=receive, daemon=True)
-    t.start()
     m.start()
     # Into the job proper (GGTT programmed, VRAM filled, rounds running), however loaded
     # this machine is: only then does every kind of device write happen.
@@ -91,35 +59,11 @@ def migrate(device: str, after_s: float = 0.2) -> Outcome:
         assert time.monotonic() < deadline and m.exit is None, "gpujob made no progress"
         time.sleep(0.01)
     assert m.wait(after_s) is None, "the guest ended before the migration"
-    src = MigrationSource(
-        m, f"tcp:127.0.0.1:{incoming.port}", MigrationParameters(), MigrationCapabilities()
-    )
-    src.start()
-    assert src.wait(60)
-    if src.stats.status != "completed" and not src.stats.rounds:
-        incoming.close()  # the source never got far enough to connect
-    t.join(60)
-    assert not t.is_alive(), "the destination is still waiting"
-    res, err = got.get("r"), got.get("e")
-    return Outcome(
-        src,
-        src_out,
-        m,
-        res if isinstance(res, IncomingResult) else None,
-        err if isinstance(err, BaseException) else None,
-        dst_out,
-    )
+    return migrate_running(m, src_out)
 
 
 def finish(o: Outcome) -> None:
-    try:
-        if o.dest is not None:
-            assert o.dest.machine.wait(60) is not None
-            o.dest.machine.close()
-        if o.source.stats.status != "completed":
-            assert o.source_machine.wait(60) is not None
-    finally:
-        o.source_machine.close()
+    o.finish()
 
 
 @pytest.mark.parametrize(
