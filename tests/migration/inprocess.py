@@ -45,12 +45,20 @@ class Outcome:
 
 
 def migrate_running(
-    m: Machine, source_out: io.BytesIO, *, versions: dict[str, int] | None = None
+    m: Machine,
+    source_out: io.BytesIO,
+    *,
+    versions: dict[str, int] | None = None,
+    prealloc: int = 0,
 ) -> Outcome:
     """Migrate the started machine ``m`` to a destination on a thread, with defaults."""
     dest_out = io.BytesIO()
     incoming = IncomingMigration(
-        parse_uri("tcp:127.0.0.1:0"), serial=dest_out, announce=False, device_versions=versions
+        parse_uri("tcp:127.0.0.1:0"),
+        serial=dest_out,
+        announce=False,
+        device_versions=versions,
+        prealloc=prealloc,
     )
     got: dict[str, object] = {}
 

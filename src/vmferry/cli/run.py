@@ -70,6 +70,12 @@ def add_parser(sub: Any) -> None:
         help="on a destination: make this host's MODEL report version N (to see what an "
         "incompatible destination does)",
     )
+    p.add_argument(
+        "--prealloc",
+        metavar="SIZE",
+        help="with --incoming tcp: allocate SIZE of guest RAM before the migration starts "
+        "(the VM's RAM size): receiving into fresh memory costs more than the network",
+    )
     p.add_argument("--qmp", metavar="unix:PATH", help="open a QMP control socket (mode 0600)")
     p.add_argument(
         "--timeout",
@@ -144,7 +150,11 @@ def _incoming(args: argparse.Namespace, serial: BinaryIO) -> Machine:
         machine.start()
         return machine
     incoming = IncomingMigration(
-        uri, kvm_device=args.kvm_device, serial=serial, device_versions=_versions(args)
+        uri,
+        kvm_device=args.kvm_device,
+        serial=serial,
+        device_versions=_versions(args),
+        prealloc=parse_size(args.prealloc) if args.prealloc else 0,
     )
     result = incoming.receive()
     _note(

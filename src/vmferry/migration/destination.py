@@ -66,7 +66,11 @@ class IncomingMigration:
         serial: BinaryIO | None = None,
         announce: bool = True,
         device_versions: dict[str, int] | None = None,
+        prealloc: int = 0,
     ) -> None:
+        """``prealloc``: allocate this much guest RAM now, before anything arrives (as
+        QEMU's -mem-prealloc does): a fresh page costs more to receive into than the
+        network does to carry it. Used if the VM that comes has exactly this size."""
         self.uri = uri
         self.kvm_device = kvm_device
         self.serial = serial
@@ -74,6 +78,26 @@ class IncomingMigration:
         self.device_versions = device_versions or {}
         self.listener = listen(uri)
         self.port = self.listener.getsockname()[1]
+        self._prealloc: GuestMemory | None = None
+        if prealloc:
+            try:
+                self._prealloc = GuestMemory(prealloc)
+                self._prealloc.populate()
+            except BaseException:
+                self.listener.close()
+                if self._prealloc is not None:
+                    self._prealloc.close()
+                raise
+
+    def _memory_for(self, size: int) -> GuestMemory:
+        memory, self._prealloc = self._prealloc, None
+        if memory is not None and memory.size == size:
+            return memory
+        if memory is not None:
+            log.warning("pre-allocated %d bytes of RAM, but the VM has %d: allocating anew",
+                        memory.size, size)
+            memory.close()
+        return GuestMemory(size)
 
     def close(self) -> None:
         """Stop waiting: a ``receive`` blocked in accept returns with an error."""
@@ -111,8 +135,8 @@ class IncomingMigration:
                         FdSource(s.fileno(), owned=False, name=f"channel {i}"), CHANNEL_GRAMMAR
                     )
                 )
-            memory = GuestMemory(head.config.memory)
-            populate(memory, head.resident)
+            memory = self._memory_for(head.config.memory)
+            populate(memory, head.resident)  # no-op on pre-allocated RAM
             devices = open_devices(head, memory, self.device_versions)
             reply.send("accepted")
             loaded = load_stream(
@@ -174,6 +198,9 @@ class IncomingMigration:
                 raise MigrationError(f"connection to the source failed: {e}") from e
             raise
         finally:
+            if self._prealloc is not None:
+                self._prealloc.close()
+                self._prealloc = None
             for s in socks:
                 _wake(s)  # a channel thread blocked on its socket returns now
                 s.close()
