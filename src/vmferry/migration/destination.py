@@ -94,8 +94,11 @@ class IncomingMigration:
         if memory is not None and memory.size == size:
             return memory
         if memory is not None:
-            log.warning("pre-allocated %d bytes of RAM, but the VM has %d: allocating anew",
-                        memory.size, size)
+            log.warning(
+                "pre-allocated %d bytes of RAM, but the VM has %d: allocating anew",
+                memory.size,
+                size,
+            )
             memory.close()
         return GuestMemory(size)
 
