@@ -10,15 +10,12 @@ in the same run.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-from rich.table import Table
-
+from vmferry.bench.table import print_rows
 from vmferry.traffic.lab import Outcome, close_hosts, make_hosts, migrate_under_traffic
 
 MODES = ("iommu", "device", "mediated", "none")
@@ -119,24 +116,11 @@ def _median(rs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def cmd_bench_nic(args: argparse.Namespace) -> int:
     rows = run(args.repeats)
-    table = Table(
-        title=f"vmferry bench nic: netecho + VF under traffic, median of {args.repeats} "
-        f"(targets: gap ≤ downtime + {GAP_SLACK_MS:.0f} ms, no loss outside the downtime)"
+    print_rows(
+        f"vmferry bench nic: netecho + VF under traffic, median of {args.repeats} "
+        f"(targets: gap ≤ downtime + {GAP_SLACK_MS:.0f} ms, no loss outside the downtime)",
+        COLUMNS,
+        rows,
+        args.json,
     )
-    for c in COLUMNS:
-        table.add_column(c, justify="left" if c == "mode" else "right")
-    for r in rows:
-        table.add_row(
-            *(
-                f"{r[c]:,.2f}"
-                if isinstance(r[c], float)
-                else f"{r[c]:,}"
-                if isinstance(r[c], int)
-                else str(r[c])
-                for c in COLUMNS
-            )
-        )
-    Console(width=200).print(table)
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
     return 0

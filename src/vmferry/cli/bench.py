@@ -15,6 +15,7 @@ from vmferry.bench import devices as bench_devices
 from vmferry.bench import migrate as bench_migrate
 from vmferry.bench import nic as bench_nic
 from vmferry.bench import vgpu as bench_vgpu
+from vmferry.bench.table import print_rows
 from vmferry.bench.vmm import FULL, QUICK, Measurement, host_info, run_all
 
 
@@ -178,40 +179,29 @@ def cmd_bench_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+DEVICE_COLUMNS = (
+    "mode",
+    "total-time-ms",
+    "total-time-ratio",
+    "downtime-ms",
+    "downtime-ratio",
+    "ram-bytes",
+    "ram-bytes-ratio",
+    "device-bytes",
+    "dma-dirty-pages",
+    "rounds",
+)
+
+
 def cmd_bench_devices(args: argparse.Namespace) -> int:
     rows = bench_devices.run(args.repeats)
-    table = Table(
-        title=f"vmferry bench devices: dmatest, median of {args.repeats} "
-        "(ratio = mode / iommu, same run)"
+    print_rows(
+        f"vmferry bench devices: dmatest, median of {args.repeats} "
+        "(ratio = mode / iommu, same run)",
+        DEVICE_COLUMNS,
+        rows,
+        args.json,
     )
-    cols = (
-        "mode",
-        "total-time-ms",
-        "total-time-ratio",
-        "downtime-ms",
-        "downtime-ratio",
-        "ram-bytes",
-        "ram-bytes-ratio",
-        "device-bytes",
-        "dma-dirty-pages",
-        "rounds",
-    )
-    for c in cols:
-        table.add_column(c, justify="left" if c == "mode" else "right")
-    for r in rows:
-        table.add_row(
-            *(
-                f"{r[c]:,.2f}"
-                if isinstance(r[c], float)
-                else f"{r[c]:,}"
-                if isinstance(r[c], int)
-                else str(r[c])
-                for c in cols
-            )
-        )
-    Console(width=200).print(table)
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
     return 0
 
 
