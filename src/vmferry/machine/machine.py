@@ -167,9 +167,9 @@ class Machine:
             raise MachineStateError("machine not started")
         for v in self.vcpus:
             v.request(want)
-        if want is not VcpuRunState.RUNNING:
-            for v in self.vcpus:
-                v.wait_settled()
+        # Resume waits too: when it returns the VM runs (a rollback reports "running").
+        for v in self.vcpus:
+            v.wait_settled()
 
     @property
     def running(self) -> bool:

@@ -102,10 +102,13 @@ class VcpuThread:
                 signal.pthread_kill(ident, KICK_SIGNAL)
 
     def wait_settled(self, timeout: float = 10.0) -> None:
-        """Wait until the thread has reached the state last requested (paused or stopped)."""
+        """Wait until the thread has reached the state last requested (a vCPU asked to run
+        may also have stopped: the guest ended)."""
         deadline = time.monotonic() + timeout
         with self._cond:
-            while self._state is not self._want and self._want is not VcpuRunState.RUNNING:
+            while self._state is not self._want and not (
+                self._want is VcpuRunState.RUNNING and self._state is VcpuRunState.STOPPED
+            ):
                 left = deadline - time.monotonic()
                 if left <= 0 or (not self._thread.is_alive() and self._state is not self._want):
                     raise MachineStateError(
