@@ -10,7 +10,7 @@ from vmferry.devices.vgpu import registers as R
 from vmferry.devices.vgpu.scanner import OP_FILL
 from vmferry.memory import GuestMemory
 
-COMMANDS = 4000
+COMMANDS = 2 * 4000  # more slices: the last one weighs less in the ratio
 FILL = (OP_FILL, 0, 128 << 10, 0x42)  # ~tens of µs of engine time each
 
 
