@@ -2,9 +2,9 @@
 and which VM process holds each VF.
 
 vmferry runs one VM per process, so what a PF driver keeps in the kernel lives here in a
-small JSON file under the host's state directory (``$VMFERRY_STATE_DIR``, default
-``/run/vmferry`` for root, else ``/tmp/vmferry-$UID``), changed under an exclusive
-``flock`` so that ``vmferry sriov …`` and every ``vmferry run --device vf,…`` agree.
+small JSON file under the host's state directory (:mod:`vmferry.state_dir`), changed
+under an exclusive ``flock`` so that ``vmferry sriov …`` and every
+``vmferry run --device vf,…`` agree.
 Tests that put two "hosts" in one process give each its own directory and say which one
 is current with :func:`on_host`.
 """
@@ -24,6 +24,7 @@ from typing import Any
 
 from vmferry.devices.nic.regs import MAX_QUEUES, MAX_VFS, format_mac, parse_mac
 from vmferry.errors import ConfigError
+from vmferry.state_dir import default_state_dir, ensure_state_dir
 
 STATE_FILE, LOCK_FILE = "sriov.json", "sriov.lock"
 STATE_VERSION = 1
@@ -33,11 +34,6 @@ DEFAULT_BUFFER = 4096  # frames a switch port holds while its VF cannot take the
 _current: contextvars.ContextVar[Path | None] = contextvars.ContextVar("vmferry_host", default=None)
 
 
-def default_state_dir() -> Path:
-    env = os.environ.get("VMFERRY_STATE_DIR")
-    if env:
-        return Path(env)
-    return Path("/run/vmferry") if os.geteuid() == 0 else Path(f"/tmp/vmferry-{os.getuid()}")
 
 
 def current_host() -> Path:
@@ -149,7 +145,7 @@ class HostConfig:
     @contextlib.contextmanager
     def locked(self) -> Iterator[HostState]:
         """The state, for changing: written back when the block ends without an error."""
-        self.dir.mkdir(parents=True, exist_ok=True)
+        ensure_state_dir(self.dir)
         with open(self.dir / LOCK_FILE, "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             state = self._read()
@@ -159,7 +155,7 @@ class HostConfig:
             os.replace(tmp, self.dir / STATE_FILE)
 
     def read(self) -> HostState:
-        self.dir.mkdir(parents=True, exist_ok=True)
+        ensure_state_dir(self.dir)
         with open(self.dir / LOCK_FILE, "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_SH)
             return self._read()

@@ -1,11 +1,11 @@
 """The host's mdev registry: parent GPUs and the vGPUs created on them, by UUID.
 
 vmferry runs one VM per process, so this host-wide state lives in a small JSON file
-(``$VMFERRY_STATE_DIR/mdev.json``, default ``/run/vmferry`` for root, else
-``/tmp/vmferry-$UID``) under an exclusive ``flock``: ``vmferry mdev create`` in one
-process and ``vmferry run --device vgpu,uuid=…`` in another agree on what exists. Like
-writing a UUID to an mdev type's ``create`` file, creating reserves a VRAM share on the
-parent; attaching records which processes use it. Records left by processes that died
+(``mdev.json`` in the host's state directory, :mod:`vmferry.state_dir`) under an
+exclusive ``flock``: ``vmferry mdev create`` in one process and
+``vmferry run --device vgpu,uuid=…`` in another agree on what exists. Like writing a
+UUID to an mdev type's ``create`` file, creating reserves a VRAM share on the parent;
+attaching records which processes use it. Records left by processes that died
 (transient vGPUs, holders) are pruned whenever the file is opened.
 """
 
@@ -32,6 +32,7 @@ from vmferry.devices.vgpu.types import (
     vgpu_type,
 )
 from vmferry.errors import ConfigError, VmferryError
+from vmferry.state_dir import default_state_dir, ensure_state_dir
 
 STATE_FILE = "mdev.json"
 # A VM and its migration destination on the same host hold the same vGPU for a moment.
@@ -43,9 +44,7 @@ class MdevError(VmferryError):
 
 
 def state_dir() -> Path:
-    if env := os.environ.get("VMFERRY_STATE_DIR"):
-        return Path(env)
-    return Path("/run/vmferry") if os.geteuid() == 0 else Path(f"/tmp/vmferry-{os.getuid()}")
+    return default_state_dir()
 
 
 def _alive(pid: int) -> bool:
@@ -208,8 +207,7 @@ def canonical_uuid(text: str) -> str:
 @contextlib.contextmanager
 def host_state(*, write: bool = True) -> Iterator[HostState]:
     """The registry, locked for the duration; written back (atomically) if ``write``."""
-    d = state_dir()
-    d.mkdir(parents=True, exist_ok=True)
+    d = ensure_state_dir(state_dir())
     path = d / STATE_FILE
     with open(d / "mdev.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
