@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from hypothesis import strategies as st
 from vmferry.errors import StreamError
 from vmferry.memory import GuestMemory
 from vmferry.migration import stream
-from vmferry.migration.ram import RamReceiver, send_pages
+from vmferry.migration.ram import RamReceiver, RamSender, send_pages
 from vmferry.migration.stream import StreamReader, StreamWriter
 from vmferry.migration.transport import FdSink, FdSource
 
@@ -184,3 +185,160 @@ def test_random_damage_is_always_a_stream_error(valid_stream: bytes, data: st.Da
             decode(bytes(damaged[:cut] if data.draw(st.booleans()) else damaged), dst)
     finally:
         dst.close()
+
+
+# ---- sealed streams (files): every byte under a checksum
+
+
+class GuestWritesDuringSend(BytesSink):
+    """A sink during whose first RAM write the 'guest' rewrites every page it holds:
+    what a running guest may do between the sender's checksum and the kernel's copy."""
+
+    def __init__(self, memory: GuestMemory) -> None:
+        super().__init__()
+        self.memory = memory
+        self.wrote = False
+
+    def write(self, bufs: object) -> None:
+        assert isinstance(bufs, list)  # StreamWriter passes a list: header, then payload
+        if not self.wrote and bytes(bufs[0][:4]) == stream.RAM:
+            self.memory.pages()[:] ^= np.uint64(0x5A5A)
+            self.wrote = True
+        super().write(bufs)
+
+
+def encode_live(m: GuestMemory, pages: np.ndarray, *, sealed: bool, sink: BytesSink) -> bytes:
+    w = StreamWriter(sink)
+    w.section(stream.CONF, [b"{}"])
+    RamSender(w, m, batch_pages=128, sealed=sealed).send(pages, live=True)
+    w.section(stream.CPUS, [b"{}"])
+    w.section(stream.DEVS, [b"[]"])
+    w.section(stream.END, [])
+    return bytes(sink.data)
+
+
+def ram_sections(data: bytes) -> list[tuple[int, int, int]]:
+    """(flags, start of page data, end) of each RAM section."""
+    out = []
+    pos = stream.STREAM_HEADER_SIZE
+    while pos < len(data):
+        tag, flags, length, _, _ = stream.SECTION_HEADER.unpack_from(data, pos)
+        body = pos + stream.SECTION_HEADER_SIZE
+        if tag == stream.RAM:
+            nruns = int.from_bytes(data[body : body + 4], "little")
+            out.append((flags, body + 8 + 16 * nruns, body + length))
+        pos = body + length
+    return out
+
+
+def decode_sealed(data: bytes, dest: GuestMemory, sealed: bool = True) -> RamReceiver:
+    r = StreamReader(BytesSource(data), sealed=sealed)
+    rx = RamReceiver(dest)
+    while True:
+        hdr, h = r.next_section()
+        if hdr.tag == stream.RAM:
+            rx.load(r, hdr, h)
+        else:
+            r.read_payload(hdr, h)
+            if hdr.tag == stream.END:
+                return rx
+
+
+@pytest.fixture(scope="module")
+def sealed_live_stream() -> bytes:
+    m = filled_memory(5)
+    try:
+        return encode_live(m, m.resident_pages(), sealed=True, sink=BytesSink())
+    finally:
+        m.close()
+
+
+def test_a_sealed_live_send_checksums_its_page_data(sealed_live_stream: bytes) -> None:
+    sections = ram_sections(sealed_live_stream)
+    assert sections and all(flags == 0 for flags, _, _ in sections), "a live flag in a file"
+    _, lo, hi = sections[0]
+    assert hi > lo, "no page data to damage"
+    data = bytearray(sealed_live_stream)
+    data[(lo + hi) // 2] ^= 0x04
+    dst = GuestMemory(MEM)
+    try:
+        with pytest.raises(StreamError, match=r"section #1 RAM at byte 58: checksum mismatch"):
+            decode_sealed(bytes(data), dst)
+    finally:
+        dst.close()
+
+
+def test_an_unsealed_live_section_leaves_page_data_out_and_a_sealed_reader_refuses_it() -> None:
+    """The control for the test above, and what a file reader does with such a section."""
+    m, dst = filled_memory(6), GuestMemory(MEM)
+    try:
+        live = encode_live(m, m.resident_pages(), sealed=False, sink=BytesSink())
+        flags, lo, hi = ram_sections(live)[0]
+        assert flags == stream.FLAG_LIVE
+        data = bytearray(live)
+        data[(lo + hi) // 2] ^= 0x04
+        decode_sealed(bytes(data), dst, sealed=False)  # accepted: only digests could tell
+        with pytest.raises(
+            StreamError,
+            match=r"^section #1 RAM at byte 58: live page data outside the checksum, which a "
+            r"saved file must not have",
+        ):
+            decode_sealed(live, dst)
+    finally:
+        m.close()
+        dst.close()
+
+
+def test_a_sealed_section_matches_its_checksum_though_the_guest_writes_meanwhile() -> None:
+    """The checksum and the bytes written come from one private copy: a page the guest
+    changes after it was hashed cannot make a good file fail (or a bad one pass)."""
+    src, dst = filled_memory(7), GuestMemory(MEM)
+    try:
+        before = src.pages().copy()
+        sink = GuestWritesDuringSend(src)
+        pages = src.resident_pages()
+        data = encode_live(src, pages, sealed=True, sink=sink)
+        assert sink.wrote
+        decode_sealed(data, dst)
+        # The first section went out as it was when copied, before the guest wrote.
+        first = pages[:128]
+        assert np.array_equal(dst.pages()[first], before[first])
+    finally:
+        src.close()
+        dst.close()
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_any_damage_to_a_sealed_live_stream_is_a_stream_error(
+    sealed_live_stream: bytes, data: st.DataObject
+) -> None:
+    damaged = bytearray(sealed_live_stream)
+    # Page data is most of the stream: damage lands there as often as anywhere.
+    for pos in data.draw(st.sets(st.integers(0, len(damaged) - 1), min_size=1, max_size=4)):
+        damaged[pos] ^= data.draw(st.integers(1, 255))
+    cut = data.draw(st.integers(0, len(damaged)))
+    dst = GuestMemory(MEM)
+    try:
+        with pytest.raises(StreamError):
+            decode_sealed(bytes(damaged[:cut] if data.draw(st.booleans()) else damaged), dst)
+    finally:
+        dst.close()
+
+
+def test_error_messages_name_sections_as_the_format_document_does() -> None:
+    doc = (Path(__file__).parents[2] / "docs" / "stream-format.md").read_text()
+    for tag in stream.SECTION_NAMES:
+        name = stream.section_name(tag)
+        assert name == tag.rstrip(b"\0").decode(), (tag, name)
+        assert f"`{name}`" in doc, f"{name} is not in docs/stream-format.md"
+    sink = BytesSink()
+    w = StreamWriter(sink)
+    w.section(stream.CONF, [b"{}"])
+    w.section(stream.CPUS, [b"{}"])
+    w.section(stream.ROUND, [b"{}"])
+    r = StreamReader(BytesSource(bytes(sink.data)))
+    r.read_payload(*r.next_section())
+    r.read_payload(*r.next_section())
+    with pytest.raises(StreamError, match=r"section #2 RND at byte \d+: a RND section cannot"):
+        r.next_section()

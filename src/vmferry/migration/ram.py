@@ -109,10 +109,15 @@ class RamSender:
         *,
         compress: bool = False,
         batch_pages: int = DEFAULT_BATCH_PAGES,
+        sealed: bool = False,
     ) -> None:
+        """``sealed``: never send live page data outside the checksum (a file): pages of
+        a running guest are gathered into a private copy first, so the bytes hashed are
+        the bytes written."""
         self.writer = writer
         self.memory = memory
         self.batch_pages = batch_pages
+        self.sealed = sealed
         self._zstd = zstandard.ZstdCompressor(level=ZSTD_LEVEL) if compress else None
         self.stats = RamStats()
 
@@ -144,7 +149,8 @@ class RamSender:
         d_starts, d_lengths = starts[~is_zero], lengths[~is_zero]
         head: list[Buffer] = [RAM_HEAD.pack(runs.size, 0), runs.tobytes()]
         data: list[Buffer]
-        if self._zstd is not None or (d_starts.size and d_lengths.mean() < GATHER_BELOW_RUN):
+        gather = self._zstd is not None or (live and self.sealed)
+        if gather or (d_starts.size and d_lengths.mean() < GATHER_BELOW_RUN):
             data = [allp[expand_runs(d_starts, d_lengths)].data.cast("B")] if d_starts.size else []
         else:
             b = self.memory.bytes
@@ -156,7 +162,7 @@ class RamSender:
         if self._zstd is not None:
             frame = self._zstd.compress(b"".join(bytes(x) for x in (*head, *data)))
             self.writer.section(RAM, [frame], flags=FLAG_ZSTD)
-        elif live:
+        elif live and not self.sealed:
             self.writer.section(RAM, [*head, *data], flags=FLAG_LIVE, hashed=len(head))
         else:
             self.writer.section(RAM, [*head, *data])

@@ -94,12 +94,12 @@ def save_to_file(machine: Machine, path: str) -> RamStats:
     try:
         stats = write_snapshot(StreamWriter(sink), machine, state)
         os.fsync(fd)
+        sink.close()
+        os.replace(tmp, path)  # inside: a PATH that cannot be replaced leaves no partial
     except BaseException:
         sink.close()
         os.unlink(tmp)
         raise
-    sink.close()
-    os.replace(tmp, path)
     return stats
 
 
@@ -110,6 +110,23 @@ def load_from_file(path: str) -> LoadedStream:
         raise StreamError(f"cannot open saved state {path}: {e.strerror}") from e
     source = FdSource(fd, name=path)
     try:
-        return read_snapshot(StreamReader(source))
+        size = os.fstat(fd).st_size
+        # A file must be checksummed whole: a live section (page data outside its
+        # checksum) is refused, and so is anything after the END section.
+        loaded = read_snapshot(StreamReader(source, sealed=True))
+        if source.position != size:
+            close_loaded(loaded)
+            raise StreamError(
+                f"{path} has {size - source.position} bytes after its END section at byte "
+                f"{source.position} (corrupt file?)"
+            )
+        return loaded
     finally:
         source.close()
+
+
+def close_loaded(loaded: LoadedStream) -> None:
+    """Free what a loaded stream holds (its devices and RAM) when it will not run."""
+    for d in loaded.device_models:
+        d.close()
+    loaded.memory.close()

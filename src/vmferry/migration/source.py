@@ -208,7 +208,10 @@ class MigrationSource:
             if msg["kind"] != "accepted":
                 raise MigrationError(f"the destination refused: {msg.get('error', msg)}")
         compress = self.params.multifd_compression == "zstd"
-        senders = [RamSender(w, mem, compress=compress) for w in writers]
+        # Every byte of a file is checksummed (it may carry no digests to catch damage):
+        # the running guest's pages are copied first, so what is hashed is what is written.
+        sealed = self.uri.scheme == "file"
+        senders = [RamSender(w, mem, compress=compress, sealed=sealed) for w in writers]
         m.set_dirty_logging(True)  # from here on every guest write is logged
         self.devices.start()  # DMA dirty tracking on, PRE_COPY for devices that have it
         st.setup_ms = self._elapsed_ms()

@@ -7,9 +7,11 @@ Layout (little-endian):
                    payload[length]
 
 ``checksum`` is xxh3-64 over the first 24 header bytes and the payload, so a flipped bit in
-a length or a tag is caught too. ``seq`` counts sections from 0: a dropped or repeated
-section is an error. Sections come in a fixed grammar (``MAIN_GRAMMAR``); anything else is an
-error that names the section, its number and its byte offset.
+a length or a tag is caught too. Only a live RAM section leaves its page data out of it
+(FLAG_LIVE); a file never holds one, so every byte of a file is checksummed. ``seq`` counts
+sections from 0: a dropped or repeated section is an error. Sections come in a fixed grammar
+(``MAIN_GRAMMAR``); anything else is an error that names the section, its number and its
+byte offset.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ CEND = b"CEND"  # an extra channel has sent all its pages
 SECTION_NAMES = {
     CONF: "CONF",
     RAM: "RAM",
-    ROUND: "ROUND",
+    ROUND: "RND",
     CPUS: "CPUS",
     DEVD: "DEVD",
     DEVS: "DEVS",
@@ -69,6 +71,8 @@ FLAG_ZSTD = 1  # the payload is one zstd frame
 # The page data of this RAM section was read from a running guest, which may change a page
 # while it is being sent: the checksum covers the header and the run table only. Such a
 # page was dirtied, so it is sent again later; the switchover digests cover the end result.
+# Only a live connection carries these: a file is read long after, with nothing resent and
+# perhaps no digests, so its pre-copy pages are copied first and checksummed whole.
 FLAG_LIVE = 2
 KNOWN_FLAGS = FLAG_ZSTD | FLAG_LIVE
 
@@ -137,13 +141,21 @@ class StreamWriter:
 
 
 class StreamReader:
-    """Reads and checks section headers; payloads are read by the caller through ``read``."""
+    """Reads and checks section headers; payloads are read by the caller through ``read``.
+
+    ``sealed``: every section must be checksummed whole (a saved file), so a section with
+    the live flag is refused before its payload is read."""
 
     def __init__(
-        self, source: Source, grammar: dict[bytes | None, frozenset[bytes]] = MAIN_GRAMMAR
+        self,
+        source: Source,
+        grammar: dict[bytes | None, frozenset[bytes]] = MAIN_GRAMMAR,
+        *,
+        sealed: bool = False,
     ) -> None:
         self.source = source
         self.grammar = grammar
+        self.sealed = sealed
         self.seq = 0
         self.last: bytes | None = None
         raw = bytearray(STREAM_HEADER_SIZE)
@@ -183,6 +195,11 @@ class StreamReader:
             raise StreamError(f"{where}: unknown section flags {flags:#x} (corrupt stream?)")
         if seq != self.seq:
             raise StreamError(f"{where}: sequence number is {seq} (corrupt or reordered stream)")
+        if self.sealed and flags & FLAG_LIVE:
+            raise StreamError(
+                f"{hdr.describe()}: live page data outside the checksum, which a saved file "
+                "must not have (written by an older vmferry, or corrupt)"
+            )
         if length > MAX_PAYLOAD[hdr.tag]:
             raise StreamError(
                 f"{hdr.describe()}: length {length} exceeds the limit "
