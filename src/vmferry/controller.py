@@ -16,7 +16,7 @@ from vmferry.devices.vgpu import qmp as vgpu_qmp
 from vmferry.errors import ConfigError, MachineStateError, VmferryError
 from vmferry.machine.machine import Machine
 from vmferry.migration import report
-from vmferry.migration.destination import IncomingMigration
+from vmferry.migration.destination import IncomingMigration, IncomingResult
 from vmferry.migration.devices import blockers
 from vmferry.migration.params import MigrationCapabilities, MigrationParameters
 from vmferry.migration.source import MigrationSource
@@ -40,6 +40,8 @@ class VmController:
         self.make_incoming = make_incoming
         self.incoming_status = ""  # "" | active | completed | failed
         self.incoming_error = ""
+        self.incoming: IncomingMigration | None = None
+        self.incoming_result: IncomingResult | None = None
         self.emit: Emit = emit or (lambda name, data: None)
         self.params = MigrationParameters()
         self.caps = MigrationCapabilities()
@@ -148,11 +150,29 @@ class VmController:
                 incoming = self.make_incoming(uri)
             except VmferryError as e:
                 raise QmpError(str(e)) from e
+        self.receive(incoming)
+
+    def attach(self, machine: Machine) -> None:
+        """The VM booted here, after the controller (and its QMP socket) was set up."""
+        if self._machine is not None:
+            raise MachineStateError("this controller already has a VM")
+        self._machine = machine
+
+    def receive(self, incoming: IncomingMigration) -> None:
+        """Take the VM in from ``incoming`` on a thread; QMP answers meanwhile
+        (``inmigrate``), as QEMU's does for ``-incoming``."""
+        with self._lock:
+            self.incoming = incoming
             self.incoming_status = "active"
         self.emit("MIGRATION", {"status": "active"})
         threading.Thread(
             target=self._receive, args=(incoming,), name="incoming", daemon=True
         ).start()
+
+    def abandon_incoming(self) -> None:
+        """Stop waiting for a VM that has not arrived (quit, a timeout, an interrupt)."""
+        if self.incoming is not None and self._machine is None:
+            self.incoming.close()
 
     def _receive(self, incoming: IncomingMigration) -> None:
         try:
@@ -163,6 +183,11 @@ class VmController:
             self._finish("incoming-failed")
             self._arrived.set()
             return
+        if self.finished.is_set():
+            # Quit (or gave up) while it was on its way: this process is ending.
+            result.machine.close()
+            return
+        self.incoming_result = result
         self._machine = result.machine
         self.incoming_status = "completed"
         self.emit("MIGRATION", {"status": "completed"})

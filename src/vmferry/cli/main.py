@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from collections.abc import Sequence
+from types import FrameType
 
+from vmferry import __version__
 from vmferry.cli import bench as bench_cmd
 from vmferry.cli import demo as demo_cmd
 from vmferry.cli import mdev as mdev_cmd
@@ -26,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run KVM guests and move them, running, from one process or host to another.",
     )
     p.add_argument("-v", "--verbose", action="store_true", help="log what vmferry does")
+    p.add_argument("--version", action="version", version=f"vmferry {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     run_cmd.add_parser(sub)
     bench_cmd.add_parser(sub)
@@ -35,6 +39,15 @@ def build_parser() -> argparse.ArgumentParser:
     traffic_cmd.add_parser(sub)
     migrate_cmd.add_parser(sub)
     return p
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM: unwinds like Ctrl-C, so the QMP socket goes and the VM is closed."""
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends it at once
+    raise Terminated()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -50,12 +63,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING, format="vmferry: %(message)s"
     )
+    # Handled like Ctrl-C (which unwinds through every cleanup), not the default of dying
+    # on the spot with the QMP socket left behind.
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         status: int = args.func(args)
         return status
     except VmferryError as e:
         print(f"vmferry: error: {e}", file=sys.stderr)
         return EXIT_VMFERRY_ERROR
+    except Terminated:
+        print("vmferry: terminated (SIGTERM)", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("vmferry: interrupted", file=sys.stderr)
         return 130

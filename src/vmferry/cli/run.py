@@ -9,10 +9,11 @@ import sys
 import time
 from typing import Any, BinaryIO
 
+from vmferry.cli import run_checks
 from vmferry.controller import VmController
-from vmferry.errors import ConfigError, GuestError, MigrationError
+from vmferry.errors import ConfigError, GuestError, MigrationError, VmferryError
 from vmferry.kvm.system import DEFAULT_DEVICE
-from vmferry.machine import GuestExit, Machine, MachineConfig, parse_size
+from vmferry.machine import GuestExit, Machine, MachineConfig
 from vmferry.machine.vcpu_thread import install_kick_handler
 from vmferry.migration.channel import parse_uri
 from vmferry.migration.destination import IncomingMigration
@@ -37,8 +38,19 @@ def add_parser(sub: Any) -> None:
         nargs="?",
         help="built-in guest name (memtouch, cpustate, …) or path to a multiboot ELF",
     )
-    p.add_argument("--memory", "-m", default="1G", help="guest RAM (default 1G)")
-    p.add_argument("--vcpus", type=int, default=1, help="number of vCPUs, 1-8 (default 1)")
+    p.add_argument(
+        "--memory",
+        "-m",
+        metavar="SIZE",
+        help="guest RAM: MiB, or with a suffix K, M, G or T, e.g. 1.5G (default 1G)",
+    )
+    p.add_argument("--vcpus", type=int, help="number of vCPUs, 1-8 (default 1)")
+    p.add_argument(
+        "--overcommit",
+        action="store_true",
+        help="run a guest with more RAM than this host has (RAM and swap): it works as "
+        "long as the guest touches less (guest RAM is allocated on first touch)",
+    )
     p.add_argument(
         "--serial", metavar="FILE", help="write the guest's serial output to FILE (default: stdout)"
     )
@@ -57,7 +69,6 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "--device",
         action="append",
-        default=[],
         metavar="MODEL[,dirty=MODE…]",
         help="attach a device (e.g. dmaengine,dirty=iommu; modes: iommu, device, none, "
         "broken); repeat for more",
@@ -79,18 +90,13 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--qmp", metavar="unix:PATH", help="open a QMP control socket (mode 0600)")
     p.add_argument(
         "--timeout",
-        type=float,
         default=None,
-        help="give up (error) if the guest has not finished after this many seconds",
+        metavar="SECONDS",
+        help="give up (error) if the guest has not finished, or with --incoming has not "
+        "arrived and finished, after this many seconds",
     )
     p.add_argument("--kvm-device", default=DEFAULT_DEVICE, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_run)
-
-
-def _serial_out(path: str | None) -> BinaryIO:
-    if path is None:
-        return sys.stdout.buffer
-    return open(path, "ab")
 
 
 def _exit_status(result: GuestExit | None, timeout: float | None) -> int:
@@ -125,79 +131,74 @@ def _versions(args: argparse.Namespace) -> dict[str, int]:
     return out
 
 
-def _incoming(args: argparse.Namespace, serial: BinaryIO) -> Machine:
-    uri = parse_uri(args.incoming)
+def _from_file(path: str, args: argparse.Namespace, serial: BinaryIO) -> Machine:
     t0 = time.perf_counter()
-    if uri.scheme == "file":
-        snap = load_from_file(uri.path)
-        machine = Machine.from_state(
-            snap.state,
-            snap.memory,
-            kvm_device=args.kvm_device,
-            serial=serial,
-            devices=snap.device_models,
-        )
-        verify = check_loaded(snap, machine)
-        if verify.status == "failed":
-            machine.close()
-            raise MigrationError(f"{uri.path}: verification failed: {verify.detail}")
-        _note(
-            f"restored {snap.state.config.image or 'guest'} from {uri.path} "
-            f"({snap.ram.normal} pages, {snap.ram.zero} zero; verification {verify.status})"
-            f" in {time.perf_counter() - t0:.3f} s"
-        )
-        DestinationDevices(machine.devices).start()  # RUNNING_P2P → RUNNING, then vCPUs
-        machine.start()
-        return machine
-    incoming = IncomingMigration(
-        uri,
+    snap = load_from_file(path)
+    machine = Machine.from_state(
+        snap.state,
+        snap.memory,
         kvm_device=args.kvm_device,
         serial=serial,
-        device_versions=_versions(args),
-        prealloc=parse_size(args.prealloc) if args.prealloc else 0,
+        devices=snap.device_models,
     )
-    result = incoming.receive()
+    verify = check_loaded(snap, machine)
+    if verify.status == "failed":
+        machine.close()
+        raise MigrationError(f"{path}: verification failed: {verify.detail}")
     _note(
-        f"migration received ({result.rounds} rounds, {result.ram_pages} pages; "
-        f"verification {result.verify.status}); the VM runs here now"
+        f"restored {snap.state.config.image or 'guest'} from {path} "
+        f"({snap.ram.normal} pages, {snap.ram.zero} zero; verification {verify.status})"
+        f" in {time.perf_counter() - t0:.3f} s"
     )
-    return result.machine
+    DestinationDevices(machine.devices).start()  # RUNNING_P2P → RUNNING, then vCPUs
+    machine.start()
+    return machine
+
+
+def _note_arrival(controller: VmController) -> None:
+    result = controller.incoming_result
+    if result is not None:
+        _note(
+            f"migration received ({result.rounds} rounds, {result.ram_pages} pages; "
+            f"verification {result.verify.status}); the VM runs here now"
+        )
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     # Machines may be built later on other threads (migrate-incoming): arm the vCPU kick
     # signal now, on the main thread, where Python lets a handler be installed.
     install_kick_handler()
-    serial = _serial_out(args.serial)
-    qmp_path = _qmp_path(args.qmp)
-    machine: Machine | None = None
+    # Everything that can be refused is refused here, before a guest boots or a migration
+    # is awaited: one line, exit 125, nothing lost.
+    timeout = None if args.timeout is None else run_checks.seconds("--timeout", args.timeout)
+    save_after: tuple[float, str] | None = None
     if args.incoming:
-        if args.image or args.save_after:
-            raise ConfigError(
-                "--incoming takes no image and no --save-after: the VM's "
-                "configuration comes from the stream"
-            )
-        if args.incoming != "defer":
-            machine = _incoming(args, serial)
-        elif not qmp_path:
+        run_checks.check_incoming(args)
+        if args.incoming == "defer" and not args.qmp:
             raise ConfigError(
                 "--incoming defer needs --qmp: the QMP command migrate-incoming starts it"
             )
+        uri = None if args.incoming == "defer" else parse_uri(args.incoming)
+        prealloc = run_checks.prealloc_size(args)
     else:
         if not args.image:
             raise ConfigError("vmferry run needs a guest image (or --incoming URI)")
+        run_checks.check_boot(args)
         config = MachineConfig(
-            memory=parse_size(args.memory),
-            vcpus=args.vcpus,
+            memory=run_checks.memory_size(args),
+            vcpus=args.vcpus or run_checks.DEFAULT_VCPUS,
             image=args.image,
             cmdline=args.guest_cmdline,
-            devices=tuple(args.device),
+            devices=tuple(args.device or ()),
         )
-        machine = Machine.boot(config, kvm_device=args.kvm_device, serial=serial)
         if args.save_after:
-            with machine:
-                return _save_after(machine, args.save_after)
-        machine.start()
+            save_after = (
+                run_checks.seconds("--save-after", args.save_after[0]),
+                args.save_after[1],
+            )
+            run_checks.check_save_path(save_after[1])
+    serial = run_checks.open_serial(args.serial)
+    qmp_path = _qmp_path(args.qmp)
 
     def make_incoming(uri: str) -> IncomingMigration:
         return IncomingMigration(
@@ -207,19 +208,43 @@ def cmd_run(args: argparse.Namespace) -> int:
             device_versions=_versions(args),
         )
 
-    controller = VmController(machine, make_incoming=make_incoming)
+    controller = VmController(None, make_incoming=make_incoming)
     with contextlib.ExitStack() as stack:
         # Closed last: the machine, whether it was booted here or arrived later.
         stack.callback(_close_machine, controller)
         server: QmpServer | None = None
         if qmp_path:
             server = QmpServer(qmp_path, controller)
-            controller.emit = server.emit
-            server.start()
+            run_checks.listen_qmp(server)
             stack.callback(server.close)
-        deadline = None if args.timeout is None else time.monotonic() + args.timeout
+            controller.emit = server.emit
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if not args.incoming:
+            machine = Machine.boot(config, kvm_device=args.kvm_device, serial=serial)
+            controller.attach(machine)
+            if save_after is not None:
+                return _save_after(machine, *save_after, timeout)
+            machine.start()
+        elif uri is not None and uri.scheme == "file":
+            controller.attach(_from_file(uri.path, args, serial))
+        elif uri is not None:
+            incoming = IncomingMigration(
+                uri,
+                kvm_device=args.kvm_device,
+                serial=serial,
+                device_versions=_versions(args),
+                prealloc=prealloc,
+            )
+            controller.receive(incoming)
+        stack.callback(controller.abandon_incoming)
+        if server is not None:
+            server.start()
+        arrived = controller.current_machine is not None
         while True:
             outcome = controller.wait_for(0.5)
+            if not arrived and controller.current_machine is not None:
+                arrived = True
+                _note_arrival(controller)
             if outcome or (deadline is not None and time.monotonic() > deadline):
                 break
         if outcome == "migrated":
@@ -238,13 +263,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         if outcome == "incoming-failed":
             raise MigrationError(controller.incoming_error)
         if controller.current_machine is None:
-            raise GuestError(f"no VM arrived within {args.timeout} s")
-        return _exit_status(controller.current_machine.exit, args.timeout)
+            raise GuestError(f"no VM arrived within {timeout} s")
+        mig = controller.migration
+        if server is not None and mig is not None and mig.stats.status == "failed":
+            # The guest ended while a migration was under way: the migration has failed
+            # ("the guest ended during the migration"); let QMP clients read that.
+            _linger(server)
+        return _exit_status(controller.current_machine.exit, timeout)
 
 
 def _linger(server: QmpServer) -> None:
-    """The VM runs elsewhere now; stay a moment for a QMP client (``vmferry migrate``) to
-    read the final report, then go."""
+    """The VM runs elsewhere now (or ended mid-migration); stay a moment for a QMP client
+    (``vmferry migrate``) to read the final report, then go."""
     deadline = time.monotonic() + LINGER_S
     while server.client_count and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -255,12 +285,7 @@ def _close_machine(controller: VmController) -> None:
         controller.current_machine.close()
 
 
-def _save_after(machine: Machine, save_after: list[str]) -> int:
-    try:
-        seconds = float(save_after[0])
-    except ValueError:
-        raise ConfigError(f"--save-after {save_after[0]}: not a number") from None
-    path = save_after[1]
+def _save_after(machine: Machine, seconds: float, path: str, timeout: float | None) -> int:
     machine.start()
     early = machine.wait(seconds)
     if early is not None:
@@ -272,7 +297,18 @@ def _save_after(machine: Machine, save_after: list[str]) -> int:
         )
     pause_s = machine.pause()
     t0 = time.perf_counter()
-    stats = save_to_file(machine, path)
+    try:
+        stats = save_to_file(machine, path)
+    except (OSError, VmferryError) as e:
+        # The VM is not lost for a failed save: it goes on as if none had been asked for.
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        machine.resume()
+        _note(f"could not save to {path} ({why}); the VM was resumed and runs on")
+        result = machine.wait(None if timeout is None else max(0.0, timeout - seconds))
+        status = _exit_status(result, timeout)
+        raise MigrationError(
+            f"the VM was not saved to {path} ({why}); it ran on to its end (exit {status})"
+        ) from e
     _note(
         f"saved to {path}: {stats.bytes / 2**20:.1f} MiB ({stats.normal} pages, "
         f"{stats.zero} zero) in {time.perf_counter() - t0:.3f} s "

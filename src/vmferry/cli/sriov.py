@@ -11,7 +11,8 @@ from rich.console import Console
 from rich.table import Table
 
 from vmferry.devices.nic.admin import listing
-from vmferry.devices.nic.host import HostConfig, default_state_dir
+from vmferry.devices.nic.host import HostConfig
+from vmferry.state_dir import default_state_dir
 
 
 def add_parser(sub: Any) -> None:
@@ -19,12 +20,15 @@ def add_parser(sub: Any) -> None:
         "sriov",
         help="SR-IOV NICs of this host: create VFs, set their MAC/VLAN, list them",
         description="Configure this host's physical functions and their virtual functions "
-        "(kept in $VMFERRY_STATE_DIR/sriov.json, default /run/vmferry for root). A VM "
+        "(kept in sriov.json in the state directory: $VMFERRY_STATE_DIR, /run/vmferry for "
+        "root, else $XDG_RUNTIME_DIR/vmferry or /tmp/vmferry-$UID). A VM "
         "takes a VF with `vmferry run … --device vf,pf=PF,index=N`.",
     )
     p.add_argument("--state-dir", type=Path, help="the host's state directory")
     which = p.add_subparsers(dest="sriov", required=True)
-    n = which.add_parser("set-numvfs", help="create N VFs on a PF (0 removes them)")
+    n = which.add_parser(
+        "set-numvfs", help="create N VFs on a PF (0 removes them, and the PF's entry)"
+    )
     n.add_argument("pf")
     n.add_argument("numvfs", type=int)
     n.add_argument("--uplink", metavar="HOST:PORT", help="UDP address of the host switch")
@@ -56,7 +60,10 @@ def cmd_set_numvfs(args: argparse.Namespace) -> int:
     pf = _host(args).set_numvfs(
         args.pf, args.numvfs, uplink=args.uplink, neighbours=args.neighbour, buffer=args.buffer
     )
-    print(f"{args.pf}: {len(pf.vfs)} VFs, uplink {pf.uplink}")
+    if args.numvfs == 0:
+        print(f"{args.pf}: 0 VFs, removed from this host's SR-IOV state")
+    else:
+        print(f"{args.pf}: {len(pf.vfs)} VFs, uplink {pf.uplink}")
     return 0
 
 

@@ -160,7 +160,10 @@ class VcpuThread:
         try:
             self._loop()
         except VmferryError as e:
-            self._stop_with(e)
+            # The error goes to another thread; its traceback would keep this thread's
+            # frames, and the views into the kvm_run page they hold, so the page could not
+            # be unmapped when the machine closes.
+            self._stop_with(e.with_traceback(None))
         except Exception as e:
             self._stop_with(VmferryError(f"vCPU {self.index} thread crashed: {e!r}"))
 
@@ -236,7 +239,9 @@ class VcpuThread:
             self.park(0)
         elif reason == uapi.KVM_EXIT_SHUTDOWN:
             rip = self.handle.get_regs().rip
-            raise GuestError(f"vCPU {self.index} triple-faulted (shutdown) near rip {rip:#x}")
+            raise GuestError(
+                f"the guest triple-faulted: vCPU {self.index} at rip {rip:#x} (KVM exit SHUTDOWN)"
+            )
         elif reason == uapi.KVM_EXIT_FAIL_ENTRY:
             raise GuestError(
                 f"vCPU {self.index} failed VM entry (hardware reason "

@@ -105,11 +105,18 @@ class QmpServer:
     ) -> None:
         self.close()
 
+    def listen(self) -> None:
+        """Create the socket now; clients that connect wait in the backlog until
+        :meth:`start`. (A bad path then fails before a VM is set up.)"""
+        if self._listener is None:
+            self._listener = self._listen()
+
     def start(self) -> None:
-        """Create the socket and start accepting clients in a daemon thread."""
-        if self._listener is not None:
+        """Create the socket (unless :meth:`listen` did) and accept clients in a daemon
+        thread."""
+        if self._accept_thread is not None:
             raise RuntimeError(f"QMP server on {self.path} already started")
-        self._listener = self._listen()
+        self.listen()
         self._accept_thread = threading.Thread(
             target=self._accept_loop, name=f"qmp-accept {self.path}", daemon=True
         )

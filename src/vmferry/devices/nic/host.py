@@ -34,8 +34,6 @@ DEFAULT_BUFFER = 4096  # frames a switch port holds while its VF cannot take the
 _current: contextvars.ContextVar[Path | None] = contextvars.ContextVar("vmferry_host", default=None)
 
 
-
-
 def current_host() -> Path:
     """The state directory of the host this code runs on."""
     return _current.get() or default_state_dir()
@@ -180,7 +178,7 @@ class HostConfig:
         buffer: int | None = None,
     ) -> PfConfig:
         """sriov_numvfs: like the kernel, a PF with VFs must go back to 0 before it gets
-        another count, and VFs in use cannot be removed."""
+        another count, and VFs in use cannot be removed. 0 removes the PF's entry."""
         if not 0 <= numvfs <= MAX_VFS:
             raise ConfigError(f"{pf}: sriov_numvfs {numvfs} is outside 0..{MAX_VFS}")
         if uplink is not None:
@@ -200,7 +198,10 @@ class HostConfig:
             if busy and numvfs == 0:
                 raise ConfigError(f"{pf}: VFs {busy} are in use by running VMs")
             if numvfs == 0:
+                # A PF with no VFs has nothing left to keep: it leaves the state file (and
+                # `sriov list`); a later set-numvfs starts it afresh.
                 p.vfs = []
+                del st.pfs[pf]
             elif not p.vfs:
                 p.vfs = [VfConfig(default_mac(pf, i)) for i in range(numvfs)]
             if uplink is not None:
