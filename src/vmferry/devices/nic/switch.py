@@ -128,25 +128,29 @@ class HostSwitch:
                 data, addr = self.sock.recvfrom(65536)
             except OSError:
                 return
-            try:
-                dgram = wire.decode(data)
-            except wire.WireError as e:
-                self.counters["malformed"] += 1
-                log.debug("%s: %s from %s", self.name, e, addr)
-                continue
-            if dgram.kind == wire.KIND_ANNOUNCE:
-                self._announced(dgram, addr)
-                continue
-            self.counters["rx"] += 1
-            frame = dgram.frame
-            sender = dgram.origin if dgram.kind == wire.KIND_FORWARD else addr
-            if sender is not None and sender != self.address:
-                with self._lock:
-                    self._fdb[wire.src_mac(frame)] = sender
-                    self._endpoints.add(sender)
-            self._switch(frame, from_uplink=True)
-            if dgram.hops == 0 and sender is not None:
-                self._relay(frame, sender)
+            self.handle(data, addr)
+
+    def handle(self, data: bytes, addr: Addr) -> None:
+        """One datagram from the uplink (the uplink thread; tests drive it directly)."""
+        try:
+            dgram = wire.decode(data)
+        except wire.WireError as e:
+            self.counters["malformed"] += 1
+            log.debug("%s: %s from %s", self.name, e, addr)
+            return
+        if dgram.kind == wire.KIND_ANNOUNCE:
+            self._announced(dgram, addr)
+            return
+        self.counters["rx"] += 1
+        frame = dgram.frame
+        sender = dgram.origin if dgram.kind == wire.KIND_FORWARD else addr
+        if sender is not None and sender != self.address:
+            with self._lock:
+                self._fdb[wire.src_mac(frame)] = sender
+                self._endpoints.add(sender)
+        self._switch(frame, from_uplink=True)
+        if dgram.hops == 0 and sender is not None:
+            self._relay(frame, sender)
 
     def _relay(self, frame: bytes, sender: Addr) -> None:
         """A frame from the uplink for a MAC we learned elsewhere on the segment (e.g. a
@@ -173,11 +177,15 @@ class HostSwitch:
             remote = None if targets or dst == wire.BROADCAST else self._fdb.get(dst)
             if not targets and not remote:
                 self.counters["unknown"] += 1
+            # Where a flood goes is decided with the lookup that missed, at one instant: an
+            # endpoint learned in between (the uplink thread) would get the frame from us
+            # and again from a neighbour that relays it there: a delivered frame twice.
+            flood = self._flood_targets() if remote is None else set()
         for w in wakes:
             if w is not None:
                 w()
         if not from_uplink and (remote or dst == wire.BROADCAST or not targets):
-            self._send_out(frame, remote)
+            self._send_out(frame, remote, flood)
 
     def _enqueue(self, port: Port, frame: bytes) -> Callable[[], None] | None:
         if port.moved_to is not None:
@@ -197,14 +205,13 @@ class HostSwitch:
         self.counters["tx"] += 1
         self._switch(wire.tag(frame, port.vlan), from_uplink=False)
 
-    def _send_out(self, frame: bytes, remote: Addr | None) -> None:
+    def _flood_targets(self) -> set[Addr]:
+        """Everyone a frame for an unknown MAC goes to (the caller holds the lock)."""
+        return set(self.neighbours) | self._endpoints
+
+    def _send_out(self, frame: bytes, remote: Addr | None, flood: set[Addr]) -> None:
         data = wire.encode(wire.KIND_DATA, frame)
-        if remote is not None:
-            self._sendto(data, remote)
-            return
-        with self._lock:
-            flood = set(self.neighbours) | self._endpoints
-        for addr in flood:
+        for addr in [remote] if remote is not None else flood:
             self._sendto(data, addr)
 
     def _forward(self, frame: bytes) -> bytes:
