@@ -16,6 +16,7 @@ from vmferry.cli import mdev as mdev_cmd
 from vmferry.cli import migrate as migrate_cmd
 from vmferry.cli import run as run_cmd
 from vmferry.cli import sriov as sriov_cmd
+from vmferry.cli import tls as tls_cmd
 from vmferry.cli import traffic as traffic_cmd
 from vmferry.errors import VmferryError
 
@@ -38,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     sriov_cmd.add_parser(sub)
     traffic_cmd.add_parser(sub)
     migrate_cmd.add_parser(sub)
+    tls_cmd.add_parser(sub)
     return p
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from typing import Any
 
@@ -55,6 +56,17 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--switchover-policy", choices=["keep-going", "force", "cancel"])
     p.add_argument("--no-verify", action="store_true", help="skip the switchover digests")
+    p.add_argument(
+        "--tls-creds",
+        metavar="DIR",
+        help="migrate over TLS with the x509 credentials in DIR (ca-cert.pem, "
+        "client-cert.pem, client-key.pem); docs/tls.md",
+    )
+    p.add_argument(
+        "--tls-hostname",
+        metavar="NAME",
+        help="the name the destination's certificate must hold (default: the URI's host)",
+    )
     p.add_argument("--report", metavar="FILE", help="write the JSON report here")
     p.add_argument("--plot", metavar="FILE.png", help="draw the timeline here")
     p.set_defaults(func=cmd_migrate)
@@ -109,6 +121,9 @@ def _migrate(args: argparse.Namespace, path: str) -> int:
             ("max-bandwidth", args.max_bandwidth),
             ("x-switchover-timeout", args.switchover_timeout),
             ("x-switchover-policy", args.switchover_policy),
+            # The source process resolves the path: make it absolute here.
+            ("tls-creds", os.path.abspath(args.tls_creds) if args.tls_creds else None),
+            ("tls-hostname", args.tls_hostname),
         ):
             if value is not None:
                 params[key] = value

@@ -10,6 +10,7 @@ import time
 from typing import Any, BinaryIO
 
 from vmferry.cli import run_checks
+from vmferry.cli import tls as tls_cmd
 from vmferry.controller import VmController
 from vmferry.errors import ConfigError, GuestError, MigrationError, VmferryError
 from vmferry.kvm.system import DEFAULT_DEVICE
@@ -87,6 +88,7 @@ def add_parser(sub: Any) -> None:
         help="with --incoming tcp: allocate SIZE of guest RAM before the migration starts "
         "(the VM's RAM size): receiving into fresh memory costs more than the network",
     )
+    tls_cmd.add_run_arguments(p)
     p.add_argument("--qmp", metavar="unix:PATH", help="open a QMP control socket (mode 0600)")
     p.add_argument(
         "--timeout",
@@ -206,9 +208,11 @@ def cmd_run(args: argparse.Namespace) -> int:
             kvm_device=args.kvm_device,
             serial=serial,
             device_versions=_versions(args),
+            tls=tls_cmd.incoming_tls(controller.params),
         )
 
     controller = VmController(None, make_incoming=make_incoming)
+    tls_server = tls_cmd.apply_run_flags(args, controller)  # refused before anything runs
     with contextlib.ExitStack() as stack:
         # Closed last: the machine, whether it was booted here or arrived later.
         stack.callback(_close_machine, controller)
@@ -234,6 +238,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 serial=serial,
                 device_versions=_versions(args),
                 prealloc=prealloc,
+                tls=tls_server,
             )
             controller.receive(incoming)
         stack.callback(controller.abandon_incoming)

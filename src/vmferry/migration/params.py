@@ -34,6 +34,9 @@ _PARAM_NAMES: Final = {
     "cpu_throttle_initial": "cpu-throttle-initial",
     "cpu_throttle_increment": "cpu-throttle-increment",
     "max_cpu_throttle": "max-cpu-throttle",
+    "tls_creds": "tls-creds",
+    "tls_hostname": "tls-hostname",
+    "tls_authz": "tls-authz",
     "switchover_timeout_ms": "x-switchover-timeout",
     "switchover_policy": "x-switchover-policy",
 }
@@ -50,6 +53,8 @@ _CHOICES: Final = {
     "multifd_compression": COMPRESSIONS,
     "switchover_policy": SWITCHOVER_POLICIES,
 }
+# Strings, "" when unset (as QEMU shows them): see vmferry.migration.tls.
+_STRINGS: Final = ("tls_creds", "tls_hostname", "tls_authz")
 _CAP_NAMES: Final = {"auto_converge": "auto-converge", "multifd": "multifd", "x_verify": "x-verify"}
 
 
@@ -88,6 +93,9 @@ class MigrationParameters:
     cpu_throttle_initial: int = 20  # QEMU's default, in %
     cpu_throttle_increment: int = 10  # QEMU's default, in %
     max_cpu_throttle: int = 99  # QEMU's default, in %
+    tls_creds: str = ""  # a directory of x509 credentials (QEMU's file names); "" = no TLS
+    tls_hostname: str = ""  # the name the destination's certificate must hold; "" = URI's host
+    tls_authz: str = ""  # destination: client certificate CNs admitted, comma-separated
     switchover_timeout_ms: int = 0  # 0 = wait for convergence forever (QEMU's behaviour)
     switchover_policy: str = "keep-going"  # what to do when the timeout passes
 
@@ -96,6 +104,10 @@ class MigrationParameters:
             _check_int(_PARAM_NAMES[name], getattr(self, name), low, high, unit)
         for name, choices in _CHOICES.items():
             _check_choice(_PARAM_NAMES[name], getattr(self, name), choices)
+        for name in _STRINGS:
+            if not isinstance(getattr(self, name), str):
+                value = getattr(self, name)
+                raise ConfigError(f"{_PARAM_NAMES[name]} = {value!r}: expected a string")
 
     def to_qmp(self) -> dict[str, Any]:
         return {q: getattr(self, f) for f, q in _PARAM_NAMES.items()}

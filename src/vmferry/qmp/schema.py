@@ -40,6 +40,11 @@ MIGRATION_PARAMETERS: Mapping[str, Arg] = {
     "cpu-throttle-initial": Arg(_PERCENT),
     "cpu-throttle-increment": Arg(_PERCENT),
     "max-cpu-throttle": Arg(_PERCENT),
+    # x509 credentials directory, the host name its certificate must hold, the client CNs
+    # a destination admits (comma-separated); "" clears each (docs/tls.md).
+    "tls-creds": Arg(Str()),
+    "tls-hostname": Arg(Str()),
+    "tls-authz": Arg(Str()),
     # vmferry's own: how long switchover may take (0: no limit) and what to do past it.
     "x-switchover-timeout": Arg(Int(0, MAX_SWITCHOVER_TIMEOUT_MS, "milliseconds")),
     "x-switchover-policy": Arg(Str(SWITCHOVER_POLICIES)),
