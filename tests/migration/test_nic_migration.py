@@ -57,12 +57,6 @@ def test_traffic_survives_migration_in_every_tracking_mode(hosts: list[Path], mo
     assert o.result(o.source_out) is None, "the source ran the guest to its end too"
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="known bug, seen in about 1 run in 10 on a loaded host: with the switch buffer "
-    "overflowing during the downtime, a frame is sometimes echoed twice (a buffered frame "
-    "forwarded to the new host and also relayed); the loss accounting itself holds",
-)
 def test_frames_over_the_switch_buffer_bound_are_dropped_and_counted() -> None:
     with tempfile.TemporaryDirectory(prefix="vmferry-hosts-") as d:
         hs = make_hosts(Path(d), buffer=2)
