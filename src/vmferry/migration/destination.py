@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
-import struct
 import sys
 import time
 from dataclasses import dataclass, field
@@ -22,16 +21,19 @@ from vmferry.machine.machine import Machine
 from vmferry.memory.guest_memory import GuestMemory
 from vmferry.migration.channel import MigrationUri, ReplyPath, accept, listen
 from vmferry.migration.devices import DestinationDevices
+from vmferry.migration.liveness import Heartbeat, bound_socket, is_timeout, receive_timeout
 from vmferry.migration.loader import check_loaded, load_stream, open_devices, populate, read_head
 from vmferry.migration.metrics import VerifyResult
+from vmferry.migration.params import MAX_PEER_TIMEOUT_MS, MIN_PEER_TIMEOUT_MS, MigrationParameters
 from vmferry.migration.stream import CHANNEL_GRAMMAR, StreamReader
 from vmferry.migration.transport import FdSource
 
 log = logging.getLogger(__name__)
 
-IDLE_TIMEOUT_S = 60  # no byte from the source for this long: it is gone
+# Until the source's CONF says its x-peer-timeout, the destination waits as long as a
+# source with the default would.
+DEFAULT_PEER_TIMEOUT_S = MigrationParameters().peer_timeout_s
 CHANNEL_ACCEPT_TIMEOUT_S = 10.0
-GO_TIMEOUT_S = 120.0
 
 
 @dataclass
@@ -44,9 +46,18 @@ class IncomingResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def _recv_timeout(sock: socket.socket, seconds: int) -> None:
-    # SO_RCVTIMEO makes the blocking readv(2) give up, so a vanished source is noticed.
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", seconds, 0))
+def _bound(sock: socket.socket, timeout_s: float) -> None:
+    # SO_RCVTIMEO makes the blocking readv(2) give up, so a silent source is noticed.
+    bound_socket(sock, timeout_s)
+    receive_timeout(sock, timeout_s)
+
+
+def _peer_timeout(setup: dict[str, object]) -> float:
+    """The source's x-peer-timeout (seconds), from its CONF; the default if absent or odd."""
+    ms = setup.get("peer-timeout-ms")
+    if isinstance(ms, int) and MIN_PEER_TIMEOUT_MS <= ms <= MAX_PEER_TIMEOUT_MS:
+        return ms / 1e3
+    return DEFAULT_PEER_TIMEOUT_S
 
 
 def _wake(sock: socket.socket) -> None:
@@ -121,9 +132,12 @@ class IncomingMigration:
                     file=sys.stderr,
                     flush=True,
                 )
+        heartbeat: Heartbeat | None = None
+        timeout_s = DEFAULT_PEER_TIMEOUT_S
+        started = False  # the guest runs here: from then on nothing may close it
             main_sock = accept(self.listener, None, "source")
             socks.append(main_sock)
-            _recv_timeout(main_sock, IDLE_TIMEOUT_S)
+            _bound(main_sock, timeout_s)
             reply = ReplyPath(main_sock)
             t0 = time.monotonic()
             main = StreamReader(FdSource(main_sock.fileno(), owned=False, name="migration stream"))
@@ -132,10 +146,16 @@ class IncomingMigration:
             for i in range(1, head.channels):
                 s = accept(self.listener, CHANNEL_ACCEPT_TIMEOUT_S, f"channel {i}")
                 socks.append(s)
-                _recv_timeout(s, IDLE_TIMEOUT_S)
+            # The source watches this: a destination that stops (or hangs) is noticed.
+            heartbeat = Heartbeat(reply, timeout_s)
+            heartbeat.start()
+                _bound(s, timeout_s)
                 readers.append(
                     StreamReader(
                         FdSource(s.fileno(), owned=False, name=f"channel {i}"), CHANNEL_GRAMMAR
+            timeout_s = _peer_timeout(head.setup)
+            _bound(main_sock, timeout_s)
+            heartbeat.set_timeout(timeout_s)
                     )
                 )
             memory = self._memory_for(head.config.memory)
@@ -166,14 +186,22 @@ class IncomingMigration:
                 pages_checked=verify.pages_checked,
                 verify=verify.status,
             )
-            msg = reply.receive(GO_TIMEOUT_S, "go from the source")
+            # The source answers at once; one that does not has stopped. Giving up is safe:
+            # the "failed" sent then tells a source that wakes up to keep its VM.
+            msg = reply.receive(timeout_s, "go from the source")
             if msg["kind"] != "go":
                 raise MigrationError(f"the source did not hand over: {msg}")
             t_go = time.monotonic()
             DestinationDevices(machine.devices).start()
             machine.start()
             t_started = time.monotonic()
-            reply.send("resumed", resume_ms=(t_started - t_go) * 1e3)
+            try:
+                reply.send("resumed", resume_ms=(t_started - t_go) * 1e3)
+            except OSError as e:
+                # The source was released by "go": the guest is this one now, whatever
+                # became of the connection.
+                log.warning("could not confirm the resume to the source: %s", e)
+            heartbeat.stop()
             return IncomingResult(
                 machine,
                 verify,
@@ -181,25 +209,38 @@ class IncomingMigration:
                 loaded.rounds,
                 loaded.ram.normal + loaded.ram.zero,
                 {"load_s": t_loaded - t0, "verify_s": t_verified - t_loaded},
+            started = True
             )
         except BaseException as e:
             if reply is not None:
                 with contextlib.suppress(OSError):
-                    reply.send("failed", error=str(e))
+                    reply.send("failed", error=str(err))
             if machine is not None:
                 machine.close()
             else:
                 if devices is not None:
                     devices.close()
                 if memory is not None:
-                    memory.close()
+            if heartbeat is not None:
+                heartbeat.stop()
+            if started:
+                raise  # nothing after the start raises; never close a running guest
+            err: BaseException = e
             if isinstance(e, StreamError | MigrationError):
+                pass
+            elif is_timeout(e):
+                err = MigrationError(
+                    f"the source sent nothing for {timeout_s:.1f} s: it stopped, or the "
+                    "link to it is down"
+                )
+            elif isinstance(e, VmferryError):
+                err = MigrationError(str(e))
+            elif isinstance(e, OSError):
+                err = MigrationError(f"connection to the source failed: {e}")
+                    memory.close()
+            if err is e:
                 raise
-            if isinstance(e, VmferryError):
-                raise MigrationError(str(e)) from e
-            if isinstance(e, OSError):
-                raise MigrationError(f"connection to the source failed: {e}") from e
-            raise
+            raise err from e
         finally:
             if self._prealloc is not None:
                 self._prealloc.close()
@@ -208,3 +249,5 @@ class IncomingMigration:
                 _wake(s)  # a channel thread blocked on its socket returns now
                 s.close()
             self.listener.close()
+            if heartbeat is not None:
+                heartbeat.stop()
