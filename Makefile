@@ -11,14 +11,16 @@ APT_STAMP := .apt-stamp
 
 all: $(STAMP) guests
 
-# Debian packages the project needs: a C toolchain for the guests, and QEMU for the
-# side-by-side boot test and the comparison benchmarks.
+# Debian packages the project needs: a C toolchain for the guests, QEMU for the
+# side-by-side boot test and the comparison benchmarks, and iproute2 (ip, tc) for the test
+# of a link that drops every packet.
 system-deps:
 	@missing=""; \
 	command -v gcc >/dev/null || missing="$$missing gcc libc6-dev"; \
 	command -v objcopy >/dev/null || missing="$$missing binutils"; \
 	command -v make >/dev/null || missing="$$missing make"; \
 	command -v qemu-system-x86_64 >/dev/null || missing="$$missing qemu-system-x86"; \
+	command -v tc >/dev/null || missing="$$missing iproute2"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages:$$missing"; \
 		if [ "$$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi; \

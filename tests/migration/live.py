@@ -261,10 +261,11 @@ def wait_until(cond: Callable[[], bool], timeout: float, what: str) -> None:
 class Proc:
     """A vmferry process whose stdout and stderr are collected as they come."""
 
-    def __init__(self, *args: str) -> None:
+    def __init__(self, *args: str, prefix: tuple[str, ...] = ()) -> None:
+        """``prefix``: a command that runs vmferry (``ip netns exec NS``, say)."""
         self.args = args
         self.p = subprocess.Popen(
-            [sys.executable, "-m", "vmferry.cli.main", *args],
+            [*prefix, sys.executable, "-m", "vmferry.cli.main", *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             cwd=ROOT,

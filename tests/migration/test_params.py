@@ -20,8 +20,12 @@ def test_defaults_are_qemus_except_bandwidth() -> None:
         "cpu-throttle-initial": 20,
         "cpu-throttle-increment": 10,
         "max-cpu-throttle": 99,
+        "tls-creds": "",  # as QEMU shows unset TLS parameters
+        "tls-hostname": "",
+        "tls-authz": "",
         "x-switchover-timeout": 0,
         "x-switchover-policy": "keep-going",
+        "x-peer-timeout": 5000,  # vmferry's own: a silent peer is dead after 5 s
     }
     assert MigrationCapabilities().to_qmp() == {
         "auto-converge": False,
@@ -39,8 +43,12 @@ def test_qmp_round_trip() -> None:
         cpu_throttle_initial=30,
         cpu_throttle_increment=5,
         max_cpu_throttle=90,
+        tls_creds="/etc/vmferry/tls",
+        tls_hostname="db.example",
+        tls_authz="src-a,src-b",
         switchover_timeout_ms=10_000,
         switchover_policy="cancel",
+        peer_timeout_ms=2000,
     )
     assert MigrationParameters().updated(p.to_qmp()) == p
     c = MigrationCapabilities(auto_converge=True, multifd=True, x_verify=False)
@@ -67,6 +75,8 @@ def test_updated_keeps_the_rest_and_returns_a_new_instance() -> None:
         ("cpu-throttle-increment", 100, "1..99"),
         ("max-cpu-throttle", 100, "1..99"),
         ("x-switchover-timeout", -1, "0..86400000"),
+        ("x-peer-timeout", 0, "100..600000"),  # every wait on the peer has a bound
+        ("x-peer-timeout", 600_001, "100..600000"),
         ("multifd-compression", "zlib", "none, zstd"),
         ("x-switchover-policy", "pray", "keep-going, force, cancel"),
         ("downtime-limit", "300", "0..2000000"),

@@ -25,6 +25,7 @@ class FakeVm:
             "max-cpu-throttle": 99,
             "x-switchover-timeout": 0,
             "x-switchover-policy": "keep-going",
+            "x-peer-timeout": 5000,
         }
         self.capabilities = dict.fromkeys(MIGRATION_CAPABILITIES, False)
 

@@ -119,8 +119,12 @@ def test_migration_parameters(server: QmpServer, vm: FakeVm) -> None:
         "cpu-throttle-initial": 1,
         "cpu-throttle-increment": 99,
         "max-cpu-throttle": 50,
+        "tls-creds": "/etc/vmferry/tls",
+        "tls-hostname": "db.example",
+        "tls-authz": "src-a,src-b",
         "x-switchover-timeout": 1500,
         "x-switchover-policy": "cancel",
+        "x-peer-timeout": 600_000,
     }
 
     async def body(qmp: QMPClient) -> None:

@@ -8,7 +8,9 @@ path): ``ready`` (loaded and verified, not running), then the source's ``go``, t
 from __future__ import annotations
 
 import json
+import select
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -92,33 +94,54 @@ def accept(listener: socket.socket, timeout: float | None, what: str) -> socket.
     return conn
 
 
+class PeerSilent(MigrationError):
+    """The peer sent nothing within the time allowed."""
+
+
+class PeerClosed(MigrationError):
+    """The peer closed (or reset) the connection."""
+
+
 class ReplyPath:
-    """JSON lines on the main connection, against the direction of the stream."""
+    """JSON lines on the main connection, against the direction of the stream.
+
+    Sends may come from several threads (a heartbeat beside the main thread): each line
+    goes out whole. Receiving polls the fd instead of setting a socket timeout, which would
+    make the fd non-blocking under a writer on another thread.
+    """
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self._buf = bytearray()
+        self._send_lock = threading.Lock()
 
     def send(self, kind: str, **fields: Any) -> None:
-        self.sock.sendall(json.dumps({"kind": kind, **fields}).encode() + b"\n")
+        line = json.dumps({"kind": kind, **fields}).encode() + b"\n"
+        with self._send_lock:
+            self.sock.sendall(line)
+
+    def _readable(self, timeout: float) -> bool:
+        pending = getattr(self.sock, "pending", None)  # bytes a TLS layer already decrypted
+        if pending is not None and pending():
+            return True
+        poller = select.poll()
+        poller.register(self.sock.fileno(), select.POLLIN | select.POLLPRI)
+        return bool(poller.poll(max(0, int(timeout * 1e3))))
 
     def receive(self, timeout: float, waiting_for: str) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         while b"\n" not in self._buf:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise MigrationError(f"no {waiting_for} from the peer within {timeout:.0f} s")
-            self.sock.settimeout(left)
+            # Even at the deadline what has already arrived is read (a zero-time poll).
+            if not self._readable(max(deadline - time.monotonic(), 0.0)):
+                raise PeerSilent(f"no {waiting_for} from the peer within {timeout:.0f} s")
             try:
-                chunk = self.sock.recv(4096)
-            except TimeoutError:
+                chunk = self.sock.recv(4096)  # readable: returns without blocking
+            except BlockingIOError:  # SO_RCVTIMEO on a spurious wake-up
                 continue
             except OSError as e:
-                raise MigrationError(f"connection lost waiting for {waiting_for}: {e}") from e
-            finally:
-                self.sock.settimeout(None)
+                raise PeerClosed(f"connection lost waiting for {waiting_for}: {e}") from e
             if not chunk:
-                raise MigrationError(f"the peer closed the connection before {waiting_for}")
+                raise PeerClosed(f"the peer closed the connection before {waiting_for}")
             self._buf += chunk
             if len(self._buf) > MAX_REPLY:
                 raise MigrationError("the peer sent an oversized reply")

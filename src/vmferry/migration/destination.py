@@ -125,6 +125,9 @@ class IncomingMigration:
         machine: Machine | None = None
         memory: GuestMemory | None = None
         devices: DestinationDevices | None = None
+        heartbeat: Heartbeat | None = None
+        timeout_s = DEFAULT_PEER_TIMEOUT_S
+        started = False  # the guest runs here: from then on nothing may close it
         try:
             if self.announce:
                 print(
@@ -132,30 +135,27 @@ class IncomingMigration:
                     file=sys.stderr,
                     flush=True,
                 )
-        heartbeat: Heartbeat | None = None
-        timeout_s = DEFAULT_PEER_TIMEOUT_S
-        started = False  # the guest runs here: from then on nothing may close it
             main_sock = accept(self.listener, None, "source")
             socks.append(main_sock)
             _bound(main_sock, timeout_s)
             reply = ReplyPath(main_sock)
+            # The source watches this: a destination that stops (or hangs) is noticed.
+            heartbeat = Heartbeat(reply, timeout_s)
+            heartbeat.start()
             t0 = time.monotonic()
             main = StreamReader(FdSource(main_sock.fileno(), owned=False, name="migration stream"))
             head = read_head(main)
+            timeout_s = _peer_timeout(head.setup)
+            _bound(main_sock, timeout_s)
+            heartbeat.set_timeout(timeout_s)
             readers = []
             for i in range(1, head.channels):
                 s = accept(self.listener, CHANNEL_ACCEPT_TIMEOUT_S, f"channel {i}")
                 socks.append(s)
-            # The source watches this: a destination that stops (or hangs) is noticed.
-            heartbeat = Heartbeat(reply, timeout_s)
-            heartbeat.start()
                 _bound(s, timeout_s)
                 readers.append(
                     StreamReader(
                         FdSource(s.fileno(), owned=False, name=f"channel {i}"), CHANNEL_GRAMMAR
-            timeout_s = _peer_timeout(head.setup)
-            _bound(main_sock, timeout_s)
-            heartbeat.set_timeout(timeout_s)
                     )
                 )
             memory = self._memory_for(head.config.memory)
@@ -194,6 +194,7 @@ class IncomingMigration:
             t_go = time.monotonic()
             DestinationDevices(machine.devices).start()
             machine.start()
+            started = True
             t_started = time.monotonic()
             try:
                 reply.send("resumed", resume_ms=(t_started - t_go) * 1e3)
@@ -209,18 +210,8 @@ class IncomingMigration:
                 loaded.rounds,
                 loaded.ram.normal + loaded.ram.zero,
                 {"load_s": t_loaded - t0, "verify_s": t_verified - t_loaded},
-            started = True
             )
         except BaseException as e:
-            if reply is not None:
-                with contextlib.suppress(OSError):
-                    reply.send("failed", error=str(err))
-            if machine is not None:
-                machine.close()
-            else:
-                if devices is not None:
-                    devices.close()
-                if memory is not None:
             if heartbeat is not None:
                 heartbeat.stop()
             if started:
@@ -237,11 +228,22 @@ class IncomingMigration:
                 err = MigrationError(str(e))
             elif isinstance(e, OSError):
                 err = MigrationError(f"connection to the source failed: {e}")
+            if reply is not None:
+                with contextlib.suppress(OSError):
+                    reply.send("failed", error=str(err))
+            if machine is not None:
+                machine.close()
+            else:
+                if devices is not None:
+                    devices.close()
+                if memory is not None:
                     memory.close()
             if err is e:
                 raise
             raise err from e
         finally:
+            if heartbeat is not None:
+                heartbeat.stop()
             if self._prealloc is not None:
                 self._prealloc.close()
                 self._prealloc = None
@@ -249,5 +251,3 @@ class IncomingMigration:
                 _wake(s)  # a channel thread blocked on its socket returns now
                 s.close()
             self.listener.close()
-            if heartbeat is not None:
-                heartbeat.stop()

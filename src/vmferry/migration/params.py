@@ -3,8 +3,8 @@
 Defaults are QEMU's (``migrate-set-parameters`` / ``migrate-set-capabilities``), except
 ``max-bandwidth``: QEMU limits a migration to 128 MiB/s unless told otherwise; vmferry
 sends as fast as the link allows unless told otherwise. ``x-switchover-timeout`` and
-``x-switchover-policy`` are vmferry's own (hence the ``x-``), as is the ``x-verify``
-capability.
+``x-switchover-policy`` are vmferry's own (hence the ``x-``), as is ``x-peer-timeout``
+(how long a silent peer is waited for) and the ``x-verify`` capability.
 """
 
 from __future__ import annotations
@@ -24,6 +24,10 @@ MAX_MULTIFD_CHANNELS: Final = 255
 MAX_BANDWIDTH: Final = 2**63 - 1
 # vmferry's own bound on x-switchover-timeout: one day; longer is a typo, not a plan.
 MAX_SWITCHOVER_TIMEOUT_MS: Final = 86_400_000
+# x-peer-timeout: below 100 ms a busy host's scheduling jitter would kill migrations;
+# above 10 min a hung peer holds a paused VM far longer than anyone would wait.
+MIN_PEER_TIMEOUT_MS: Final = 100
+MAX_PEER_TIMEOUT_MS: Final = 600_000
 
 # Python field name → QMP name, in QEMU's order.
 _PARAM_NAMES: Final = {
@@ -39,6 +43,7 @@ _PARAM_NAMES: Final = {
     "tls_authz": "tls-authz",
     "switchover_timeout_ms": "x-switchover-timeout",
     "switchover_policy": "x-switchover-policy",
+    "peer_timeout_ms": "x-peer-timeout",
 }
 _INT_RANGES: Final = {
     "downtime_limit_ms": (0, MAX_DOWNTIME_LIMIT_MS, "ms"),
@@ -48,6 +53,7 @@ _INT_RANGES: Final = {
     "cpu_throttle_increment": (1, 99, "%"),
     "max_cpu_throttle": (1, 99, "%"),
     "switchover_timeout_ms": (0, MAX_SWITCHOVER_TIMEOUT_MS, "ms, 0 = none"),
+    "peer_timeout_ms": (MIN_PEER_TIMEOUT_MS, MAX_PEER_TIMEOUT_MS, "ms"),
 }
 _CHOICES: Final = {
     "multifd_compression": COMPRESSIONS,
@@ -98,6 +104,8 @@ class MigrationParameters:
     tls_authz: str = ""  # destination: client certificate CNs admitted, comma-separated
     switchover_timeout_ms: int = 0  # 0 = wait for convergence forever (QEMU's behaviour)
     switchover_policy: str = "keep-going"  # what to do when the timeout passes
+    # A peer silent this long is dead: the source rolls back, the destination gives up.
+    peer_timeout_ms: int = 5000
 
     def __post_init__(self) -> None:
         for name, (low, high, unit) in _INT_RANGES.items():
@@ -111,6 +119,10 @@ class MigrationParameters:
 
     def to_qmp(self) -> dict[str, Any]:
         return {q: getattr(self, f) for f, q in _PARAM_NAMES.items()}
+
+    @property
+    def peer_timeout_s(self) -> float:
+        return self.peer_timeout_ms / 1e3
 
     def updated(self, qmp: Mapping[str, Any]) -> MigrationParameters:
         """A copy with the given QMP-named parameters changed; the others are kept."""

@@ -7,7 +7,6 @@ VM here as if nothing happened. After ``go`` the source never runs the guest aga
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -28,8 +27,15 @@ from vmferry.machine.machine import Machine
 from vmferry.memory.dirty import DirtyBitmap
 from vmferry.memory.guest_memory import PAGE_SIZE
 from vmferry.migration import policy
-from vmferry.migration.channel import ReplyPath, connect, parse_uri, split_by_channel
+from vmferry.migration.channel import (
+    PeerClosed,
+    ReplyPath,
+    connect,
+    parse_uri,
+    split_by_channel,
+)
 from vmferry.migration.devices import SourceDevices, blockers
+from vmferry.migration.liveness import PeerWatch, bound_socket, is_timeout, shutdown_all
 from vmferry.migration.metrics import MigrationStats, RoundRecord
 from vmferry.migration.params import MigrationCapabilities, MigrationParameters
 from vmferry.migration.ram import RamSender, RamStats
@@ -67,6 +73,8 @@ class MigrationSource:
         self.stats = MigrationStats(status="setup", total_ram=machine.memory.size)
         self.devices = SourceDevices(machine.devices)
         self._reply: ReplyPath | None = None
+        self._watch: PeerWatch | None = None
+        self._phase = "the set-up"  # what the source was doing, for error messages
         self.released = False  # after "go": this VM must never run here again
         self.done = threading.Event()
         self._cancel = threading.Event()
@@ -88,9 +96,7 @@ class MigrationSource:
         if self.released or self.done.is_set():
             return
         self._cancel.set()
-        for s in self._socks:  # unblock any send in progress
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
+        shutdown_all(self._socks)  # unblock any send in progress
 
     def wait(self, timeout: float | None = None) -> bool:
         return self.done.wait(timeout)
@@ -114,15 +120,7 @@ class MigrationSource:
             self._migrate()
         except BaseException as e:
             cancelled = self._cancel.is_set()
-            msg = str(e) if isinstance(e, VmferryError | OSError) else f"internal error: {e!r}"
-            if isinstance(e, OSError) and not cancelled and not self.released:
-                # A destination that fails hangs up, which the sender sees as a reset or a
-                # broken pipe; the reason it sent on the reply path says more.
-                why = self._reason_from_destination()
-                if why:
-                    msg = f"the destination refused the VM: {why}"
-            if cancelled and not isinstance(e, MigrationCancelled):
-                msg = f"cancelled ({msg})"
+            msg = self._describe(e)
             self.stats.error = msg
             if not self.released:
                 self._rollback()
@@ -131,23 +129,41 @@ class MigrationSource:
                 self._set_status("failed")
             log.warning("migration to %s %s: %s", self.uri, self.stats.status, msg)
         finally:
+            if self._watch is not None:
+                self._watch.stop()
             for s in self._socks:
                 s.close()
             self._digest_pool.shutdown(wait=False)
             self.stats.total_ms = self._elapsed_ms()
             self.done.set()
 
-    def _reason_from_destination(self) -> str:
-        """The error a destination that failed sent before hanging up ("" if none)."""
-        if not self._socks:
-            return ""
-        reply = self._reply or ReplyPath(self._socks[0])
-        try:
-            while (msg := reply.receive(1.0, "the destination's reason"))["kind"] != "failed":
-                pass
-        except MigrationError:
-            return ""
-        return str(msg.get("error", ""))
+    def _describe(self, e: BaseException) -> str:
+        """What went wrong, in words: errno texts say how a socket failed, not why."""
+        if self._cancel.is_set():
+            return "cancelled by the user"
+        watch = self._watch
+        peer = bool(self._socks) and isinstance(e, OSError | PeerClosed)
+        if watch is not None and (watch.silent or is_timeout(e)):
+            return (
+                f"the destination stopped answering for {self.params.peer_timeout_s:.1f} s "
+                f"during {self._phase}"
+            )
+        if peer and watch is not None:
+            # A destination that fails says why on the reply path before it hangs up,
+            # which the sender may see first as a reset or a broken pipe.
+            watch.wait_ended(1.0)
+            if watch.failure:
+                return f"the destination refused the VM: {watch.failure}"
+        if peer:
+            return f"the destination closed the connection during {self._phase}"
+        if isinstance(e, VmferryError | OSError):
+            return str(e)
+        return f"internal error: {e!r}"
+
+    def _peer_lost(self) -> None:
+        # The watch declared the destination dead: wake the sends blocked on it.
+        if not self.released:
+            shutdown_all(self._socks)
 
     def _rollback(self) -> None:
         """Leave the source exactly as it was: no throttle, no dirty log, running."""
@@ -176,8 +192,9 @@ class MigrationSource:
             return [StreamWriter(FdSink(fd))]
         writers = []
         for _ in range(self.channels):
-            s = connect(self.uri)
+            s = connect(self.uri, timeout=self.params.peer_timeout_s)
             self._socks.append(s)
+            bound_socket(s, self.params.peer_timeout_s)
             writers.append(StreamWriter(FdSink(s.fileno(), owned=False)))
         return writers
 
@@ -196,6 +213,8 @@ class MigrationSource:
             "resident": resident,
             "verify": self.caps.x_verify,
             "devices": self.devices.identities(),
+            # The destination gives up on a silent source after as long as the source waits.
+            "peer-timeout-ms": self.params.peer_timeout_ms,
         }
         main.section(CONF, [_json({"config": m.config.to_dict(), "migration": setup})])
         for i, w in enumerate(writers[1:], start=1):
@@ -204,7 +223,9 @@ class MigrationSource:
             # The destination checks the VM and its devices before anything moves: an
             # incompatible destination fails the migration while the VM runs on.
             self._reply = ReplyPath(self._socks[0])
-            msg = self._reply.receive(SETUP_TIMEOUT_S, "the destination's set-up answer")
+            self._watch = PeerWatch(self._reply, self.params.peer_timeout_s, self._peer_lost)
+            self._watch.start()
+            msg = self._watch.next(SETUP_TIMEOUT_S, "the destination's set-up answer")
             if msg["kind"] != "accepted":
                 raise MigrationError(f"the destination refused: {msg.get('error', msg)}")
         compress = self.params.multifd_compression == "zstd"
@@ -226,6 +247,7 @@ class MigrationSource:
         with ThreadPoolExecutor(max_workers=len(senders)) as pool:
             while True:
                 self._check_cancel()
+                self._phase = f"round {round_no}"
                 t_round = time.monotonic()
                 sent = self._send(pool, senders, pages, clear=True, limiter=limiter)
                 dev_sent = self.devices.send_precopy(main)
@@ -362,6 +384,7 @@ class MigrationSource:
     ) -> None:
         m, st, dt_ = self.machine, self.stats, self.stats.downtime
         main = writers[0]
+        self._phase = "the switchover"
         t_pause = time.monotonic()
         # A VM the user had paused stays paused if the migration fails.
         self._paused_by_us = not m.paused
@@ -434,24 +457,30 @@ class MigrationSource:
             self._set_status("completed")
             return
 
-        assert self._reply is not None
-        reply = self._reply
-        msg = reply.receive(READY_TIMEOUT_S, "ready from the destination")
+        assert self._reply is not None and self._watch is not None
+        reply, watch = self._reply, self._watch
+        msg = watch.next(READY_TIMEOUT_S, "ready from the destination")
         if msg["kind"] != "ready":
             raise MigrationError(f"the destination refused the VM: {msg.get('error', msg)}")
         dt_.verify_ms += float(msg.get("verify_ms", 0.0))
         self._apply_verify(msg)
         self._check_cancel()
+        self._phase = "the hand-over"
         reply.send("go")
         self.released = True  # from here on this VM never runs on the source again
         m.set_dirty_logging(False)
         try:
-            msg = reply.receive(RESUMED_TIMEOUT_S, "confirmation that the VM resumed")
+            msg = watch.next(RESUMED_TIMEOUT_S, "confirmation that the VM resumed")
         except MigrationError as e:
             raise MigrationError(
                 f"{e}; the VM stays paused here (postmigrate) because the "
                 "destination may be running it"
             ) from e
+        if msg["kind"] == "failed":
+            # The destination says it did not start the guest (it gave up waiting for
+            # "go"): the VM is still only here, so it runs on here.
+            self.released = False
+            raise MigrationError(f"the destination refused the VM: {msg.get('error', msg)}")
         t_resumed = time.monotonic()
         dt_.resume_ms = float(msg.get("resume_ms", 0.0))
         dt_.total_ms = (t_resumed - t_pause) * 1e3

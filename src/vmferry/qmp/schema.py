@@ -15,7 +15,9 @@ from vmferry.migration.params import (
     MAX_BANDWIDTH,
     MAX_DOWNTIME_LIMIT_MS,
     MAX_MULTIFD_CHANNELS,
+    MAX_PEER_TIMEOUT_MS,
     MAX_SWITCHOVER_TIMEOUT_MS,
+    MIN_PEER_TIMEOUT_MS,
     SWITCHOVER_POLICIES,
 )
 from vmferry.qmp.argtypes import Arg, Array, Bool, Int, Str, Struct
@@ -48,6 +50,8 @@ MIGRATION_PARAMETERS: Mapping[str, Arg] = {
     # vmferry's own: how long switchover may take (0: no limit) and what to do past it.
     "x-switchover-timeout": Arg(Int(0, MAX_SWITCHOVER_TIMEOUT_MS, "milliseconds")),
     "x-switchover-policy": Arg(Str(SWITCHOVER_POLICIES)),
+    # vmferry's own: how long a silent peer is waited for before the migration fails.
+    "x-peer-timeout": Arg(Int(MIN_PEER_TIMEOUT_MS, MAX_PEER_TIMEOUT_MS, "milliseconds")),
 }
 
 
