@@ -4,12 +4,17 @@ without VRAM pre-copy; untracked device writes are caught; an mdev UUID attaches
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
 import time
-from collections.abc import Iterator
+import uuid as uuidlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import ROOT, vmferry
 from tests.migration.inprocess import Outcome, migrate_running, result_of
 from vmferry.devices.vgpu import mdev
 from vmferry.devices.vgpu.registers import COMPLETED
@@ -114,4 +119,80 @@ def test_a_vgpu_created_by_uuid_runs_gpujob_and_is_released() -> None:
         assert run_to_exit(m, 60).code == 0, out.getvalue()
     assert result_of(out) is not None
     assert [i.holders for i in mdev.list_instances()] == [[]]
+    mdev.remove(inst.uuid)
+
+
+# ---- one vGPU, two processes on one host
+
+
+def _vm(*args: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "vmferry.cli.main", *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+
+
+def _holders(uuid: str) -> list[int]:
+    return next(i.holders for i in mdev.list_instances() if i.uuid == uuid)
+
+
+def _until(what: str, cond: Callable[[], bool], proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 30
+    while not cond():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, f"no {what} within 30 s"
+        time.sleep(0.02)
+
+
+def test_a_second_vm_cannot_attach_a_vgpu_in_use() -> None:
+    inst = mdev.create(None, "vgpu-4", vram=128 << 20)
+    device = f"vgpu,uuid={inst.uuid}"
+    first = _vm("run", "gpujob", "--memory", "128M", "--device", device, "--", ARGS)
+    try:
+        _until("holder", lambda: _holders(inst.uuid) == [first.pid], first)
+        second = vmferry("run", "gpujob", "--memory", "128M", "--device", device, "--", ARGS)
+        assert second.returncode == 125, second.stderr
+        assert second.stdout == b"", "the second guest ran"
+        assert second.stderr.strip().splitlines() == [
+            f"vmferry: error: vGPU {inst.uuid} is in use by process {first.pid}: a second "
+            "VM cannot attach it (only a migration of that VM can take it over)"
+        ]
+        assert _holders(inst.uuid) == [first.pid]
+    finally:
+        first.kill()
+        first.wait()
+    assert _holders(inst.uuid) == []  # the dead holder is pruned
+    mdev.remove(inst.uuid)
+
+
+def test_a_vgpu_vm_migrates_between_two_processes_on_one_host() -> None:
+    """The destination takes the second place on the vGPU while the source holds it."""
+    inst = mdev.create(None, "vgpu-4", vram=128 << 20)
+    qmp = f"/tmp/vmferry-test-{os.getpid()}-{uuidlib.uuid4().hex[:8]}.qmp"
+    dst = _vm("run", "--incoming", "tcp:127.0.0.1:0")
+    src = _vm(
+        "run", "gpujob", "--memory", "128M", "--device", f"vgpu,uuid={inst.uuid}",
+        "--qmp", f"unix:{qmp}", "--", ARGS,
+    )  # fmt: skip
+    try:
+        assert dst.stderr is not None
+        line = dst.stderr.readline().decode()
+        assert "waiting for a migration on" in line, line
+        port = int(line.rsplit(":", 1)[1])
+        _until("QMP socket", lambda: Path(qmp).exists(), src)
+        assert _holders(inst.uuid) == [src.pid]
+        mig = vmferry("migrate", "--qmp", qmp, f"tcp:127.0.0.1:{port}")
+        assert mig.returncode == 0, mig.stderr
+        assert src.wait(30) == 0
+        out, err = dst.communicate(timeout=60)
+        assert dst.returncode == 0, err
+        assert result_of(io.BytesIO(out)) == reference()
+    finally:
+        src.kill()
+        dst.kill()
+        src.wait()
+        dst.wait()
+    assert _holders(inst.uuid) == []
     mdev.remove(inst.uuid)

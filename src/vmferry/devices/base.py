@@ -37,6 +37,10 @@ from vmferry.devices.stream import (
 # under-estimate downtime.
 UNKNOWN_STOP_COPY_SIZE = 100 << 30
 DMA_LOG_MAX_RANGES = 256  # VFIO_DEVICE_FEATURE_DMA_LOGGING_START's limit
+# Put in a device's options by the registry, never by ``--device`` (which refuses keys it
+# does not know), when the device is built to take over a migrating VM's: a host resource
+# the source still holds (a vGPU) may then be shared until the source lets go.
+INCOMING_OPTION = "_incoming"
 
 
 class DeviceError(DeviceStreamError):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from vmferry.devices.base import DeviceModel
+from vmferry.devices.base import INCOMING_OPTION, DeviceModel
 from vmferry.devices.dmaengine import DmaEngine
 from vmferry.devices.iommu import DirtyTracking, Iommu
 from vmferry.devices.nic.vf import VirtualFunction
@@ -70,14 +70,22 @@ class DeviceSpec:
 
 
 def create_device(
-    spec: DeviceSpec, index: int, memory: GuestMemory, version: int | None = None
+    spec: DeviceSpec,
+    index: int,
+    memory: GuestMemory,
+    version: int | None = None,
+    *,
+    incoming: bool = False,
 ) -> DeviceModel:
     """``version``: report another model version (``--x-device-version``: to try what a
-    destination with another device model does)."""
+    destination with another device model does). ``incoming``: the device takes over a
+    migrating VM's (see INCOMING_OPTION)."""
     iommu = Iommu(memory, spec.tracking)
     options = dict(spec.options)
     if version is not None:
         options["x-version"] = str(version)
+    if incoming:
+        options[INCOMING_OPTION] = "on"
     dev = MODELS[spec.model](f"{spec.model}{index}", iommu, options)
     if "x-fail-arc" in spec.options:
         from vmferry.devices.fsm import MigState
@@ -98,13 +106,18 @@ def mmio_base(index: int) -> int:
 
 
 def create_devices(
-    config: MachineConfig, memory: GuestMemory, versions: dict[str, int] | None = None
+    config: MachineConfig,
+    memory: GuestMemory,
+    versions: dict[str, int] | None = None,
+    *,
+    incoming: bool = False,
 ) -> list[DeviceModel]:
     devices: list[DeviceModel] = []
     try:
         for i, text in enumerate(config.devices):
             spec = DeviceSpec.parse(text)
-            devices.append(create_device(spec, i, memory, (versions or {}).get(spec.model)))
+            version = (versions or {}).get(spec.model)
+            devices.append(create_device(spec, i, memory, version, incoming=incoming))
     except BaseException:
         for d in devices:
             d.close()

@@ -252,8 +252,9 @@ def populate(memory: GuestMemory, ranges: list[tuple[int, int]]) -> threading.Th
 def open_devices(
     head: StreamHead, memory: GuestMemory, versions: dict[str, int] | None = None
 ) -> DestinationDevices:
-    """The VM's devices, built here, checked against the source's, put in RESUMING."""
-    models = create_devices(head.config, memory, versions)
+    """The VM's devices, built here, checked against the source's, put in RESUMING; they
+    take over the source's (a vGPU it still holds on this host may be shared)."""
+    models = create_devices(head.config, memory, versions, incoming=True)
     devices = DestinationDevices(models)
     try:
         devices.check_compatible(head.setup.get("devices", [d.identity.to_dict() for d in models]))

@@ -29,6 +29,7 @@ from typing import Any
 from vmferry.errors import ConfigError, MigrationError
 from vmferry.migration.channel import MigrationUri
 from vmferry.migration.stream import MAGIC
+from vmferry.migration.streamcap import HEAD_LIMIT
 from vmferry.migration.tlssocket import HANDSHAKE_LIMIT, TlsSocket
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,7 @@ CLIENT_KEY = "client-key.pem"
 HANDSHAKE_TIMEOUT_S = 10.0
 MAX_VERDICT = 4096
 TLS_RECORD_HANDSHAKE = 0x16  # the first byte of a ClientHello record
+PLAIN_DRAIN_S = 2.0  # how long a refused plain source may take to read why and hang up
 
 # OpenSSL's X509_V_ERR_* codes for the causes a user can act on.
 _EXPIRED = 10
@@ -294,7 +296,25 @@ class TlsServer:
             with contextlib.suppress(OSError):
                 sock.sendall(json.dumps({"kind": "failed", "error": error}).encode() + b"\n")
                 sock.shutdown(socket.SHUT_WR)
+                _discard_until_closed(sock)
         raise MigrationError(f"refused a migration: {error}")
+
+
+def _discard_until_closed(sock: socket.socket) -> None:
+    """Closing with the source's set-up unread would reset the connection, and a reset
+    can reach the source before the refusal it should read: take in (and drop) what a
+    set-up holds, briefly, until the source hangs up."""
+    deadline = time.monotonic() + PLAIN_DRAIN_S
+    left = HEAD_LIMIT
+    while left > 0 and (wait := deadline - time.monotonic()) > 0:
+        sock.settimeout(wait)
+        try:
+            n = len(sock.recv(min(left, 1 << 16)))
+        except OSError:
+            return
+        if n == 0:
+            return
+        left -= n
 
 
 def client_for(creds: str, hostname: str, uri: MigrationUri) -> TlsClient | None:

@@ -9,6 +9,8 @@ import uuid
 import pytest
 
 from tests.devices.vgpu.helpers import make_vgpu
+from vmferry.devices.base import INCOMING_OPTION
+from vmferry.devices.registry import DeviceSpec, create_device
 from vmferry.devices.vgpu import mdev
 from vmferry.devices.vgpu.mdev import MdevError
 from vmferry.devices.vgpu.types import MAX_VGPUS, TYPES
@@ -91,6 +93,41 @@ def test_a_vm_attaches_by_uuid_and_cannot_remove_it_while_in_use() -> None:
         dev.close()
         memory.close()
     mdev.remove(inst.uuid)
+
+
+def test_a_vgpu_in_use_is_refused_to_a_second_vm_but_shared_with_an_incoming_one() -> None:
+    """Only the destination of a migration takes the second place (VFIO would refuse a
+    second open of the mdev); a third holder never."""
+    inst = mdev.create(None, "vgpu-8", vram=64 << 20)
+    memory = GuestMemory(32 << 20)
+    spec = DeviceSpec.parse(f"vgpu,uuid={inst.uuid}")
+    first = make_vgpu(memory, f"vgpu,uuid={inst.uuid}")
+    try:
+        with pytest.raises(MdevError) as e:
+            make_vgpu(memory, f"vgpu,uuid={inst.uuid}", index=1)
+        assert str(e.value) == (
+            f"vGPU {inst.uuid} is in use by process {os.getpid()}: a second VM cannot "
+            "attach it (only a migration of that VM can take it over)"
+        )
+        assert mdev.list_instances()[0].holders == [os.getpid()]
+        incoming = create_device(spec, 1, memory, incoming=True)
+        try:
+            assert mdev.list_instances()[0].holders == [os.getpid()] * 2
+            with pytest.raises(MdevError, match="a migration to it is under way"):
+                create_device(spec, 2, memory, incoming=True)
+        finally:
+            incoming.close()
+        assert mdev.list_instances()[0].holders == [os.getpid()]
+    finally:
+        first.close()
+        memory.close()
+    assert mdev.list_instances()[0].holders == []
+    mdev.remove(inst.uuid)
+
+
+def test_the_incoming_option_cannot_be_given_on_the_command_line() -> None:
+    with pytest.raises(ConfigError, match="unknown option '_incoming'"):
+        DeviceSpec.parse(f"vgpu,uuid={uuid.uuid4()},{INCOMING_OPTION}=on")
 
 
 def test_a_vm_with_a_type_gets_a_transient_vgpu_removed_at_exit() -> None:

@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 import numpy as np
 import numpy.typing as npt
 
-from vmferry.devices.base import DeviceError, DeviceModel
+from vmferry.devices.base import INCOMING_OPTION, DeviceError, DeviceModel
 from vmferry.devices.fsm import MigCap, MigState
 from vmferry.devices.iommu import DirtyTracking, Iommu
 from vmferry.devices.stream import Chunk
@@ -68,6 +68,7 @@ class Vgpu(DeviceModel):
             options.get("type"),
             options.get("parent", DEFAULT_PARENT),
             _size_option(options.get("vram")),
+            incoming=options.get(INCOMING_OPTION) == "on",
         )
         try:
             self.vtype = vgpu_type(self.instance.type)

@@ -35,7 +35,8 @@ from vmferry.errors import ConfigError, VmferryError
 from vmferry.state_dir import default_state_dir, ensure_state_dir
 
 STATE_FILE = "mdev.json"
-# A VM and its migration destination on the same host hold the same vGPU for a moment.
+# A VM and its migration destination on the same host hold the same vGPU for a moment;
+# only the incoming side of a migration may take the second place (``attach``).
 MAX_HOLDERS = 2
 
 
@@ -254,17 +255,34 @@ def list_instances() -> list[Instance]:
 
 
 def attach(
-    uuid: str | None, type_name: str | None, parent: str, vram: int | None
+    uuid: str | None,
+    type_name: str | None,
+    parent: str,
+    vram: int | None,
+    *,
+    incoming: bool = False,
 ) -> tuple[Instance, Parent]:
-    """The vGPU a VM uses: an existing one by UUID, or a new transient one of a type."""
+    """The vGPU a VM uses: an existing one by UUID, or a new transient one of a type.
+
+    A vGPU in use is refused to a VM that starts, as VFIO refuses a second open of an
+    mdev; ``incoming`` (the destination of a migration, which takes over the VM that
+    holds it) may share it until the source lets go."""
     pid = os.getpid()
     with host_state() as s:
         if uuid is not None:
             inst = s.get(uuid)
             if type_name is not None and type_name != inst.type:
                 raise MdevError(f"vGPU {inst.uuid} is a {inst.type}, not a {type_name}")
+            if inst.holders and not incoming:
+                raise MdevError(
+                    f"vGPU {inst.uuid} is in use by process {inst.holders[0]}: a second VM "
+                    "cannot attach it (only a migration of that VM can take it over)"
+                )
             if len(inst.holders) >= MAX_HOLDERS:
-                raise MdevError(f"vGPU {inst.uuid} is in use by processes {inst.holders}")
+                raise MdevError(
+                    f"vGPU {inst.uuid} is in use by processes "
+                    f"{', '.join(map(str, inst.holders))}: a migration to it is under way"
+                )
         else:
             inst = s.create(str(uuidlib.uuid4()), type_name or "vgpu-4", parent, vram, pid)
         inst.holders.append(pid)

@@ -1,0 +1,304 @@
+"""Migration over TLS with mutual authentication: a migration that arrives whole (1 and 2
+channels, the reference RESULT, verification passed, the extra channel resumed), and each
+refusal — plain stream, another CA, an expired certificate, a wrong host name, a client
+outside tls-authz — named on both sides while the source VM runs on to its normal end.
+
+Certificates are made here, at test time, by ``vmferry tls make-creds``' code."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.migration import live
+from tests.migration.live import (
+    Destination,
+    Guest,
+    Workload,
+    assert_source_intact,
+    reference_result,
+    start_migration,
+    wait_migration,
+)
+from vmferry.migration.channel import parse_uri
+from vmferry.migration.destination import IncomingMigration
+from vmferry.migration.params import MigrationCapabilities, MigrationParameters
+from vmferry.migration.source import MigrationSource
+from vmferry.migration.tls import CA_CERT, CLIENT_CERT, CLIENT_KEY, TlsServer, server_for
+from vmferry.migration.tlscerts import make_creds
+
+pytestmark = [pytest.mark.kvm, pytest.mark.slow]
+
+WORKLOAD = Workload(wss="32M", seed=11, rounds=9, rate=64)  # about 4.5 s
+HOSTS = ["127.0.0.1", "localhost"]
+
+
+@dataclass(frozen=True)
+class Creds:
+    """Credentials directories for the cases: one lab CA, and a stranger's."""
+
+    good: Path  # CA A; client CN "source-a"
+    outsider: Path  # CA A; client CN "outsider"
+    expired: Path  # CA A; both certificates expired yesterday
+    stranger: Path  # CA B for everything
+    foreign_client: Path  # trusts CA A, but its client certificate is CA B's
+    expired_client: Path  # trusts CA A, valid server side, client certificate expired
+
+
+def _mixed(dst: Path, trust_from: Path, client_from: Path) -> Path:
+    dst.mkdir()
+    shutil.copy(trust_from / CA_CERT, dst / CA_CERT)
+    for name in (CLIENT_CERT, CLIENT_KEY):
+        shutil.copy(client_from / name, dst / name)
+    (dst / CLIENT_KEY).chmod(0o600)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def creds(tmp_path_factory: pytest.TempPathFactory) -> Creds:
+    d = tmp_path_factory.mktemp("tls")
+    make_creds(d / "good", d / "ca-a", HOSTS, "source-a")
+    make_creds(d / "outsider", d / "ca-a", HOSTS, "outsider")
+    make_creds(d / "expired", d / "ca-a", HOSTS, "source-a", expired=True)
+    make_creds(d / "stranger", d / "ca-b", HOSTS, "source-a")
+    return Creds(
+        good=d / "good",
+        outsider=d / "outsider",
+        expired=d / "expired",
+        stranger=d / "stranger",
+        foreign_client=_mixed(d / "foreign-client", d / "good", d / "stranger"),
+        expired_client=_mixed(d / "expired-client", d / "good", d / "expired"),
+    )
+
+
+class TlsDestination(Destination):
+    """``live.Destination`` with TLS required (``server`` None: a plain destination)."""
+
+    def __init__(self, server: TlsServer | None) -> None:
+        self.serial = io.BytesIO()
+        self.incoming = IncomingMigration(
+            parse_uri("tcp:127.0.0.1:0"), serial=self.serial, announce=False, tls=server
+        )
+        self.port = self.incoming.port
+        self.result = None
+        self.error = None
+        self._thread = threading.Thread(target=self._run, name="test-destination", daemon=True)
+        self._thread.start()
+
+
+@pytest.fixture
+def guest() -> Iterator[Guest]:
+    reference_result(WORKLOAD)
+    g = Guest(WORKLOAD)
+    try:
+        yield g
+    finally:
+        g.close()
+
+
+@pytest.fixture
+def dest(creds: Creds) -> Iterator[TlsDestination]:
+    d = TlsDestination(server_for(str(creds.good), "source-a"))
+    try:
+        yield d
+    finally:
+        d.close()
+
+
+def _tls(creds_dir: Path | None, channels: int = 1, hostname: str = "") -> MigrationParameters:
+    return MigrationParameters(
+        multifd_channels=channels,
+        tls_creds=str(creds_dir) if creds_dir else "",
+        tls_hostname=hostname,
+    )
+
+
+def _refused(src: MigrationSource, dest: Destination) -> tuple[str, str]:
+    """Both sides' errors of a migration that must have failed before anything moved."""
+    wait_migration(src)
+    assert src.stats.status == "failed", src.stats.error
+    assert not src.released
+    return src.stats.error, str(dest.failure())
+
+
+# ---- migrations that arrive
+
+
+@pytest.mark.parametrize("channels", [1, 2])
+def test_tls_migration_arrives_whole(
+    guest: Guest, dest: TlsDestination, creds: Creds, channels: int
+) -> None:
+    src = start_migration(
+        guest,
+        dest.uri,
+        _tls(creds.good, channels),
+        MigrationCapabilities(multifd=channels > 1),
+    )
+    wait_migration(src)
+    assert src.stats.status == "completed", src.stats.error
+    assert src.stats.verify.status == "passed"
+    result, out = dest.finish()
+    assert result.verify.status == "passed"
+    assert out == reference_result(WORKLOAD)
+    assert src.tls is not None
+    hs = src.tls.handshakes
+    assert [h.index for h in hs] == list(range(channels))
+    # The first channel pays the full handshake; every other resumes its session.
+    assert [h.resumed for h in hs] == [False] + [True] * (channels - 1)
+
+
+def test_hostname_defaults_to_the_uris_host(
+    guest: Guest, dest: TlsDestination, creds: Creds
+) -> None:
+    """localhost is in the certificate's subjectAltName as a name, 127.0.0.1 as an IP."""
+    src = start_migration(guest, f"tcp:localhost:{dest.port}", _tls(creds.good))
+    wait_migration(src)
+    assert src.stats.status == "completed", src.stats.error
+    _, out = dest.finish()
+    assert out == reference_result(WORKLOAD)
+
+
+# ---- refusals: named on both sides, the source VM runs on
+
+
+def test_plain_stream_to_a_tls_destination(guest: Guest, dest: TlsDestination) -> None:
+    src = start_migration(guest, dest.uri, _tls(None))
+    src_err, dst_err = _refused(src, dest)
+    assert "requires TLS" in dst_err and "plain stream" in dst_err
+    assert "requires TLS" in src_err and "plain stream" in src_err
+    assert_source_intact(guest)
+
+
+def test_tls_stream_to_a_plain_destination(guest: Guest, creds: Creds) -> None:
+    dest = TlsDestination(None)
+    try:
+        src = start_migration(guest, dest.uri, _tls(creds.good))
+        src_err, dst_err = _refused(src, dest)
+    finally:
+        dest.close()
+    assert "does not speak TLS" in src_err
+    assert "not a vmferry stream" in dst_err
+    assert_source_intact(guest)
+
+
+def test_client_certificate_from_another_ca(
+    guest: Guest, dest: TlsDestination, creds: Creds
+) -> None:
+    src = start_migration(guest, dest.uri, _tls(creds.foreign_client))
+    src_err, dst_err = _refused(src, dest)
+    assert "the source certificate is not signed by this host's CA" in dst_err
+    assert "does not trust this host's certificate" in src_err
+    assert_source_intact(guest)
+
+
+def test_server_certificate_from_another_ca(
+    guest: Guest, dest: TlsDestination, creds: Creds
+) -> None:
+    src = start_migration(guest, dest.uri, _tls(creds.stranger))
+    src_err, dst_err = _refused(src, dest)
+    assert "the destination certificate is not signed by this host's CA" in src_err
+    assert "the source does not trust this host's certificate" in dst_err
+    assert_source_intact(guest)
+
+
+def test_expired_client_certificate(guest: Guest, dest: TlsDestination, creds: Creds) -> None:
+    src = start_migration(guest, dest.uri, _tls(creds.expired_client))
+    src_err, dst_err = _refused(src, dest)
+    assert "the source certificate has expired" in dst_err
+    assert "refused this host's certificate: it has expired" in src_err
+    assert_source_intact(guest)
+
+
+def test_expired_server_certificate(guest: Guest, creds: Creds) -> None:
+    dest = TlsDestination(server_for(str(creds.expired), ""))
+    try:
+        src = start_migration(guest, dest.uri, _tls(creds.good))
+        src_err, dst_err = _refused(src, dest)
+    finally:
+        dest.close()
+    assert "the destination certificate has expired" in src_err
+    assert "the source refused this host's certificate: it has expired" in dst_err
+    assert_source_intact(guest)
+
+
+def test_wrong_host_name(guest: Guest, dest: TlsDestination, creds: Creds) -> None:
+    src = start_migration(guest, dest.uri, _tls(creds.good, hostname="db.example"))
+    src_err, dst_err = _refused(src, dest)
+    assert "does not name the host" in src_err and "db.example" in src_err
+    assert "the source refused this host's certificate" in dst_err
+    assert_source_intact(guest)
+
+
+def test_client_outside_tls_authz(guest: Guest, dest: TlsDestination, creds: Creds) -> None:
+    src = start_migration(guest, dest.uri, _tls(creds.outsider, 2), MigrationCapabilities(True))
+    src_err, dst_err = _refused(src, dest)
+    want = "the source's certificate (CN='outsider') is not in tls-authz (source-a)"
+    assert want in dst_err
+    assert want in src_err
+    assert_source_intact(guest)
+
+
+# ---- through the CLI, as a user runs it
+
+
+def test_cli_migration_over_tls_two_channels(creds: Creds) -> None:
+    reference = reference_result(WORKLOAD)
+    dst = live.Proc(
+        "run",
+        "--incoming",
+        "tcp:127.0.0.1:0",
+        "--tls-creds",
+        str(creds.good),
+        "--tls-authz",
+        "source-a,source-b",
+    )
+    port = int(dst.wait_stderr(r"waiting for a migration on 127\.0\.0\.1:(\d+)").group(1))
+    with live.qmp_dir() as d:
+        src = live.start_source_process(WORKLOAD, d / "qmp")
+        mig = live.vmferry(
+            "migrate",
+            f"tcp:127.0.0.1:{port}",
+            "--qmp",
+            str(d / "qmp"),
+            "--channels",
+            "2",
+            "--tls-creds",
+            str(creds.good),
+        )
+        src_done = src.finish()
+    assert mig.returncode == 0, mig.stderr
+    assert src_done.returncode == 0, src_done.stderr
+    done = dst.finish()
+    assert done.returncode == 0, done.stderr
+    assert done.result == reference
+    assert "verification passed" in done.stderr
+
+
+def test_cli_refusal_is_one_line_on_the_destination(creds: Creds) -> None:
+    dst = live.Proc("run", "--incoming", "tcp:127.0.0.1:0", "--tls-creds", str(creds.good))
+    port = int(dst.wait_stderr(r"waiting for a migration on 127\.0\.0\.1:(\d+)").group(1))
+    reference = reference_result(WORKLOAD)
+    with live.qmp_dir() as d:
+        src = live.start_source_process(WORKLOAD, d / "qmp")
+        mig = live.vmferry(
+            "migrate", f"tcp:127.0.0.1:{port}", "--qmp", str(d / "qmp"), "--no-verify"
+        )
+        src_done = src.finish()
+    done = dst.finish()
+    assert done.returncode == 125
+    lines = [ln for ln in done.stderr.splitlines() if "error" in ln]
+    assert lines == [
+        "vmferry: error: refused a migration: this destination requires TLS (tls-creds), "
+        "but the source sent a plain stream"
+    ], done.stderr
+    assert "Traceback" not in done.stderr
+    assert mig.returncode == 125
+    assert "requires TLS" in mig.stderr
+    assert src_done.returncode == 0, src_done.stderr
+    assert src_done.result == reference
