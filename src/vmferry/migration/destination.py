@@ -26,7 +26,9 @@ from vmferry.migration.loader import check_loaded, load_stream, open_devices, po
 from vmferry.migration.metrics import VerifyResult
 from vmferry.migration.params import MAX_PEER_TIMEOUT_MS, MIN_PEER_TIMEOUT_MS, MigrationParameters
 from vmferry.migration.stream import CHANNEL_GRAMMAR, StreamReader
-from vmferry.migration.transport import FdSource
+from vmferry.migration.streamcap import StreamBudget
+from vmferry.migration.tls import TlsServer
+from vmferry.migration.tlssocket import stream_source
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +80,7 @@ class IncomingMigration:
         announce: bool = True,
         device_versions: dict[str, int] | None = None,
         prealloc: int = 0,
+        tls: TlsServer | None = None,
     ) -> None:
         """``prealloc``: allocate this much guest RAM now, before anything arrives (as
         QEMU's -mem-prealloc does): a fresh page costs more to receive into than the
@@ -87,6 +90,7 @@ class IncomingMigration:
         self.serial = serial
         self.announce = announce
         self.device_versions = device_versions or {}
+        self.tls = tls  # when set, every connection is TLS with an admitted client
         self.listener = listen(uri)
         self.port = self.listener.getsockname()[1]
         self._prealloc: GuestMemory | None = None
@@ -119,6 +123,9 @@ class IncomingMigration:
         with contextlib.suppress(OSError):
             self.listener.shutdown(socket.SHUT_RDWR)
 
+    def _secure(self, sock: socket.socket, what: str) -> socket.socket:
+        return sock if self.tls is None else self.tls.secure(sock, what)
+
     def receive(self) -> IncomingResult:
         socks: list[socket.socket] = []
         reply: ReplyPath | None = None
@@ -135,7 +142,7 @@ class IncomingMigration:
                     file=sys.stderr,
                     flush=True,
                 )
-            main_sock = accept(self.listener, None, "source")
+            main_sock = self._secure(accept(self.listener, None, "source"), "source")
             socks.append(main_sock)
             _bound(main_sock, timeout_s)
             reply = ReplyPath(main_sock)
@@ -143,20 +150,22 @@ class IncomingMigration:
             heartbeat = Heartbeat(reply, timeout_s)
             heartbeat.start()
             t0 = time.monotonic()
-            main = StreamReader(FdSource(main_sock.fileno(), owned=False, name="migration stream"))
+            budget = StreamBudget()  # until CONF: no more than a CONF
+            main = StreamReader(budget.source(stream_source(main_sock, "migration stream")))
             head = read_head(main)
+            budget.allow(head)
             timeout_s = _peer_timeout(head.setup)
             _bound(main_sock, timeout_s)
             heartbeat.set_timeout(timeout_s)
             readers = []
             for i in range(1, head.channels):
-                s = accept(self.listener, CHANNEL_ACCEPT_TIMEOUT_S, f"channel {i}")
+                s = self._secure(
+                    accept(self.listener, CHANNEL_ACCEPT_TIMEOUT_S, f"channel {i}"), f"channel {i}"
+                )
                 socks.append(s)
                 _bound(s, timeout_s)
                 readers.append(
-                    StreamReader(
-                        FdSource(s.fileno(), owned=False, name=f"channel {i}"), CHANNEL_GRAMMAR
-                    )
+                    StreamReader(budget.source(stream_source(s, f"channel {i}")), CHANNEL_GRAMMAR)
                 )
             memory = self._memory_for(head.config.memory)
             populate(memory, head.resident)  # no-op on pre-allocated RAM

@@ -26,7 +26,7 @@ from vmferry.errors import MigrationCancelled, MigrationError, VmferryError
 from vmferry.machine.machine import Machine
 from vmferry.memory.dirty import DirtyBitmap
 from vmferry.memory.guest_memory import PAGE_SIZE
-from vmferry.migration import policy
+from vmferry.migration import policy, tls
 from vmferry.migration.channel import (
     PeerClosed,
     ReplyPath,
@@ -41,6 +41,7 @@ from vmferry.migration.params import MigrationCapabilities, MigrationParameters
 from vmferry.migration.ram import RamSender, RamStats
 from vmferry.migration.snapshot import write_cpu_state
 from vmferry.migration.stream import CEND, CHAN, CONF, DEVS, END, ROUND, VRFY, StreamWriter
+from vmferry.migration.tlssocket import stream_sink
 from vmferry.migration.transport import FdSink
 from vmferry.migration.verify import VerifyRecord, cpu_digest, page_digests
 
@@ -67,6 +68,7 @@ class MigrationSource:
     ) -> None:
         self.machine = machine
         self.uri = parse_uri(uri)
+        self.tls = tls.client_for(params.tls_creds, params.tls_hostname, self.uri)
         self.params = params
         self.caps = caps
         self.on_event = on_event or (lambda name, data: None)
@@ -191,11 +193,13 @@ class MigrationSource:
             fd = os.open(self.uri.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
             return [StreamWriter(FdSink(fd))]
         writers = []
-        for _ in range(self.channels):
+        for i in range(self.channels):
             s = connect(self.uri, timeout=self.params.peer_timeout_s)
+            if self.tls is not None:  # every channel is TLS; extras handshake on a thread
+                s = self.tls.secure(s, i) if i == 0 else self.tls.secure_later(s, i)
             self._socks.append(s)
             bound_socket(s, self.params.peer_timeout_s)
-            writers.append(StreamWriter(FdSink(s.fileno(), owned=False)))
+            writers.append(StreamWriter(stream_sink(s)))
         return writers
 
     def _migrate(self) -> None:
