@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import vmferry
 from tests.migration import live
 from tests.migration.live import (
     Destination,
@@ -261,7 +262,7 @@ def test_cli_migration_over_tls_two_channels(creds: Creds) -> None:
     port = int(dst.wait_stderr(r"waiting for a migration on 127\.0\.0\.1:(\d+)").group(1))
     with live.qmp_dir() as d:
         src = live.start_source_process(WORKLOAD, d / "qmp")
-        mig = live.vmferry(
+        mig = vmferry(
             "migrate",
             f"tcp:127.0.0.1:{port}",
             "--qmp",
@@ -286,9 +287,7 @@ def test_cli_refusal_is_one_line_on_the_destination(creds: Creds) -> None:
     reference = reference_result(WORKLOAD)
     with live.qmp_dir() as d:
         src = live.start_source_process(WORKLOAD, d / "qmp")
-        mig = live.vmferry(
-            "migrate", f"tcp:127.0.0.1:{port}", "--qmp", str(d / "qmp"), "--no-verify"
-        )
+        mig = vmferry("migrate", f"tcp:127.0.0.1:{port}", "--qmp", str(d / "qmp"), "--no-verify")
         src_done = src.finish()
     done = dst.finish()
     assert done.returncode == 125

@@ -1,0 +1,348 @@
+"""TLS pieces without a VM: make-creds, key-file checks, the TLS socket pump, the
+stream-size cap, and the tls-* parameters through a real controller's QMP socket."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import shutil
+import socket
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+
+from tests.conftest import vmferry
+from vmferry.controller import VmController
+from vmferry.errors import ConfigError, StreamError
+from vmferry.machine import MachineConfig
+from vmferry.migration.channel import parse_uri
+from vmferry.migration.loader import StreamHead
+from vmferry.migration.params import MigrationCapabilities, MigrationParameters
+from vmferry.migration.source import MigrationSource
+from vmferry.migration.streamcap import HEAD_LIMIT, RAM_FACTOR, StreamBudget
+from vmferry.migration.tls import (
+    CA_CERT,
+    CLIENT_CERT,
+    CLIENT_KEY,
+    SERVER_CERT,
+    SERVER_KEY,
+    TlsClient,
+    TlsServer,
+    client_for,
+    parse_authz,
+    server_for,
+)
+from vmferry.migration.tlscerts import CA_KEY, make_creds
+from vmferry.migration.tlssocket import CHUNK, SMALL, TlsSink, TlsSocket, TlsSource
+from vmferry.migration.transport import FdSource
+from vmferry.qmp import QmpClient, QmpServer
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("lab")
+    make_creds(d / "host", d / "ca", ["127.0.0.1", "db.example"], "src-a")
+    return d
+
+
+def _cert(path: Path) -> x509.Certificate:
+    return x509.load_pem_x509_certificate(path.read_bytes())
+
+
+# ---- make-creds
+
+
+def test_make_creds_cli_writes_qemus_files(tmp_path: Path) -> None:
+    r = vmferry(
+        "tls",
+        "make-creds",
+        str(tmp_path / "h1"),
+        "--ca",
+        str(tmp_path / "ca"),
+        "--host",
+        "10.0.0.5",
+        "--host",
+        "h1.example",
+        "--client-name",
+        "h1-source",
+    )
+    assert r.returncode == 0, r.stderr
+    h1 = tmp_path / "h1"
+    names = {CA_CERT, SERVER_CERT, SERVER_KEY, CLIENT_CERT, CLIENT_KEY}
+    assert {p.name for p in h1.iterdir()} == names
+    for key in (SERVER_KEY, CLIENT_KEY):
+        assert (h1 / key).stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "ca" / CA_KEY).stat().st_mode & 0o777 == 0o600
+    ca = _cert(h1 / CA_CERT)
+    server, client = _cert(h1 / SERVER_CERT), _cert(h1 / CLIENT_CERT)
+    server.verify_directly_issued_by(ca)
+    client.verify_directly_issued_by(ca)
+    san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == ["10.0.0.5"]
+    assert san.get_values_for_type(x509.DNSName) == ["h1.example"]
+    cn = client.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+    assert cn == "h1-source"
+    # A second host of the lab: the same CA signs it.
+    r = vmferry(
+        "tls", "make-creds", str(tmp_path / "h2"), "--ca", str(tmp_path / "ca"), "--host", "h2"
+    )
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "h2" / CA_CERT).read_bytes() == (h1 / CA_CERT).read_bytes()
+    _cert(tmp_path / "h2" / SERVER_CERT).verify_directly_issued_by(ca)
+
+
+def test_make_creds_expired(tmp_path: Path) -> None:
+    make_creds(tmp_path / "h", tmp_path / "ca", ["h"], expired=True)
+    now = datetime.datetime.now(datetime.UTC)
+    for name in (SERVER_CERT, CLIENT_CERT):
+        assert _cert(tmp_path / "h" / name).not_valid_after_utc < now
+
+
+def test_make_creds_needs_a_host(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="at least one --host"):
+        make_creds(tmp_path / "h", tmp_path / "ca", [])
+
+
+# ---- credentials checks
+
+
+@pytest.fixture
+def host(lab: Path, tmp_path: Path) -> Path:
+    d = tmp_path / "host"
+    shutil.copytree(lab / "host", d)
+    return d
+
+
+@pytest.mark.parametrize("key", [SERVER_KEY, CLIENT_KEY])
+def test_world_readable_key_is_refused_naming_the_file(host: Path, key: str) -> None:
+    (host / key).chmod(0o644)
+    with pytest.raises(ConfigError) as info:
+        TlsServer(str(host)) if key == SERVER_KEY else TlsClient(str(host), "h")
+    assert str(info.value) == (
+        f"TLS credentials: the private key {host / key} is readable by others "
+        f"(mode 0644); run chmod 600 {host / key}"
+    )
+
+
+def test_group_readable_key_is_refused(host: Path) -> None:
+    (host / SERVER_KEY).chmod(0o640)
+    with pytest.raises(ConfigError, match="mode 0640"):
+        TlsServer(str(host))
+
+
+def test_missing_file_is_named(host: Path) -> None:
+    (host / CA_CERT).unlink()
+    with pytest.raises(ConfigError, match=f"{host / CA_CERT} is missing"):
+        TlsServer(str(host))
+
+
+def test_not_a_directory(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="is not a directory"):
+        TlsServer(str(tmp_path / "none"))
+
+
+def test_cli_destination_with_a_readable_key_exits_125_in_one_line(host: Path) -> None:
+    (host / SERVER_KEY).chmod(0o604)
+    r = vmferry("run", "--incoming", "tcp:127.0.0.1:0", "--tls-creds", str(host), timeout=30)
+    assert r.returncode == 125
+    assert r.stderr.strip().splitlines() == [
+        f"vmferry: error: TLS credentials: the private key {host / SERVER_KEY} is readable "
+        f"by others (mode 0604); run chmod 600 {host / SERVER_KEY}"
+    ]
+
+
+def test_cli_authz_without_creds(host: Path) -> None:
+    r = vmferry("run", "--incoming", "tcp:127.0.0.1:0", "--tls-authz", "a", timeout=30)
+    assert r.returncode == 125
+    assert "--tls-authz needs --tls-creds" in r.stderr
+
+
+def test_tls_on_a_file_uri_is_refused(lab: Path) -> None:
+    with pytest.raises(ConfigError, match="applies to tcp: migrations"):
+        client_for(str(lab / "host"), "", parse_uri("file:/tmp/x"))
+    assert client_for("", "", parse_uri("tcp:h:1")) is None
+
+
+def test_parse_authz() -> None:
+    assert parse_authz("") == ()
+    assert parse_authz(" src-a, src-b ,,") == ("src-a", "src-b")
+    with pytest.raises(ConfigError, match="needs tls-creds"):
+        server_for("", "src-a")
+
+
+# ---- the TLS socket over a real connection
+
+
+@pytest.fixture
+def pair(lab: Path) -> Iterator[tuple[TlsSocket, TlsSocket]]:
+    """A client and a server TlsSocket after the handshake and verdict."""
+    creds = str(lab / "host")
+    server, client = TlsServer(creds, ("src-a",)), TlsClient(creds, "127.0.0.1")
+    a, b = socket.socketpair()
+    done: list[TlsSocket] = []
+    t = threading.Thread(target=lambda: done.append(server.secure(b, "source")))
+    t.start()
+    c = client.secure(a, 0)
+    t.join(10)
+    try:
+        yield c, done[0]
+    finally:
+        c.close()
+        done[0].close()
+
+
+def test_pump_carries_mixed_buffers_exactly(pair: tuple[TlsSocket, TlsSocket]) -> None:
+    c, s = pair
+    rng = np.random.default_rng(3)
+    sizes = [1, 31, SMALL - 1, SMALL, 5, CHUNK + 17, 3 * CHUNK, 200, SMALL * 2 + 3, 7]
+    bufs = [rng.bytes(n) for n in sizes]
+    want = b"".join(bufs)
+    got = bytearray(len(want))
+    src = TlsSource(s, "test stream")
+
+    def read() -> None:
+        src.readinto(memoryview(got))
+
+    t = threading.Thread(target=read)
+    t.start()
+    sink = TlsSink(c)
+    sink.write([memoryview(b) for b in bufs[:5]])
+    sink.write([memoryview(b) for b in bufs[5:]])
+    t.join(30)
+    assert bytes(got) == want
+    assert sink.written == len(want) == src.position
+
+
+def test_reply_lines_both_ways_while_the_stream_flows(pair: tuple[TlsSocket, TlsSocket]) -> None:
+    """A heartbeat on one thread, the stream on another: one TLS session, no corruption."""
+    c, s = pair
+    payload = np.random.default_rng(5).bytes(16 * CHUNK)
+    got = bytearray(len(payload))
+    lines: list[bytes] = []
+
+    def beat() -> None:
+        for i in range(200):
+            s.sendall(b"alive %d\n" % i)
+
+    def read_lines() -> None:
+        buf = b""
+        while buf.count(b"\n") < 200:
+            chunk = c.recv(4096)
+            assert chunk
+            buf += chunk
+        lines.extend(buf.splitlines())
+
+    threads = [
+        threading.Thread(target=beat),
+        threading.Thread(target=read_lines),
+        threading.Thread(target=lambda: TlsSource(s).readinto(memoryview(got))),
+    ]
+    for t in threads:
+        t.start()
+    TlsSink(c).write([payload])
+    for t in threads:
+        t.join(30)
+    assert bytes(got) == payload
+    assert lines == [b"alive %d" % i for i in range(200)]
+
+
+def test_end_of_stream_is_named(pair: tuple[TlsSocket, TlsSocket]) -> None:
+    c, s = pair
+    c.sendall(b"abc")
+    c.shutdown(socket.SHUT_WR)
+    with pytest.raises(StreamError, match="main ends early at byte 3: 5 more bytes"):
+        TlsSource(s, "main").readinto(memoryview(bytearray(8)))
+
+
+# ---- the cap on a stream's total size
+
+
+def _head(memory: int, devices: int = 0) -> StreamHead:
+    config = MachineConfig(memory=memory, vcpus=1, image="memtouch")
+    return StreamHead(config, {"devices": [{}] * devices})
+
+
+def test_stream_cap_before_and_after_conf() -> None:
+    a, b = socket.socketpair()
+    with a, b:
+        budget = StreamBudget()
+        src = budget.source(FdSource(b.fileno(), owned=False, name="migration stream"))
+        with pytest.raises(StreamError) as info:
+            src.readinto(memoryview(bytearray(HEAD_LIMIT + 1)))
+        assert "before the VM's configuration (CONF) is known" in str(info.value)
+        assert src.position == 0  # refused before reading a byte
+        budget.allow(_head(64 << 20))
+        assert budget.limit == RAM_FACTOR * (64 << 20) + (1 << 30)
+        budget.limit = 10  # as if the source had sent all a VM that size may send
+        a.sendall(b"x" * 10)
+        src.readinto(memoryview(bytearray(10)))
+        with pytest.raises(StreamError, match="would pass 10 bytes in all"):
+            src.readinto(memoryview(bytearray(1)))
+
+
+def test_stream_cap_counts_every_channel_and_device() -> None:
+    budget = StreamBudget()
+    budget.allow(_head(1 << 30, devices=2))
+    assert budget.limit == RAM_FACTOR * (1 << 30) + 2 * (4 << 30) + (1 << 30)
+    socks = [socket.socketpair() for _ in range(2)]
+    try:
+        srcs = [
+            budget.source(FdSource(b.fileno(), owned=False, name=f"ch{i}"))
+            for i, (_, b) in enumerate(socks)
+        ]
+        budget.limit = 6
+        for a, _ in socks:
+            a.sendall(b"yyy")
+        for s in srcs:
+            s.readinto(memoryview(bytearray(3)))
+        with pytest.raises(StreamError, match="ch0: the migration would pass 6 bytes"):
+            srcs[0].readinto(memoryview(bytearray(1)))
+    finally:
+        for a, b in socks:
+            a.close()
+            b.close()
+
+
+# ---- parameters through QMP, on a real controller
+
+
+def test_tls_parameters_round_trip_through_qmp(lab: Path) -> None:
+    d = tempfile.mkdtemp(prefix="qmp-tls-", dir="/tmp")
+    try:
+        path = os.path.join(d, "qmp.sock")
+        controller = VmController(None)
+        with QmpServer(path, controller), QmpClient(path) as qmp:
+            before = qmp.execute("query-migrate-parameters")
+            assert (before["tls-creds"], before["tls-hostname"], before["tls-authz"]) == (
+                "",
+                "",
+                "",
+            )
+            new = {"tls-creds": "/etc/t", "tls-hostname": "db", "tls-authz": "a,b"}
+            qmp.execute("migrate-set-parameters", **new)
+            after = qmp.execute("query-migrate-parameters")
+            assert {k: after[k] for k in new} == new
+            qmp.execute("migrate-set-parameters", **{"tls-creds": ""})
+            assert qmp.execute("query-migrate-parameters")["tls-creds"] == ""
+        assert controller.params.tls_hostname == "db"
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def test_source_refuses_bad_creds_before_it_starts(host: Path) -> None:
+    """``migrate`` fails at once (QMP error), not after the VM started dirty logging."""
+    (host / CLIENT_KEY).chmod(0o666)
+    with pytest.raises(ConfigError, match="readable by others"):
+        # The credentials are checked before the machine is looked at.
+        MigrationSource(
+            None,  # type: ignore[arg-type]
+            "tcp:127.0.0.1:1",
+            MigrationParameters(tls_creds=str(host)),
+            MigrationCapabilities(),
+        )
