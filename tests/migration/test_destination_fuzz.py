@@ -1,7 +1,9 @@
 """Random damage to a real migration stream: the destination refuses it with a vmferry
 error (nothing else escapes, nothing hangs, no guest starts), or — where the damage fell on
 page data the checksum does not cover — the switchover digests catch it before the guest
-could run, or the damage was harmless (the loaded VM is exactly the undamaged one)."""
+could run, or the damage was harmless (the loaded VM is exactly the undamaged one). The
+recordings are ``migrate file:`` files, whose every byte is checksummed: read as files,
+any damage at all is refused."""
 
 from __future__ import annotations
 
@@ -70,15 +72,15 @@ class Recording:
     live_data: list[tuple[int, int]]  # page data outside the checksum (FLAG_LIVE sections)
 
 
-def load(data: bytes, timeout: float = 30.0) -> LoadedStream:
+def load(data: bytes, timeout: float = 30.0, *, sealed: bool = False) -> LoadedStream:
     """What ``--incoming`` does with a stream before any machine exists; it must end (with
-    a result or an exception) within ``timeout``."""
+    a result or an exception) within ``timeout``. ``sealed``: read it as a file is read."""
     out: list[LoadedStream] = []
     err: list[BaseException] = []
 
     def run() -> None:
         try:
-            reader = StreamReader(BytesSource(data))
+            reader = StreamReader(BytesSource(data), sealed=sealed)
             head = read_head(reader)
             memory = GuestMemory(head.config.memory)
             try:
@@ -133,7 +135,7 @@ def record(tmp: Path, compress: str) -> Recording:
     finally:
         guest.close()
     data = path.read_bytes()
-    loaded = load(data)
+    loaded = load(data, sealed=True)  # a file has no section with page data unchecked
     try:
         pages = loaded.memory.pages().copy()
         cpu = cpu_digest(loaded.state)
@@ -178,6 +180,25 @@ def damaged(draw: st.DrawFn, rec: Recording) -> bytes:
         at = draw(position)
         del data[at : at + draw(st.integers(1, 64))]
     return bytes(data)
+
+
+@settings(
+    max_examples=300,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(data=st.data())
+def test_any_damage_to_a_file_is_refused_before_anything_runs(
+    recordings: dict[str, Recording], data: st.DataObject
+) -> None:
+    """No digests needed: a flipped page byte is a checksum mismatch like any other."""
+    rec = recordings[data.draw(st.sampled_from(sorted(recordings)), label="recording")]
+    bad = data.draw(damaged(rec), label="damaged")
+    if bad == rec.data:  # a "truncation" past the end
+        load(bad, sealed=True).memory.close()
+        return
+    with pytest.raises(StreamError):
+        load(bad, sealed=True)
 
 
 @settings(

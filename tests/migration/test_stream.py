@@ -244,9 +244,19 @@ def decode_sealed(data: bytes, dest: GuestMemory, sealed: bool = True) -> RamRec
                 return rx
 
 
-@pytest.fixture(scope="module")
-def sealed_live_stream() -> bytes:
-    m = filled_memory(5)
+def memory_for(layout: str, seed: int) -> GuestMemory:
+    """Scattered pages (short runs: gathered) or all of RAM in use (long runs: copied run
+    by run): the sender's two ways of taking a private copy."""
+    if layout == "scattered":
+        return filled_memory(seed)
+    m = GuestMemory(MEM)
+    m.pages()[:] = np.random.default_rng(seed).integers(1, 2**63, m.pages().shape, np.uint64)
+    return m
+
+
+@pytest.fixture(scope="module", params=["scattered", "dense"])
+def sealed_live_stream(request: pytest.FixtureRequest) -> bytes:
+    m = memory_for(request.param, 5)
     try:
         return encode_live(m, m.resident_pages(), sealed=True, sink=BytesSink())
     finally:
@@ -289,10 +299,13 @@ def test_an_unsealed_live_section_leaves_page_data_out_and_a_sealed_reader_refus
         dst.close()
 
 
-def test_a_sealed_section_matches_its_checksum_though_the_guest_writes_meanwhile() -> None:
+@pytest.mark.parametrize("layout", ["scattered", "dense"])
+def test_a_sealed_section_matches_its_checksum_though_the_guest_writes_meanwhile(
+    layout: str,
+) -> None:
     """The checksum and the bytes written come from one private copy: a page the guest
     changes after it was hashed cannot make a good file fail (or a bad one pass)."""
-    src, dst = filled_memory(7), GuestMemory(MEM)
+    src, dst = memory_for(layout, 7), GuestMemory(MEM)
     try:
         before = src.pages().copy()
         sink = GuestWritesDuringSend(src)

@@ -118,6 +118,7 @@ class RamSender:
         self.memory = memory
         self.batch_pages = batch_pages
         self.sealed = sealed
+        self._bounce = np.zeros(0, dtype=np.uint8)  # reused: a section is out when written
         self._zstd = zstandard.ZstdCompressor(level=ZSTD_LEVEL) if compress else None
         self.stats = RamStats()
 
@@ -149,9 +150,11 @@ class RamSender:
         d_starts, d_lengths = starts[~is_zero], lengths[~is_zero]
         head: list[Buffer] = [RAM_HEAD.pack(runs.size, 0), runs.tobytes()]
         data: list[Buffer]
-        gather = self._zstd is not None or (live and self.sealed)
-        if gather or (d_starts.size and d_lengths.mean() < GATHER_BELOW_RUN):
+        if self._zstd is not None or (d_starts.size and d_lengths.mean() < GATHER_BELOW_RUN):
+            # A private copy: consistent with its checksum even while the guest runs.
             data = [allp[expand_runs(d_starts, d_lengths)].data.cast("B")] if d_starts.size else []
+        elif live and self.sealed:
+            data = [self._snapshot(d_starts, d_lengths)] if d_starts.size else []
         else:
             b = self.memory.bytes
             data = [
@@ -168,6 +171,20 @@ class RamSender:
             self.writer.section(RAM, [*head, *data])
         nz = int(d_lengths.sum())
         return RamStats(normal=nz, zero=chunk.size - nz, bytes=self.writer.bytes_written - before)
+
+    def _snapshot(
+        self, starts: npt.NDArray[np.int64], lengths: npt.NDArray[np.int64]
+    ) -> memoryview:
+        """Long runs copied into one reused buffer, a memcpy per run (about twice as fast
+        as a fancy-index gather, which also allocates)."""
+        size = int(lengths.sum()) * PAGE_SIZE
+        if self._bounce.size < size:
+            self._bounce = np.empty(size, dtype=np.uint8)
+        b, off = self.memory.bytes, 0
+        for s, n in zip((starts * PAGE_SIZE).tolist(), (lengths * PAGE_SIZE).tolist(), strict=True):
+            self._bounce[off : off + n] = b[s : s + n]
+            off += n
+        return self._bounce[:size].data
 
 
 def send_pages(
