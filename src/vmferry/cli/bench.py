@@ -14,6 +14,7 @@ from rich.table import Table
 from vmferry.bench import devices as bench_devices
 from vmferry.bench import migrate as bench_migrate
 from vmferry.bench import nic as bench_nic
+from vmferry.bench import tls as bench_tls
 from vmferry.bench import vgpu as bench_vgpu
 from vmferry.bench.table import print_rows
 from vmferry.bench.vmm import FULL, QUICK, Measurement, host_info, run_all
@@ -74,6 +75,7 @@ def add_parser(sub: Any) -> None:
     vg.add_argument("--markdown", metavar="FILE", help="also write the tables as Markdown")
     vg.set_defaults(func=cmd_bench_vgpu)
     bench_nic.add_parser(which)
+    bench_tls.add_parser(which)
 
 
 def _fmt(value: float, unit: str) -> str:

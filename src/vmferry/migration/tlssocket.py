@@ -225,6 +225,33 @@ class TlsSocket(socket.socket):
         n = self.recv_into(buf, bufsize)
         return bytes(buf[:n])
 
+    def recv_exactly_into(self, view: memoryview) -> int:
+        """Fill ``view`` (bytes, format "B"); fewer bytes only at the end of the stream.
+        One call per stream read, not one per 16 KiB record: the loop is the hot path."""
+        n = len(view)
+        got = 0
+        with self._rlock:
+            if self._plain:
+                got = min(n, len(self._plain))
+                view[:got] = self._plain[:got]
+                del self._plain[:got]
+            obj = self._obj
+            assert obj is not None, "TLS read before the handshake"
+            lock, bio, bounce = self._ssl, self._in, self._bounce
+            while got < n:
+                try:
+                    with lock:
+                        got += cast(int, obj.read(n - got, view[got:]))
+                except ssl.SSLWantReadError:
+                    k = socket.socket.recv_into(self, bounce)
+                    if k == 0:
+                        break
+                    with lock:
+                        bio.write(memoryview(bounce)[:k])
+                except ssl.SSLZeroReturnError:
+                    break
+        return got
+
     def read_line(self, limit: int) -> str:
         """One line (the destination's verdict); what follows it is kept for later reads."""
         line = bytearray()
@@ -282,15 +309,12 @@ class TlsSource:
 
     def readinto(self, buf: memoryview) -> None:
         view = buf.cast("B") if buf.format != "B" else buf
-        got = 0
-        while got < len(view):
-            n = self.sock.recv_into(view[got:])
-            if n == 0:
-                raise StreamError(
-                    f"{self.name} ends early at byte {self._pos + got}: "
-                    f"{len(view) - got} more bytes were expected"
-                )
-            got += n
+        got = self.sock.recv_exactly_into(view)
+        if got < len(view):
+            raise StreamError(
+                f"{self.name} ends early at byte {self._pos + got}: "
+                f"{len(view) - got} more bytes were expected"
+            )
         self._pos += got
 
     def close(self) -> None:
