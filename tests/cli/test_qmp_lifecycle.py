@@ -1,0 +1,116 @@
+"""QMP over a VM's whole life: up while an incoming VM is awaited, and still up to report
+a migration that failed because the guest ended."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, vmferry
+from vmferry.qmp.client import QmpClient
+
+pytestmark = [pytest.mark.kvm, pytest.mark.slow]
+VMFERRY = [sys.executable, "-m", "vmferry.cli.main"]
+
+
+@pytest.fixture
+def qmp_path() -> Iterator[str]:
+    path = f"/tmp/vmferry-test-{os.getpid()}-{uuid.uuid4().hex[:8]}.qmp"
+    yield path
+    if os.path.lexists(path):
+        os.unlink(path)
+
+
+def _start(*args: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [*VMFERRY, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+
+
+def _client(path: str, proc: subprocess.Popen[bytes]) -> QmpClient:
+    for _ in range(200):
+        if Path(path).exists():
+            try:
+                return QmpClient(path)
+            except ConnectionRefusedError:
+                pass
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    raise AssertionError(f"no QMP socket at {path}")
+
+
+def _listening_port(proc: subprocess.Popen[bytes]) -> int:
+    assert proc.stderr is not None
+    for _ in range(50):
+        line = proc.stderr.readline().decode()
+        if "waiting for a migration on" in line:
+            return int(line.rsplit(":", 1)[1])
+    raise AssertionError("the destination did not say where it listens")
+
+
+def test_qmp_answers_while_an_incoming_migration_is_awaited(qmp_path: str) -> None:
+    dst = _start("run", "--incoming", "tcp:127.0.0.1:0", "--qmp", f"unix:{qmp_path}")
+    try:
+        _listening_port(dst)
+        with _client(qmp_path, dst) as qmp:
+            assert qmp.execute("query-status")["status"] == "inmigrate"
+            assert qmp.execute("query-migrate")["status"] == "active"
+            qmp.execute("quit")
+        _, err = dst.communicate(timeout=30)
+        assert dst.returncode == 0, err
+        assert not os.path.lexists(qmp_path)
+    finally:
+        dst.kill()
+
+
+def test_a_vm_arrives_at_an_incoming_vm_with_qmp(qmp_path: str) -> None:
+    dst_qmp = qmp_path.replace(".qmp", "-dst.qmp")
+    dst = _start("run", "--incoming", "tcp:127.0.0.1:0", "--qmp", f"unix:{dst_qmp}")
+    args = ["--", "wss=16M", "seed=9", "rate=50", "rounds=30"]
+    src = _start("run", "memtouch", "--memory", "128M", "--qmp", f"unix:{qmp_path}", *args)
+    try:
+        port = _listening_port(dst)
+        _client(qmp_path, src).close()
+        mig = vmferry("migrate", "--qmp", qmp_path, f"tcp:127.0.0.1:{port}")
+        assert mig.returncode == 0, mig.stderr
+        with _client(dst_qmp, dst) as qmp:
+            assert qmp.execute("query-migrate")["status"] == "completed"
+            assert qmp.execute("query-status")["status"] in ("running", "shutdown")
+        out, err = dst.communicate(timeout=60)
+        assert dst.returncode == 0, err
+        assert b"migration received" in err
+        ref = vmferry("run", "memtouch", "--memory", "128M", *args)
+        assert ref.result is not None and ref.result.encode() in out
+    finally:
+        dst.kill()
+        src.kill()
+
+
+def test_a_guest_that_ends_mid_migration_is_reported_failed(qmp_path: str) -> None:
+    dst = _start("run", "--incoming", "tcp:127.0.0.1:0", "--timeout", "120")
+    # The guest ends after a few seconds; at 4 MB/s the 128 MiB take half a minute.
+    src = _start(
+        "run", "memtouch", "--memory", "128M", "--qmp", f"unix:{qmp_path}",
+        "--", "wss=16M", "rate=20", "rounds=4",
+    )  # fmt: skip
+    try:
+        port = _listening_port(dst)
+        _client(qmp_path, src).close()
+        mig = vmferry(
+            "migrate", "--qmp", qmp_path, "--max-bandwidth", "4000000", f"tcp:127.0.0.1:{port}"
+        )
+        assert mig.returncode == 125, mig.stderr
+        assert "the guest ended during the migration" in mig.stderr, mig.stderr
+        assert "did the guest finish or fail" not in mig.stderr
+        _, err = src.communicate(timeout=30)
+        assert src.returncode == 0, err  # the guest's own exit status
+    finally:
+        dst.kill()
+        src.kill()

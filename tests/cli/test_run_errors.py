@@ -1,0 +1,262 @@
+"""``vmferry run`` refuses what it cannot do with one line and exit 125, before a guest
+boots; a guest that dies, or a save that fails, is said so plainly."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, Completed, guest_image, vmferry
+from vmferry.memory.host_memory import HostMemory
+
+pytestmark = [pytest.mark.kvm]
+VMFERRY = [sys.executable, "-m", "vmferry.cli.main"]
+# memtouch running a few seconds (16 MiB per round at 20 MB/s): long enough to be saved,
+# to hold a QMP socket, or to end during a slow migration.
+BUSY = ["--", "wss=16M", "rate=20", "rounds=5", "seed=3"]
+
+
+def one_error_line(r: Completed, *needles: str) -> str:
+    """Exit 125, stderr one line saying what was wrong, no traceback."""
+    assert r.returncode == 125, (r.returncode, r.stderr)
+    assert "Traceback" not in r.stderr, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("vmferry: error: "), r.stderr
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+    return lines[0]
+
+
+@pytest.fixture
+def sock_path() -> Iterator[str]:
+    # AF_UNIX paths are limited to 107 bytes; pytest's tmp_path can be longer.
+    path = f"/tmp/vmferry-test-{os.getpid()}-{uuid.uuid4().hex[:8]}.qmp"
+    yield path
+    if os.path.lexists(path):
+        os.unlink(path)
+
+
+def _start(*args: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [*VMFERRY, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+
+
+def _wait_for_socket(path: str, proc: subprocess.Popen[bytes]) -> None:
+    for _ in range(200):
+        if os.path.exists(path):
+            return
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    raise AssertionError(f"no QMP socket at {path}")
+
+
+# ---- 5: a guest that triple-faults
+
+
+@pytest.mark.parametrize("vcpus,which", [(1, 0), (2, 1)])
+def test_a_triple_fault_is_reported_in_one_line(vcpus: int, which: int) -> None:
+    r = vmferry("run", "fault", "--memory", "64M", "--vcpus", str(vcpus), "--", f"vcpu={which}")
+    line = one_error_line(r, "triple-faulted", f"vCPU {which}", "SHUTDOWN")
+    assert re.search(r"rip 0x[0-9a-f]+", line), line
+    assert b"executes ud2" in r.stdout  # the guest ran up to the fault
+
+
+# ---- 6: bad --serial and --qmp paths, refused before the guest boots
+
+
+def test_serial_in_a_missing_directory_is_refused() -> None:
+    r = vmferry("run", "memtouch", "--serial", "/nonexistent/dir/f", "--", "rounds=1")
+    one_error_line(r, "--serial /nonexistent/dir/f", "does not exist")
+
+
+def test_qmp_in_a_missing_directory_is_refused() -> None:
+    r = vmferry("run", "memtouch", "--qmp", "unix:/nonexistent/dir/x.qmp", "--", "rounds=1")
+    one_error_line(r, "/nonexistent/dir", "does not exist")
+    assert r.stdout == b""  # the guest never started (memtouch prints a header first)
+
+
+def test_qmp_naming_a_regular_file_is_refused(tmp_path: Path) -> None:
+    f = tmp_path / "notasocket"
+    f.write_text("keep me")
+    r = vmferry("run", "memtouch", "--qmp", f"unix:{f}", "--", "rounds=1")
+    one_error_line(r, str(f), "not a socket")
+    assert r.stdout == b""
+    assert f.read_text() == "keep me"
+
+
+@pytest.mark.slow
+def test_qmp_socket_held_by_a_running_vm_is_refused(sock_path: str) -> None:
+    first = _start("run", "memtouch", "--memory", "64M", "--qmp", f"unix:{sock_path}", *BUSY)
+    try:
+        _wait_for_socket(sock_path, first)
+        r = vmferry("run", "memtouch", "--memory", "64M", "--qmp", f"unix:{sock_path}", *BUSY)
+        one_error_line(r, sock_path, "in use")
+        assert r.stdout == b""
+        assert first.poll() is None  # the first VM is untouched and keeps its socket
+        assert os.path.exists(sock_path)
+    finally:
+        first.kill()
+        first.wait()
+
+
+# ---- 7: SIGTERM
+
+
+@pytest.mark.slow
+def test_sigterm_removes_the_qmp_socket_and_says_so(sock_path: str) -> None:
+    proc = _start("run", "memtouch", "--memory", "64M", "--qmp", f"unix:{sock_path}", *BUSY)
+    try:
+        _wait_for_socket(sock_path, proc)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert b"terminated" in err and b"Traceback" not in err, err
+    assert not os.path.lexists(sock_path)
+
+
+# ---- 8: --timeout
+
+
+def test_timeout_bounds_the_wait_for_an_incoming_migration() -> None:
+    r = vmferry("run", "--incoming", "tcp:127.0.0.1:0", "--timeout", "1", timeout=60)
+    assert r.returncode == 125, r.stderr
+    assert "no VM arrived within 1.0 s" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("value", ["-1", "0", "nan", "inf", "soon"])
+def test_a_bad_timeout_is_refused(value: str) -> None:
+    r = vmferry("run", "--incoming", "tcp:127.0.0.1:0", "--timeout", value, timeout=30)
+    one_error_line(r, f"--timeout {value}")
+
+
+# ---- 9: sizes the host cannot back
+
+
+def _beyond_host() -> str:
+    """A size (MiB) just over what this host's RAM and swap could ever hold."""
+    return f"{(HostMemory.read().total >> 20) // 2 * 2 + 2048}M"
+
+
+def test_memory_beyond_the_host_is_refused_unless_overcommitted() -> None:
+    size = _beyond_host()
+    one_error_line(vmferry("run", "hello", "--memory", size), "--memory", "--overcommit")
+    one_error_line(vmferry("run", "hello", "--memory", "1T"), "can never back")
+    r = vmferry("run", "hello", "--memory", size, "--overcommit")
+    assert r.returncode == 0, r.stderr  # sparse: hello touches a few pages of it
+
+
+def test_prealloc_beyond_what_is_available_is_refused() -> None:
+    r = vmferry("run", "--incoming", "tcp:127.0.0.1:0", "--prealloc", "1T", timeout=30)
+    one_error_line(r, "--prealloc", "can be allocated")
+    assert "waiting for a migration" not in r.stderr
+
+
+# ---- 10: options an incoming VM cannot take, and guest keys
+
+
+@pytest.mark.parametrize(
+    "extra,named",
+    [
+        (["--memory", "2G"], "--memory"),
+        (["--vcpus", "2"], "--vcpus"),
+        (["--device", "dmaengine"], "--device"),
+        (["--memory", "2G", "--vcpus", "2"], "--memory or --vcpus"),
+        (["--", "rounds=3"], "guest arguments"),
+    ],
+)
+def test_incoming_refuses_options_that_the_stream_decides(extra: list[str], named: str) -> None:
+    r = vmferry("run", "--incoming", "tcp:127.0.0.1:0", *extra, timeout=30)
+    one_error_line(r, "--incoming takes no", named, "from the stream")
+
+
+def test_unknown_guest_keys_are_refused() -> None:
+    r = vmferry("run", "memtouch", "--memory", "64M", "--", "wss=16M", "roundz=3")
+    one_error_line(r, "'roundz=3'", "memtouch has no key 'roundz'", "rounds")
+    one_error_line(vmferry("run", "memtouch", "--", "rounds"), "KEY=VALUE")
+    assert vmferry("run", "memtouch", "--memory", "64M", "--", "wss=16K rounds=2").returncode == 0
+
+
+def test_an_elf_path_is_not_checked_for_keys(tmp_path: Path) -> None:
+    r = vmferry("run", str(guest_image("memtouch")), "--memory", "64M", "--", "x=1 wss=16K")
+    assert r.returncode == 0, r.stderr
+
+
+# ---- 20: --version, --memory in MiB
+
+
+def test_version() -> None:
+    r = vmferry("--version")
+    assert r.returncode == 0
+    assert re.fullmatch(rb"vmferry \d+\.\d+\.\d+\n", r.stdout), r.stdout
+
+
+def _ram_top(stdout: bytes) -> int:
+    """The top of guest RAM from hello's "ram BASE +LEN" lines."""
+    tops = [
+        int(b, 16) + int(n, 16)
+        for b, n in re.findall(rb"^ram ([0-9a-f]+) \+([0-9a-f]+)$", stdout, re.MULTILINE)
+    ]
+    return max(tops)
+
+
+@pytest.mark.parametrize("text,size", [("100", 100 << 20), ("1.5G", 3 << 29), ("64M", 64 << 20)])
+def test_memory_is_in_mib_unless_it_says_otherwise(text: str, size: int) -> None:
+    r = vmferry("run", "hello", "--memory", text)
+    assert r.returncode == 0, r.stderr
+    assert _ram_top(r.stdout) == size
+
+
+# ---- 2: --save-after with a path it cannot write
+
+
+@pytest.mark.parametrize("where", ["missing-dir", "directory", "unwritable"])
+def test_save_after_refuses_a_bad_path_before_the_vm_runs(tmp_path: Path, where: str) -> None:
+    path = {
+        "missing-dir": tmp_path / "nodir" / "vm.state",
+        "directory": tmp_path,
+        "unwritable": Path("/proc/vm.state"),  # even root cannot create files there
+    }[where]
+    r = vmferry("run", "memtouch", "--memory", "64M", "--save-after", "1", str(path), *BUSY)
+    one_error_line(r, f"--save-after {path}")
+    assert r.stdout == b""  # refused before the guest started
+    assert list(tmp_path.iterdir()) == []  # and nothing written (no PATH.partial)
+
+
+@pytest.fixture
+def full_dir(tmp_path: Path) -> Iterator[Path]:
+    """A directory on a 1 MiB tmpfs: a save there runs out of space part-way."""
+    d = tmp_path / "small"
+    d.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(d)], check=True)
+    try:
+        yield d
+    finally:
+        subprocess.run(["umount", str(d)], check=True)
+
+
+@pytest.mark.root
+@pytest.mark.slow
+def test_a_save_that_fails_resumes_the_vm_and_leaves_no_file(full_dir: Path) -> None:
+    ref = vmferry("run", "memtouch", "--memory", "64M", *BUSY)
+    assert ref.returncode == 0 and ref.result, ref.stderr
+    path = full_dir / "vm.state"
+    r = vmferry("run", "memtouch", "--memory", "64M", "--save-after", "0.5", str(path), *BUSY)
+    assert r.returncode == 125, r.stderr
+    assert "Traceback" not in r.stderr
+    assert "No space left on device" in r.stderr and "resumed" in r.stderr, r.stderr
+    assert f"not saved to {path}" in r.stderr.splitlines()[-1]
+    assert r.result == ref.result  # it ran on to its normal end, memory intact
+    assert list(full_dir.iterdir()) == []  # no vm.state, no vm.state.partial
