@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -11,8 +12,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from vmferry.errors import StreamError
+from vmferry.machine.config import MachineConfig
 from vmferry.memory import GuestMemory
 from vmferry.migration import stream
+from vmferry.migration.devices import DEVD_HEAD, DestinationDevices
+from vmferry.migration.loader import load_stream, read_head
 from vmferry.migration.ram import RamReceiver, RamSender, send_pages
 from vmferry.migration.stream import StreamReader, StreamWriter
 from vmferry.migration.transport import FdSink, FdSource
@@ -355,3 +359,23 @@ def test_error_messages_name_sections_as_the_format_document_does() -> None:
     r.read_payload(*r.next_section())
     with pytest.raises(StreamError, match=r"section #2 RND at byte \d+: a RND section cannot"):
         r.next_section()
+
+
+def test_a_bad_device_chunk_names_its_section_and_offset() -> None:
+    sink = BytesSink()
+    w = StreamWriter(sink)
+    conf = {"config": MachineConfig(memory=MEM, image="hello").to_dict()}
+    w.section(stream.CONF, [json.dumps(conf).encode()])
+    w.section(stream.DEVD, [DEVD_HEAD.pack(3, 0), b"state"])
+    r = StreamReader(BytesSource(bytes(sink.data)))
+    head = read_head(r)
+    offset = r.source.position
+    memory = GuestMemory(MEM)
+    try:
+        with pytest.raises(StreamError) as e:
+            load_stream(head, r, memory, devices=DestinationDevices([]))
+        assert str(e.value) == (
+            f"section #1 DEVD at byte {offset}: it names device 3, phase 0: no such device or phase"
+        )
+    finally:
+        memory.close()

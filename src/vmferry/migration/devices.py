@@ -245,13 +245,12 @@ class DestinationDevices:
             d.set_state(MigState.RESUMING)
 
     def write(self, payload: bytes) -> None:
+        """One DEVD payload; the caller adds which section it was to an error."""
         if len(payload) < DEVD_HEAD.size:
-            raise StreamError("DEVD section is too short")
+            raise StreamError(f"{len(payload)} bytes is too short for a device index and phase")
         index, phase = DEVD_HEAD.unpack_from(payload)
         if index >= len(self.devices) or phase not in (PHASE_PRECOPY, PHASE_STOP_COPY):
-            raise StreamError(
-                f"DEVD section names device {index}, phase {phase}: no such device or phase"
-            )
+            raise StreamError(f"it names device {index}, phase {phase}: no such device or phase")
         try:
             self.devices[index].write_data(payload[DEVD_HEAD.size :])
         except DeviceStreamError as e:

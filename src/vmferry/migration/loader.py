@@ -164,7 +164,10 @@ def load_stream(
                 payload = main.read_payload(hdr, h)
                 if devices is None:
                     raise StreamError(f"{hdr.describe()}: device state for a VM without devices")
-                devices.write(payload)
+                try:
+                    devices.write(payload)
+                except StreamError as e:
+                    raise StreamError(f"{hdr.describe()}: {e}") from e
             elif hdr.tag == CPUS:
                 cpu = decode_json(main, main.read_payload(hdr, h), "CPUS")
             elif hdr.tag == DEVS:
