@@ -94,8 +94,8 @@ def add_parser(sub: Any) -> None:
         "--timeout",
         default=None,
         metavar="SECONDS",
-        help="give up (error) if the guest has not finished, or with --incoming has not "
-        "arrived and finished, after this many seconds",
+        help="give up (error) if the guest has not finished after this many seconds; "
+        "with --incoming, also if no VM has arrived within them",
     )
     p.add_argument("--kvm-device", default=DEFAULT_DEVICE, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_run)
@@ -250,6 +250,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             if not arrived and controller.current_machine is not None:
                 arrived = True
                 _note_arrival(controller)
+                if timeout is not None:  # the wait had its bound; now the guest's run has
+                    deadline = time.monotonic() + timeout
             if outcome or (deadline is not None and time.monotonic() > deadline):
                 break
         if outcome == "migrated":
