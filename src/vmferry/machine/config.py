@@ -38,9 +38,8 @@ class MachineConfig:
         if not 1 <= self.vcpus <= MAX_VCPUS:
             raise ConfigError(f"--vcpus {self.vcpus}: vmferry runs 1 to {MAX_VCPUS} vCPUs")
         if self.memory < (16 << 20) or self.memory % (2 << 20):
-            raise ConfigError(
-                f"--memory {self.memory}: must be at least 16 MiB and a multiple of 2 MiB"
-            )
+            shown = f"{self.memory >> 20} MiB" if self.memory % (1 << 20) == 0 else self.memory
+            raise ConfigError(f"--memory {shown}: must be at least 16 MiB and a multiple of 2 MiB")
 
         from vmferry.devices.registry import MAX_DEVICES, DeviceSpec
 
