@@ -154,7 +154,8 @@ def test_destination_fails_right_after_end(
     def broken(head: Any, main: stream.StreamReader, *a: Any, **kw: Any) -> LoadedStream:
         real(head, main, *a, **kw)
         if how == "vanishes":
-            fd = main.source.fd  # type: ignore[attr-defined]
+            # The destination's sources are capped (streamcap): the fd is the inner one's.
+            fd = main.source.inner.fd  # type: ignore[attr-defined]
             with socket.socket(fileno=socket.dup(fd)) as s:
                 s.shutdown(socket.SHUT_RDWR)
         raise MigrationError("injected fault after END")
