@@ -206,12 +206,13 @@ class VmController:
                     info["error-desc"] = self.incoming_error
                 return info
             return {}
-        return report.query_migrate_dict(self.migration.stats)
+        # A snapshot: the migration's threads write the stats while this reads them.
+        return report.query_migrate_dict(self.migration.snapshot())
 
     def x_query_migrate_report(self) -> dict[str, Any]:
         if self.migration is None:
             raise QmpError("no migration has been started")
-        return report.report_dict(self.migration.stats, self.params, self.caps)
+        return report.report_dict(self.migration.snapshot(), self.params, self.caps)
 
     def migrate_set_parameters(self, params: dict[str, Any]) -> None:
         try:

@@ -112,7 +112,8 @@ def test_destination_killed_mid_round(guest: Guest) -> None:
     finally:
         proc.kill()
     assert proc.finish(10).returncode == -9
-    assert_connection_lost(err)
+    # What happened, not how the socket failed ("[Errno 32] Broken pipe").
+    assert err == "the destination closed the connection during round 0"
     assert_source_intact(guest)
 
 
@@ -132,7 +133,7 @@ def test_destination_killed_during_switchover(guest: Guest) -> None:
         proc.kill()
     assert "device" in events.statuses()
     assert [n for n, _ in events.seen if n in ("STOP", "RESUME")] == ["STOP", "RESUME"]
-    assert_connection_lost(err)
+    assert err == "the destination closed the connection during the switchover"
     assert_source_intact(guest)
 
 
@@ -514,7 +515,8 @@ def test_qmp_cancel_and_bad_uri(dest: Destination) -> None:
                     assert info.get("status") == "active", info
                     assert time.monotonic() < deadline, "the cancel did not take"
                     time.sleep(0.02)
-                assert "cancelled" in info.get("error-desc", ""), info
+                # Not "cancelled ([Errno 104] Connection reset by peer)".
+                assert info.get("error-desc") == "cancelled by the user", info
                 status = qmp.execute("query-status")
                 assert status["running"] and status["status"] == "running", status
             derr = dest.failure(30)

@@ -10,15 +10,20 @@ from hypothesis import strategies as st
 
 from vmferry.migration.params import MigrationParameters
 from vmferry.migration.policy import (
+    BULK_TO_SCATTERED,
+    MIN_BATCH_PAGES,
     RateLimiter,
     ThrottleState,
     bandwidth_estimate,
+    batch_pages,
     decide,
     expected_downtime_ms,
     next_throttle,
     non_convergence_reason,
+    ram_budget_ms,
     should_switch_over,
     size,
+    switchover_bandwidth,
     switchover_threshold,
 )
 
@@ -235,3 +240,76 @@ def test_rate_limiter_bandwidth_can_change() -> None:
     assert r.delay_for(10**9, 0.0) == 0.0
     r.max_bandwidth = 1000
     assert r.delay_for(100, 1.0) == 0.0
+
+
+def test_rate_limiter_books_every_channels_bytes() -> None:
+    """Channel threads ask at once: every grant is booked, none lost to a race (with a
+    switch interval this short, the unlocked read-modify-write lost some)."""
+    import sys
+    import threading
+
+    r = RateLimiter(1000)
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [
+            threading.Thread(target=lambda: [r.delay_for(1, 0.0) for _ in range(20_000)])
+            for _ in range(8)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(old)
+    # 160 000 bytes at 1000 B/s from t=0: the next grant waits 160 s less one window.
+    assert r.delay_for(0, 0.0) == pytest.approx(160.0 - 0.1)
+
+
+# ---- the stop-and-copy estimate (issue: 38 ms expected, 314 ms measured)
+
+GIB = 1 << 30
+
+
+def test_switchover_bandwidth_is_that_of_the_dirty_page_rounds() -> None:
+    assert switchover_bandwidth([]) == 0.0
+    # Round 0 alone: its bulk copy is not what scattered dirty pages get.
+    assert switchover_bandwidth([1.9 * GIB]) == pytest.approx(1.9 * GIB / BULK_TO_SCATTERED)
+    assert switchover_bandwidth([1.9 * GIB, 290e6]) == 290e6
+    # The lower of the last two dirty-page rounds; round 0 never counts once they exist.
+    assert switchover_bandwidth([1.9 * GIB, 290e6, 400e6]) == 290e6
+    assert switchover_bandwidth([10e6, 290e6, 400e6, 350e6]) == 350e6
+
+
+def test_round_0_bulk_rate_does_not_switch_over_a_scattered_remainder() -> None:
+    """The measured case: 77 MB dirty after round 0 at 1.9 GiB/s. At the bulk rate it
+    'fits' (38 ms expected) but went at 290 MB/s (265 ms of RAM alone); one round of dirty
+    pages is measured first, and its rate decides."""
+    pending = 77_000_000
+    assert decide(1000, pending, 1.9 * GIB, 50e6, P).action == "switchover"  # the old rule
+    d = decide(1000, pending, switchover_bandwidth([1.9 * GIB]), 50e6, P)
+    assert d.action == "continue", d.reason
+    d = decide(2000, pending, switchover_bandwidth([1.9 * GIB, 290e6]), 50e6, P, overhead_ms=9)
+    assert d.action == "switchover", d.reason
+    assert d.expected_downtime_ms == pytest.approx(9 + pending / 290e6 * 1000)
+    assert "bandwidth 277 MiB/s × 291 ms of 300" in d.reason
+
+
+def test_overhead_comes_out_of_the_limit_but_never_more_than_half() -> None:
+    assert ram_budget_ms(300, 0) == 300
+    assert ram_budget_ms(300, 20) == 280
+    assert ram_budget_ms(300, 200) == 150  # fixed costs do not shrink by iterating
+    bw = 1000 * MIB  # 1 MiB per ms
+    assert should_switch_over(280 * MIB, bw, P, overhead_ms=20)
+    assert not should_switch_over(281 * MIB, bw, P, overhead_ms=20)
+    assert should_switch_over(150 * MIB, bw, P, overhead_ms=500)
+    d = decide(0, 100 * MIB, bw, 0, P, overhead_ms=20)
+    assert d.action == "switchover" and d.expected_downtime_ms == pytest.approx(120)
+    assert decide(0, 0, bw, 0, P, overhead_ms=20).expected_downtime_ms == 20
+
+
+def test_batches_under_max_bandwidth_are_one_window() -> None:
+    assert batch_pages(0, 8192) == 8192  # unlimited: the default
+    assert batch_pages(16_000_000, 8192) == 390  # 1.6 MB per 100 ms window
+    assert batch_pages(1000, 8192) == MIN_BATCH_PAGES
+    assert batch_pages(10 * GIB, 8192) == 8192

@@ -18,6 +18,7 @@ from vmferry.migration.policy import rate, size
 from vmferry.qmp.client import QmpClient, QmpProtocolError
 
 POLL_S = 0.2
+BAR_WIDTH = 60  # fits an 80-column terminal with room to spare
 DONE = ("completed", "failed", "cancelled")
 
 
@@ -78,8 +79,14 @@ def _progress(info: dict[str, Any]) -> Group:
     remaining = ram.get("remaining", 0)
     # Progress of the copy as far as it is known: what went out against that plus what
     # is still dirty (it grows when the guest dirties faster than it is sent).
-    bar = ProgressBar(total=max(sent + remaining, 1), completed=sent, width=60)
+    bar = ProgressBar(total=max(sent + remaining, 1), completed=sent, width=BAR_WIDTH)
+    # A bar ends no line of its own: in a grid row it gets one, so the figures start below.
+    head = Table.grid()
+    head.add_row(bar)
     t = Table.grid(padding=(0, 2))
+    # Never wrapped nor squeezed: in 80 columns a squeezed status showed as one letter.
+    for _ in range(4):
+        t.add_column(no_wrap=True)
     t.add_row(
         "status", str(info.get("status", "?")), "sync rounds", str(ram.get("dirty-sync-count", 0))
     )
@@ -96,7 +103,7 @@ def _progress(info: dict[str, Any]) -> Group:
         "device state",
         size(info.get("vfio", {}).get("transferred", 0)),
     )
-    return Group(bar, t)
+    return Group(head, t)
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
@@ -156,6 +163,20 @@ def _migrate(args: argparse.Namespace, path: str) -> int:
     return 0
 
 
+def _verification(v: dict[str, Any]) -> str:
+    status = str(v.get("status", "off"))
+    if status == "failed":
+        bad = v.get("first-mismatches", [])
+        where = f" in pages {', '.join(str(p) for p in bad)}" if bad else ""
+        cpu = "; vCPU state differs" if v.get("cpu-state") == "failed" else ""
+        return f"failed{where}{cpu} ({v.get('pages-checked', 0)} pages checked)"
+    if status == "passed":
+        return f"passed ({v.get('pages-checked', 0)} pages checked)"
+    if status == "deferred":
+        return f"deferred: {v.get('detail', 'checked when the file is restored')}"
+    return status
+
+
 def _summary(console: Console, rep: dict[str, Any]) -> None:
     t = Table(title=f"migration {rep['status']}")
     t.add_column("")
@@ -166,7 +187,7 @@ def _summary(console: Console, rep: dict[str, Any]) -> None:
         ("downtime", f"{rep.get('downtime', '-')} ms"),
         ("rounds", str(len(rep.get("rounds", [])))),
         ("RAM sent", size(ram.get("transferred", 0))),
-        ("verification", rep.get("verify", {}).get("status", "off")),
+        ("verification", _verification(rep.get("verify", {}))),
         ("convergence", rep.get("convergence", "")),
     ]
     for k, v in rep.get("downtime-breakdown", {}).items():

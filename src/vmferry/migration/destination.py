@@ -68,6 +68,16 @@ def _wake(sock: socket.socket) -> None:
         sock.shutdown(socket.SHUT_RD)
 
 
+def _verify_dict(v: VerifyResult) -> dict[str, object]:
+    return {
+        "status": v.status,
+        "pages_checked": v.pages_checked,
+        "mismatched_pages": v.mismatched_pages,
+        "cpu_state": v.cpu_state,
+        "detail": v.detail,
+    }
+
+
 class IncomingMigration:
     """Waits on tcp:HOST:PORT for one migration and returns the running machine."""
 
@@ -135,6 +145,7 @@ class IncomingMigration:
         heartbeat: Heartbeat | None = None
         timeout_s = DEFAULT_PEER_TIMEOUT_S
         started = False  # the guest runs here: from then on nothing may close it
+        failed_check: VerifyResult | None = None  # the verification that refused the VM
         try:
             if self.announce:
                 print(
@@ -188,6 +199,7 @@ class IncomingMigration:
             verify = check_loaded(loaded, machine)
             t_verified = time.monotonic()
             if verify.status == "failed":
+                failed_check = verify
                 raise MigrationError(f"verification failed: {verify.detail}")
             reply.send(
                 "ready",
@@ -238,8 +250,10 @@ class IncomingMigration:
             elif isinstance(e, OSError):
                 err = MigrationError(f"connection to the source failed: {e}")
             if reply is not None:
+                # What the check found goes too: the source reports it as its own result.
+                found = {} if failed_check is None else {"verify": _verify_dict(failed_check)}
                 with contextlib.suppress(OSError):
-                    reply.send("failed", error=str(err))
+                    reply.send("failed", error=str(err), **found)
             if machine is not None:
                 machine.close()
             else:

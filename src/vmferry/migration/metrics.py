@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 
 @dataclass
@@ -72,3 +72,43 @@ class MigrationStats:
     devices: list[dict[str, object]] = field(default_factory=list)  # per-device figures
     error: str = ""
     convergence: str = ""  # why the migration switched over, or why it could not
+
+    def snapshot(self) -> MigrationStats:
+        """A copy that shares nothing mutable with this one (for a reader on another
+        thread while the migration writes on)."""
+        return replace(
+            self,
+            rounds=list(self.rounds),
+            downtime=replace(self.downtime),
+            verify=replace(self.verify, mismatched_pages=list(self.verify.mismatched_pages)),
+            devices=[dict(d) for d in self.devices],
+        )
+
+
+class BandwidthWindow:
+    """Bytes/s measured over windows of at least ``window_s`` (QEMU updates its figures
+    every 100 ms): what ``mbps`` says while a round is still being sent. Time is an
+    argument, so it is tested without a clock."""
+
+    def __init__(self, window_s: float = 0.1) -> None:
+        self.window_s = window_s
+        self.rate = 0.0  # bytes/s over the last complete window; 0 before the first
+        self._start: float | None = None
+        self._bytes = 0
+
+    def start(self, now: float) -> None:
+        """Begin a window now (a round starts: the time before it sent nothing)."""
+        self._start, self._bytes = now, 0
+
+    def add(self, nbytes: int, now: float) -> bool:
+        """Count bytes that went out by ``now``; True when a window closed (``rate`` new)."""
+        if self._start is None:
+            self.start(now)
+        assert self._start is not None
+        self._bytes += nbytes
+        elapsed = now - self._start
+        if elapsed < self.window_s:
+            return False
+        self.rate = self._bytes / elapsed
+        self.start(now)
+        return True

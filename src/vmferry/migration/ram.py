@@ -128,16 +128,21 @@ class RamSender:
         before_batch: Callable[[npt.NDArray[np.int64]], None] | None = None,
         *,
         live: bool = False,
+        after_batch: Callable[[RamStats], None] | None = None,
     ) -> RamStats:
         """Send sorted pages in batches; ``before_batch`` runs just before each is read
-        (the engine re-arms the dirty log for exactly those pages there). ``live``: the
-        guest is running, so page data may change while it is sent (see FLAG_LIVE)."""
+        (the engine re-arms the dirty log for exactly those pages there), ``after_batch``
+        once it is out, with its counts. ``live``: the guest is running, so page data may
+        change while it is sent (see FLAG_LIVE)."""
         stats = RamStats()
         for i in range(0, pages.size, self.batch_pages):
             chunk = pages[i : i + self.batch_pages]
             if before_batch is not None:
                 before_batch(chunk)
-            stats.add(self._send_batch(chunk, live))
+            batch = self._send_batch(chunk, live)
+            stats.add(batch)
+            if after_batch is not None:
+                after_batch(batch)
         self.stats.add(stats)
         return stats
 

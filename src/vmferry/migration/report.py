@@ -23,6 +23,10 @@ _RUNNING: Final = frozenset(
 )
 # States in which QEMU reports the measured downtime instead of the expected one.
 _DOWNTIME_KNOWN: Final = frozenset({"completed", "postcopy-active"})
+# QEMU 7.2 answers only status and error-desc once a migration failed or was cancelled;
+# vmferry keeps every figure, as it stood when the migration ended (a client asking why
+# it failed wants to see how far it got).
+_ENDED: Final = frozenset({"failed", "cancelled"})
 
 
 def _ms(value: float) -> int:
@@ -56,23 +60,25 @@ def ram_dict(stats: MigrationStats) -> dict[str, Any]:
 def query_migrate_dict(stats: MigrationStats) -> dict[str, Any]:
     """What QEMU's ``query-migrate`` would return on the source in this state.
 
-    As QEMU: nothing at all before any migration; times and ``ram`` only while running or
-    completed; ``downtime`` once known, ``expected-downtime`` before; ``error-desc`` when
-    an error was recorded.
+    As QEMU: nothing at all before any migration; times and ``ram`` while running or
+    completed (and, unlike QEMU, after a failure or a cancel); ``downtime`` once known
+    (after a failure: how long the VM was paused, if it was), ``expected-downtime``
+    before; ``error-desc`` when an error was recorded.
     """
     if stats.status == "none":
         return {}
     out: dict[str, Any] = {"status": stats.status}
-    if stats.status in _RUNNING or stats.status == "completed":
+    if stats.status in _RUNNING or stats.status == "completed" or stats.status in _ENDED:
         out["setup-time"] = _ms(stats.setup_ms)
         out["total-time"] = _ms(stats.total_ms)
-        if stats.status in _DOWNTIME_KNOWN:
+        paused = stats.status in _ENDED and stats.downtime_ms > 0
+        if stats.status in _DOWNTIME_KNOWN or paused:
             out["downtime"] = _ms(stats.downtime_ms)
         else:
             out["expected-downtime"] = _ms(stats.expected_downtime_ms)
         out["ram"] = ram_dict(stats)
         out["vfio"] = {"transferred": stats.device_transferred}
-        if stats.throttle_pct and stats.status != "completed":
+        if stats.throttle_pct and stats.status in _RUNNING:
             out["cpu-throttle-percentage"] = stats.throttle_pct
     if stats.error:
         out["error-desc"] = stats.error

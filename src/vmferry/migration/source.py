@@ -36,9 +36,9 @@ from vmferry.migration.channel import (
 )
 from vmferry.migration.devices import SourceDevices, blockers
 from vmferry.migration.liveness import PeerWatch, bound_socket, is_timeout, shutdown_all
-from vmferry.migration.metrics import MigrationStats, RoundRecord
+from vmferry.migration.metrics import BandwidthWindow, MigrationStats, RoundRecord
 from vmferry.migration.params import MigrationCapabilities, MigrationParameters
-from vmferry.migration.ram import RamSender, RamStats
+from vmferry.migration.ram import DEFAULT_BATCH_PAGES, RamSender, RamStats
 from vmferry.migration.snapshot import write_cpu_state
 from vmferry.migration.stream import CEND, CHAN, CONF, DEVS, END, ROUND, VRFY, StreamWriter
 from vmferry.migration.tlssocket import stream_sink
@@ -73,6 +73,11 @@ class MigrationSource:
         self.caps = caps
         self.on_event = on_event or (lambda name, data: None)
         self.stats = MigrationStats(status="setup", total_ram=machine.memory.size)
+        # The migration's threads write the stats, QMP reads them: compound updates and
+        # the reader's copy (snapshot) hold this lock.
+        self._lock = threading.Lock()
+        self._window = BandwidthWindow()
+        self._t_pause: float | None = None  # when the VM was paused for the switchover
         self.devices = SourceDevices(machine.devices)
         self._reply: ReplyPath | None = None
         self._watch: PeerWatch | None = None
@@ -109,8 +114,18 @@ class MigrationSource:
             return 1
         return self.params.multifd_channels if self.caps.multifd else 1
 
+    def snapshot(self) -> MigrationStats:
+        """The figures as they are now, safe to read while the migration runs; total-time
+        counts up while it runs, as QEMU's does."""
+        with self._lock:
+            snap = self.stats.snapshot()
+        if not self.done.is_set() and self._t0:
+            snap.total_ms = self._elapsed_ms()
+        return snap
+
     def _set_status(self, status: str) -> None:
-        self.stats.status = status
+        with self._lock:
+            self.stats.status = status
         self.on_event("MIGRATION", {"status": status})
 
     def _elapsed_ms(self) -> float:
@@ -180,6 +195,12 @@ class MigrationSource:
             m.resume()
             self.on_event("RESUME", {})
         self._paused_by_us = False
+        if self._t_pause is not None:
+            # The VM was stopped for the switchover until now: that is this attempt's
+            # downtime, even though the migration failed.
+            with self._lock:
+                self.stats.downtime_ms = (time.monotonic() - self._t_pause) * 1e3
+                self.stats.downtime.total_ms = self.stats.downtime_ms
 
     def _check_cancel(self) -> None:
         if self._cancel.is_set():
@@ -236,7 +257,12 @@ class MigrationSource:
         # Every byte of a file is checksummed (it may carry no digests to catch damage):
         # the running guest's pages are copied first, so what is hashed is what is written.
         sealed = self.uri.scheme == "file"
-        senders = [RamSender(w, mem, compress=compress, sealed=sealed) for w in writers]
+        # Under max-bandwidth a batch is one window's budget, so pacing (and the figures
+        # query-migrate shows) move in 100 ms steps, not in whole batches.
+        batch = policy.batch_pages(self.params.max_bandwidth, DEFAULT_BATCH_PAGES)
+        senders = [
+            RamSender(w, mem, compress=compress, sealed=sealed, batch_pages=batch) for w in writers
+        ]
         m.set_dirty_logging(True)  # from here on every guest write is logged
         self.devices.start()  # DMA dirty tracking on, PRE_COPY for devices that have it
         st.setup_ms = self._elapsed_ms()
@@ -246,6 +272,7 @@ class MigrationSource:
         )
 
         pages = mem.resident_pages()  # round 0: all RAM that holds data
+        bandwidths: list[float] = []
         throttle = policy.ThrottleState()
         round_no = 0
         with ThreadPoolExecutor(max_workers=len(senders)) as pool:
@@ -258,14 +285,18 @@ class MigrationSource:
                 sent.bytes += dev_sent
                 main.section(ROUND, [_json({"round": round_no, "pages": int(pages.size)})])
                 dirty = DirtyBitmap(mem.npages)
+                t_sync = time.monotonic()
                 m.fetch_dirty_log(dirty)
                 self.devices.collect_dirty(dirty)
-                st.dirty_sync_count += 1
+                sync_ms = (time.monotonic() - t_sync) * 1e3
+                with self._lock:
+                    st.dirty_sync_count += 1
                 dt = max(time.monotonic() - t_round, 1e-6)
                 ndirty = dirty.count()
                 pending = ndirty * PAGE_SIZE
                 bandwidth = sent.bytes / dt
                 dirty_rate = pending / dt
+                bandwidths.append(bandwidth)
                 self._account_round(
                     round_no,
                     t_round,
@@ -276,25 +307,33 @@ class MigrationSource:
                     dirty_rate,
                     device_bytes=dev_sent,
                 )
-                st.remaining = pending
-                st.expected_downtime_ms = policy.expected_downtime_ms(pending, bandwidth)
                 dev_pending, dev_initial = self.devices.pending()
+                # The stop-and-copy sends scattered dirty pages: judge it by the rounds
+                # that did, not by round 0's bulk copy.
+                sw_bandwidth = policy.switchover_bandwidth(bandwidths)
                 decision = policy.decide(
                     self._elapsed_ms(),
                     pending,
-                    bandwidth,
+                    sw_bandwidth,
                     dirty_rate,
                     self.params,
                     device_pending=dev_pending,
                     throttle_pct=throttle.pct,
+                    # The stop-and-copy syncs the dirty log once more, in series with the
+                    # rest: as long as this sync took.
+                    overhead_ms=sync_ms,
                 )
+                with self._lock:
+                    st.remaining = pending
+                    st.expected_downtime_ms = decision.expected_downtime_ms
                 if decision.action == "switchover" and dev_initial:
                     # A device's initial data must be across first (REFERENCE §1).
                     decision = policy.Decision(
                         "continue", f"devices still have {dev_initial} initial bytes", 0.0
                     )
-                st.convergence = decision.reason
-                st.device_transferred = self.devices.transferred
+                with self._lock:
+                    st.convergence = decision.reason
+                    st.device_transferred = self.devices.transferred
                 if decision.action == "switchover":
                     break
                 if decision.action == "cancel":
@@ -323,6 +362,10 @@ class MigrationSource:
     ) -> RamStats:
         parts = split_by_channel(pages, len(senders))
         before = self.machine.clear_dirty_pages if clear else None
+        with self._lock:
+            # QEMU's "remaining": what this round still has to send, falling as it goes.
+            self.stats.remaining = int(pages.size) * PAGE_SIZE
+            self._window.start(time.monotonic())
 
         def one(i: int) -> RamStats:
             def hook(chunk: npt.NDArray[np.int64]) -> None:
@@ -333,15 +376,29 @@ class MigrationSource:
                     # Pace to max-bandwidth; the budget is shared by all channels.
                     time.sleep(limiter.delay_for(int(chunk.size) * PAGE_SIZE, time.monotonic()))
 
-            return senders[i].send(parts[i], hook, live=clear)
+            return senders[i].send(parts[i], hook, live=clear, after_batch=self._progress)
 
         total = RamStats()
         for s in pool.map(one, range(len(senders))):
             total.add(s)
-        self.stats.transferred += total.bytes
-        self.stats.normal += total.normal
-        self.stats.duplicate += total.zero
         return total
+
+    def _progress(self, batch: RamStats) -> None:
+        """The figures as each batch goes out, not only at round ends (on any channel's
+        thread)."""
+        now = time.monotonic()
+        with self._lock:
+            st = self.stats
+            st.transferred += batch.bytes
+            st.normal += batch.normal
+            st.duplicate += batch.zero
+            st.remaining = max(0, st.remaining - (batch.normal + batch.zero) * PAGE_SIZE)
+            if self._window.add(batch.bytes, now):
+                st.mbps = self._window.rate * 8 / 1e6
+                if st.status == "active":  # the switchover keeps the estimate it was made on
+                    st.expected_downtime_ms = policy.expected_downtime_ms(
+                        st.remaining, self._window.rate
+                    )
 
     def _account_round(
         self,
@@ -356,27 +413,28 @@ class MigrationSource:
         device_bytes: int = 0,
     ) -> None:
         st = self.stats
-        st.devices = [s.to_dict() for s in self.devices.stats]
-        st.rounds.append(
-            RoundRecord(
-                index=index,
-                start_s=t_start - self._t0,
-                duration_s=dt,
-                pages=sent.normal + sent.zero,
-                zero_pages=sent.zero,
-                bytes=sent.bytes,
-                dirty_pages=ndirty,
-                dirty_rate=dirty_rate,
-                bandwidth=bandwidth,
-                throttle_pct=self.machine.throttle_pct,
-                stop_copy=stop_copy,
-                device_bytes=device_bytes,
-            )
+        devices = [s.to_dict() for s in self.devices.stats]
+        record = RoundRecord(
+            index=index,
+            start_s=t_start - self._t0,
+            duration_s=dt,
+            pages=sent.normal + sent.zero,
+            zero_pages=sent.zero,
+            bytes=sent.bytes,
+            dirty_pages=ndirty,
+            dirty_rate=dirty_rate,
+            bandwidth=bandwidth,
+            throttle_pct=self.machine.throttle_pct,
+            stop_copy=stop_copy,
+            device_bytes=device_bytes,
         )
-        st.dirty_pages_rate = dirty_rate / PAGE_SIZE
-        st.mbps = bandwidth * 8 / 1e6
-        if not stop_copy:
-            st.precopy_bytes += sent.bytes
+        with self._lock:
+            st.devices = devices
+            st.rounds.append(record)
+            st.dirty_pages_rate = dirty_rate / PAGE_SIZE
+            st.mbps = bandwidth * 8 / 1e6
+            if not stop_copy:
+                st.precopy_bytes += sent.bytes
 
     def _switchover(
         self,
@@ -389,7 +447,7 @@ class MigrationSource:
         m, st, dt_ = self.machine, self.stats, self.stats.downtime
         main = writers[0]
         self._phase = "the switchover"
-        t_pause = time.monotonic()
+        t_pause = self._t_pause = time.monotonic()
         # A VM the user had paused stays paused if the migration fails.
         self._paused_by_us = not m.paused
         m.pause()
@@ -414,12 +472,17 @@ class MigrationSource:
         dirty = unsent
         m.fetch_dirty_log(dirty)
         self.devices.collect_dirty(dirty)
-        st.dirty_sync_count += 1
+        with self._lock:
+            st.dirty_sync_count += 1
         final = self._send(pool, senders, dirty.pages(), clear=False, limiter=None)
+        # The stop-and-copy is a round too: the destination counts what the source does.
+        stop_copy = {"round": round_no, "pages": final.normal + final.zero, "stop-copy": True}
+        main.section(ROUND, [_json(stop_copy)])
         t3 = time.monotonic()
         bandwidth = final.bytes / max(t3 - t2, 1e-6)
         final.bytes += dev_bytes
-        st.downtime_bytes = final.bytes
+        with self._lock:
+            st.downtime_bytes = final.bytes
         self._account_round(
             round_no,
             t1,
@@ -456,8 +519,15 @@ class MigrationSource:
             # postmigrate), and the file continues it with `vmferry run --incoming file:`.
             self.released = True
             self.devices.release()
-            dt_.total_ms = (time.monotonic() - t_pause) * 1e3
-            st.downtime_ms = dt_.total_ms
+            with self._lock:
+                dt_.total_ms = (time.monotonic() - t_pause) * 1e3
+                st.downtime_ms = dt_.total_ms
+                st.remaining = 0
+                if digests is not None:
+                    # Checked where the file is restored, before anything runs there.
+                    st.verify.status = st.verify.cpu_state = "deferred"
+                    st.verify.pages_checked = int(resident.size)
+                    st.verify.detail = "the file carries the digests; they are checked on restore"
             self._set_status("completed")
             return
 
@@ -465,6 +535,8 @@ class MigrationSource:
         reply, watch = self._reply, self._watch
         msg = watch.next(READY_TIMEOUT_S, "ready from the destination")
         if msg["kind"] != "ready":
+            if isinstance(msg.get("verify"), dict):
+                self._apply_failed_verify(msg["verify"])
             raise MigrationError(f"the destination refused the VM: {msg.get('error', msg)}")
         dt_.verify_ms += float(msg.get("verify_ms", 0.0))
         self._apply_verify(msg)
@@ -486,20 +558,32 @@ class MigrationSource:
             self.released = False
             raise MigrationError(f"the destination refused the VM: {msg.get('error', msg)}")
         t_resumed = time.monotonic()
-        dt_.resume_ms = float(msg.get("resume_ms", 0.0))
-        dt_.total_ms = (t_resumed - t_pause) * 1e3
-        st.downtime_ms = dt_.total_ms
-        st.remaining = 0
+        with self._lock:
+            dt_.resume_ms = float(msg.get("resume_ms", 0.0))
+            dt_.total_ms = (t_resumed - t_pause) * 1e3
+            st.downtime_ms = dt_.total_ms
+            st.remaining = 0
         self._set_status("completed")
         self.devices.release()
+
+    def _apply_failed_verify(self, v: dict[str, Any]) -> None:
+        """What the destination's check found, when it refused the VM for it."""
+        with self._lock:
+            res = self.stats.verify
+            res.status = "failed"
+            res.cpu_state = str(v.get("cpu_state", "off"))
+            res.pages_checked = int(v.get("pages_checked", 0))
+            res.mismatched_pages = [int(p) for p in v.get("mismatched_pages", [])]
+            res.detail = str(v.get("detail", ""))
 
     def _apply_verify(self, msg: dict[str, Any]) -> None:
         v = self.stats.verify
         if not self.caps.x_verify:
             return
-        v.status = "passed"
-        v.cpu_state = "passed"
-        v.pages_checked = int(msg.get("pages_checked", 0))
+        with self._lock:
+            v.status = "passed"
+            v.cpu_state = "passed"
+            v.pages_checked = int(msg.get("pages_checked", 0))
 
 
 def _json(obj: Any) -> bytes:

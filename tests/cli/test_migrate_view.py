@@ -1,0 +1,83 @@
+"""`vmferry migrate`'s progress view and summary, rendered as a terminal would show them."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+from rich.console import Console, RenderableType
+
+from vmferry.cli.migrate import _progress, _summary
+
+ACTIVE = {
+    "status": "active",
+    "expected-downtime": 123,
+    "ram": {
+        "transferred": 123_456_789,
+        "remaining": 98_765_432,
+        "dirty-sync-count": 3,
+        "mbps": 2345.6,
+        "dirty-pages-rate": 12_345,
+    },
+    "vfio": {"transferred": 1_234_567},
+}
+
+
+def render(thing: RenderableType, width: int = 80) -> list[str]:
+    out = io.StringIO()
+    Console(file=out, width=width, color_system=None).print(thing)
+    return out.getvalue().splitlines()
+
+
+def summary(rep: dict[str, Any]) -> list[str]:
+    out = io.StringIO()
+    _summary(Console(file=out, width=120, color_system=None), rep)
+    return out.getvalue().splitlines()
+
+
+def test_progress_in_80_columns_has_the_bar_on_its_own_line() -> None:
+    lines = render(_progress(ACTIVE))
+    assert set(lines[0].strip()) <= set("━╺╸ "), lines[0]
+    assert lines[1].split() == ["status", "active", "sync", "rounds", "3"], lines
+    assert all(len(line) <= 80 for line in lines)
+    assert any(line.split()[:2] == ["expected", "downtime"] for line in lines)
+
+
+def test_progress_shows_every_status_whole() -> None:
+    for status in ("setup", "active", "device", "completed", "cancelled"):
+        lines = render(_progress({**ACTIVE, "status": status}))
+        assert lines[1].split()[:2] == ["status", status], lines
+
+
+def row(lines: list[str], name: str) -> str:
+    for line in lines:
+        cells = [c.strip() for c in line.strip("│┃ ").split("│")]
+        if cells and cells[0] == name:
+            return cells[1]
+    raise AssertionError(f"no row {name!r} in {lines}")
+
+
+def test_summary_of_a_failed_verification_names_the_pages() -> None:
+    rep = {
+        "status": "failed",
+        "downtime": 312,
+        "verify": {
+            "status": "failed",
+            "pages-checked": 65_536,
+            "first-mismatches": [32_768, 32_770],
+            "cpu-state": "passed",
+        },
+        "error-desc": "the destination refused the VM: verification failed: …",
+    }
+    lines = summary(rep)
+    assert "migration failed" in lines[0]
+    assert row(lines, "verification") == "failed in pages 32768, 32770 (65536 pages checked)"
+    assert row(lines, "downtime") == "312 ms"
+
+
+def test_summary_of_a_file_says_verification_is_deferred() -> None:
+    rep = {
+        "status": "completed",
+        "verify": {"status": "deferred", "detail": "checked on restore", "pages-checked": 9},
+    }
+    assert row(summary(rep), "verification") == "deferred: checked on restore"
