@@ -22,7 +22,7 @@ pytestmark = [pytest.mark.kvm]
 VMFERRY = [sys.executable, "-m", "vmferry.cli.main"]
 # memtouch running a few seconds (16 MiB per round at 20 MB/s): long enough to be saved,
 # to hold a QMP socket, or to end during a slow migration.
-BUSY = ["--", "wss=16M", "rate=20", "rounds=5", "seed=3"]
+BUSY = ["--", "wss=16M", "rate=20", "rounds=8", "seed=3"]
 
 
 def one_error_line(r: Completed, *needles: str) -> str:
