@@ -188,7 +188,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         run_checks.check_boot(args)
         config = MachineConfig(
             memory=run_checks.memory_size(args),
-            vcpus=args.vcpus or run_checks.DEFAULT_VCPUS,
+            vcpus=run_checks.DEFAULT_VCPUS if args.vcpus is None else args.vcpus,
             image=args.image,
             cmdline=args.guest_cmdline,
             devices=tuple(args.device or ()),

@@ -41,7 +41,7 @@ def check_incoming(args: argparse.Namespace) -> None:
             ("an image", args.image),
             ("--save-after", args.save_after),
             ("--memory", args.memory),
-            ("--vcpus", args.vcpus),
+            ("--vcpus", args.vcpus is not None),
             ("--device", args.device),
             ("--overcommit", args.overcommit),
             ("guest arguments after '--'", args.guest_cmdline),
