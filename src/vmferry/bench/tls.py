@@ -31,9 +31,13 @@ from pathlib import Path
 from typing import Any
 
 from vmferry.bench.table import print_rows
+from vmferry.bench.tlswire import MODES as WIRE_MODES
+from vmferry.bench.tlswire import WireResult
+from vmferry.bench.tlswire import measure as wire
 from vmferry.bench.vmm import WSS_BASE, fill_random
 from vmferry.errors import VmferryError
 from vmferry.machine import Machine, MachineConfig
+from vmferry.memory.guest_memory import GuestMemory
 from vmferry.migration.channel import listen, parse_uri
 from vmferry.migration.params import MigrationCapabilities, MigrationParameters
 from vmferry.migration.source import MigrationSource
@@ -58,6 +62,7 @@ THROUGHPUT_COLUMNS = (
     "plain-runs-MB/s",
     "tls-runs-MB/s",
 )
+WIRE_COLUMNS = ("mode", "MB/s", "send-cpu-s/GiB", "recv-cpu-s/GiB", "runs-MB/s")
 HANDSHAKE_COLUMNS = ("where", "kind", "median-ms", "min-ms", "max-ms", "samples", "resumed")
 
 
@@ -218,6 +223,37 @@ def throughput_rows(runs: Runs, channel_counts: tuple[int, ...]) -> list[dict[st
     return rows
 
 
+def bench_wire(size: int, repeats: int, creds: Path, log: Any) -> list[WireResult]:
+    memory = GuestMemory(size, name="tlswire-send")
+    try:
+        fill_random(memory, 0)
+        out = []
+        for rep in range(repeats):
+            for mode in WIRE_MODES:
+                r = wire(mode, memory, size, creds)
+                log(f"wire {rep + 1}/{repeats}: {mode}: {r.rate / MB:,.0f} MB/s")
+                out.append(r)
+        return out
+    finally:
+        memory.close()
+
+
+def wire_rows(results: list[WireResult]) -> list[dict[str, Any]]:
+    rows = []
+    for mode in WIRE_MODES:
+        rs = [r for r in results if r.mode == mode]
+        rows.append(
+            {
+                "mode": mode,
+                "MB/s": _mbs(statistics.median(r.rate for r in rs)),
+                "send-cpu-s/GiB": f"{statistics.median(r.send_cpu_per_gib for r in rs):.2f}",
+                "recv-cpu-s/GiB": f"{statistics.median(r.recv_cpu_per_gib for r in rs):.2f}",
+                "runs-MB/s": " ".join(_mbs(r.rate) for r in rs),
+            }
+        )
+    return rows
+
+
 def _hs_row(where: str, kind: str, samples: list[float], resumed: str) -> dict[str, Any]:
     ms = [s * 1e3 for s in samples]
     return {
@@ -259,6 +295,9 @@ def add_parser(which: Any) -> None:
     )
     p.add_argument("--repeats", type=int, default=3, help="migrations per case (median)")
     p.add_argument("--memory-gib", type=int, default=2, help="guest RAM in GiB (default 2)")
+    p.add_argument(
+        "--wire-gib", type=int, default=1, help="bytes per transport comparison (GiB, 0: skip)"
+    )
     p.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     p.set_defaults(func=cmd_bench_tls)
 
@@ -278,6 +317,7 @@ def cmd_bench_tls(args: argparse.Namespace) -> int:
         loop = bench_handshakes(creds, HANDSHAKES)
         log(f"throughput: {args.memory_gib} GiB guest, {args.repeats} repeats per case")
         runs = bench_throughput(args.memory_gib * GIB, channel_counts, args.repeats, creds, log)
+        wires = bench_wire(args.wire_gib * GIB, args.repeats, creds, log) if args.wire_gib else []
     rows = throughput_rows(runs, channel_counts)
     print_rows(
         f"vmferry bench tls: round-0 throughput, {args.memory_gib} GiB filled guest, median of "
@@ -293,12 +333,22 @@ def cmd_bench_tls(args: argparse.Namespace) -> int:
         hs,
         None,
     )
+    wrows = wire_rows(wires) if wires else []
+    if wrows:
+        print_rows(
+            f"vmferry bench tls: one loopback connection, {args.wire_gib} GiB in 32 MiB runs, "
+            f"median of {args.repeats} (how a TLS channel writes; CPU per GiB on each side)",
+            WIRE_COLUMNS,
+            wrows,
+            None,
+        )
     if args.json:
         Path(args.json).write_text(
             json.dumps(
                 {
                     "throughput": rows,
                     "handshakes": hs,
+                    "wire": wrows,
                     "rates": {f"{k[0]}-{k[1]}": v for k, v in runs.rates.items()},
                 },
                 indent=2,

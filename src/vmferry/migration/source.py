@@ -220,7 +220,8 @@ class MigrationSource:
                 s = self.tls.secure(s, i) if i == 0 else self.tls.secure_later(s, i)
             self._socks.append(s)
             bound_socket(s, self.params.peer_timeout_s)
-            writers.append(StreamWriter(stream_sink(s)))
+            sink = stream_sink(s) if self.tls else FdSink(s.fileno(), owned=False)
+            writers.append(StreamWriter(sink))
         return writers
 
     def _migrate(self) -> None:
