@@ -4,6 +4,7 @@ a migration that failed because the guest ended."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -114,3 +115,18 @@ def test_a_guest_that_ends_mid_migration_is_reported_failed(qmp_path: str) -> No
     finally:
         dst.kill()
         src.kill()
+
+
+def test_sigterm_ends_the_wait_for_an_incoming_vm_cleanly(qmp_path: str) -> None:
+    dst = _start("run", "--incoming", "tcp:127.0.0.1:0", "--qmp", f"unix:{qmp_path}")
+    try:
+        _listening_port(dst)
+        _client(qmp_path, dst).close()
+        dst.send_signal(signal.SIGTERM)
+        _, err = dst.communicate(timeout=30)
+    finally:
+        dst.kill()
+    assert dst.returncode == 128 + signal.SIGTERM, err
+    assert err.decode().strip().endswith("vmferry: terminated (SIGTERM)"), err
+    assert b"Traceback" not in err
+    assert not os.path.lexists(qmp_path)
