@@ -20,6 +20,7 @@ from vmferry.migration.destination import IncomingMigration, IncomingResult
 from vmferry.migration.devices import blockers
 from vmferry.migration.params import MigrationCapabilities, MigrationParameters
 from vmferry.migration.source import MigrationSource
+from vmferry.qmp import hmp
 from vmferry.qmp.backend import QmpError
 
 Emit = Callable[[str, dict[str, Any]], None]
@@ -230,6 +231,14 @@ class VmController:
             self.caps = self.caps.updated(caps)
         except ConfigError as e:
             raise QmpError(str(e)) from e
+
+    def human_monitor_command(self, command_line: str, cpu_index: int | None = None) -> str:
+        m = self._machine
+        if cpu_index is not None and (m is None or cpu_index >= m.config.vcpus):
+            raise QmpError("Parameter 'cpu-index' expects a CPU number")  # QEMU's words
+        return hmp.run(
+            command_line, query_status=self.query_status, query_migrate=self.query_migrate
+        )
 
     def query_migrate_capabilities(self) -> dict[str, bool]:
         return self.caps.to_qmp()

@@ -120,3 +120,54 @@ def test_deferred_incoming_receives_a_live_migration(qmp_path: str) -> None:
     finally:
         dst.kill()
         src.kill()
+
+
+def test_human_monitor_info_status_and_migrate(qmp_path: str) -> None:
+    """`human-monitor-command` answers `info status` and `info migrate` as QEMU's monitor
+    does, so `qmp-shell -H` works against a vmferry VM."""
+    proc = _start(
+        "run",
+        "memtouch",
+        "--memory",
+        "128M",
+        "--qmp",
+        f"unix:{qmp_path}",
+        "--",
+        "wss=16M",
+        "rate=20",
+        "rounds=100000",
+    )
+    try:
+        with _client(qmp_path, proc) as qmp:
+
+            def hmp(line: str, **kw: int) -> str:
+                return str(qmp.execute("human-monitor-command", **{"command-line": line, **kw}))
+
+            assert hmp("info status") == "VM status: running\r\n"
+            assert hmp("info migrate") == ""  # no migration yet
+            qmp.execute("stop")
+            assert hmp("info status", **{"cpu-index": 0}) == "VM status: paused\r\n"
+            with pytest.raises(QmpError, match="expects a CPU number"):
+                hmp("info status", **{"cpu-index": 1})  # one vCPU
+            qmp.execute("cont")
+            qmp.execute("migrate", uri="tcp:127.0.0.1:1")  # nobody listens there
+            deadline = time.monotonic() + 10
+            while qmp.execute("query-migrate")["status"] != "failed":
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            text = hmp("info migrate")
+            assert text.startswith(
+                "Migration status: failed (cannot connect to the destination "
+                "tcp:127.0.0.1:1: Connection refused)\r\ntotal time: "
+            ), text
+            shell = subprocess.run(
+                [str(Path(sys.executable).parent / "qmp-shell"), "-H", qmp_path],
+                input=b"info status\n",
+                capture_output=True,
+                timeout=30,
+            )
+            assert b"VM status: running" in shell.stdout, shell
+            qmp.execute("quit")
+        assert proc.wait(10) == 0
+    finally:
+        proc.kill()

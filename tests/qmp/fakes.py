@@ -83,6 +83,12 @@ class FakeVm:
         self.calls.append(("x_query_migrate_report", {}))
         return {"status": "none"}
 
+    def human_monitor_command(self, command_line: str, cpu_index: int | None = None) -> str:
+        self.calls.append(
+            ("human_monitor_command", {"command_line": command_line, "cpu_index": cpu_index})
+        )
+        return "VM status: running\r\n"
+
     def x_mdev_types(self, parent: str = "gpu0") -> list[dict[str, Any]]:
         self.calls.append(("x_mdev_types", {"parent": parent}))
         return [{"name": "vgpu-4", "parent": parent, "available-instances": 4}]

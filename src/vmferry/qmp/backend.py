@@ -73,6 +73,10 @@ class QmpBackend(Protocol):
         """vmferry's full report of the last migration (the `--report` JSON)."""
         ...
 
+    def human_monitor_command(self, command_line: str, cpu_index: int | None = None) -> str:
+        """The human monitor's text reply (`info status`, `info migrate`)."""
+        ...
+
     def x_mdev_types(self, parent: str = "gpu0") -> list[dict[str, Any]]:
         """The parent's vGPU types with their `available-instances`."""
         ...

@@ -146,6 +146,14 @@ _COMMANDS: tuple[Command, ...] = (
     # vmferry's own: the whole report of the last migration (rounds, downtime breakdown,
     # verification), as `--report` writes it.
     _backend("x-query-migrate-report"),
+    # QEMU's human monitor, for `qmp-shell -H`: `info status` and `info migrate`.
+    _backend(
+        "human-monitor-command",
+        args={
+            "command-line": Arg(Str(), required=True),
+            "cpu-index": Arg(Int(0, None, "vCPU index")),
+        },
+    ),
     # vmferry's own: the host's vGPUs (mediated devices), as `vmferry mdev` manages them.
     _backend("x-mdev-types", args={"parent": Arg(Str())}),
     _backend(
