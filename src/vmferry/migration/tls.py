@@ -154,7 +154,9 @@ def _cause(e: BaseException, whose: str, peer: str) -> str:
 
 @dataclass
 class Handshake:
-    """How one connection's handshake went (the bench and the log report it)."""
+    """How one connection's handshake went (the bench and the log report it): ``seconds``
+    from the handshake's start to the destination's verdict (an extra channel's includes
+    the wait for the destination to accept it)."""
 
     index: int
     seconds: float
