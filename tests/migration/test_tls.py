@@ -33,6 +33,7 @@ from vmferry.migration.params import MigrationCapabilities, MigrationParameters
 from vmferry.migration.source import MigrationSource
 from vmferry.migration.tls import CA_CERT, CLIENT_CERT, CLIENT_KEY, TlsServer, server_for
 from vmferry.migration.tlscerts import make_creds
+from vmferry.qmp.client import QmpClient
 
 pytestmark = [pytest.mark.kvm, pytest.mark.slow]
 
@@ -301,3 +302,36 @@ def test_cli_refusal_is_one_line_on_the_destination(creds: Creds) -> None:
     assert "requires TLS" in mig.stderr
     assert src_done.returncode == 0, src_done.stderr
     assert src_done.result == reference
+
+
+def test_deferred_destination_takes_tls_parameters_over_qmp(creds: Creds) -> None:
+    """QEMU's way: ``-incoming defer``, then migrate-set-parameters tls-creds/tls-authz,
+    then migrate-incoming; the admitted source's migration arrives whole."""
+    reference = reference_result(WORKLOAD)
+    with live.qmp_dir() as d:
+        dst = live.Proc("run", "--incoming", "defer", "--qmp", f"unix:{d / 'dst'}")
+        live.wait_until(lambda: (d / "dst").exists(), 30, "the destination's QMP socket")
+        with QmpClient(str(d / "dst")) as qmp:
+            qmp.execute(
+                "migrate-set-parameters",
+                **{"tls-creds": str(creds.good), "tls-authz": "source-a"},
+            )
+            params = qmp.execute("query-migrate-parameters")
+            assert (params["tls-creds"], params["tls-authz"]) == (str(creds.good), "source-a")
+            qmp.execute("migrate-incoming", uri="tcp:127.0.0.1:0")
+        port = int(dst.wait_stderr(r"waiting for a migration on 127\.0\.0\.1:(\d+)").group(1))
+        src = live.start_source_process(WORKLOAD, d / "src")
+        mig = vmferry(
+            "migrate",
+            f"tcp:127.0.0.1:{port}",
+            "--qmp",
+            str(d / "src"),
+            "--tls-creds",
+            str(creds.good),
+        )
+        src_done = src.finish()
+    assert mig.returncode == 0, mig.stderr
+    assert src_done.returncode == 0, src_done.stderr
+    done = dst.finish()
+    assert done.returncode == 0, done.stderr
+    assert done.result == reference
