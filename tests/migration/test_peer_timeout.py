@@ -149,6 +149,32 @@ def test_stopped_source_is_given_up_and_resumes_on_its_own() -> None:
     assert res.result == ref
 
 
+def test_destination_that_gave_up_waiting_for_go_leaves_the_vm_here(
+    guest: Guest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The source stalls between "ready" and "go" longer than the bound: the destination
+    gives up (and says so) without starting the guest, and the source, once it goes on,
+    keeps its VM: never none running."""
+    real = MigrationSource._apply_verify
+
+    def stalled(self: MigrationSource, msg: dict[str, Any]) -> None:
+        real(self, msg)
+        time.sleep(PEER_TIMEOUT_MS / 1e3 + 1.5)
+
+    monkeypatch.setattr(MigrationSource, "_apply_verify", stalled)
+    dest = Destination()
+    try:
+        events = Events()
+        err = failed_within_bound(start_migration(guest, dest.uri, QUICK, events=events))
+        derr = dest.failure(BOUND_S)
+    finally:
+        dest.close()
+    assert str(derr) == 'no "go" from the peer within 2 s'
+    assert err == f"the destination refused the VM: {derr}"
+    assert [n for n, _ in events.seen if n in ("STOP", "RESUME")] == ["STOP", "RESUME"]
+    assert_source_intact(guest)
+
+
 # ---- a link that drops every packet
 
 

@@ -209,7 +209,7 @@ class IncomingMigration:
             )
             # The source answers at once; one that does not has stopped. Giving up is safe:
             # the "failed" sent then tells a source that wakes up to keep its VM.
-            msg = reply.receive(timeout_s, "go from the source")
+            msg = reply.receive(timeout_s, '"go"')
             if msg["kind"] != "go":
                 raise MigrationError(f"the source did not hand over: {msg}")
             t_go = time.monotonic()

@@ -158,6 +158,8 @@ class MigrationSource:
         """What went wrong, in words: errno texts say how a socket failed, not why."""
         if self._cancel.is_set():
             return "cancelled by the user"
+        if self.released and isinstance(e, VmferryError):
+            return str(e)  # it says why the VM stays paused here
         watch = self._watch
         peer = bool(self._socks) and isinstance(e, OSError | PeerClosed)
         if watch is not None and (watch.silent or is_timeout(e)):
