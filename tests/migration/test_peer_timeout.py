@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import vmferry
 from tests.migration import live
 from tests.migration.live import (
     Destination,
@@ -114,6 +115,12 @@ def test_stopped_source_is_given_up_and_resumes_on_its_own() -> None:
             qmp_path = d / "src.qmp"
             proc = live.start_source_process(w, qmp_path)
             try:
+                # A bound below 100 ms is refused in one line, before anything starts.
+                bad = vmferry(
+                    "migrate", "--qmp", str(qmp_path), "--peer-timeout", "50", dest.uri, timeout=30
+                )
+                assert bad.returncode == 125, bad.stderr
+                assert "x-peer-timeout" in bad.stderr.strip().splitlines()[-1], bad.stderr
                 with QmpClient(str(qmp_path)) as qmp:
                     qmp.execute(
                         "migrate-set-parameters",

@@ -56,6 +56,12 @@ def add_parser(sub: Any) -> None:
         help="after this long without converging, apply --switchover-policy",
     )
     p.add_argument("--switchover-policy", choices=["keep-going", "force", "cancel"])
+    p.add_argument(
+        "--peer-timeout",
+        type=int,
+        metavar="MS",
+        help="a destination silent this long is dead: the VM resumes here (default 5000)",
+    )
     p.add_argument("--no-verify", action="store_true", help="skip the switchover digests")
     p.add_argument(
         "--tls-creds",
@@ -128,6 +134,7 @@ def _migrate(args: argparse.Namespace, path: str) -> int:
             ("max-bandwidth", args.max_bandwidth),
             ("x-switchover-timeout", args.switchover_timeout),
             ("x-switchover-policy", args.switchover_policy),
+            ("x-peer-timeout", args.peer_timeout),
             # The source process resolves the path: make it absolute here.
             ("tls-creds", os.path.abspath(args.tls_creds) if args.tls_creds else None),
             ("tls-hostname", args.tls_hostname),
