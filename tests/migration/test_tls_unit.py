@@ -3,6 +3,7 @@ stream-size cap, and the tls-* parameters through a real controller's QMP socket
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import shutil
@@ -19,8 +20,9 @@ from cryptography.x509.oid import NameOID
 
 from tests.conftest import vmferry
 from vmferry.controller import VmController
-from vmferry.errors import ConfigError, StreamError
+from vmferry.errors import ConfigError, MigrationError, StreamError
 from vmferry.machine import MachineConfig
+from vmferry.migration import tls as tls_mod
 from vmferry.migration.channel import parse_uri
 from vmferry.migration.loader import StreamHead
 from vmferry.migration.params import MigrationCapabilities, MigrationParameters
@@ -39,7 +41,7 @@ from vmferry.migration.tls import (
     server_for,
 )
 from vmferry.migration.tlscerts import CA_KEY, make_creds
-from vmferry.migration.tlssocket import CHUNK, SMALL, TlsSink, TlsSocket, TlsSource
+from vmferry.migration.tlssocket import CHUNK, HANDSHAKE_LIMIT, SMALL, TlsSink, TlsSocket, TlsSource
 from vmferry.migration.transport import FdSource
 from vmferry.qmp import QmpClient, QmpServer
 
@@ -346,3 +348,53 @@ def test_source_refuses_bad_creds_before_it_starts(host: Path) -> None:
             MigrationParameters(tls_creds=str(host)),
             MigrationCapabilities(),
         )
+
+
+# ---- what a stranger can make a destination read
+
+
+def _server_error(lab: Path, feed: bytes, *, close: bool) -> BaseException:
+    """What ``TlsServer.secure`` raised for a client that sent ``feed``."""
+    server = TlsServer(str(lab / "host"))
+    a, b = socket.socketpair()
+    errors: list[BaseException] = []
+
+    def serve() -> None:
+        try:
+            server.secure(b, "source").close()
+        except BaseException as e:
+            errors.append(e)
+
+    t = threading.Thread(target=serve)
+    t.start()
+    with contextlib.suppress(OSError):
+        a.sendall(feed)
+        if close:
+            a.shutdown(socket.SHUT_WR)
+    t.join(30)
+    a.close()
+    assert errors, "the server admitted a stranger"
+    return errors[0]
+
+
+def test_a_handshake_that_never_ends_is_cut_at_64_kib(lab: Path) -> None:
+    # A ClientHello that claims 120,000 bytes (OpenSSL would wait for all of them),
+    # sent as full 16 KiB records.
+    body = b"\x01" + (120_000).to_bytes(3, "big") + bytes(16_380)
+    records = b"".join(b"\x16\x03\x01" + len(body).to_bytes(2, "big") + body for _ in range(7))
+    err = _server_error(lab, records, close=False)
+    assert isinstance(err, MigrationError)
+    assert f"the TLS handshake passed {HANDSHAKE_LIMIT} bytes" in str(err)
+
+
+def test_a_silent_client_is_given_up_on(lab: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tls_mod, "HANDSHAKE_TIMEOUT_S", 0.3)
+    err = _server_error(lab, b"", close=False)
+    assert str(err) == "no TLS handshake from the source within 0 s"
+
+
+def test_garbage_that_is_not_a_vmferry_stream(lab: Path) -> None:
+    err = _server_error(lab, b"GET / HTTP/1.1\r\n\r\n", close=True)
+    assert str(err) == (
+        "refused a migration: this destination requires TLS, but the source sent b'GET / HT'"
+    )

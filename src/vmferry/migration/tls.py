@@ -30,7 +30,7 @@ from vmferry.errors import ConfigError, MigrationError
 from vmferry.migration.channel import MigrationUri
 from vmferry.migration.stream import MAGIC
 from vmferry.migration.streamcap import HEAD_LIMIT
-from vmferry.migration.tlssocket import HANDSHAKE_LIMIT, TlsSocket
+from vmferry.migration.tlssocket import TlsSocket
 
 log = logging.getLogger(__name__)
 
@@ -212,6 +212,9 @@ class TlsClient:
                 f"TLS with the destination failed: "
                 f"{_cause(e, 'the destination', 'the destination')}"
             ) from e
+        except BaseException:
+            tls.close()
+            raise
         try:
             msg = json.loads(verdict)
         except json.JSONDecodeError:
@@ -248,30 +251,33 @@ class TlsServer:
             raise
         tls = TlsSocket.wrap(sock)
         try:
+            self._admit(tls, "source" if what == "source" else f"source ({what})")
+        except BaseException:
+            tls.close()
+            raise
+        return tls
+
+    def _admit(self, tls: TlsSocket, who: str) -> None:
+        try:
             tls.settimeout(HANDSHAKE_TIMEOUT_S)
             tls.handshake(self.context, server_side=True)
             tls.settimeout(None)
         except (OSError, EOFError, ssl.SSLError) as e:
-            tls.close()
             raise MigrationError(
-                f"TLS with the {what} failed: {_cause(e, f'the {what}', f'the {what}')}"
+                f"TLS with the {who} failed: {_cause(e, f'the {who}', f'the {who}')}"
             ) from e
         cert = tls.getpeercert()
         name = peer_common_name(cert or {})
         if self.authz and name not in self.authz:
             error = (
-                f"the {what}'s certificate (CN={name!r}) is not in tls-authz "
+                f"the {who}'s certificate (CN={name!r}) is not in tls-authz "
                 f"({', '.join(self.authz)})"
             )
             with contextlib.suppress(OSError):
                 tls.sendall(json.dumps({"kind": "failed", "error": error}).encode() + b"\n")
-            tls.close()
             raise MigrationError(f"refused a migration: {error}")
         tls.sendall(json.dumps({"kind": "tls-ok"}).encode() + b"\n")
-        log.info(
-            "TLS %s: CN=%s, session %s", what, name, "resumed" if tls.session_reused else "new"
-        )
-        return tls
+        log.info("TLS %s: CN=%s, session %s", who, name, "resumed" if tls.session_reused else "new")
 
     @staticmethod
     def _refuse_plain(sock: socket.socket) -> None:
@@ -341,7 +347,6 @@ __all__ = [
     "CA_CERT",
     "CLIENT_CERT",
     "CLIENT_KEY",
-    "HANDSHAKE_LIMIT",
     "SERVER_CERT",
     "SERVER_KEY",
     "Handshake",
