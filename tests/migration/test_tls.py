@@ -335,3 +335,36 @@ def test_deferred_destination_takes_tls_parameters_over_qmp(creds: Creds) -> Non
     done = dst.finish()
     assert done.returncode == 0, done.stderr
     assert done.result == reference
+
+
+def test_run_tls_creds_on_a_source_sets_the_parameter(creds: Creds) -> None:
+    with live.qmp_dir() as d:
+        p = live.Proc(
+            "run",
+            "memtouch",
+            "--memory",
+            "64M",
+            "--tls-creds",
+            str(creds.good),
+            "--qmp",
+            f"unix:{d / 'q'}",
+            "--",
+            "wss=1M rounds=1000000 rate=1",
+        )
+        try:
+            live.wait_until(lambda: (d / "q").exists(), 30, "the QMP socket")
+            with QmpClient(str(d / "q")) as qmp:
+                params = qmp.execute("query-migrate-parameters")
+                assert (params["tls-creds"], params["tls-authz"]) == (str(creds.good), "")
+                qmp.execute("quit")
+        finally:
+            done = p.finish(30)
+    assert done.returncode == 0, done.stderr
+
+
+def test_run_tls_authz_on_a_source_is_refused(creds: Creds) -> None:
+    r = vmferry("run", "memtouch", "--tls-creds", str(creds.good), "--tls-authz", "a")
+    assert r.returncode == 125
+    assert r.stderr.strip().splitlines() == [
+        "vmferry: error: --tls-authz is for a destination (--incoming): it lists the sources"
+    ]
