@@ -368,3 +368,38 @@ def test_run_tls_authz_on_a_source_is_refused(creds: Creds) -> None:
     assert r.stderr.strip().splitlines() == [
         "vmferry: error: --tls-authz is for a destination (--incoming): it lists the sources"
     ]
+
+
+# ---- failures after the handshake: as on a plain connection
+
+
+def test_cancel_mid_round_over_tls(guest: Guest, dest: TlsDestination, creds: Creds) -> None:
+    """migrate_cancel wakes sends blocked in the TLS pump; the VM runs on."""
+    params = MigrationParameters(
+        multifd_channels=2, max_bandwidth=16_000_000, tls_creds=str(creds.good)
+    )
+    src = start_migration(guest, dest.uri, params, MigrationCapabilities(multifd=True))
+    live.wait_until(lambda: src.stats.status == "active", 10, "the first round")
+    src.cancel()
+    wait_migration(src)
+    assert src.stats.status == "cancelled", src.stats.error
+    assert src.stats.error == "cancelled by the user"
+    dest.failure()
+    assert_source_intact(guest)
+
+
+def test_destination_killed_mid_round_over_tls(guest: Guest, creds: Creds) -> None:
+    dst = live.Proc("run", "--incoming", "tcp:127.0.0.1:0", "--tls-creds", str(creds.good))
+    port = int(dst.wait_stderr(r"waiting for a migration on 127\.0\.0\.1:(\d+)").group(1))
+    params = MigrationParameters(max_bandwidth=16_000_000, tls_creds=str(creds.good))
+    src = start_migration(guest, f"tcp:127.0.0.1:{port}", params)
+    try:
+        live.wait_until(lambda: src.stats.status == "active", 10, "the first round")
+        dst.kill()
+        wait_migration(src)
+    finally:
+        dst.kill()
+        dst.finish(10)
+    assert src.stats.status == "failed"
+    assert src.stats.error == "the destination closed the connection during round 0"
+    assert_source_intact(guest)
