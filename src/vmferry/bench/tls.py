@@ -295,7 +295,8 @@ def add_parser(which: Any) -> None:
         description="Migrate a filled, paused 2 GiB guest plain and over TLS, 1 and 2 "
         "channels, interleaved and repeated; report round-0 throughput (target: TLS ≥ 0.7 × "
         "plain per channel count) and the TLS handshake time with and without session "
-        "resumption. Needs KVM and about 5 GiB of free memory; a minute or two.",
+        "resumption; then compare ways a TLS channel can write (rate and CPU per GiB). Needs "
+        "KVM and about 5 GiB of free memory; about 2 minutes with the default repeats.",
     )
     p.add_argument("--repeats", type=int, default=3, help="migrations per case (median)")
     p.add_argument("--memory-gib", type=int, default=2, help="guest RAM in GiB (default 2)")
