@@ -112,6 +112,7 @@ class PeerWatch:
         self.last_heard = time.monotonic()
         self.silent = False  # declared dead: nothing for timeout_s
         self.closed = ""  # why the reply path ended ("" while it is open)
+        self._hung_up = False  # it ended because the destination closed it (not garbage)
         self.failure = ""  # the error the destination sent in a "failed" message
         self._messages: deque[dict[str, Any]] = deque()
         self._cond = threading.Condition()
@@ -146,7 +147,7 @@ class PeerWatch:
                 continue
             except MigrationError as e:
                 if not self._stop.is_set():
-                    self._end(closed=str(e))
+                    self._end(closed=str(e), hung_up=isinstance(e, PeerClosed))
                 return
             with self._cond:
                 self.last_heard = time.monotonic()
@@ -156,9 +157,9 @@ class PeerWatch:
                     self._messages.append(msg)
                 self._cond.notify_all()
 
-    def _end(self, *, silent: bool = False, closed: str = "") -> None:
+    def _end(self, *, silent: bool = False, closed: str = "", hung_up: bool = False) -> None:
         with self._cond:
-            self.silent, self.closed = silent, closed
+            self.silent, self.closed, self._hung_up = silent, closed, hung_up
             self._cond.notify_all()
         self.on_lost()
 
@@ -173,8 +174,10 @@ class PeerWatch:
                         f"the destination sent nothing for {self.timeout_s:.1f} s while "
                         f"waiting for {waiting_for}"
                     )
-                if self.closed:
+                if self.closed and self._hung_up:
                     raise PeerClosed(f"the destination closed the connection before {waiting_for}")
+                if self.closed:
+                    raise MigrationError(self.closed)  # e.g. a malformed reply
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise PeerSilent(f"no {waiting_for} from the destination within {cap_s:.0f} s")
