@@ -300,7 +300,9 @@ def test_the_undamaged_stream_is_accepted_through_a_socket(
         ready = [r for r in replies if r["kind"] == "ready"]
         assert ready and ready[0]["verify"] == "passed", replies
         err = dest.failure(30)
-        assert isinstance(err, MigrationError) and "before go from the source" in str(err), err
+        assert isinstance(err, MigrationError) and (
+            'the source closed the connection before "go"' in str(err)
+        ), err
     finally:
         dest.close()
 

@@ -184,7 +184,7 @@ def test_destination_that_gave_up_waiting_for_go_leaves_the_vm_here(
         derr = dest.failure(BOUND_S)
     finally:
         dest.close()
-    assert str(derr) == 'no "go" from the peer within 2 s'
+    assert str(derr) == 'no "go" from the source within 2 s'
     assert err == f"the destination refused the VM: {derr}"
     assert [n for n, _ in events.seen if n in ("STOP", "RESUME")] == ["STOP", "RESUME"]
     assert_source_intact(guest)

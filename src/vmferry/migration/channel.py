@@ -110,8 +110,9 @@ class ReplyPath:
     make the fd non-blocking under a writer on another thread.
     """
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, peer: str = "the peer") -> None:
         self.sock = sock
+        self.peer = peer  # who is at the other end, for messages ("the source")
         self._buf = bytearray()
         self._send_lock = threading.Lock()
 
@@ -133,7 +134,7 @@ class ReplyPath:
         while b"\n" not in self._buf:
             # Even at the deadline what has already arrived is read (a zero-time poll).
             if not self._readable(max(deadline - time.monotonic(), 0.0)):
-                raise PeerSilent(f"no {waiting_for} from the peer within {timeout:.0f} s")
+                raise PeerSilent(f"no {waiting_for} from {self.peer} within {timeout:.0f} s")
             try:
                 chunk = self.sock.recv(4096)  # readable: returns without blocking
             except BlockingIOError:  # SO_RCVTIMEO on a spurious wake-up
@@ -141,7 +142,7 @@ class ReplyPath:
             except OSError as e:
                 raise PeerClosed(f"connection lost waiting for {waiting_for}: {e}") from e
             if not chunk:
-                raise PeerClosed(f"the peer closed the connection before {waiting_for}")
+                raise PeerClosed(f"{self.peer} closed the connection before {waiting_for}")
             self._buf += chunk
             if len(self._buf) > MAX_REPLY:
                 raise MigrationError("the peer sent an oversized reply")

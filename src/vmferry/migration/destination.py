@@ -156,7 +156,7 @@ class IncomingMigration:
             main_sock = self._secure(accept(self.listener, None, "source"), "source")
             socks.append(main_sock)
             _bound(main_sock, timeout_s)
-            reply = ReplyPath(main_sock)
+            reply = ReplyPath(main_sock, peer="the source")
             # The source watches this: a destination that stops (or hangs) is noticed.
             heartbeat = Heartbeat(reply, timeout_s)
             heartbeat.start()
