@@ -260,3 +260,37 @@ def test_a_save_that_fails_resumes_the_vm_and_leaves_no_file(full_dir: Path) -> 
     assert f"not saved to {path}" in r.stderr.splitlines()[-1]
     assert r.result == ref.result  # it ran on to its normal end, memory intact
     assert list(full_dir.iterdir()) == []  # no vm.state, no vm.state.partial
+
+
+# ---- QA: a destination's --timeout bounds only the wait for the VM to arrive
+
+
+def _listening_port(dst: subprocess.Popen[bytes]) -> int:
+    """The port a `run --incoming tcp:127.0.0.1:0` destination says it listens on."""
+    assert dst.stderr is not None
+    for _ in range(50):
+        line = dst.stderr.readline().decode()
+        if "waiting for a migration on" in line:
+            return int(line.rsplit(":", 1)[1])
+    raise AssertionError("the destination did not say where it listens")
+
+
+@pytest.mark.slow
+def test_destination_timeout_does_not_destroy_an_arrived_vm(sock_path: str) -> None:
+    # BUSY runs ~6 s; migrated at once, it runs on at the destination well past 2 s.
+    dst = _start("run", "--incoming", "tcp:127.0.0.1:0", "--timeout", "2")
+    src = _start("run", "memtouch", "--memory", "64M", "--qmp", f"unix:{sock_path}", *BUSY)
+    try:
+        port = _listening_port(dst)
+        _wait_for_socket(sock_path, src)
+        time.sleep(0.3)  # bound but maybe not yet listening
+        mig = vmferry("migrate", "--qmp", sock_path, f"tcp:127.0.0.1:{port}")
+        assert mig.returncode == 0, mig.stderr
+        out, err = dst.communicate(timeout=60)
+    finally:
+        dst.kill()
+        src.kill()
+    assert dst.returncode == 0, err
+    assert b"did not finish" not in err, err
+    ref = vmferry("run", "memtouch", "--memory", "64M", *BUSY)
+    assert Completed(0, out, "").result == ref.result

@@ -95,7 +95,8 @@ def add_parser(sub: Any) -> None:
         default=None,
         metavar="SECONDS",
         help="give up (error) if the guest has not finished after this many seconds; "
-        "with --incoming, also if no VM has arrived within them",
+        "with --incoming, it bounds only the wait for the VM to arrive: a VM that has "
+        "arrived runs to its end",
     )
     p.add_argument("--kvm-device", default=DEFAULT_DEVICE, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_run)
@@ -245,13 +246,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         if server is not None:
             server.start()
         arrived = controller.current_machine is not None
+        if args.incoming and arrived:
+            deadline = None  # restored from a file: it has arrived, see below
         while True:
             outcome = controller.wait_for(0.5)
             if not arrived and controller.current_machine is not None:
                 arrived = True
                 _note_arrival(controller)
-                if timeout is not None:  # the wait had its bound; now the guest's run has
-                    deadline = time.monotonic() + timeout
+                # On a destination --timeout bounds only the wait for the VM: once it has
+                # arrived it is the only copy (the source has let it go), so no deadline
+                # may destroy it.
+                deadline = None
             if outcome or (deadline is not None and time.monotonic() > deadline):
                 break
         if outcome == "migrated":
