@@ -15,7 +15,7 @@ from vmferry.devices.nic import admin as nic_admin
 from vmferry.devices.vgpu import qmp as vgpu_qmp
 from vmferry.errors import ConfigError, MachineStateError, VmferryError
 from vmferry.machine.machine import Machine
-from vmferry.migration import report
+from vmferry.migration import report, tls
 from vmferry.migration.destination import IncomingMigration, IncomingResult
 from vmferry.migration.devices import blockers
 from vmferry.migration.params import MigrationCapabilities, MigrationParameters
@@ -216,10 +216,17 @@ class VmController:
         return report.report_dict(self.migration.snapshot(), self.params, self.caps)
 
     def migrate_set_parameters(self, params: dict[str, Any]) -> None:
+        """All or nothing, as QEMU's: a refused value leaves every parameter as it was."""
         try:
-            self.params = self.params.updated(params)
+            new = self.params.updated(params)
+            if new.tls_creds and "tls-creds" in params:
+                # Checked now, not when a migration starts: a directory stored unchecked
+                # would fail every later migration. A VM still waiting to arrive is a
+                # destination (the server's files); a running one is a source.
+                tls.check_creds(new.tls_creds, server=self._machine is None)
         except ConfigError as e:
             raise QmpError(str(e)) from e
+        self.params = new
 
     def query_migrate_parameters(self) -> dict[str, Any]:
         return self.params.to_qmp()

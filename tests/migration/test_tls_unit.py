@@ -326,7 +326,8 @@ def test_tls_parameters_round_trip_through_qmp(lab: Path) -> None:
                 "",
                 "",
             )
-            new = {"tls-creds": "/etc/t", "tls-hostname": "db", "tls-authz": "a,b"}
+            host = str(lab / "host")
+            new = {"tls-creds": host, "tls-hostname": "db", "tls-authz": "a,b"}
             qmp.execute("migrate-set-parameters", **new)
             after = qmp.execute("query-migrate-parameters")
             assert {k: after[k] for k in new} == new

@@ -100,6 +100,12 @@ def _context(directory: str, server: bool) -> ssl.SSLContext:
     return ctx
 
 
+def check_creds(directory: str, *, server: bool) -> None:
+    """Refuse a credentials directory the role cannot use (missing or unreadable files,
+    a key others can read, a certificate that does not load), as a migration would."""
+    _context(directory, server)
+
+
 def peer_common_name(cert: dict[str, Any]) -> str:
     for rdn in cert.get("subject", ()):
         for key, value in rdn:
@@ -352,6 +358,7 @@ __all__ = [
     "Handshake",
     "TlsClient",
     "TlsServer",
+    "check_creds",
     "check_key_file",
     "client_for",
     "parse_authz",

@@ -1,0 +1,90 @@
+"""A source VM's QMP refuses bad migration input up front and keeps nothing of it: a
+tls-creds that cannot be used, a file: URI in a missing directory; and cont after a
+migration to a file."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import RESULT_RE, ROOT, vmferry
+from vmferry.migration.tls import CLIENT_CERT
+from vmferry.migration.tlscerts import make_creds
+from vmferry.qmp.backend import QmpError
+from vmferry.qmp.client import QmpClient
+
+pytestmark = [pytest.mark.kvm, pytest.mark.slow]
+VMFERRY = [sys.executable, "-m", "vmferry.cli.main"]
+GUEST = ["wss=16M", "seed=3", "rounds=24"]
+
+
+def _client(path: str, proc: subprocess.Popen[bytes]) -> QmpClient:
+    for _ in range(200):
+        if Path(path).exists():
+            try:
+                return QmpClient(path)
+            except ConnectionRefusedError:
+                pass  # bound but not listening yet
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        time.sleep(0.05)
+    raise AssertionError(f"no QMP socket at {path}")
+
+
+@pytest.fixture
+def source() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """A memtouch VM with a QMP socket, paced so that it runs for a while."""
+    path = f"/tmp/vmferry-test-{os.getpid()}-{uuid.uuid4().hex[:8]}.qmp"
+    proc = subprocess.Popen(
+        [*VMFERRY, "run", "memtouch", "--memory", "128M", "--qmp", f"unix:{path}", "--"]
+        + [*GUEST, "rate=8"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        _client(path, proc).close()
+        yield path, proc
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+def _one_line(stderr: str) -> str:
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, stderr
+    assert "Traceback" not in stderr
+    return lines[0]
+
+
+def test_refused_tls_creds_are_not_kept(
+    source: tuple[str, subprocess.Popen[bytes]], tmp_path: Path
+) -> None:
+    path, proc = source
+    bad = vmferry(
+        "migrate", "--qmp", path, "tcp:127.0.0.1:1", "--tls-creds", "/nonexistent",
+        "--downtime-limit", "123",
+    )  # fmt: skip
+    assert bad.returncode == 125, bad.stderr
+    assert "/nonexistent is not a directory" in _one_line(bad.stderr)
+    with QmpClient(path) as qmp:
+        params = qmp.execute("query-migrate-parameters")
+        # All or nothing: the downtime-limit of the same call was not applied either.
+        assert (params["tls-creds"], params["downtime-limit"]) == ("", 300)
+        # A source needs the client's pair: a destination's directory is refused.
+        server_only = tmp_path / "server-only"
+        make_creds(server_only, tmp_path / "ca", ["127.0.0.1"], "src")
+        (server_only / CLIENT_CERT).unlink()
+        with pytest.raises(QmpError, match="client-cert.pem is missing"):
+            qmp.execute("migrate-set-parameters", **{"tls-creds": str(server_only)})
+        assert qmp.execute("query-migrate-parameters")["tls-creds"] == ""
+        assert qmp.execute("query-status")["status"] == "running"
+    # A later plain migration is not haunted by the refused directory.
+    ok = vmferry("migrate", "--qmp", path, f"file:{tmp_path / 'vm.state'}")
+    assert ok.returncode == 0, ok.stderr
