@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import RESULT_RE, ROOT, vmferry
+from tests.conftest import ROOT, vmferry
 from vmferry.migration.tls import CLIENT_CERT
 from vmferry.migration.tlscerts import make_creds
 from vmferry.qmp.backend import QmpError
@@ -42,8 +42,8 @@ def source() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """A memtouch VM with a QMP socket, paced so that it runs for a while."""
     path = f"/tmp/vmferry-test-{os.getpid()}-{uuid.uuid4().hex[:8]}.qmp"
     proc = subprocess.Popen(
-        [*VMFERRY, "run", "memtouch", "--memory", "128M", "--qmp", f"unix:{path}", "--"]
-        + [*GUEST, "rate=8"],
+        [*VMFERRY, "run", "memtouch", "--memory", "128M", "--qmp", f"unix:{path}", "--", *GUEST]
+        + ["rate=8"],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -66,7 +66,7 @@ def _one_line(stderr: str) -> str:
 def test_refused_tls_creds_are_not_kept(
     source: tuple[str, subprocess.Popen[bytes]], tmp_path: Path
 ) -> None:
-    path, proc = source
+    path, _ = source
     bad = vmferry(
         "migrate", "--qmp", path, "tcp:127.0.0.1:1", "--tls-creds", "/nonexistent",
         "--downtime-limit", "123",
@@ -81,7 +81,7 @@ def test_refused_tls_creds_are_not_kept(
         server_only = tmp_path / "server-only"
         make_creds(server_only, tmp_path / "ca", ["127.0.0.1"], "src")
         (server_only / CLIENT_CERT).unlink()
-        with pytest.raises(QmpError, match="client-cert.pem is missing"):
+        with pytest.raises(QmpError, match=r"client-cert\.pem is missing"):
             qmp.execute("migrate-set-parameters", **{"tls-creds": str(server_only)})
         assert qmp.execute("query-migrate-parameters")["tls-creds"] == ""
         assert qmp.execute("query-status")["status"] == "running"
