@@ -23,6 +23,7 @@ from vmferry.qmp.client import QmpClient
 pytestmark = [pytest.mark.kvm, pytest.mark.slow]
 VMFERRY = [sys.executable, "-m", "vmferry.cli.main"]
 GUEST = ["wss=16M", "seed=3", "rounds=24"]
+PACED = [*GUEST, "rate=8"]  # about 50 s: it runs on while the test looks
 
 
 def _client(path: str, proc: subprocess.Popen[bytes]) -> QmpClient:
@@ -42,8 +43,7 @@ def source() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """A memtouch VM with a QMP socket, paced so that it runs for a while."""
     path = f"/tmp/vmferry-test-{os.getpid()}-{uuid.uuid4().hex[:8]}.qmp"
     proc = subprocess.Popen(
-        [*VMFERRY, "run", "memtouch", "--memory", "128M", "--qmp", f"unix:{path}", "--", *GUEST]
-        + ["rate=8"],
+        [*VMFERRY, "run", "memtouch", "--memory", "128M", "--qmp", f"unix:{path}", "--", *PACED],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
