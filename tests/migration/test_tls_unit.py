@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import json
 import os
 import shutil
 import socket
@@ -22,12 +23,21 @@ from tests.conftest import vmferry
 from vmferry.controller import VmController
 from vmferry.errors import ConfigError, MigrationError, StreamError
 from vmferry.machine import MachineConfig
+from vmferry.memory import GuestMemory
+from vmferry.migration import streamcap
 from vmferry.migration import tls as tls_mod
 from vmferry.migration.channel import parse_uri
-from vmferry.migration.loader import StreamHead
+from vmferry.migration.loader import StreamHead, load_stream, read_head
 from vmferry.migration.params import MigrationCapabilities, MigrationParameters
+from vmferry.migration.ram import RamSender
 from vmferry.migration.source import MigrationSource
-from vmferry.migration.streamcap import HEAD_LIMIT, RAM_FACTOR, StreamBudget
+from vmferry.migration.stream import CONF, ROUND, StreamReader, StreamWriter
+from vmferry.migration.streamcap import (
+    CHANNEL_SKEW_ALLOWANCE,
+    FIXED_ALLOWANCE,
+    HEAD_LIMIT,
+    StreamBudget,
+)
 from vmferry.migration.tls import (
     CA_CERT,
     CLIENT_CERT,
@@ -42,7 +52,7 @@ from vmferry.migration.tls import (
 )
 from vmferry.migration.tlscerts import CA_KEY, make_creds
 from vmferry.migration.tlssocket import CHUNK, HANDSHAKE_LIMIT, SMALL, TlsSink, TlsSocket, TlsSource
-from vmferry.migration.transport import FdSource
+from vmferry.migration.transport import FdSink, FdSource
 from vmferry.qmp import QmpClient, QmpServer
 
 
@@ -262,12 +272,12 @@ def test_end_of_stream_is_named(pair: tuple[TlsSocket, TlsSocket]) -> None:
         TlsSource(s, "main").readinto(memoryview(bytearray(8)))
 
 
-# ---- the cap on a stream's total size
+# ---- the cap on what one round may carry
 
 
-def _head(memory: int, devices: int = 0) -> StreamHead:
+def _head(memory: int, devices: int = 0, channels: int = 1) -> StreamHead:
     config = MachineConfig(memory=memory, vcpus=1, image="memtouch")
-    return StreamHead(config, {"devices": [{}] * devices})
+    return StreamHead(config, {"devices": [{}] * devices, "channels": channels})
 
 
 def test_stream_cap_before_and_after_conf() -> None:
@@ -280,18 +290,22 @@ def test_stream_cap_before_and_after_conf() -> None:
         assert "before the VM's configuration (CONF) is known" in str(info.value)
         assert src.position == 0  # refused before reading a byte
         budget.allow(_head(64 << 20))
-        assert budget.limit == RAM_FACTOR * (64 << 20) + (1 << 30)
-        budget.limit = 10  # as if the source had sent all a VM that size may send
+        assert budget.limit == (64 << 20) + (1 << 20) + FIXED_ALLOWANCE
+        budget.limit = 10  # as if the source had sent all a round of a VM that size may
         a.sendall(b"x" * 10)
         src.readinto(memoryview(bytearray(10)))
-        with pytest.raises(StreamError, match="would pass 10 bytes in all"):
+        with pytest.raises(StreamError, match="round 0 would pass 10 bytes"):
             src.readinto(memoryview(bytearray(1)))
+        budget.next_round()  # an RND marker: the next round has its own allowance
+        a.sendall(b"x" * 10)
+        src.readinto(memoryview(bytearray(10)))
 
 
 def test_stream_cap_counts_every_channel_and_device() -> None:
     budget = StreamBudget()
-    budget.allow(_head(1 << 30, devices=2))
-    assert budget.limit == RAM_FACTOR * (1 << 30) + 2 * (4 << 30) + (1 << 30)
+    budget.allow(_head(1 << 30, devices=2, channels=2))
+    skew = CHANNEL_SKEW_ALLOWANCE  # one extra channel
+    assert budget.limit == (1 << 30) + (16 << 20) + 2 * (4 << 30) + FIXED_ALLOWANCE + skew
     socks = [socket.socketpair() for _ in range(2)]
     try:
         srcs = [
@@ -303,12 +317,75 @@ def test_stream_cap_counts_every_channel_and_device() -> None:
             a.sendall(b"yyy")
         for s in srcs:
             s.readinto(memoryview(bytearray(3)))
-        with pytest.raises(StreamError, match="ch0: the migration would pass 6 bytes"):
+        with pytest.raises(StreamError, match="ch0: round 0 would pass 6 bytes"):
             srcs[0].readinto(memoryview(bytearray(1)))
     finally:
         for a, b in socks:
             a.close()
             b.close()
+
+
+CAP_RAM = 16 << 20  # the smallest VM vmferry runs
+
+
+def _load_rounds(rounds: int, sends_per_round: int) -> tuple[StreamBudget, BaseException]:
+    """A real stream of a CAP_RAM VM whose every page is rewritten each round: ``rounds``
+    rounds, each sending all RAM ``sends_per_round`` times, then the source goes away.
+    What the destination's loader raised, and the budget it counted with."""
+    memory = GuestMemory(CAP_RAM)
+    memory.pages()[:] = np.random.default_rng(5).integers(
+        1, 2**63, size=memory.pages().shape, dtype=np.uint64
+    )
+    dest = GuestMemory(CAP_RAM)
+    a, b = socket.socketpair()
+    config = MachineConfig(memory=CAP_RAM, vcpus=1, image="memtouch")
+
+    def source() -> None:
+        with contextlib.suppress(OSError):  # the destination may hang up first
+            w = StreamWriter(FdSink(a.fileno(), owned=False))
+            conf = {"config": config.to_dict(), "migration": {"channels": 1}}
+            w.section(CONF, [json.dumps(conf).encode()])
+            sender = RamSender(w, memory)
+            for n in range(rounds):
+                for _ in range(sends_per_round):
+                    sender.send(np.arange(memory.npages, dtype=np.int64))
+                w.section(ROUND, [json.dumps({"round": n}).encode()])
+        a.shutdown(socket.SHUT_WR)
+
+    t = threading.Thread(target=source)
+    t.start()
+    budget = StreamBudget()
+    try:
+        main = StreamReader(budget.source(FdSource(b.fileno(), owned=False, name="stream")))
+        head = read_head(main)
+        budget.allow(head)
+        with pytest.raises(StreamError) as info:
+            load_stream(head, main, dest, on_round=budget.next_round)
+    finally:
+        b.close()
+        t.join(30)
+        a.close()
+        memory.close()
+        dest.close()
+    return budget, info.value
+
+
+def test_a_long_migration_is_not_cut(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A migration that never converges sends RAM many times over: well past the old
+    total cap of 16 × RAM (+ the fixed allowance), it is still read to the end."""
+    monkeypatch.setattr(streamcap, "FIXED_ALLOWANCE", 64 << 10)
+    budget, err = _load_rounds(24, 1)
+    assert budget.total > 16 * CAP_RAM + (64 << 10)
+    assert budget.round == 24
+    assert "ends early" in str(err), err  # the source went away; the cap never struck
+
+
+def test_a_round_larger_than_ram_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(streamcap, "FIXED_ALLOWANCE", 64 << 10)
+    budget, err = _load_rounds(3, 2)  # each page twice per round: no source does that
+    assert budget.round == 0
+    assert "stream: round 0 would pass" in str(err), err
+    assert "one round of the VM's 16777216 bytes of RAM" in str(err)
 
 
 # ---- parameters through QMP, on a real controller

@@ -183,7 +183,13 @@ class IncomingMigration:
             devices = open_devices(head, memory, self.device_versions)
             reply.send("accepted")
             loaded = load_stream(
-                head, main, memory, readers, devices, wake_main=lambda: _wake(main_sock)
+                head,
+                main,
+                memory,
+                readers,
+                devices,
+                wake_main=lambda: _wake(main_sock),
+                on_round=budget.next_round,
             )
             devices.commit()  # RESUMING → STOP: each device checks its state
             t_loaded = time.monotonic()

@@ -124,10 +124,12 @@ def load_stream(
     channels: list[StreamReader] | None = None,
     devices: DestinationDevices | None = None,
     wake_main: Callable[[], None] | None = None,
+    on_round: Callable[[], None] | None = None,
 ) -> LoadedStream:
     """Read the rest of the main stream, and the extra channels on threads, into memory;
     device state goes to ``devices`` (in RESUMING). ``wake_main`` ends a read blocked on
-    the main stream (which may be idle while a channel fails)."""
+    the main stream (which may be idle while a channel fails); ``on_round`` is called at
+    each RND marker (the stream cap counts per round)."""
     written = DirtyBitmap(memory.npages)
     receivers = [RamReceiver(memory, written) for _ in range(1 + len(channels or []))]
     errors: list[BaseException] = []
@@ -160,6 +162,8 @@ def load_stream(
             elif hdr.tag == ROUND:
                 main.read_payload(hdr, h)
                 rounds += 1
+                if on_round is not None:
+                    on_round()
             elif hdr.tag == DEVD:
                 payload = main.read_payload(hdr, h)
                 if devices is None:
