@@ -8,6 +8,7 @@ import signal
 import sys
 from collections.abc import Sequence
 from types import FrameType
+from typing import NoReturn
 
 from vmferry import __version__
 from vmferry.cli import bench as bench_cmd
@@ -24,14 +25,23 @@ from vmferry.errors import VmferryError
 EXIT_VMFERRY_ERROR = 125
 
 
+class Parser(argparse.ArgumentParser):
+    """Bad usage is bad input like any other: one line saying what was wrong, exit 125,
+    rather than argparse's usage block and exit 2. Subparsers are made of this class too
+    (add_subparsers defaults to the parser's own class), nested ones included."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_VMFERRY_ERROR, f"vmferry: error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="vmferry",
         description="Run KVM guests and move them, running, from one process or host to another.",
     )
     p.add_argument("-v", "--verbose", action="store_true", help="log what vmferry does")
     p.add_argument("--version", action="version", version=f"vmferry {__version__}")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run_cmd.add_parser(sub)
     bench_cmd.add_parser(sub)
     demo_cmd.add_parser(sub)
@@ -40,7 +50,18 @@ def build_parser() -> argparse.ArgumentParser:
     traffic_cmd.add_parser(sub)
     migrate_cmd.add_parser(sub)
     tls_cmd.add_parser(sub)
+    _remember_parsers(p)
     return p
+
+
+def _remember_parsers(parser: argparse.ArgumentParser) -> None:
+    """Each (sub)command's parser, as a default in the namespace, so that an argument no
+    parser took is refused by the innermost command's parser (which names its --help)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                child.set_defaults(_parser=child)
+                _remember_parsers(child)
 
 
 class Terminated(KeyboardInterrupt):
@@ -60,7 +81,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         i = args_list.index("--")
         args_list, guest_args = args_list[:i], args_list[i + 1 :]
     parser = build_parser()
-    args = parser.parse_args(args_list)
+    args, extra = parser.parse_known_args(args_list)
+    if extra:
+        getattr(args, "_parser", parser).error(f"unrecognized arguments: {' '.join(extra)}")
     args.guest_cmdline = " ".join(guest_args)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING, format="vmferry: %(message)s"
