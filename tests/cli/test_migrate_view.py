@@ -81,3 +81,50 @@ def test_summary_of_a_file_says_verification_is_deferred() -> None:
         "verify": {"status": "deferred", "detail": "checked on restore", "pages-checked": 9},
     }
     assert row(summary(rep), "verification") == "deferred: checked on restore"
+
+
+def test_summary_of_a_failed_migration_says_verification_was_not_reached() -> None:
+    rep = {
+        "status": "failed",
+        "verify": {"status": "off", "pages-checked": 0},
+        "capabilities": {"x-verify": True},
+    }
+    assert row(summary(rep), "verification") == "not reached (the migration failed before it)"
+    off = {**rep, "capabilities": {"x-verify": False}}
+    assert row(summary(off), "verification") == "off"  # --no-verify: it really was off
+
+
+def test_downtime_parts_add_up_to_the_total_after_a_failed_switchover() -> None:
+    rep = {
+        "status": "failed",
+        "downtime": 4664,
+        "downtime-breakdown": {
+            "pause": 3.2,
+            "final-ram": 0.0,
+            "cpu-state": 0.0,
+            "device-state": 0.0,
+            "verify": 0.0,
+            "resume": 0.0,
+            "total": 4663.9,
+        },
+    }
+    lines = summary(rep)
+    assert row(lines, "downtime: pause") == "3.2 ms"
+    assert row(lines, "downtime: waiting for the destination, until the failure") == "4660.7 ms"
+    assert row(lines, "downtime: total") == "4663.9 ms"
+
+
+def test_summary_counts_sync_rounds_as_the_progress_view_does() -> None:
+    rep = {
+        "status": "completed",
+        "ram": {**ACTIVE["ram"], "transferred": 300 << 20},  # type: ignore[dict-item]
+        "total-time": 2000,
+        "rounds": [{"bandwidth": 100 << 20}, {"bandwidth": 200 << 20}],
+    }
+    lines = summary(rep)
+    progress = render(_progress(ACTIVE))
+    assert progress[1].split()[-1] == row(lines, "sync rounds") == "3"
+    # One unit (MiB/s) and each figure says what it is an average of.
+    assert row(lines, "average bandwidth") == "150 MiB/s over the whole migration"
+    assert row(lines, "last round's bandwidth") == "200 MiB/s"
+    assert any(line.split()[:4] == ["bandwidth", "now", "280", "MiB/s"] for line in progress)

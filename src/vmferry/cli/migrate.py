@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import tempfile
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console, Group
@@ -97,9 +101,10 @@ def _progress(info: dict[str, Any]) -> Group:
         "status", str(info.get("status", "?")), "sync rounds", str(ram.get("dirty-sync-count", 0))
     )
     t.add_row("sent", size(sent), "remaining", size(remaining))
+    # mbps is megabits/s (QEMU's unit); shown in the MiB/s every other figure uses.
     t.add_row(
-        "bandwidth",
-        f"{ram.get('mbps', 0) / 8:.0f} MB/s",
+        "bandwidth now",
+        rate(max(ram.get("mbps", 0), 0) * 1e6 / 8),
         "dirty rate",
         rate(ram.get("dirty-pages-rate", 0) * 4096),
     )
@@ -114,63 +119,176 @@ def _progress(info: dict[str, Any]) -> Group:
 
 def cmd_migrate(args: argparse.Namespace) -> int:
     path = args.qmp.removeprefix("unix:")
+    # Refused while nothing has started: a report or plot that cannot be written, or a
+    # file: URI in a missing directory, would otherwise fail only after the migration.
+    check_uri(args.uri)
+    report = check_output("--report", args.report) if args.report else None
+    plot = check_plot(args.plot) if args.plot else None
     try:
-        return _migrate(args, path)
+        qmp = QmpClient(path)
     except (OSError, QmpProtocolError) as e:
-        raise MigrationError(
-            f"lost the QMP connection to the source at {path} ({e}): the source process "
-            "ended — did the guest finish or fail?"
-        ) from e
-
-
-def _migrate(args: argparse.Namespace, path: str) -> int:
-    console = Console(stderr=True)
-    with QmpClient(path) as qmp:
-        params: dict[str, Any] = {}
-        for key, value in (
-            ("multifd-channels", args.channels),
-            ("multifd-compression", args.compress),
-            ("downtime-limit", args.downtime_limit),
-            ("max-bandwidth", args.max_bandwidth),
-            ("x-switchover-timeout", args.switchover_timeout),
-            ("x-switchover-policy", args.switchover_policy),
-            ("x-peer-timeout", args.peer_timeout),
-            # The source process resolves the path: make it absolute here.
-            ("tls-creds", os.path.abspath(args.tls_creds) if args.tls_creds else None),
-            ("tls-hostname", args.tls_hostname),
-        ):
-            if value is not None:
-                params[key] = value
-        if params:
-            qmp.execute("migrate-set-parameters", **params)
-        caps = [
-            {"capability": "multifd", "state": bool(args.channels and args.channels > 1)},
-            {"capability": "auto-converge", "state": args.auto_converge},
-            {"capability": "x-verify", "state": not args.no_verify},
-        ]
-        qmp.execute("migrate-set-capabilities", capabilities=caps)
-        qmp.execute("migrate", uri=args.uri)
-        info: dict[str, Any] = {"status": "setup"}
-        with Live(_progress(info), console=console, refresh_per_second=10) as live:
-            while info.get("status") not in DONE:
-                time.sleep(POLL_S)
-                info = qmp.execute("query-migrate")
-                live.update(_progress(info))
-        rep: dict[str, Any] = qmp.execute("x-query-migrate-report")
-    _summary(console, rep)
-    if args.report:
-        with open(args.report, "w") as f:
-            json.dump(rep, f, indent=2)
-    if args.plot:
+        # Never connected: nothing about the source or its guest is known.
+        raise MigrationError(f"cannot connect to the QMP socket {path}: {_why(e)}") from e
+    with qmp:
+        try:
+            rep = _migrate(args, qmp)
+        except (OSError, QmpProtocolError) as e:
+            raise MigrationError(
+                f"lost the QMP connection to the source at {path} ({_why(e)}): "
+                f"{_why_source_ended(_last_events(qmp))}"
+            ) from e
+    # The summary is the command's result: on stdout (the progress view is on stderr).
+    _summary(Console(), rep)
+    if report is not None:
+        _write_atomically(report, "the report", rep["status"], lambda t: _write_json(rep, t))
+    if plot is not None:
         from vmferry.migration.plot import plot_report
 
-        plot_report(rep, args.plot)
+        _write_atomically(plot, "the plot", rep["status"], lambda t: plot_report(rep, t))
     if rep["status"] != "completed":
         raise MigrationError(f"migration {rep['status']}: {rep.get('error-desc', '')}")
     return 0
 
 
-def _verification(v: dict[str, Any]) -> str:
+def _why(e: BaseException) -> str:
+    return e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+
+
+def _last_events(qmp: QmpClient) -> list[dict[str, Any]]:
+    """The events the source sent, with those still unread: a write to a source that has
+    hung up fails (EPIPE) before its last event (SHUTDOWN) is read."""
+    with contextlib.suppress(OSError, QmpProtocolError, TimeoutError):
+        qmp.events.append(qmp.wait_event("SHUTDOWN", timeout=1.0))
+    return qmp.events
+
+
+def _why_source_ended(events: list[dict[str, Any]]) -> str:
+    """What the source said before its QMP connection went, from its last SHUTDOWN event
+    (vmferry run sends one, as QEMU does, when a signal ends it)."""
+    shutdown = next((ev for ev in reversed(events) if ev.get("event") == "SHUTDOWN"), None)
+    if shutdown is None:
+        return "the source process ended without saying why (was it killed?)"
+    data = shutdown.get("data", {})
+    if data.get("reason") == "host-signal":
+        return "the source process was ended by a signal (SIGTERM or Ctrl-C)"
+    return f"the source process shut down ({data.get('reason', 'no reason given')})"
+
+
+def check_uri(uri: str) -> None:
+    """A file: URI's directory must exist before the source is asked to write there."""
+    scheme, _, rest = uri.partition(":")
+    if scheme != "file" or not rest:
+        return  # the source checks the rest (and refuses what it cannot parse)
+    p = Path(rest)
+    if p.is_dir():
+        raise MigrationError(f"{uri}: is a directory (give a file name)")
+    _check_dir(uri, p.parent)
+
+
+def _check_dir(what: str, parent: Path) -> None:
+    if not parent.exists():
+        raise MigrationError(f"{what}: directory {parent} does not exist")
+    if not parent.is_dir():
+        raise MigrationError(f"{what}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise MigrationError(f"{what}: cannot write in {parent}: permission denied")
+
+
+def check_output(option: str, path: str) -> Path:
+    p = Path(path)
+    if p.is_dir():
+        raise MigrationError(f"{option} {path}: is a directory (give a file name)")
+    _check_dir(f"{option} {path}", p.parent)
+    return p
+
+
+def check_plot(path: str) -> Path:
+    """--plot's format comes from its extension: it must be one matplotlib can write."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    p = check_output("--plot", path)
+    ext = p.suffix.removeprefix(".").lower()
+    formats = sorted(FigureCanvasAgg(Figure()).get_supported_filetypes())
+    if ext not in formats:
+        raise MigrationError(
+            f"--plot {path}: the extension must name an image format ({', '.join(formats)})"
+        )
+    return p
+
+
+def _write_json(rep: dict[str, Any], path: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(rep, f, indent=2)
+        f.write("\n")
+
+
+def _write_atomically(path: Path, what: str, status: str, write: Callable[[str], None]) -> None:
+    """Write through a temporary file beside ``path``, renamed over it when whole: a write
+    that fails (a full disk) leaves no half-written file behind."""
+    # The temporary name ends in path's suffix: the plot's format is read from it.
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    except OSError as e:
+        raise MigrationError(f"migration {status}; cannot write {what} to {path}: {_why(e)}") from e
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except (OSError, ValueError) as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise MigrationError(f"migration {status}; cannot write {what} to {path}: {_why(e)}") from e
+
+
+def _migrate(args: argparse.Namespace, qmp: QmpClient) -> dict[str, Any]:
+    console = Console(stderr=True)
+    params: dict[str, Any] = {}
+    for key, value in (
+        ("multifd-channels", args.channels),
+        ("multifd-compression", args.compress),
+        ("downtime-limit", args.downtime_limit),
+        ("max-bandwidth", args.max_bandwidth),
+        ("x-switchover-timeout", args.switchover_timeout),
+        ("x-switchover-policy", args.switchover_policy),
+        ("x-peer-timeout", args.peer_timeout),
+        # The source process resolves the path: make it absolute here.
+        ("tls-creds", os.path.abspath(args.tls_creds) if args.tls_creds else None),
+        ("tls-hostname", args.tls_hostname),
+    ):
+        if value is not None:
+            params[key] = value
+    if params:
+        qmp.execute("migrate-set-parameters", **params)
+    caps = [
+        {"capability": "multifd", "state": bool(args.channels and args.channels > 1)},
+        {"capability": "auto-converge", "state": args.auto_converge},
+        {"capability": "x-verify", "state": not args.no_verify},
+    ]
+    qmp.execute("migrate-set-capabilities", capabilities=caps)
+    # A file: URI's path is resolved by the source process: make it absolute here.
+    uri = args.uri
+    if uri.startswith("file:") and len(uri) > len("file:"):
+        uri = "file:" + os.path.abspath(uri.removeprefix("file:"))
+    qmp.execute("migrate", uri=uri)
+    info: dict[str, Any] = {"status": "setup"}
+    try:
+        with Live(_progress(info), console=console, refresh_per_second=10) as live:
+            while info.get("status") not in DONE:
+                time.sleep(POLL_S)
+                info = qmp.execute("query-migrate")
+                live.update(_progress(info))
+    finally:
+        if not console.is_terminal:
+            # Off a terminal Live prints its last frame without ending the line: what comes
+            # next on stderr (an error) would start on the frame's last row.
+            console.line()
+    rep: dict[str, Any] = qmp.execute("x-query-migrate-report")
+    return rep
+
+
+def _verification(rep: dict[str, Any]) -> str:
+    v = rep.get("verify", {})
     status = str(v.get("status", "off"))
     if status == "failed":
         bad = v.get("first-mismatches", [])
@@ -181,7 +299,38 @@ def _verification(v: dict[str, Any]) -> str:
         return f"passed ({v.get('pages-checked', 0)} pages checked)"
     if status == "deferred":
         return f"deferred: {v.get('detail', 'checked when the file is restored')}"
+    if status == "off" and rep.get("capabilities", {}).get("x-verify", False):
+        # Verification was asked for; it runs at the switchover, which was never reached.
+        return f"not reached (the migration {rep.get('status', 'ended')} before it)"
     return status
+
+
+def _average_rate(rep: dict[str, Any]) -> str:
+    ms = rep.get("total-time", 0)
+    sent = rep.get("ram", {}).get("transferred", 0)
+    return f"{rate(sent * 1000 / ms)} over the whole migration" if ms > 0 else "-"
+
+
+def _downtime_rows(rep: dict[str, Any]) -> list[tuple[str, str]]:
+    """The downtime's parts, and what the measured parts leave of the total (the source
+    waiting on the destination's answer; after a failure, the wait that ended it), so that
+    the rows add up."""
+    parts = dict(rep.get("downtime-breakdown", {}))
+    total = parts.pop("total", None)
+    rows = [(f"  downtime: {k}", f"{v:.1f} ms") for k, v in parts.items() if v > 0]
+    if total is None:
+        return rows
+    rest = total - sum(parts.values())
+    if rest >= 0.05:
+        what = (
+            "waiting for the destination"
+            if rep.get("status") == "completed"
+            else "waiting for the destination, until the failure"
+        )
+        rows.append((f"  downtime: {what}", f"{rest:.1f} ms"))
+    if rows:
+        rows.append(("  downtime: total", f"{total:.1f} ms"))
+    return rows
 
 
 def _summary(console: Console, rep: dict[str, Any]) -> None:
@@ -189,16 +338,20 @@ def _summary(console: Console, rep: dict[str, Any]) -> None:
     t.add_column("")
     t.add_column("")
     ram = rep.get("ram", {})
+    rounds = rep.get("rounds", [])
+    last = rounds[-1].get("bandwidth", 0) if rounds else 0
     rows = [
         ("total time", f"{rep.get('total-time', 0)} ms"),
         ("downtime", f"{rep.get('downtime', '-')} ms"),
-        ("rounds", str(len(rep.get("rounds", [])))),
+        # The figure the progress view showed as "sync rounds".
+        ("sync rounds", str(ram.get("dirty-sync-count", len(rounds)))),
         ("RAM sent", size(ram.get("transferred", 0))),
-        ("verification", _verification(rep.get("verify", {}))),
+        ("average bandwidth", _average_rate(rep)),
+        ("last round's bandwidth", rate(max(last, 0)) if rounds else "-"),
+        ("verification", _verification(rep)),
         ("convergence", rep.get("convergence", "")),
     ]
-    for k, v in rep.get("downtime-breakdown", {}).items():
-        rows.append((f"  downtime: {k}", f"{v:.1f} ms"))
+    rows += _downtime_rows(rep)
     if rep.get("error-desc"):
         rows.append(("error", rep["error-desc"]))
     for k, v in rows:

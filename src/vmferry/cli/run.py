@@ -7,6 +7,7 @@ import argparse
 import contextlib
 import sys
 import time
+from collections.abc import Callable
 from typing import Any, BinaryIO
 
 from vmferry.cli import run_checks
@@ -222,6 +223,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             server = QmpServer(qmp_path, controller)
             run_checks.listen_qmp(server)
             stack.callback(server.close)
+            stack.push(_shutdown_event(server))
             controller.emit = server.emit
         deadline = None if timeout is None else time.monotonic() + timeout
         if not args.incoming:
@@ -282,6 +284,18 @@ def cmd_run(args: argparse.Namespace) -> int:
             # ("the guest ended during the migration"); let QMP clients read that.
             _linger(server)
         return _exit_status(controller.current_machine.exit, timeout)
+
+
+def _shutdown_event(server: QmpServer) -> Callable[..., None]:
+    """Ended by Ctrl-C or SIGTERM: tell QMP clients so before hanging up on them, as QEMU
+    does (SHUTDOWN, reason host-signal), so that `vmferry migrate` can say why the source
+    went rather than guess."""
+
+    def on_exit(exc_type: type[BaseException] | None, *_: object) -> None:
+        if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
+            server.emit("SHUTDOWN", {"guest": False, "reason": "host-signal"})
+
+    return on_exit
 
 
 def _linger(server: QmpServer) -> None:

@@ -106,7 +106,7 @@ def _rates(ax: Axes, rounds: list[RoundRecord]) -> None:
     bandwidth = [r.bandwidth / MIB for r in rounds]
     style = "o-" if len(rounds) <= LABEL_THROTTLE_UP_TO else "-"
     ax.plot(mids, dirty, style, color=DIRTY_COLOR, label="dirty rate")
-    ax.plot(mids, bandwidth, "--", color=BANDWIDTH_COLOR, label="bandwidth")
+    ax.plot(mids, bandwidth, "--", color=BANDWIDTH_COLOR, label="bandwidth per round")
     ax.set_ylabel("MiB/s")
     ax.set_ylim(0, max([*dirty, *bandwidth, 1.0]) * HEADROOM)
 
@@ -132,7 +132,8 @@ def _downtime_window(ax: Axes, stats: MigrationStats) -> None:
 
 
 def plot_timeline(stats: MigrationStats, path: str | os.PathLike[str]) -> None:
-    """Write the timeline PNG of ``stats`` to ``path``."""
+    """Write the timeline of ``stats`` to ``path``, in the format its extension names
+    (PNG without one)."""
     fig = Figure(figsize=(10, 5.5), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
@@ -157,7 +158,8 @@ def plot_timeline(stats: MigrationStats, path: str | os.PathLike[str]) -> None:
         rates.legend(handles + more_h, labels + more_l, loc="upper center", fontsize=8, ncols=4)
     if stats.convergence:
         fig.supxlabel(textwrap.fill(stats.convergence, 140), fontsize=7, ha="center")
-    fig.savefig(path, format="png")
+    # The format is the extension's (vmferry migrate --plot checks it is one Agg writes).
+    fig.savefig(path, format=os.path.splitext(path)[1].removeprefix(".").lower() or "png")
 
 
 def plot_report(report: dict[str, Any], path: str | os.PathLike[str]) -> None:
