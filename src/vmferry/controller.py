@@ -1,8 +1,10 @@
 """One VM under control: run state, migrations, and the QMP commands that drive them.
 
 It implements ``vmferry.qmp.backend.QmpBackend``; the CLI uses it with or without a QMP
-socket. The rule it enforces: once a migration has handed the VM over, the VM never runs
-here again (``cont`` is refused), and a failed migration leaves it as it was.
+socket. The rule it enforces: once a migration has handed the VM over to a destination,
+the VM never runs here again (``cont`` is refused), and a failed migration leaves it as it
+was. After a migration to a file the VM is paused (postmigrate) and ``cont`` runs it on,
+as QEMU's does: the file is a copy.
 """
 
 from __future__ import annotations
@@ -89,10 +91,17 @@ class VmController:
     def cont(self) -> None:
         _ = self.machine
         state = self.run_state()
+        mig = self.migration
+        if state == "postmigrate" and mig is not None and mig.resumable:
+            # Saved to a file: the file is a copy; the VM itself is still only here.
+            mig.resume_here()
+            self.emit("RESUME", {})
+            return
         if state == "postmigrate":
+            where = mig.uri if mig is not None else "the destination"
             raise QmpError(
-                "the VM was handed over to the migration destination and runs "
-                "there; it cannot run here again"
+                f"the VM was handed over to the migration destination ({where}) and runs "
+                "there; running it here too would make two copies of it"
             )
         if state in ("shutdown", "finish-migrate"):
             raise QmpError(f"the VM cannot be resumed in state '{state}'")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, vmferry
+from tests.conftest import RESULT_RE, ROOT, vmferry
 from vmferry.migration.tls import CLIENT_CERT
 from vmferry.migration.tlscerts import make_creds
 from vmferry.qmp.backend import QmpError
@@ -23,7 +23,7 @@ from vmferry.qmp.client import QmpClient
 pytestmark = [pytest.mark.kvm, pytest.mark.slow]
 VMFERRY = [sys.executable, "-m", "vmferry.cli.main"]
 GUEST = ["wss=16M", "seed=3", "rounds=24"]
-PACED = [*GUEST, "rate=8"]  # about 50 s: it runs on while the test looks
+PACED = [*GUEST, "rate=16"]  # about 25 s: it runs on while the test looks
 
 
 def _client(path: str, proc: subprocess.Popen[bytes]) -> QmpClient:
@@ -88,3 +88,31 @@ def test_refused_tls_creds_are_not_kept(
     # A later plain migration is not haunted by the refused directory.
     ok = vmferry("migrate", "--qmp", path, f"file:{tmp_path / 'vm.state'}")
     assert ok.returncode == 0, ok.stderr
+
+
+def test_cont_after_a_migration_to_a_file(
+    source: tuple[str, subprocess.Popen[bytes]], tmp_path: Path
+) -> None:
+    """QEMU's postmigrate → running: the file is a copy, and the VM runs on here to the
+    RESULT an unmigrated run gives; the file restores to it too."""
+    path, proc = source
+    state = tmp_path / "vm.state"
+    mig = vmferry("migrate", "--qmp", path, f"file:{state}")
+    assert mig.returncode == 0, mig.stderr
+    with QmpClient(path) as qmp:
+        assert qmp.execute("query-status")["status"] == "postmigrate"
+        qmp.execute("cont")
+        qmp.wait_event("RESUME", timeout=5)
+        assert qmp.execute("query-status") == {
+            "running": True,
+            "status": "running",
+            "singlestep": False,
+        }
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err.decode()
+    ref = vmferry("run", "memtouch", "--memory", "128M", "--", *GUEST)
+    assert ref.result is not None, ref.stdout
+    assert RESULT_RE.findall(out)[-1].decode() == ref.result
+    restored = vmferry("run", "--incoming", f"file:{state}")
+    assert restored.returncode == 0, restored.stderr
+    assert restored.result == ref.result

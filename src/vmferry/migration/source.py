@@ -105,6 +105,22 @@ class MigrationSource:
         self._cancel.set()
         shutdown_all(self._socks)  # unblock any send in progress
 
+    @property
+    def resumable(self) -> bool:
+        """A completed migration to a file may be followed by ``cont`` (QEMU's
+        postmigrate → running): the file is a copy, the VM's RAM and devices are still
+        here. After a hand-over over tcp: the destination runs the VM: never."""
+        return self.released and self.uri.scheme == "file" and self.stats.status == "completed"
+
+    def resume_here(self) -> None:
+        """Run the VM here again after a migration to a file (see ``resumable``)."""
+        if not self.resumable:
+            raise MigrationError("only a VM saved to a file: may run again after its migration")
+        # Devices were stopped at the switchover: back to RUNNING (a reset if one cannot).
+        self.devices.rollback()
+        self.released = False
+        self.machine.resume()
+
     def wait(self, timeout: float | None = None) -> bool:
         return self.done.wait(timeout)
 
@@ -521,7 +537,8 @@ class MigrationSource:
             # A file has no one to hand over to: the VM stays paused here (QEMU's
             # postmigrate), and the file continues it with `vmferry run --incoming file:`.
             self.released = True
-            self.devices.release()
+            self.devices.release()  # STOP, not gone: resume_here brings them back
+            m.set_dirty_logging(False)
             with self._lock:
                 dt_.total_ms = (time.monotonic() - t_pause) * 1e3
                 st.downtime_ms = dt_.total_ms
