@@ -294,3 +294,18 @@ def test_destination_timeout_does_not_destroy_an_arrived_vm(sock_path: str) -> N
     assert b"did not finish" not in err, err
     ref = vmferry("run", "memtouch", "--memory", "64M", *BUSY)
     assert Completed(0, out, "").result == ref.result
+
+
+# ---- QA: --incoming file: naming something that is not a readable file
+
+
+def test_incoming_file_naming_a_directory_is_one_line(tmp_path: Path) -> None:
+    r = vmferry("run", "--incoming", f"file:{tmp_path}", timeout=30)
+    one_error_line(r, f"--incoming file:{tmp_path}: is a directory")
+    r = vmferry("run", "--incoming", "file:/proc/self/mem", timeout=30)  # opens, reads fail
+    one_error_line(r, "--incoming file:/proc/self/mem: cannot read it: Input/output error")
+
+
+def test_incoming_with_an_image_names_it_in_plain_words(tmp_path: Path) -> None:
+    r = vmferry("run", "--incoming", f"file:{tmp_path}/x", "memtouch", timeout=30)
+    one_error_line(r, "--incoming takes no guest image:")

@@ -137,7 +137,10 @@ def _versions(args: argparse.Namespace) -> dict[str, int]:
 
 def _from_file(path: str, args: argparse.Namespace, serial: BinaryIO) -> Machine:
     t0 = time.perf_counter()
-    snap = load_from_file(path)
+    try:
+        snap = load_from_file(path)
+    except OSError as e:  # a file that opens but cannot be read (EIO, a FIFO gone, …)
+        raise ConfigError(f"--incoming file:{path}: cannot read it: {e.strerror or e}") from e
     machine = Machine.from_state(
         snap.state,
         snap.memory,

@@ -38,7 +38,7 @@ def check_incoming(args: argparse.Namespace) -> None:
     given = [
         opt
         for opt, value in (
-            ("an image", args.image),
+            ("guest image", args.image),
             ("--save-after", args.save_after),
             ("--memory", args.memory),
             ("--vcpus", args.vcpus is not None),
@@ -53,6 +53,12 @@ def check_incoming(args: argparse.Namespace) -> None:
         raise ConfigError(
             f"--incoming takes no {listed}: the VM comes with its configuration "
             "(RAM, vCPUs, devices, command line) from the stream"
+        )
+    scheme, _, path = args.incoming.partition(":")
+    if scheme == "file" and Path(path).is_dir():
+        raise ConfigError(
+            f"--incoming {args.incoming}: is a directory (give the file a save or a "
+            "migration to file: wrote)"
         )
     if args.prealloc and not args.incoming.startswith("tcp:"):
         raise ConfigError(f"--prealloc is for --incoming tcp:HOST:PORT, not {args.incoming}")
