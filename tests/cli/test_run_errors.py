@@ -309,3 +309,28 @@ def test_incoming_file_naming_a_directory_is_one_line(tmp_path: Path) -> None:
 def test_incoming_with_an_image_names_it_in_plain_words(tmp_path: Path) -> None:
     r = vmferry("run", "--incoming", f"file:{tmp_path}/x", "memtouch", timeout=30)
     one_error_line(r, "--incoming takes no guest image:")
+
+
+# ---- QA: guest keys vmferry sets itself, and fault's vCPU
+
+
+@pytest.mark.parametrize(
+    "image,word,says",
+    [
+        ("memtouch", "vcpus=4", "vcpus= is set by vmferry from --vcpus"),
+        ("hello", "vcpus=2", "vcpus= is set by vmferry from --vcpus"),
+        ("memtouch", "tsc_khz=1000", "tsc_khz= is set by vmferry"),
+    ],
+)
+def test_runtime_keys_vmferry_sets_are_refused(image: str, word: str, says: str) -> None:
+    # Before: memtouch with vcpus=4 on a 1-vCPU VM waited for ever for the other three.
+    r = vmferry("run", image, "--memory", "64M", "--", "wss=16M", "rounds=2", word, timeout=30)
+    one_error_line(r, f"'{word}'", says)
+    assert r.stdout == b""
+
+
+@pytest.mark.parametrize("value,vcpus", [("abc", 1), ("-1", 2), ("2", 2), ("", 1)])
+def test_fault_refuses_a_vcpu_the_vm_does_not_have(value: str, vcpus: int) -> None:
+    r = vmferry("run", "fault", "--memory", "64M", "--vcpus", str(vcpus), "--", f"vcpu={value}")
+    one_error_line(r, f"'vcpu={value}'", f"0 to {vcpus - 1}")
+    assert r.stdout == b""

@@ -69,7 +69,9 @@ def check_boot(args: argparse.Namespace) -> None:
         raise ConfigError("--prealloc is for --incoming tcp:HOST:PORT (a booted VM is sparse)")
     if args.x_device_version:
         raise ConfigError("--x-device-version is for a migration destination (--incoming)")
-    check_guest_args(args.image, args.guest_cmdline)
+    check_guest_args(
+        args.image, args.guest_cmdline, DEFAULT_VCPUS if args.vcpus is None else args.vcpus
+    )
 
 
 def memory_size(args: argparse.Namespace, host: HostMemory | None = None) -> int:
