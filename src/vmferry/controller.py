@@ -26,7 +26,8 @@ from vmferry.qmp import hmp
 from vmferry.qmp.backend import QmpError
 
 Emit = Callable[[str, dict[str, Any]], None]
-ACTIVE = ("setup", "active", "device")
+# A migration in progress (QEMU's migration_is_running): another may not start.
+ACTIVE = ("setup", "active", "device", "cancelling")
 
 
 class VmController:
@@ -41,7 +42,7 @@ class VmController:
         through ``make_incoming(uri)``."""
         self._machine = machine
         self.make_incoming = make_incoming
-        self.incoming_status = ""  # "" | active | completed | failed
+        self.incoming_status = ""  # "" | setup (waiting) | active | completed | failed
         self.incoming_error = ""
         self.incoming: IncomingMigration | None = None
         self.incoming_result: IncomingResult | None = None
@@ -154,7 +155,7 @@ class VmController:
                     "this VM is already running; start vmferry with --incoming defer to "
                     "receive a migration"
                 )
-            if self.incoming_status in ("active", "completed"):
+            if self.incoming_status in ("setup", "active", "completed"):
                 raise QmpError("an incoming migration has already been started")
             try:
                 incoming = self.make_incoming(uri)
@@ -173,11 +174,20 @@ class VmController:
         (``inmigrate``), as QEMU's does for ``-incoming``."""
         with self._lock:
             self.incoming = incoming
-            self.incoming_status = "active"
-        self.emit("MIGRATION", {"status": "active"})
+            # Listening, no source yet: QEMU's destination says "setup" until one connects.
+            self.incoming_status = "setup"
+        self.emit("MIGRATION", {"status": "setup"})
+        incoming.on_connected = self._incoming_connected
         threading.Thread(
             target=self._receive, args=(incoming,), name="incoming", daemon=True
         ).start()
+
+    def _incoming_connected(self) -> None:
+        with self._lock:
+            if self.incoming_status != "setup":
+                return
+            self.incoming_status = "active"
+        self.emit("MIGRATION", {"status": "active"})
 
     def abandon_incoming(self) -> None:
         """Stop waiting for a VM that has not arrived (quit, a timeout, an interrupt)."""
@@ -214,6 +224,12 @@ class VmController:
                 info: dict[str, Any] = {"status": self.incoming_status}
                 if self.incoming_error:
                     info["error-desc"] = self.incoming_error
+                inc = self.incoming
+                if self.incoming_status == "setup" and inc is not None:
+                    # Where it listens, as QEMU's destination says while it waits.
+                    info["socket-address"] = [
+                        {"type": "inet", "host": inc.uri.host, "port": str(inc.port)}
+                    ]
                 return info
             return {}
         # A snapshot: the migration's threads write the stats while this reads them.

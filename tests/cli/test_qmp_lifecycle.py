@@ -59,10 +59,19 @@ def _listening_port(proc: subprocess.Popen[bytes]) -> int:
 def test_qmp_answers_while_an_incoming_migration_is_awaited(qmp_path: str) -> None:
     dst = _start("run", "--incoming", "tcp:127.0.0.1:0", "--qmp", f"unix:{qmp_path}")
     try:
-        _listening_port(dst)
+        port = _listening_port(dst)
         with _client(qmp_path, dst) as qmp:
             assert qmp.execute("query-status")["status"] == "inmigrate"
-            assert qmp.execute("query-migrate")["status"] == "active"
+            # No source yet: QEMU's destination says setup, and where it listens.
+            assert qmp.execute("query-migrate") == {
+                "status": "setup",
+                "socket-address": [{"type": "inet", "host": "127.0.0.1", "port": str(port)}],
+            }
+            info = qmp.execute("human-monitor-command", **{"command-line": "info migrate"})
+            assert info == (
+                "Migration status: setup\r\ntotal time: 0 ms\r\n"
+                f"socket address: [\r\n\ttcp:127.0.0.1:{port}\r\n]\r\n"
+            )
             qmp.execute("quit")
         _, err = dst.communicate(timeout=30)
         assert dst.returncode == 0, err

@@ -1,4 +1,5 @@
-"""After a hand-over over tcp the source VM never runs again; cont says why."""
+"""What a source's QMP says around the end of a migration: cont after a tcp hand-over is
+refused naming it; a cancel is "cancelling" until the VM runs on, then "cancelled"."""
 
 from __future__ import annotations
 
@@ -6,7 +7,15 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.migration.live import Destination, Guest, Workload, reference_result, wait_until
+from tests.migration.live import (
+    Destination,
+    Events,
+    Guest,
+    Workload,
+    assert_source_intact,
+    reference_result,
+    wait_until,
+)
 from vmferry.controller import VmController
 from vmferry.qmp.backend import QmpError
 
@@ -39,5 +48,27 @@ def test_cont_after_a_tcp_hand_over_is_refused_naming_it(guest: Guest) -> None:
             controller.cont()
         assert controller.run_state() == "postmigrate"
         assert dest.finish()[1] == reference_result(WORKLOAD)
+    finally:
+        dest.close()
+
+
+def test_cancel_is_cancelling_until_the_rollback_is_done(guest: Guest) -> None:
+    dest = Destination()
+    events = Events()
+    try:
+        controller = VmController(guest.machine, emit=events)
+        controller.migrate(dest.uri)
+        wait_until(
+            lambda: controller.query_migrate()["status"] == "active", 30, "the migration to run"
+        )
+        controller.migrate_cancel()
+        # Never "active" once migrate_cancel has returned.
+        assert controller.query_migrate()["status"] in ("cancelling", "cancelled")
+        mig = controller.migration
+        assert mig is not None and mig.wait(30)
+        assert controller.query_migrate()["status"] == "cancelled"
+        statuses = events.statuses()
+        assert statuses[-2:] == ["cancelling", "cancelled"], statuses
+        assert_source_intact(guest)
     finally:
         dest.close()

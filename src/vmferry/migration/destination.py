@@ -12,6 +12,7 @@ import logging
 import socket
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
@@ -103,6 +104,9 @@ class IncomingMigration:
         self.tls = tls  # when set, every connection is TLS with an admitted client
         self.listener = listen(uri)
         self.port = self.listener.getsockname()[1]
+        # Called (on the receiving thread) once a source has connected and, with TLS,
+        # been admitted: the wait (QEMU's "setup") is over, the migration is "active".
+        self.on_connected: Callable[[], None] | None = None
         self._prealloc: GuestMemory | None = None
         if prealloc:
             try:
@@ -155,6 +159,8 @@ class IncomingMigration:
                 )
             main_sock = self._secure(accept(self.listener, None, "source"), "source")
             socks.append(main_sock)
+            if self.on_connected is not None:
+                self.on_connected()
             _bound(main_sock, timeout_s)
             reply = ReplyPath(main_sock, peer="the source")
             # The source watches this: a destination that stops (or hangs) is noticed.

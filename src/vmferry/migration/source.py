@@ -52,6 +52,8 @@ READY_TIMEOUT_S = 120.0  # destination loads the last data and verifies
 RESUMED_TIMEOUT_S = 30.0
 
 EventSink = Callable[[str, dict[str, Any]], None]
+# What a cancelling migration may still become: a cancel that came as "go" was sent loses.
+_AFTER_CANCELLING = ("cancelled", "failed", "completed")
 
 
 class MigrationSource:
@@ -102,7 +104,11 @@ class MigrationSource:
         """Abandon the migration unless the hand-over already happened."""
         if self.released or self.done.is_set():
             return
+        first = not self._cancel.is_set()
         self._cancel.set()
+        if first:
+            # QEMU's: "cancelling" until the rollback is done, then "cancelled".
+            self._set_status("cancelling")
         shutdown_all(self._socks)  # unblock any send in progress
 
     @property
@@ -141,6 +147,8 @@ class MigrationSource:
 
     def _set_status(self, status: str) -> None:
         with self._lock:
+            if self.stats.status == "cancelling" and status not in _AFTER_CANCELLING:
+                return  # the thread moved on (e.g. to "device") before it saw the cancel
             self.stats.status = status
         self.on_event("MIGRATION", {"status": status})
 

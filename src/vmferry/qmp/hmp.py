@@ -81,6 +81,8 @@ def info_migrate(info: dict[str, Any]) -> str:
         out.append(f"vfio device transferred: {_kib(vfio['transferred'])} kbytes")
     if "cpu-throttle-percentage" in info:
         out.append(f"cpu throttle percentage: {info['cpu-throttle-percentage']}")
+    for addr in info.get("socket-address", []):  # a destination that waits, as QEMU prints
+        out += ["socket address: [", f"\ttcp:{addr['host']}:{addr['port']}", "]"]
     return _lines(out)
 
 
