@@ -334,3 +334,59 @@ def test_fault_refuses_a_vcpu_the_vm_does_not_have(value: str, vcpus: int) -> No
     r = vmferry("run", "fault", "--memory", "64M", "--vcpus", str(vcpus), "--", f"vcpu={value}")
     one_error_line(r, f"'vcpu={value}'", f"0 to {vcpus - 1}")
     assert r.stdout == b""
+
+
+# ---- QA: small ones
+
+
+def test_a_path_through_a_regular_file_is_not_a_directory(tmp_path: Path) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    r = vmferry("run", "memtouch", "--memory", "64M", "--save-after", "1", f"{afile}/vm.state",
+                *BUSY)  # fmt: skip
+    one_error_line(r, f"--save-after {afile}/vm.state: {afile} is not a directory")
+    r = vmferry("run", "memtouch", "--serial", f"{afile}/out", "--", "rounds=1")
+    one_error_line(r, f"--serial {afile}/out: {afile} is not a directory")
+    assert afile.read_text() == "keep me"
+
+
+@pytest.mark.parametrize(
+    "argv,says",
+    [
+        (["run", "hello", "--memory", "4K"], "--memory 4K: must be at least 16 MiB"),
+        (["run", "hello", "--memory", "17M"], "--memory 17M: must be at least 16 MiB"),
+        (["run", "--incoming", "tcp:127.0.0.1:0", "--timeout", "inf"], "positive, finite"),
+        (["run", "--incoming", "tcp:127.0.0.1:0", "--prealloc", "0"], "--prealloc 0: must be"),
+        (["run", "--incoming", "tcp:127.0.0.1:0", "--prealloc", "4K"], "--prealloc 4K: must be"),
+        (["run", "hello", "--qmp", "tcp:127.0.0.1:4444"], "a Unix socket: PATH or unix:PATH"),
+    ],
+)
+def test_sizes_and_options_are_refused_in_the_users_words(argv: list[str], says: str) -> None:
+    r = vmferry(*argv, timeout=30)
+    one_error_line(r, says)
+    assert "waiting for a migration" not in r.stderr
+
+
+def test_run_qmp_takes_a_bare_path_as_migrate_does(sock_path: str) -> None:
+    r = vmferry("run", "hello", "--memory", "64M", "--qmp", sock_path)
+    assert r.returncode == 0, r.stderr
+    assert b"hello" in r.stdout
+    assert not os.path.lexists(sock_path)  # opened, then removed at the end
+
+
+@pytest.mark.slow
+def test_a_serial_reader_that_goes_away_does_not_crash_the_guest() -> None:
+    # As `vmferry run memtouch … | head -1`: memtouch prints a header, then its RESULT
+    # line when it ends (~1.6 s later), into a pipe nobody reads any more.
+    proc = _start("run", "memtouch", "--memory", "64M", "--", "wss=16M", "rate=40", "rounds=4")
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        assert proc.stdout.readline().startswith(b"memtouch:")
+        proc.stdout.close()
+        err = proc.stderr.read().decode()
+        assert proc.wait(60) == 0, err  # the guest ran to its normal end
+    finally:
+        proc.kill()
+    assert err.splitlines() == [
+        "vmferry: serial output stops here (its reader went away); the guest runs on"
+    ], err

@@ -90,7 +90,9 @@ def add_parser(sub: Any) -> None:
         "(the VM's RAM size): receiving into fresh memory costs more than the network",
     )
     tls_cmd.add_run_arguments(p)
-    p.add_argument("--qmp", metavar="unix:PATH", help="open a QMP control socket (mode 0600)")
+    p.add_argument(
+        "--qmp", metavar="[unix:]PATH", help="open a QMP control socket (mode 0600) at PATH"
+    )
     p.add_argument(
         "--timeout",
         default=None,
@@ -117,11 +119,15 @@ def _note(msg: str) -> None:
 
 
 def _qmp_path(arg: str | None) -> str | None:
+    """unix:PATH (QEMU's -qmp form) or a bare PATH, as vmferry migrate --qmp takes."""
     if arg is None:
         return None
-    scheme, _, path = arg.partition(":")
-    if scheme != "unix" or not path:
-        raise ConfigError(f"--qmp {arg}: expected unix:PATH")
+    path = arg.removeprefix("unix:")
+    if not path:
+        raise ConfigError(f"--qmp {arg}: expected PATH or unix:PATH")
+    if ":" in path.split("/", 1)[0]:
+        # tcp:…, telnet:…: QEMU's other -qmp back-ends, not a file name with a colon.
+        raise ConfigError(f"--qmp {arg}: vmferry's QMP is a Unix socket: PATH or unix:PATH")
     return path
 
 

@@ -19,6 +19,8 @@ from vmferry.qmp.server import QmpServer
 
 DEFAULT_MEMORY = "1G"
 DEFAULT_VCPUS = 1
+MIN_MEMORY = 16 << 20
+RAM_ALIGN = 2 << 20  # guest RAM is mapped in 2 MiB units (GuestMemory)
 
 
 def seconds(option: str, text: str) -> float:
@@ -28,7 +30,7 @@ def seconds(option: str, text: str) -> float:
     except ValueError:
         raise ConfigError(f"{option} {text}: not a number of seconds") from None
     if not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"{option} {text}: must be a positive number of seconds")
+        raise ConfigError(f"{option} {text}: must be a positive, finite number of seconds")
     return value
 
 
@@ -77,7 +79,11 @@ def check_boot(args: argparse.Namespace) -> None:
 def memory_size(args: argparse.Namespace, host: HostMemory | None = None) -> int:
     """The guest's RAM (a bare number is MiB, as QEMU's -m), refused if this host could
     never back it (unless --overcommit)."""
-    size = parse_size(args.memory or DEFAULT_MEMORY, default_unit="M")
+    text = args.memory or DEFAULT_MEMORY
+    size = parse_size(text, default_unit="M")
+    if size < MIN_MEMORY or size % RAM_ALIGN:
+        # In the user's own words (4K), not as a byte count.
+        raise ConfigError(f"--memory {text}: must be at least 16 MiB and a multiple of 2 MiB")
     check_guest_ram(size, host or HostMemory.read(), overcommit=args.overcommit)
     return size
 
@@ -86,6 +92,12 @@ def prealloc_size(args: argparse.Namespace, host: HostMemory | None = None) -> i
     if not args.prealloc:
         return 0
     size = parse_size(args.prealloc, default_unit="M")
+    if size <= 0 or size % RAM_ALIGN:
+        # 0 is refused rather than read as "none": leaving the option out says that.
+        raise ConfigError(
+            f"--prealloc {args.prealloc}: must be a positive multiple of 2 MiB (the VM's "
+            "RAM size; leave --prealloc out for none)"
+        )
     check_prealloc(size, host or HostMemory.read())
     return size
 
@@ -97,6 +109,8 @@ def check_save_path(path: str) -> None:
     if p.is_dir():
         raise ConfigError(f"--save-after {path}: is a directory (give a file name)")
     parent = p.parent
+    if parent.exists() and not parent.is_dir():
+        raise ConfigError(f"--save-after {path}: {parent} is not a directory")
     if not parent.is_dir():
         raise ConfigError(f"--save-after {path}: directory {parent} does not exist")
     try:
@@ -111,6 +125,8 @@ def open_serial(path: str | None) -> BinaryIO:
     if path is None:
         return sys.stdout.buffer
     p = Path(path)
+    if p.parent.exists() and not p.parent.is_dir():
+        raise ConfigError(f"--serial {path}: {p.parent} is not a directory")
     if not p.parent.is_dir():
         raise ConfigError(f"--serial {path}: directory {p.parent} does not exist")
     try:

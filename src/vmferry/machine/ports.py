@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 import threading
 from collections.abc import Callable
 from typing import BinaryIO, Protocol
@@ -55,6 +58,7 @@ class SerialConsole:
         self.out = out
         self._lock = threading.Lock()
         self.captured = bytearray()
+        self._stopped = False
 
     def read(self, port: int, size: int) -> int:
         return LSR_THR_EMPTY if port == COM1_LSR else 0
@@ -65,9 +69,36 @@ class SerialConsole:
         byte = bytes([value & 0xFF])
         with self._lock:
             self.captured += byte
-            self.out.write(byte)
-            if byte == b"\n":
-                self.out.flush()
+            if self._stopped:
+                return
+            try:
+                self.out.write(byte)
+                if byte == b"\n":
+                    self.out.flush()
+            except OSError as e:
+                self._stop_output(e)
+
+    def _stop_output(self, e: OSError) -> None:
+        """The serial output cannot be written (its reader went away: `| head`; a full
+        disk): a console is no reason to crash a vCPU. Say so once and let the guest run
+        on; its exit status still tells how it ended."""
+        self._stopped = True
+        why = (
+            "its reader went away"
+            if isinstance(e, BrokenPipeError)
+            else f"cannot write it: {e.strerror or e}"
+        )
+        print(
+            f"vmferry: serial output stops here ({why}); the guest runs on",
+            file=sys.stderr,
+            flush=True,
+        )
+        # The stream may still hold unwritten bytes, flushed (and failing again) at exit;
+        # with /dev/null under its descriptor they go nowhere, quietly.
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self.out.fileno())
+            os.close(devnull)
 
 
 class DebugExit:
