@@ -116,3 +116,17 @@ def test_cont_after_a_migration_to_a_file(
     restored = vmferry("run", "--incoming", f"file:{state}")
     assert restored.returncode == 0, restored.stderr
     assert restored.result == ref.result
+
+
+def test_migrate_to_a_file_in_a_missing_directory_is_refused_up_front(
+    source: tuple[str, subprocess.Popen[bytes]], tmp_path: Path
+) -> None:
+    path, _ = source
+    with QmpClient(path) as qmp:
+        with pytest.raises(QmpError, match="directory /nonexistent/dir does not exist"):
+            qmp.execute("migrate", uri="file:/nonexistent/dir/x")
+        with pytest.raises(QmpError, match="is a directory"):
+            qmp.execute("migrate", uri=f"file:{tmp_path}")
+        # Refused before anything started: no migration, the VM runs on untouched.
+        assert qmp.execute("query-migrate") == {}
+        assert qmp.execute("query-status")["status"] == "running"

@@ -17,12 +17,13 @@ import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from vmferry.errors import MigrationCancelled, MigrationError, VmferryError
+from vmferry.errors import ConfigError, MigrationCancelled, MigrationError, VmferryError
 from vmferry.machine.machine import Machine
 from vmferry.memory.dirty import DirtyBitmap
 from vmferry.memory.guest_memory import PAGE_SIZE
@@ -56,6 +57,24 @@ EventSink = Callable[[str, dict[str, Any]], None]
 _AFTER_CANCELLING = ("cancelled", "failed", "completed")
 
 
+def check_file_target(path: str) -> None:
+    """A file: URI must name a file that can be created or replaced: refuse one in a
+    missing or unwritable directory (or a directory itself) before anything starts."""
+    target = Path(path)
+    where = f"file:{path}"
+    if target.is_dir():
+        raise ConfigError(f"{where}: is a directory (give a file name)")
+    parent = target.parent
+    if not parent.exists():
+        raise ConfigError(f"{where}: directory {parent} does not exist")
+    if not parent.is_dir():
+        raise ConfigError(f"{where}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{where}: directory {parent} is not writable")
+    if target.exists() and not os.access(target, os.W_OK):
+        raise ConfigError(f"{where}: the file exists and is not writable")
+
+
 class MigrationSource:
     """One outgoing migration of a running machine, on its own thread."""
 
@@ -70,6 +89,8 @@ class MigrationSource:
     ) -> None:
         self.machine = machine
         self.uri = parse_uri(uri)
+        if self.uri.scheme == "file":
+            check_file_target(self.uri.path)  # now, not in the thread after the VM was set up
         self.tls = tls.client_for(params.tls_creds, params.tls_hostname, self.uri)
         self.params = params
         self.caps = caps
