@@ -31,7 +31,7 @@ def add_parser(sub: Any) -> None:
         "migrate",
         help="live-migrate a running VM (over its QMP socket)",
         description="Start a live migration of the VM behind a QMP socket "
-        "and show its progress; print a summary at the end.",
+        "and show its progress (on stderr); print a summary at the end (on stdout).",
     )
     p.add_argument(
         "uri", help="tcp:HOST:PORT (a `vmferry run --incoming` waiting there) or file:PATH"
@@ -78,8 +78,14 @@ def add_parser(sub: Any) -> None:
         metavar="NAME",
         help="the name the destination's certificate must hold (default: the URI's host)",
     )
-    p.add_argument("--report", metavar="FILE", help="write the JSON report here")
-    p.add_argument("--plot", metavar="FILE.png", help="draw the timeline here")
+    p.add_argument(
+        "--report", metavar="FILE", help="write the JSON report here (checked before starting)"
+    )
+    p.add_argument(
+        "--plot",
+        metavar="FILE.png",
+        help="draw the timeline here, in the format its extension names (png, svg, pdf, …)",
+    )
     p.set_defaults(func=cmd_migrate)
 
 
