@@ -173,7 +173,7 @@ def _why_source_ended(events: list[dict[str, Any]]) -> str:
     (vmferry run sends one, as QEMU does, when a signal ends it)."""
     shutdown = next((ev for ev in reversed(events) if ev.get("event") == "SHUTDOWN"), None)
     if shutdown is None:
-        return "the source process ended without saying why (was it killed?)"
+        return "the source process ended without saying why (it sent no SHUTDOWN event)"
     data = shutdown.get("data", {})
     if data.get("reason") == "host-signal":
         return "the source process was ended by a signal (SIGTERM or Ctrl-C)"
