@@ -20,16 +20,24 @@ from vmferry.errors import MigrationError, StreamError, VmferryError
 from vmferry.kvm.system import DEFAULT_DEVICE
 from vmferry.machine.machine import Machine
 from vmferry.memory.guest_memory import GuestMemory
-from vmferry.migration.channel import MigrationUri, ReplyPath, accept, listen
+from vmferry.migration.channel import MigrationUri, PeerClosed, ReplyPath, accept, listen
 from vmferry.migration.devices import DestinationDevices
 from vmferry.migration.liveness import Heartbeat, bound_socket, is_timeout, receive_timeout
-from vmferry.migration.loader import check_loaded, load_stream, open_devices, populate, read_head
+from vmferry.migration.loader import (
+    abandoned,
+    check_loaded,
+    load_stream,
+    open_devices,
+    populate,
+    read_head,
+)
 from vmferry.migration.metrics import VerifyResult
 from vmferry.migration.params import MAX_PEER_TIMEOUT_MS, MIN_PEER_TIMEOUT_MS, MigrationParameters
 from vmferry.migration.stream import CHANNEL_GRAMMAR, StreamReader
 from vmferry.migration.streamcap import StreamBudget
 from vmferry.migration.tls import TlsServer
 from vmferry.migration.tlssocket import stream_source
+from vmferry.migration.transport import StreamEndsEarly
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +75,23 @@ def _wake(sock: socket.socket) -> None:
     # Readers blocked on the socket see its end (close(2) alone does not wake them).
     with contextlib.suppress(OSError):
         sock.shutdown(socket.SHUT_RD)
+
+
+def _went_away(e: BaseException) -> bool:
+    """The error (or what caused it) is the source's end of the connection: EOF mid-stream
+    or a reset, not garbage or a check that failed here."""
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, StreamEndsEarly | ConnectionResetError | ConnectionAbortedError):
+            return True
+        if isinstance(cur, PeerClosed):
+            return True
+        # Only what an error was raised *from*: its context may be an unrelated EOF (the
+        # main stream woken by this side after a channel failed its checks).
+        cur = cur.__cause__
+    return False
 
 
 def _verify_dict(v: VerifyResult) -> dict[str, object]:
@@ -150,6 +175,8 @@ class IncomingMigration:
         timeout_s = DEFAULT_PEER_TIMEOUT_S
         started = False  # the guest runs here: from then on nothing may close it
         failed_check: VerifyResult | None = None  # the verification that refused the VM
+        budget = StreamBudget()  # until CONF: no more than a CONF
+        phase = "the set-up"  # what was being read, for "the source closed the connection"
         try:
             if self.announce:
                 print(
@@ -167,7 +194,6 @@ class IncomingMigration:
             heartbeat = Heartbeat(reply, timeout_s)
             heartbeat.start()
             t0 = time.monotonic()
-            budget = StreamBudget()  # until CONF: no more than a CONF
             main = StreamReader(budget.source(stream_source(main_sock, "migration stream")))
             head = read_head(main)
             budget.allow(head)
@@ -188,6 +214,7 @@ class IncomingMigration:
             populate(memory, head.resident)  # no-op on pre-allocated RAM
             devices = open_devices(head, memory, self.device_versions)
             reply.send("accepted")
+            phase = "round"
             loaded = load_stream(
                 head,
                 main,
@@ -221,7 +248,10 @@ class IncomingMigration:
             )
             # The source answers at once; one that does not has stopped. Giving up is safe:
             # the "failed" sent then tells a source that wakes up to keep its VM.
+            phase = "the wait for the hand-over"
             msg = reply.receive(timeout_s, '"go"')
+            if msg["kind"] == "abandon":
+                raise abandoned(msg)
             if msg["kind"] != "go":
                 raise MigrationError(f"the source did not hand over: {msg}")
             t_go = time.monotonic()
@@ -250,7 +280,14 @@ class IncomingMigration:
             if started:
                 raise  # nothing after the start raises; never close a running guest
             err: BaseException = e
-            if isinstance(e, StreamError | MigrationError):
+            if _went_away(e):
+                during = f"round {budget.round}" if phase == "round" else phase
+                # No ABRT, no "abandon": the source ended without a word.
+                err = MigrationError(
+                    f"the source closed the connection during {during} (it stopped or was "
+                    f"killed): {e}"
+                )
+            elif isinstance(e, StreamError | MigrationError):
                 pass
             elif is_timeout(e):
                 err = MigrationError(

@@ -21,7 +21,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from vmferry.errors import MigrationError
+from vmferry.errors import MigrationCancelled, MigrationError
 from vmferry.migration.channel import PeerClosed, PeerSilent, ReplyPath
 
 log = logging.getLogger(__name__)
@@ -114,6 +114,7 @@ class PeerWatch:
         self.closed = ""  # why the reply path ended ("" while it is open)
         self._hung_up = False  # it ended because the destination closed it (not garbage)
         self.failure = ""  # the error the destination sent in a "failed" message
+        self._cancelled = False  # the user cancelled: a wait in next() ends at once
         self._messages: deque[dict[str, Any]] = deque()
         self._cond = threading.Condition()
         self._stop = threading.Event()
@@ -126,6 +127,13 @@ class PeerWatch:
         self._stop.set()
         if self._thread is not threading.current_thread():
             self._thread.join(WATCH_POLL_S * 5)
+
+    def cancel(self) -> None:
+        """End a wait in ``next`` (MigrationCancelled), the connection left as it is so that
+        the source can still tell the destination why."""
+        with self._cond:
+            self._cancelled = True
+            self._cond.notify_all()
 
     @property
     def lost(self) -> bool:
@@ -169,6 +177,10 @@ class PeerWatch:
         deadline = time.monotonic() + cap_s
         with self._cond:
             while not self._messages:
+                if self._cancelled:
+                    raise MigrationCancelled(
+                        f"cancelled by the user while waiting for {waiting_for}"
+                    )
                 if self.silent:
                     raise PeerSilent(
                         f"the destination sent nothing for {self.timeout_s:.1f} s while "

@@ -15,7 +15,7 @@ from typing import Any
 
 from vmferry.devices.base import DeviceModel
 from vmferry.devices.registry import create_devices
-from vmferry.errors import StreamError, VmferryError
+from vmferry.errors import MigrationError, StreamError, VmferryError
 from vmferry.machine.config import MachineConfig
 from vmferry.machine.machine import Machine
 from vmferry.machine.state import MachineState, VcpuState
@@ -25,6 +25,7 @@ from vmferry.migration.devices import DestinationDevices
 from vmferry.migration.metrics import VerifyResult
 from vmferry.migration.ram import RamReceiver, RamStats
 from vmferry.migration.stream import (
+    ABRT,
     CEND,
     CONF,
     CPUS,
@@ -46,6 +47,16 @@ def decode_json(reader: StreamReader, payload: bytes, what: str) -> Any:
         return json.loads(payload)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise StreamError(f"section #{reader.seq - 1} {what} is not valid JSON: {e}") from e
+
+
+def abandoned(notice: Any) -> MigrationError:
+    """What the source said when it gave up (an ABRT section, or an ``abandon`` line once
+    the stream has ended), as the destination's error."""
+    reason = notice.get("reason") if isinstance(notice, dict) else None
+    reason = str(reason)[:500] if reason else "no reason given"
+    if isinstance(notice, dict) and notice.get("cancelled") is True:
+        return MigrationError(f"the source cancelled the migration ({reason})")
+    return MigrationError(f"the source abandoned the migration: {reason}")
 
 
 @dataclass
@@ -178,6 +189,8 @@ def load_stream(
                 summary = decode_json(main, main.read_payload(hdr, h), "DEVS")
             elif hdr.tag == VRFY:
                 verify = VerifyRecord.decode(main.read_payload(hdr, h), memory.npages)
+            elif hdr.tag == ABRT:
+                raise abandoned(decode_json(main, main.read_payload(hdr, h), "ABRT"))
             elif hdr.tag == END:
                 main.read_payload(hdr, h)
                 break

@@ -41,7 +41,7 @@ from vmferry.migration.metrics import BandwidthWindow, MigrationStats, RoundReco
 from vmferry.migration.params import MigrationCapabilities, MigrationParameters
 from vmferry.migration.ram import DEFAULT_BATCH_PAGES, RamSender, RamStats
 from vmferry.migration.snapshot import write_cpu_state
-from vmferry.migration.stream import CEND, CHAN, CONF, DEVS, END, ROUND, VRFY, StreamWriter
+from vmferry.migration.stream import ABRT, CEND, CHAN, CONF, DEVS, END, ROUND, VRFY, StreamWriter
 from vmferry.migration.tlssocket import stream_sink
 from vmferry.migration.transport import FdSink
 from vmferry.migration.verify import VerifyRecord, cpu_digest, page_digests
@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 SETUP_TIMEOUT_S = 30.0
 READY_TIMEOUT_S = 120.0  # destination loads the last data and verifies
 RESUMED_TIMEOUT_S = 30.0
+CANCEL_GRACE_S = 1.0  # how long a cancel lets the senders reach a section boundary
 
 EventSink = Callable[[str, dict[str, Any]], None]
 # What a cancelling migration may still become: a cancel that came as "go" was sent loses.
@@ -103,12 +104,16 @@ class MigrationSource:
         self._t_pause: float | None = None  # when the VM was paused for the switchover
         self.devices = SourceDevices(machine.devices)
         self._reply: ReplyPath | None = None
+        self._main_writer: StreamWriter | None = None  # a live migration's main stream
+        self._stream_ended = False  # END is out: what follows on the main stream is lines
         self._watch: PeerWatch | None = None
         self._phase = "the set-up"  # what the source was doing, for error messages
         self.released = False  # after "go": this VM must never run here again
         self.done = threading.Event()
         self._cancel = threading.Event()
         self._socks: list[socket.socket] = []
+        self._cancel_timer = threading.Timer(CANCEL_GRACE_S, shutdown_all, args=(self._socks,))
+        self._cancel_timer.daemon = True
         self._paused_by_us = False
         self._seed = secrets.randbits(63)
         self._t0 = 0.0
@@ -130,7 +135,11 @@ class MigrationSource:
         if first:
             # QEMU's: "cancelling" until the rollback is done, then "cancelled".
             self._set_status("cancelling")
-        shutdown_all(self._socks)  # unblock any send in progress
+            # The senders stop at the next batch, and the destination is told why (ABRT);
+            # a send blocked on a peer that reads nothing is woken a little later.
+            self._cancel_timer.start()
+            if self._watch is not None:
+                self._watch.cancel()  # a wait for the destination's answer ends now
 
     @property
     def resumable(self) -> bool:
@@ -185,12 +194,14 @@ class MigrationSource:
             msg = self._describe(e)
             self.stats.error = msg
             if not self.released:
+                self._tell_abandoned(e, msg, cancelled)
                 self._rollback()
                 self._set_status("cancelled" if cancelled else "failed")
             else:
                 self._set_status("failed")
             log.warning("migration to %s %s: %s", self.uri, self.stats.status, msg)
         finally:
+            self._cancel_timer.cancel()
             if self._watch is not None:
                 self._watch.stop()
             for s in self._socks:
@@ -223,6 +234,25 @@ class MigrationSource:
         if isinstance(e, VmferryError | OSError):
             return str(e)
         return f"internal error: {e!r}"
+
+    def _tell_abandoned(self, e: BaseException, reason: str, cancelled: bool) -> None:
+        """Tell a live destination why the source gives up, so that it can say so instead
+        of "the stream ends early": an ABRT section while sections flow, an ``abandon``
+        line once END is out. Only when the stream is whole: a failed send or a silent
+        peer may have left a section half written, or no one to read it."""
+        main, reply = self._main_writer, self._reply
+        if main is None or isinstance(e, OSError | PeerClosed) or is_timeout(e):
+            return
+        if self._watch is not None and (self._watch.silent or self._watch.failure):
+            return  # the destination is gone, or failed first and said why
+        notice = {"reason": reason, "cancelled": cancelled}
+        try:
+            if self._stream_ended and reply is not None:
+                reply.send("abandon", **notice)
+            elif not self._stream_ended:
+                main.section(ABRT, [_json(notice)])
+        except OSError as err:
+            log.info("could not tell the destination why the migration ended: %s", err)
 
     def _peer_lost(self) -> None:
         # The watch declared the destination dead: wake the sends blocked on it.
@@ -278,6 +308,8 @@ class MigrationSource:
             raise MigrationError("migration blocked: " + "; ".join(blocked))
         writers = self._open()
         main = writers[0]
+        if self._socks:
+            self._main_writer = main
         mig_id = uuid.uuid4().hex
         resident = mem.data_ranges()
         setup = {
@@ -298,6 +330,8 @@ class MigrationSource:
             self._reply = ReplyPath(self._socks[0])
             self._watch = PeerWatch(self._reply, self.params.peer_timeout_s, self._peer_lost)
             self._watch.start()
+            if self._cancel.is_set():  # cancelled before there was a watch to wake
+                self._watch.cancel()
             msg = self._watch.next(SETUP_TIMEOUT_S, "the destination's set-up answer")
             if msg["kind"] != "accepted":
                 raise MigrationError(f"the destination refused: {msg.get('error', msg)}")
@@ -557,6 +591,7 @@ class MigrationSource:
             rec = VerifyRecord(self._seed, resident, digests.result(), cpu_digest(state))
             main.section(VRFY, rec.encode())
         main.section(END, [])
+        self._stream_ended = True
         for w in writers[1:]:
             w.section(CEND, [])
         t5 = time.monotonic()

@@ -42,6 +42,7 @@ VRFY = b"VRFY"  # page and CPU-state digests taken at switchover
 END = b"END\0"  # the stream is complete
 CHAN = b"CHAN"  # first section of an extra channel: which migration, which channel
 CEND = b"CEND"  # an extra channel has sent all its pages
+ABRT = b"ABRT"  # the source abandons the migration (JSON: reason, cancelled); nothing follows
 
 SECTION_NAMES = {
     CONF: "CONF",
@@ -54,6 +55,7 @@ SECTION_NAMES = {
     END: "END",
     CHAN: "CHAN",
     CEND: "CEND",
+    ABRT: "ABRT",
 }
 MAX_PAYLOAD = {
     CONF: 1 << 20,
@@ -66,6 +68,7 @@ MAX_PAYLOAD = {
     END: 0,
     CHAN: 1 << 12,
     CEND: 1 << 12,
+    ABRT: 1 << 12,
 }
 FLAG_ZSTD = 1  # the payload is one zstd frame
 # The page data of this RAM section was read from a running guest, which may change a page
@@ -80,14 +83,16 @@ KNOWN_FLAGS = FLAG_ZSTD | FLAG_LIVE
 # is one) and for the extra channels of a multi-channel migration.
 MAIN_GRAMMAR: dict[bytes | None, frozenset[bytes]] = {
     None: frozenset({CONF}),
-    CONF: frozenset({RAM, ROUND, DEVD, CPUS}),
-    RAM: frozenset({RAM, ROUND, DEVD, CPUS}),
-    ROUND: frozenset({RAM, ROUND, DEVD, CPUS}),
-    DEVD: frozenset({RAM, ROUND, DEVD, CPUS}),
-    CPUS: frozenset({DEVS}),
-    DEVS: frozenset({VRFY, END}),
-    VRFY: frozenset({END}),
+    # A live source that gives up says so (ABRT) between any two sections before END.
+    CONF: frozenset({RAM, ROUND, DEVD, CPUS, ABRT}),
+    RAM: frozenset({RAM, ROUND, DEVD, CPUS, ABRT}),
+    ROUND: frozenset({RAM, ROUND, DEVD, CPUS, ABRT}),
+    DEVD: frozenset({RAM, ROUND, DEVD, CPUS, ABRT}),
+    CPUS: frozenset({DEVS, ABRT}),
+    DEVS: frozenset({VRFY, END, ABRT}),
+    VRFY: frozenset({END, ABRT}),
     END: frozenset(),
+    ABRT: frozenset(),
 }
 CHANNEL_GRAMMAR: dict[bytes | None, frozenset[bytes]] = {
     None: frozenset({CHAN}),

@@ -24,8 +24,8 @@ import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, cast
 
-from vmferry.errors import MigrationError, StreamError
-from vmferry.migration.transport import Buffer, FdSink, FdSource, Sink, Source
+from vmferry.errors import MigrationError
+from vmferry.migration.transport import Buffer, FdSink, FdSource, Sink, Source, StreamEndsEarly
 
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer, WriteableBuffer
@@ -315,7 +315,7 @@ class TlsSource:
         view = buf.cast("B") if buf.format != "B" else buf
         got = self.sock.recv_exactly_into(view)
         if got < len(view):
-            raise StreamError(
+            raise StreamEndsEarly(
                 f"{self.name} ends early at byte {self._pos + got}: "
                 f"{len(view) - got} more bytes were expected"
             )

@@ -59,6 +59,10 @@ class FdSink:
         self.fd = -1
 
 
+class StreamEndsEarly(StreamError):
+    """The stream ended (EOF) where more bytes were due: the writer closed or went away."""
+
+
 class FdSource:
     """Reads exactly the bytes asked for, straight into the caller's buffer."""
 
@@ -78,7 +82,7 @@ class FdSource:
         while got < len(view):
             n = os.readv(self.fd, [view[got:]])
             if n == 0:
-                raise StreamError(
+                raise StreamEndsEarly(
                     f"{self.name} ends early at byte {self._pos + got}: "
                     f"{len(view) - got} more bytes were expected"
                 )
