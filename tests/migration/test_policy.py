@@ -125,7 +125,7 @@ def test_decide_not_converged_explains_why() -> None:
     d = decide(1000, 812 * MIB, 320 * MIB, 540 * MIB, P)
     assert d.action == "continue"
     assert d.reason == (
-        "pending 812 MiB > threshold 96 MiB (bandwidth 320 MiB/s × 300 ms); "
+        "pending 812 MiB > threshold 96 MiB (stop-copy bandwidth 320 MiB/s × 300 ms); "
         "guest dirties 540 MiB/s, faster than 320 MiB/s can be sent"
     )
 

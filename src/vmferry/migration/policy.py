@@ -162,7 +162,9 @@ def _fit(
     limit_ms: int,
     overhead_ms: float = 0.0,
 ) -> str:
-    """``pending 812 MiB > threshold 96 MiB (bandwidth 320 MiB/s × 300 ms)``."""
+    """``pending 812 MiB > threshold 96 MiB (stop-copy bandwidth 320 MiB/s × 300 ms)``:
+    the bandwidth named is the one the stop-and-copy is expected to get (from the last
+    rounds, switchover_bandwidth), not the migration's average nor one round's."""
     budget_ms = ram_budget_ms(limit_ms, overhead_ms)
     threshold = switchover_threshold(bandwidth_bps, budget_ms)
     total = pending_bytes + device_pending
@@ -171,7 +173,8 @@ def _fit(
         what += f" ({size(pending_bytes)} RAM + {size(device_pending)} device state)"
     op = "≤" if total <= threshold else ">"
     budget = f"{limit_ms} ms" if not overhead_ms else f"{budget_ms:.0f} ms of {limit_ms}"
-    return f"{what} {op} threshold {size(threshold)} (bandwidth {rate(bandwidth_bps)} × {budget})"
+    bandwidth = f"stop-copy bandwidth {rate(bandwidth_bps)}"
+    return f"{what} {op} threshold {size(threshold)} ({bandwidth} × {budget})"
 
 
 def non_convergence_reason(
