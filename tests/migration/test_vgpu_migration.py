@@ -16,6 +16,8 @@ import pytest
 
 from tests.conftest import ROOT, vmferry
 from tests.migration.inprocess import Outcome, migrate_running, result_of
+from vmferry.controller import VmController
+from vmferry.devices.fsm import MigState
 from vmferry.devices.vgpu import mdev
 from vmferry.devices.vgpu.registers import COMPLETED
 from vmferry.machine import Machine, MachineConfig, run_to_exit
@@ -196,3 +198,35 @@ def test_a_vgpu_vm_migrates_between_two_processes_on_one_host() -> None:
         dst.wait()
     assert _holders(inst.uuid) == []
     mdev.remove(inst.uuid)
+
+
+def test_cont_after_a_migration_to_a_file_runs_the_vgpu_again(tmp_path: Path) -> None:
+    """The vGPU stopped for the save goes back to RUNNING, and gpujob ends with the
+    reference RESULT here; the file restores to it too."""
+    src_out = io.BytesIO()
+    m = Machine.boot(config(VGPU), serial=src_out)
+    try:
+        m.start()
+        deadline = time.monotonic() + 30
+        while m.devices[0].mmio_read(COMPLETED, 8) < PROGRESS:
+            assert time.monotonic() < deadline and m.exit is None, "gpujob made no progress"
+            time.sleep(0.01)
+        controller = VmController(m)
+        state = tmp_path / "vm.state"
+        controller.migrate(f"file:{state}")
+        mig = controller.migration
+        assert mig is not None and mig.wait(60)
+        assert mig.stats.status == "completed", mig.stats.error
+        states = [m.devices[0].state]  # stopped for the save
+        controller.cont()
+        assert controller.run_state() == "running"
+        states.append(m.devices[0].state)
+        assert states == [MigState.STOP, MigState.RUNNING]
+        ex = m.wait(60)
+        assert ex is not None and ex.code == 0, (ex, src_out.getvalue())
+        assert result_of(src_out) == reference()
+    finally:
+        m.close()
+    restored = vmferry("run", "--incoming", f"file:{state}")
+    assert restored.returncode == 0, restored.stderr
+    assert restored.result == reference()
