@@ -119,12 +119,17 @@ def test_summary_counts_sync_rounds_as_the_progress_view_does() -> None:
         "status": "completed",
         "ram": {**ACTIVE["ram"], "transferred": 300 << 20},  # type: ignore[dict-item]
         "total-time": 2000,
-        "rounds": [{"bandwidth": 100 << 20}, {"bandwidth": 200 << 20}],
+        "rounds": [{"bandwidth": 100 << 20}, {"bandwidth": 200 << 20, "stop-copy": True}],
+        # 0.4 ms of bookkeeping besides the parts: no row of its own
+        "downtime-breakdown": {"pause": 0.3, "device-state": 0.004, "verify": 24.4, "total": 25.1},
     }
     lines = summary(rep)
     progress = render(_progress(ACTIVE))
     assert progress[1].split()[-1] == row(lines, "sync rounds") == "3"
     # One unit (MiB/s) and each figure says what it is an average of.
     assert row(lines, "average bandwidth") == "150 MiB/s over the whole migration"
-    assert row(lines, "last round's bandwidth") == "200 MiB/s"
+    assert row(lines, "stop-and-copy bandwidth") == "200 MiB/s"
+    downtime = [line for line in lines if "downtime:" in line]
+    assert [row(lines, k) for k in ("downtime: pause", "downtime: verify")] == ["0.3 ms", "24.4 ms"]
+    assert len(downtime) == 3 and row(lines, "downtime: total") == "25.1 ms", downtime
     assert any(line.split()[:4] == ["bandwidth", "now", "280", "MiB/s"] for line in progress)

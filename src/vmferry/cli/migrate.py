@@ -24,6 +24,9 @@ from vmferry.qmp.client import QmpClient, QmpProtocolError
 POLL_S = 0.2
 BAR_WIDTH = 60  # fits an 80-column terminal with room to spare
 DONE = ("completed", "failed", "cancelled")
+# The downtime not in any measured part gets a row when it is at least this much.
+REST_MIN_MS = 1.0
+REST_MIN_SHARE = 0.05
 
 
 def add_parser(sub: Any) -> None:
@@ -323,11 +326,12 @@ def _downtime_rows(rep: dict[str, Any]) -> list[tuple[str, str]]:
     the rows add up."""
     parts = dict(rep.get("downtime-breakdown", {}))
     total = parts.pop("total", None)
-    rows = [(f"  downtime: {k}", f"{v:.1f} ms") for k, v in parts.items() if v > 0]
+    rows = [(f"  downtime: {k}", f"{v:.1f} ms") for k, v in parts.items() if v >= 0.05]
     if total is None:
         return rows
     rest = total - sum(parts.values())
-    if rest >= 0.05:
+    # A remainder of bookkeeping (a fraction of a ms) is not worth a row of its own.
+    if rest >= REST_MIN_MS and rest >= REST_MIN_SHARE * total:
         what = (
             "waiting for the destination"
             if rep.get("status") == "completed"
@@ -345,7 +349,9 @@ def _summary(console: Console, rep: dict[str, Any]) -> None:
     t.add_column("")
     ram = rep.get("ram", {})
     rounds = rep.get("rounds", [])
-    last = rounds[-1].get("bandwidth", 0) if rounds else 0
+    last: dict[str, Any] = rounds[-1] if rounds else {}
+    # Measured, unlike the stop-copy bandwidth the convergence line expected.
+    last_name = "stop-and-copy bandwidth" if last.get("stop-copy") else "last round's bandwidth"
     rows = [
         ("total time", f"{rep.get('total-time', 0)} ms"),
         ("downtime", f"{rep.get('downtime', '-')} ms"),
@@ -353,7 +359,7 @@ def _summary(console: Console, rep: dict[str, Any]) -> None:
         ("sync rounds", str(ram.get("dirty-sync-count", len(rounds)))),
         ("RAM sent", size(ram.get("transferred", 0))),
         ("average bandwidth", _average_rate(rep)),
-        ("last round's bandwidth", rate(max(last, 0)) if rounds else "-"),
+        (last_name, rate(max(last.get("bandwidth", 0), 0)) if rounds else "-"),
         ("verification", _verification(rep)),
         ("convergence", rep.get("convergence", "")),
     ]
