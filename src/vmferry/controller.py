@@ -218,6 +218,15 @@ class VmController:
         if self.migration is not None:
             self.migration.cancel()
 
+    def end_migration(self, timeout_s: float = 5.0) -> None:
+        """The process is ending (a signal, a deadline) with a migration under way: cancel
+        it and let it roll back, so that the destination is told why, before the VM is
+        closed under it (which would fail it with a KVM error)."""
+        mig = self.migration
+        if mig is not None and not mig.done.is_set() and not mig.released:
+            mig.cancel("the source process is ending")
+            mig.wait(timeout_s)
+
     def query_migrate(self) -> dict[str, Any]:
         if self.migration is None:
             if self.incoming_status:

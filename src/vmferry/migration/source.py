@@ -111,6 +111,7 @@ class MigrationSource:
         self.released = False  # after "go": this VM must never run here again
         self.done = threading.Event()
         self._cancel = threading.Event()
+        self._cancel_reason = "cancelled by the user"
         self._socks: list[socket.socket] = []
         self._cancel_timer = threading.Timer(CANCEL_GRACE_S, shutdown_all, args=(self._socks,))
         self._cancel_timer.daemon = True
@@ -126,11 +127,14 @@ class MigrationSource:
         self._set_status("setup")
         self._thread.start()
 
-    def cancel(self) -> None:
-        """Abandon the migration unless the hand-over already happened."""
+    def cancel(self, reason: str = "cancelled by the user") -> None:
+        """Abandon the migration unless the hand-over already happened; ``reason`` is what
+        query-migrate and the destination are told."""
         if self.released or self.done.is_set():
             return
         first = not self._cancel.is_set()
+        if first:
+            self._cancel_reason = reason
         self._cancel.set()
         if first:
             # QEMU's: "cancelling" until the rollback is done, then "cancelled".
@@ -213,7 +217,7 @@ class MigrationSource:
     def _describe(self, e: BaseException) -> str:
         """What went wrong, in words: errno texts say how a socket failed, not why."""
         if self._cancel.is_set():
-            return "cancelled by the user"
+            return self._cancel_reason
         if self.released and isinstance(e, VmferryError):
             return str(e)  # it says why the VM stays paused here
         watch = self._watch
