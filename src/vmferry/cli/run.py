@@ -316,6 +316,7 @@ def _linger(server: QmpServer) -> None:
 
 
 def _close_machine(controller: VmController) -> None:
+    controller.end_migration()  # a migration under way tells its destination why first
     if controller.current_machine is not None:
         controller.current_machine.close()
 
