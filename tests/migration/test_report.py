@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from vmferry.cli.migrate import _verification
 from vmferry.migration.metrics import (
     DowntimeBreakdown,
     MigrationStats,
@@ -16,7 +17,14 @@ from vmferry.migration.metrics import (
 )
 from vmferry.migration.params import MigrationCapabilities, MigrationParameters
 from vmferry.migration.plot import plot_timeline
-from vmferry.migration.report import query_migrate_dict, report_dict, write_report
+from vmferry.migration.report import (
+    NOT_REACHED,
+    query_migrate_dict,
+    report_dict,
+    stats_from_report,
+    verify_status,
+    write_report,
+)
 
 MIB = 1 << 20
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -236,3 +244,33 @@ def test_plot_writes_a_png(tmp_path: Path, stats: MigrationStats) -> None:
     path = tmp_path / "timeline.png"
     plot_timeline(stats, path)
     _png(path)
+
+
+def test_report_of_a_failure_before_switchover_says_verify_not_reached() -> None:
+    r = report_dict(failed_stats(), MigrationParameters(), MigrationCapabilities(x_verify=True))
+    assert r["verify"]["status"] == NOT_REACHED == "not-reached"
+    assert stats_from_report(r).verify.status == NOT_REACHED
+    off = report_dict(failed_stats(), MigrationParameters(), MigrationCapabilities(x_verify=False))
+    assert off["verify"]["status"] == "off"  # --no-verify: it really was off
+
+
+def test_report_and_summary_agree_on_verify_not_reached() -> None:
+    r = report_dict(failed_stats(), MigrationParameters(), MigrationCapabilities(x_verify=True))
+    assert _verification(r) == "not reached (the migration failed before it)"
+    assert _verification(json.loads(json.dumps(r))) == _verification(r)
+
+
+@pytest.mark.parametrize(
+    ("migration", "status", "x_verify", "expected"),
+    [
+        ("failed", "off", True, NOT_REACHED),
+        ("cancelled", "off", True, NOT_REACHED),
+        ("failed", "off", False, "off"),
+        ("completed", "off", True, "off"),
+        ("completed", "passed", True, "passed"),
+        ("failed", "failed", True, "failed"),
+        ("completed", "deferred", True, "deferred"),
+    ],
+)
+def test_verify_status(migration: str, status: str, x_verify: bool, expected: str) -> None:
+    assert verify_status(migration, status, x_verify) == expected

@@ -49,13 +49,16 @@ class Creds:
     outsider: Path  # CA A; client CN "outsider"
     expired: Path  # CA A; both certificates expired yesterday
     stranger: Path  # CA B for everything
-    foreign_client: Path  # trusts CA A, but its client certificate is CA B's
+    foreign_client: Path  # trusts CA A (and B), but its client certificate is CA B's
     expired_client: Path  # trusts CA A, valid server side, client certificate expired
 
 
 def _mixed(dst: Path, trust_from: Path, client_from: Path) -> Path:
+    """Trust ``trust_from``'s CA, and also ``client_from``'s (a bundle): credentials whose
+    certificate no CA in them signed are refused when loaded, before any handshake."""
     dst.mkdir()
-    shutil.copy(trust_from / CA_CERT, dst / CA_CERT)
+    bundle = {(trust_from / CA_CERT).read_bytes(), (client_from / CA_CERT).read_bytes()}
+    (dst / CA_CERT).write_bytes(b"".join(sorted(bundle)))
     for name in (CLIENT_CERT, CLIENT_KEY):
         shutil.copy(client_from / name, dst / name)
     (dst / CLIENT_KEY).chmod(0o600)

@@ -121,6 +121,87 @@ def test_make_creds_needs_a_host(tmp_path: Path) -> None:
         make_creds(tmp_path / "h", tmp_path / "ca", [])
 
 
+def _five(d: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in d.iterdir()}
+
+
+def test_make_creds_refuses_a_hosts_directory_as_ca(tmp_path: Path) -> None:
+    make_creds(tmp_path / "hostB", tmp_path / "ca", ["b"])
+    before = _five(tmp_path / "hostB")
+    r = vmferry(
+        "tls", "make-creds", str(tmp_path / "hostD"), "--ca", str(tmp_path / "hostB"),
+        "--host", "x",
+    )  # fmt: skip
+    assert r.returncode == 125
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert "is a CA certificate without its key: a host's credentials directory?" in lines[0]
+    assert _five(tmp_path / "hostB") == before  # its trust untouched, no ca-key.pem added
+    assert not (tmp_path / "hostD").exists()
+
+
+def test_make_creds_refuses_a_ca_directory_holding_host_files(tmp_path: Path) -> None:
+    make_creds(tmp_path / "h", tmp_path / "ca", ["h"])
+    shutil.copy(tmp_path / "h" / SERVER_CERT, tmp_path / "ca" / SERVER_CERT)
+    with pytest.raises(ConfigError, match=r"holds a host's credentials \(server-cert.pem\)"):
+        make_creds(tmp_path / "h2", tmp_path / "ca", ["h2"])
+
+
+def test_make_creds_refuses_the_ca_directory_as_destination(tmp_path: Path) -> None:
+    make_creds(tmp_path / "h", tmp_path / "ca", ["h"])
+    with pytest.raises(ConfigError, match="must not be the CA's"):
+        make_creds(tmp_path / "ca", tmp_path / "ca", ["h"])
+
+
+def test_make_creds_replaces_existing_credentials_only_with_force(tmp_path: Path) -> None:
+    make_creds(tmp_path / "h", tmp_path / "ca", ["h"])
+    before = _five(tmp_path / "h")
+    args = ["tls", "make-creds", str(tmp_path / "h"), "--ca", str(tmp_path / "ca"), "--host", "h"]
+    r = vmferry(*args)
+    assert r.returncode == 125
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert "already holds credentials" in r.stderr and "--force" in r.stderr
+    assert _five(tmp_path / "h") == before
+    r = vmferry(*args, "--force")
+    assert r.returncode == 0, r.stderr
+    after = _five(tmp_path / "h")
+    assert after[CA_CERT] == before[CA_CERT] and after[SERVER_CERT] != before[SERVER_CERT]
+
+
+def test_make_creds_refuses_a_partial_directory_without_force(tmp_path: Path) -> None:
+    (tmp_path / "h").mkdir()
+    (tmp_path / "h" / CLIENT_KEY).write_bytes(b"old")
+    with pytest.raises(ConfigError, match=r"already holds credentials \(client-key.pem\)"):
+        make_creds(tmp_path / "h", tmp_path / "ca", ["h"])
+    assert not (tmp_path / "ca").exists()
+
+
+@pytest.mark.parametrize(
+    "bad", ["bad host name!", "", "-lead.example", "trail-.example", "a..b", "a_b", "x" * 64]
+)
+def test_make_creds_refuses_a_bad_host_name(tmp_path: Path, bad: str) -> None:
+    with pytest.raises(ConfigError, match="not an IP address or a host name"):
+        make_creds(tmp_path / "h", tmp_path / "ca", ["ok.example", bad])
+    assert not (tmp_path / "h").exists()
+
+
+def test_make_creds_cli_bad_host_exits_125(tmp_path: Path) -> None:
+    r = vmferry(
+        "tls", "make-creds", str(tmp_path / "h"), "--ca", str(tmp_path / "ca"),
+        "--host", "bad host name!",
+    )  # fmt: skip
+    assert r.returncode == 125
+    assert r.stderr.strip().splitlines() == [
+        "vmferry: error: --host 'bad host name!': not an IP address or a host name "
+        "(letters, digits, hyphens and dots; RFC 1123)"
+    ]
+
+
+@pytest.mark.parametrize("good", ["::1", "10.0.0.5", "localhost", "db-1.example.com.", "9host"])
+def test_make_creds_accepts_addresses_and_host_names(tmp_path: Path, good: str) -> None:
+    make_creds(tmp_path / "h", tmp_path / "ca", [good])
+
+
 # ---- credentials checks
 
 
@@ -157,6 +238,39 @@ def test_missing_file_is_named(host: Path) -> None:
 def test_not_a_directory(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="is not a directory"):
         TlsServer(str(tmp_path / "none"))
+
+
+@pytest.mark.parametrize("cert", [SERVER_CERT, CLIENT_CERT])
+def test_certificate_not_signed_by_the_ca_is_refused_naming_it(
+    host: Path, tmp_path: Path, cert: str
+) -> None:
+    make_creds(tmp_path / "other", tmp_path / "ca-b", ["127.0.0.1"])
+    shutil.copy(tmp_path / "other" / CA_CERT, host / CA_CERT)  # same CA name, other key
+    with pytest.raises(ConfigError) as info:
+        TlsServer(str(host)) if cert == SERVER_CERT else TlsClient(str(host), "h")
+    assert str(info.value).startswith(
+        f"TLS credentials: {host / cert} is not signed by the CA in {host / CA_CERT}"
+    )
+    assert "\n" not in str(info.value)
+
+
+def test_ca_bundle_with_the_signer_is_accepted(host: Path, tmp_path: Path) -> None:
+    make_creds(tmp_path / "other", tmp_path / "ca-b", ["127.0.0.1"])
+    bundle = (tmp_path / "other" / CA_CERT).read_bytes() + (host / CA_CERT).read_bytes()
+    (host / CA_CERT).write_bytes(bundle)
+    TlsServer(str(host))
+    TlsClient(str(host), "h")
+
+
+def test_cli_destination_with_a_foreign_certificate_exits_125(host: Path, tmp_path: Path) -> None:
+    make_creds(tmp_path / "other", tmp_path / "ca-b", ["127.0.0.1"])
+    shutil.copy(tmp_path / "other" / SERVER_CERT, host / SERVER_CERT)
+    shutil.copy(tmp_path / "other" / SERVER_KEY, host / SERVER_KEY)
+    r = vmferry("run", "--incoming", "tcp:127.0.0.1:0", "--tls-creds", str(host), timeout=30)
+    assert r.returncode == 125
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert f"{host / SERVER_CERT} is not signed by the CA in {host / CA_CERT}" in lines[0]
 
 
 def test_cli_destination_with_a_readable_key_exits_125_in_one_line(host: Path) -> None:

@@ -19,6 +19,7 @@ from rich.table import Table
 
 from vmferry.errors import MigrationError
 from vmferry.migration.policy import rate, size
+from vmferry.migration.report import NOT_REACHED, verify_status
 from vmferry.qmp.client import QmpClient, QmpProtocolError
 
 POLL_S = 0.2
@@ -298,7 +299,8 @@ def _migrate(args: argparse.Namespace, qmp: QmpClient) -> dict[str, Any]:
 
 def _verification(rep: dict[str, Any]) -> str:
     v = rep.get("verify", {})
-    status = str(v.get("status", "off"))
+    x_verify = bool(rep.get("capabilities", {}).get("x-verify", False))
+    status = verify_status(str(rep.get("status", "")), str(v.get("status", "off")), x_verify)
     if status == "failed":
         bad = v.get("first-mismatches", [])
         where = f" in pages {', '.join(str(p) for p in bad)}" if bad else ""
@@ -308,7 +310,7 @@ def _verification(rep: dict[str, Any]) -> str:
         return f"passed ({v.get('pages-checked', 0)} pages checked)"
     if status == "deferred":
         return f"deferred: {v.get('detail', 'checked when the file is restored')}"
-    if status == "off" and rep.get("capabilities", {}).get("x-verify", False):
+    if status == NOT_REACHED:
         # Verification was asked for; it runs at the switchover, which was never reached.
         return f"not reached (the migration {rep.get('status', 'ended')} before it)"
     return status

@@ -53,6 +53,11 @@ def add_parser(sub: Any) -> None:
         action="store_true",
         help="make certificates that expired yesterday (to see a refusal)",
     )
+    mk.add_argument(
+        "--force",
+        action="store_true",
+        help="replace the credentials already in DIR (refused without it)",
+    )
     mk.set_defaults(func=cmd_make_creds)
 
 
@@ -64,6 +69,7 @@ def cmd_make_creds(args: argparse.Namespace) -> int:
         args.client_name,
         days=args.days,
         expired=args.expired,
+        force=args.force,
     )
     for path in paths:
         print(path)

@@ -119,6 +119,18 @@ def _rounds_list(stats: MigrationStats) -> list[dict[str, Any]]:
     ]
 
 
+NOT_REACHED: Final = "not-reached"
+
+
+def verify_status(migration_status: str, status: str, x_verify: bool) -> str:
+    """The verification's status as the report and the summary give it: "not-reached"
+    where x-verify was on but the migration ended (failed, cancelled) before the
+    switchover that runs it, rather than "off" as if it had been turned off."""
+    if status == "off" and x_verify and migration_status != "completed":
+        return NOT_REACHED
+    return status
+
+
 def report_dict(
     stats: MigrationStats, params: MigrationParameters, caps: MigrationCapabilities
 ) -> dict[str, Any]:
@@ -137,7 +149,7 @@ def report_dict(
         "vfio": {"transferred": stats.device_transferred},
         "devices": stats.devices,
         "verify": {
-            "status": v.status,
+            "status": verify_status(stats.status, v.status, caps.x_verify),
             "pages-checked": v.pages_checked,
             "first-mismatches": list(v.mismatched_pages),
             "cpu-state": v.cpu_state,

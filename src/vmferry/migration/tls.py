@@ -26,6 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+
 from vmferry.errors import ConfigError, MigrationError
 from vmferry.migration.channel import MigrationUri
 from vmferry.migration.stream import MAGIC
@@ -77,6 +80,27 @@ def _creds_file(directory: Path, name: str) -> Path:
     return path
 
 
+def check_signed(ca: Path, cert: Path) -> None:
+    """Refuse a certificate that no certificate in ``ca`` (a CA or a bundle) signed: a
+    host's pair copied next to another CA's certificate fails every handshake later.
+    Intermediates that follow the certificate in its file count as issuers too."""
+    try:
+        issuers = x509.load_pem_x509_certificates(ca.read_bytes())
+        chain = x509.load_pem_x509_certificates(cert.read_bytes())
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"TLS credentials: {cert} or {ca} does not load: {e}") from e
+    for issuer in [*issuers, *chain[1:]]:
+        try:
+            chain[0].verify_directly_issued_by(issuer)
+        except (ValueError, TypeError, InvalidSignature):
+            continue
+        return
+    raise ConfigError(
+        f"TLS credentials: {cert} is not signed by the CA in {ca} (a certificate from "
+        "another CA, or a CA certificate from another lab?)"
+    )
+
+
 def _context(directory: str, server: bool) -> ssl.SSLContext:
     d = Path(directory)
     if not d.is_dir():
@@ -97,6 +121,7 @@ def _context(directory: str, server: bool) -> ssl.SSLContext:
         raise ConfigError(
             f"TLS credentials: {cert} and {key} are not a usable certificate and key: {e}"
         ) from e
+    check_signed(ca, cert)
     return ctx
 
 
@@ -360,6 +385,7 @@ __all__ = [
     "TlsServer",
     "check_creds",
     "check_key_file",
+    "check_signed",
     "client_for",
     "parse_authz",
     "server_for",

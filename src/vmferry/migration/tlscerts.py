@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,8 @@ from vmferry.migration.tls import CA_CERT, CLIENT_CERT, CLIENT_KEY, SERVER_CERT,
 
 CA_KEY = "ca-key.pem"
 DEFAULT_DAYS = 365
+CREDS_FILES = (CA_CERT, SERVER_CERT, SERVER_KEY, CLIENT_CERT, CLIENT_KEY)
+_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 
 
 @dataclass(frozen=True)
@@ -58,8 +61,44 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     )
 
 
+def check_ca_dir(directory: Path) -> None:
+    """Refuse a --ca that is not a CA's own directory: making a CA there would replace a
+    host's ca-cert.pem (its trust) or mix a CA key into its credentials."""
+    cert_path, key_path = directory / CA_CERT, directory / CA_KEY
+    if cert_path.exists() and not key_path.exists():
+        raise ConfigError(
+            f"--ca {directory}: {cert_path} is a CA certificate without its key: a host's "
+            "credentials directory? give the CA's own directory"
+        )
+    if key_path.exists() and not cert_path.exists():
+        raise ConfigError(f"--ca {directory}: {key_path} has no {CA_CERT} beside it")
+    host_files = [n for n in CREDS_FILES[1:] if (directory / n).exists()]
+    if host_files:
+        raise ConfigError(
+            f"--ca {directory}: holds a host's credentials ({', '.join(host_files)}); "
+            "give the CA's own directory"
+        )
+
+
+def check_host(host: str) -> None:
+    """A --host is an IP address or an RFC 1123 host name (what a SAN entry can match)."""
+    try:
+        ipaddress.ip_address(host)
+        return
+    except ValueError:
+        pass
+    name = host[:-1] if host.endswith(".") else host
+    labels = name.split(".")
+    if not name or len(name) > 253 or not all(_LABEL.fullmatch(label) for label in labels):
+        raise ConfigError(
+            f"--host {host!r}: not an IP address or a host name (letters, digits, "
+            "hyphens and dots; RFC 1123)"
+        )
+
+
 def load_or_make_ca(directory: Path, name: str = "vmferry test CA") -> Authority:
     """The CA in ``directory``, made there (valid ten years) if it is not there yet."""
+    check_ca_dir(directory)
     cert_path, key_path = directory / CA_CERT, directory / CA_KEY
     if cert_path.exists() and key_path.exists():
         try:
@@ -152,12 +191,26 @@ def make_creds(
     *,
     days: int = DEFAULT_DAYS,
     expired: bool = False,
+    force: bool = False,
 ) -> list[Path]:
-    """QEMU's five files in ``directory``, signed by the CA in ``ca_dir``; the paths."""
+    """QEMU's five files in ``directory``, signed by the CA in ``ca_dir``; the paths.
+    Files already in ``directory`` are replaced only with ``force``."""
     if not hosts:
         raise ConfigError("make-creds needs at least one --host (the name sources connect to)")
+    for host in hosts:
+        check_host(host)
     if days < 1:
         raise ConfigError(f"--days {days}: a certificate must be valid at least one day")
+    if directory.resolve() == ca_dir.resolve():
+        raise ConfigError(f"{directory}: the credentials directory must not be the CA's (--ca)")
+    if (directory / CA_KEY).exists():
+        raise ConfigError(f"{directory} holds {CA_KEY}: it is a CA's directory, not a host's")
+    existing = [n for n in CREDS_FILES if (directory / n).exists()]
+    if existing and not force:
+        raise ConfigError(
+            f"{directory} already holds credentials ({', '.join(existing)}); "
+            "give --force to replace them"
+        )
     ca = load_or_make_ca(ca_dir)
     directory.mkdir(parents=True, exist_ok=True)
     server, server_key = _leaf(ca, hosts[0], hosts, True, days, expired)
