@@ -252,6 +252,9 @@ def test_certificate_not_signed_by_the_ca_is_refused_naming_it(
         f"TLS credentials: {host / cert} is not signed by the CA in {host / CA_CERT}"
     )
     assert "\n" not in str(info.value)
+    # migrate-set-parameters checks the same way
+    with pytest.raises(ConfigError, match="is not signed by the CA"):
+        tls_mod.check_creds(str(host), server=cert == SERVER_CERT)
 
 
 def test_ca_bundle_with_the_signer_is_accepted(host: Path, tmp_path: Path) -> None:
