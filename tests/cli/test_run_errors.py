@@ -23,6 +23,7 @@ VMFERRY = [sys.executable, "-m", "vmferry.cli.main"]
 # memtouch running a few seconds (16 MiB per round at 20 MB/s): long enough to be saved,
 # to hold a QMP socket, or to end during a slow migration.
 BUSY = ["--", "wss=16M", "rate=20", "rounds=8", "seed=3"]
+SLOW = ["--", "wss=16M", "rate=4", "rounds=3", "seed=3"]  # ~12 s, slower to dirty
 
 
 def one_error_line(r: Completed, *needles: str) -> str:
@@ -293,6 +294,36 @@ def test_destination_timeout_does_not_destroy_an_arrived_vm(sock_path: str) -> N
     assert dst.returncode == 0, err
     assert b"did not finish" not in err, err
     ref = vmferry("run", "memtouch", "--memory", "64M", *BUSY)
+    assert Completed(0, out, "").result == ref.result
+
+
+@pytest.mark.slow
+def test_destination_timeout_does_not_cut_a_migration_under_way(sock_path: str) -> None:
+    # At 6 MB/s the 16 MiB working set alone takes ~2.7 s, a second round more: past
+    # --timeout 2, which bounds only the wait for a source to connect.
+    src = _start("run", "memtouch", "--memory", "64M", "--qmp", f"unix:{sock_path}", *SLOW)
+    dst: subprocess.Popen[bytes] | None = None
+    try:
+        _wait_for_socket(sock_path, src)
+        time.sleep(0.3)  # bound but maybe not yet listening
+        dst = _start("run", "--incoming", "tcp:127.0.0.1:0", "--timeout", "2")
+        port = _listening_port(dst)
+        t0 = time.monotonic()
+        mig = vmferry(
+            "migrate", "--qmp", sock_path, f"tcp:127.0.0.1:{port}",
+            "--max-bandwidth", "6000000", "--downtime-limit", "2000",
+        )  # fmt: skip
+        took = time.monotonic() - t0
+        assert mig.returncode == 0, mig.stderr
+        out, err = dst.communicate(timeout=60)
+    finally:
+        if dst is not None:
+            dst.kill()
+        src.kill()
+    assert took > 2.0, f"the migration took {took:.1f} s: not slow enough to test --timeout"
+    assert dst.returncode == 0, err
+    assert b"no VM arrived" not in err, err
+    ref = vmferry("run", "memtouch", "--memory", "64M", *SLOW)
     assert Completed(0, out, "").result == ref.result
 
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import io
 import shutil
+import socket
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,6 +98,9 @@ class TlsDestination(Destination):
         self._thread = threading.Thread(target=self._run, name="test-destination", daemon=True)
         self._thread.start()
 
+    def waiting(self) -> bool:
+        return self._thread.is_alive()
+
 
 @pytest.fixture
 def guest() -> Iterator[Guest]:
@@ -124,12 +129,19 @@ def _tls(creds_dir: Path | None, channels: int = 1, hostname: str = "") -> Migra
     )
 
 
-def _refused(src: MigrationSource, dest: Destination) -> tuple[str, str]:
-    """Both sides' errors of a migration that must have failed before anything moved."""
+def _refused(src: MigrationSource, dest: TlsDestination) -> tuple[str, str]:
+    """Both sides' errors of a migration that must have failed before anything moved:
+    the source's, and the destination's refusal lines (it refused and waits on)."""
     wait_migration(src)
     assert src.stats.status == "failed", src.stats.error
     assert not src.released
-    return src.stats.error, str(dest.failure())
+    deadline = time.monotonic() + 15
+    while not dest.incoming.refusals and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert dest.incoming.refusals, "the destination did not say it refused the connection"
+    assert dest.error is None and dest.result is None, dest.error
+    assert dest.waiting(), "the destination stopped waiting after refusing a stranger"
+    return src.stats.error, "\n".join(dest.incoming.refusals)
 
 
 # ---- migrations that arrive
@@ -190,6 +202,27 @@ def test_tls_stream_to_a_plain_destination(guest: Guest, creds: Creds) -> None:
     assert "does not speak TLS" in src_err
     assert "not a vmferry stream" in dst_err
     assert_source_intact(guest)
+
+
+def test_plain_destination_refuses_what_is_not_a_vmferry_stream(guest: Guest) -> None:
+    """Garbage before CONF (here an HTTP request) is a stranger's: refused, and the real
+    (plain) migration that comes next arrives whole."""
+    dest = TlsDestination(None)
+    try:
+        with socket.create_connection(("127.0.0.1", dest.port)) as http:
+            http.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            deadline = time.monotonic() + 15
+            while not dest.incoming.refusals and time.monotonic() < deadline:
+                time.sleep(0.02)
+        assert dest.incoming.refusals, "the destination did not refuse the stranger"
+        assert "not a vmferry stream: it starts with b'GET / HT'" in dest.incoming.refusals[0]
+        src = start_migration(guest, dest.uri, _tls(None))
+        wait_migration(src)
+        assert src.stats.status == "completed", src.stats.error
+        _, out = dest.finish()
+    finally:
+        dest.close()
+    assert out == reference_result(WORKLOAD)
 
 
 def test_client_certificate_from_another_ca(
@@ -285,7 +318,25 @@ def test_cli_migration_over_tls_two_channels(creds: Creds) -> None:
     assert "verification passed" in done.stderr
 
 
-def test_cli_refusal_is_one_line_on_the_destination(creds: Creds) -> None:
+def _tls_migration_arrives(dst: live.Proc, port: int, creds: Creds) -> None:
+    """The real source's TLS migration, after the strangers, arrives with the RESULT."""
+    reference = reference_result(WORKLOAD)
+    with live.qmp_dir() as d:
+        src = live.start_source_process(WORKLOAD, d / "qmp")
+        mig = vmferry(
+            "migrate", f"tcp:127.0.0.1:{port}", "--qmp", str(d / "qmp"),
+            "--tls-creds", str(creds.good),
+        )  # fmt: skip
+        src_done = src.finish()
+    assert mig.returncode == 0, mig.stderr
+    assert src_done.returncode == 0, src_done.stderr
+    done = dst.finish()
+    assert done.returncode == 0, done.stderr
+    assert done.result == reference
+    assert "verification passed" in done.stderr
+
+
+def test_cli_refusal_is_one_line_and_the_destination_waits_on(creds: Creds) -> None:
     dst = live.Proc("run", "--incoming", "tcp:127.0.0.1:0", "--tls-creds", str(creds.good))
     port = int(dst.wait_stderr(r"waiting for a migration on 127\.0\.0\.1:(\d+)").group(1))
     reference = reference_result(WORKLOAD)
@@ -293,18 +344,35 @@ def test_cli_refusal_is_one_line_on_the_destination(creds: Creds) -> None:
         src = live.start_source_process(WORKLOAD, d / "qmp")
         mig = vmferry("migrate", f"tcp:127.0.0.1:{port}", "--qmp", str(d / "qmp"), "--no-verify")
         src_done = src.finish()
-    done = dst.finish()
-    assert done.returncode == 125
-    lines = [ln for ln in done.stderr.splitlines() if "error" in ln]
-    assert lines == [
-        "vmferry: error: refused a migration: this destination requires TLS (tls-creds), "
-        "but the source sent a plain stream"
-    ], done.stderr
-    assert "Traceback" not in done.stderr
     assert mig.returncode == 125
     assert "requires TLS" in mig.stderr
     assert src_done.returncode == 0, src_done.stderr
     assert src_done.result == reference
+    line = dst.wait_stderr(r"vmferry: refused a connection from 127\.0\.0\.1:\d+: (.*)")
+    assert line.group(1) == (
+        "this destination requires TLS (tls-creds), but the source sent a plain stream"
+    )
+    assert dst.p.poll() is None, "the destination ended after refusing a stranger"
+    _tls_migration_arrives(dst, port, creds)
+    assert "vmferry: error:" not in dst.err.decode(), dst.err.decode()
+
+
+def test_strangers_do_not_end_a_tls_destination(creds: Creds) -> None:
+    """A silent connection (refused after the 10 s handshake bound), a plain HTTP request
+    and a connect-and-hang-up are each refused in one line; the real source then arrives."""
+    dst = live.Proc("run", "--incoming", "tcp:127.0.0.1:0", "--tls-creds", str(creds.good))
+    port = int(dst.wait_stderr(r"waiting for a migration on 127\.0\.0\.1:(\d+)").group(1))
+    refused = r"vmferry: refused a connection from 127\.0\.0\.1:\d+: "
+    with socket.create_connection(("127.0.0.1", port)) as silent:
+        dst.wait_stderr(refused + r"no TLS handshake from the source within 10 s", 20)
+        assert silent.recv(100) == b""  # hung up on
+    with socket.create_connection(("127.0.0.1", port)) as http:
+        http.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        dst.wait_stderr(refused + r"this destination requires TLS, but the source sent b'GET ")
+    socket.create_connection(("127.0.0.1", port)).close()
+    dst.wait_stderr(refused + r"TLS with the source failed: the source closed the connection")
+    assert dst.p.poll() is None, "the destination ended after refusing a stranger"
+    _tls_migration_arrives(dst, port, creds)
 
 
 def test_deferred_destination_takes_tls_parameters_over_qmp(creds: Creds) -> None:

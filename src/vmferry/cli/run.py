@@ -261,6 +261,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             deadline = None  # restored from a file: it has arrived, see below
         while True:
             outcome = controller.wait_for(0.5)
+            if deadline is not None and args.incoming and controller.incoming_status == "active":
+                # A source has connected (and, with TLS, been admitted): from now on the
+                # migration's own peer-timeout bounds it, not --timeout.
+                deadline = None
             if not arrived and controller.current_machine is not None:
                 arrived = True
                 _note_arrival(controller)

@@ -33,7 +33,7 @@ from vmferry.migration.loader import (
 )
 from vmferry.migration.metrics import VerifyResult
 from vmferry.migration.params import MAX_PEER_TIMEOUT_MS, MIN_PEER_TIMEOUT_MS, MigrationParameters
-from vmferry.migration.stream import CHANNEL_GRAMMAR, StreamReader
+from vmferry.migration.stream import CHANNEL_GRAMMAR, MAGIC, StreamReader
 from vmferry.migration.streamcap import StreamBudget
 from vmferry.migration.tls import TlsServer
 from vmferry.migration.tlssocket import stream_source
@@ -94,6 +94,29 @@ def _went_away(e: BaseException) -> bool:
     return False
 
 
+def _address(sock: socket.socket) -> str:
+    try:
+        host, port = sock.getpeername()[:2]
+    except (OSError, ValueError):
+        return "an unknown address"
+    return f"{host}:{port}"
+
+
+def _not_a_stream(sock: socket.socket) -> str:
+    """What a plain connection's first bytes (peeked, nothing read) say if they are not a
+    vmferry stream's; "" if they may be (or nothing came)."""
+    sock.settimeout(CHANNEL_ACCEPT_TIMEOUT_S)
+    try:
+        first = sock.recv(len(MAGIC), socket.MSG_PEEK)
+    except OSError:
+        return ""  # silent or gone: the stream's own reads say so
+    finally:
+        sock.settimeout(None)
+    if not first or MAGIC.startswith(first):
+        return ""
+    return f"not a vmferry stream: it starts with {first!r}, want {MAGIC!r}"
+
+
 def _verify_dict(v: VerifyResult) -> dict[str, object]:
     return {
         "status": v.status,
@@ -132,6 +155,8 @@ class IncomingMigration:
         # Called (on the receiving thread) once a source has connected and, with TLS,
         # been admitted: the wait (QEMU's "setup") is over, the migration is "active".
         self.on_connected: Callable[[], None] | None = None
+        # One line per stranger's connection refused while waiting (the test reads them).
+        self.refusals: list[str] = []
         self._prealloc: GuestMemory | None = None
         if prealloc:
             try:
@@ -162,6 +187,11 @@ class IncomingMigration:
         with contextlib.suppress(OSError):
             self.listener.shutdown(socket.SHUT_RDWR)
 
+    def _refused(self, peer: str, e: BaseException) -> None:
+        line = f"refused a connection from {peer}: {str(e).removeprefix('refused a migration: ')}"
+        self.refusals.append(line)
+        print(f"vmferry: {line}", file=sys.stderr, flush=True)
+
     def _secure(self, sock: socket.socket, what: str) -> socket.socket:
         return sock if self.tls is None else self.tls.secure(sock, what)
 
@@ -184,7 +214,26 @@ class IncomingMigration:
                     file=sys.stderr,
                     flush=True,
                 )
-            main_sock = self._secure(accept(self.listener, None, "source"), "source")
+            # A connection refused before it authenticated (TLS) or before its CONF (a
+            # plain destination sent something that is not a vmferry stream) is a
+            # stranger's: say so and go on listening for the real source.
+            while True:
+                conn = accept(self.listener, None, "source")
+                peer = _address(conn)
+                try:
+                    main_sock = self._secure(conn, "source")
+                except (MigrationError, OSError) as e:
+                    conn.close()
+                    self._refused(peer, e)
+                    continue
+                if self.tls is None and (garbage := _not_a_stream(main_sock)):
+                    self._refused(peer, MigrationError(garbage))
+                    with contextlib.suppress(OSError):
+                        ReplyPath(main_sock).send("failed", error=garbage)
+                    _wake(main_sock)
+                    main_sock.close()
+                    continue
+                break
             socks.append(main_sock)
             if self.on_connected is not None:
                 self.on_connected()
