@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +66,26 @@ def vmferry(*args: str, timeout: float = 120) -> Completed:
         cwd=ROOT,
     )
     return Completed(p.returncode, p.stdout, p.stderr.decode(errors="replace"))
+
+
+def start_vmferry(*args: str) -> subprocess.Popen[bytes]:
+    """Start the vmferry CLI in a new process and leave it running (stdout, stderr piped)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "vmferry.cli.main", *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+
+
+@pytest.fixture
+def unix_socket_path() -> Iterator[str]:
+    """A fresh path for a QMP socket, removed afterwards. AF_UNIX paths are limited to 107
+    bytes, and pytest's tmp_path can be longer."""
+    path = f"/tmp/vmferry-test-{os.getpid()}-{uuid.uuid4().hex[:8]}.qmp"
+    yield path
+    if os.path.lexists(path):
+        os.unlink(path)
 
 
 @pytest.fixture(autouse=True)

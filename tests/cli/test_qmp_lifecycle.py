@@ -6,33 +6,15 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, vmferry
+from tests.conftest import start_vmferry, vmferry
 from vmferry.qmp.client import QmpClient
 
 pytestmark = [pytest.mark.kvm, pytest.mark.slow]
-VMFERRY = [sys.executable, "-m", "vmferry.cli.main"]
-
-
-@pytest.fixture
-def qmp_path() -> Iterator[str]:
-    path = f"/tmp/vmferry-test-{os.getpid()}-{uuid.uuid4().hex[:8]}.qmp"
-    yield path
-    if os.path.lexists(path):
-        os.unlink(path)
-
-
-def _start(*args: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [*VMFERRY, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
 
 
 def _client(path: str, proc: subprocess.Popen[bytes]) -> QmpClient:
@@ -56,11 +38,11 @@ def _listening_port(proc: subprocess.Popen[bytes]) -> int:
     raise AssertionError("the destination did not say where it listens")
 
 
-def test_qmp_answers_while_an_incoming_migration_is_awaited(qmp_path: str) -> None:
-    dst = _start("run", "--incoming", "tcp:127.0.0.1:0", "--qmp", f"unix:{qmp_path}")
+def test_qmp_answers_while_an_incoming_migration_is_awaited(unix_socket_path: str) -> None:
+    dst = start_vmferry("run", "--incoming", "tcp:127.0.0.1:0", "--qmp", f"unix:{unix_socket_path}")
     try:
         port = _listening_port(dst)
-        with _client(qmp_path, dst) as qmp:
+        with _client(unix_socket_path, dst) as qmp:
             assert qmp.execute("query-status")["status"] == "inmigrate"
             # No source yet: QEMU's destination says setup, and where it listens.
             assert qmp.execute("query-migrate") == {
@@ -75,20 +57,22 @@ def test_qmp_answers_while_an_incoming_migration_is_awaited(qmp_path: str) -> No
             qmp.execute("quit")
         _, err = dst.communicate(timeout=30)
         assert dst.returncode == 0, err
-        assert not os.path.lexists(qmp_path)
+        assert not os.path.lexists(unix_socket_path)
     finally:
         dst.kill()
 
 
-def test_a_vm_arrives_at_an_incoming_vm_with_qmp(qmp_path: str) -> None:
-    dst_qmp = qmp_path.replace(".qmp", "-dst.qmp")
-    dst = _start("run", "--incoming", "tcp:127.0.0.1:0", "--qmp", f"unix:{dst_qmp}")
+def test_a_vm_arrives_at_an_incoming_vm_with_qmp(unix_socket_path: str) -> None:
+    dst_qmp = unix_socket_path.replace(".qmp", "-dst.qmp")
+    dst = start_vmferry("run", "--incoming", "tcp:127.0.0.1:0", "--qmp", f"unix:{dst_qmp}")
     args = ["--", "wss=16M", "seed=9", "rate=50", "rounds=30"]
-    src = _start("run", "memtouch", "--memory", "128M", "--qmp", f"unix:{qmp_path}", *args)
+    src = start_vmferry(
+        "run", "memtouch", "--memory", "128M", "--qmp", f"unix:{unix_socket_path}", *args
+    )
     try:
         port = _listening_port(dst)
-        _client(qmp_path, src).close()
-        mig = vmferry("migrate", "--qmp", qmp_path, f"tcp:127.0.0.1:{port}")
+        _client(unix_socket_path, src).close()
+        mig = vmferry("migrate", "--qmp", unix_socket_path, f"tcp:127.0.0.1:{port}")
         assert mig.returncode == 0, mig.stderr
         with _client(dst_qmp, dst) as qmp:
             assert qmp.execute("query-migrate")["status"] == "completed"
@@ -103,18 +87,23 @@ def test_a_vm_arrives_at_an_incoming_vm_with_qmp(qmp_path: str) -> None:
         src.kill()
 
 
-def test_a_guest_that_ends_mid_migration_is_reported_failed(qmp_path: str) -> None:
-    dst = _start("run", "--incoming", "tcp:127.0.0.1:0", "--timeout", "120")
+def test_a_guest_that_ends_mid_migration_is_reported_failed(unix_socket_path: str) -> None:
+    dst = start_vmferry("run", "--incoming", "tcp:127.0.0.1:0", "--timeout", "120")
     # The guest ends after a few seconds; at 4 MB/s the 128 MiB take half a minute.
-    src = _start(
-        "run", "memtouch", "--memory", "128M", "--qmp", f"unix:{qmp_path}",
+    src = start_vmferry(
+        "run", "memtouch", "--memory", "128M", "--qmp", f"unix:{unix_socket_path}",
         "--", "wss=16M", "rate=20", "rounds=4",
     )  # fmt: skip
     try:
         port = _listening_port(dst)
-        _client(qmp_path, src).close()
+        _client(unix_socket_path, src).close()
         mig = vmferry(
-            "migrate", "--qmp", qmp_path, "--max-bandwidth", "4000000", f"tcp:127.0.0.1:{port}"
+            "migrate",
+            "--qmp",
+            unix_socket_path,
+            "--max-bandwidth",
+            "4000000",
+            f"tcp:127.0.0.1:{port}",
         )
         assert mig.returncode == 125, mig.stderr
         assert "the guest ended during the migration" in mig.stderr, mig.stderr
@@ -126,11 +115,11 @@ def test_a_guest_that_ends_mid_migration_is_reported_failed(qmp_path: str) -> No
         src.kill()
 
 
-def test_sigterm_ends_the_wait_for_an_incoming_vm_cleanly(qmp_path: str) -> None:
-    dst = _start("run", "--incoming", "tcp:127.0.0.1:0", "--qmp", f"unix:{qmp_path}")
+def test_sigterm_ends_the_wait_for_an_incoming_vm_cleanly(unix_socket_path: str) -> None:
+    dst = start_vmferry("run", "--incoming", "tcp:127.0.0.1:0", "--qmp", f"unix:{unix_socket_path}")
     try:
         _listening_port(dst)
-        _client(qmp_path, dst).close()
+        _client(unix_socket_path, dst).close()
         dst.send_signal(signal.SIGTERM)
         _, err = dst.communicate(timeout=30)
     finally:
@@ -138,4 +127,4 @@ def test_sigterm_ends_the_wait_for_an_incoming_vm_cleanly(qmp_path: str) -> None
     assert dst.returncode == 128 + signal.SIGTERM, err
     assert err.decode().strip().endswith("vmferry: terminated (SIGTERM)"), err
     assert b"Traceback" not in err
-    assert not os.path.lexists(qmp_path)
+    assert not os.path.lexists(unix_socket_path)

@@ -7,19 +7,16 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, Completed, guest_image, vmferry
+from tests.conftest import Completed, guest_image, start_vmferry, vmferry
 from vmferry.memory.host_memory import HostMemory
 
 pytestmark = [pytest.mark.kvm]
-VMFERRY = [sys.executable, "-m", "vmferry.cli.main"]
 # memtouch running a few seconds (16 MiB per round at 20 MB/s): long enough to be saved,
 # to hold a QMP socket, or to end during a slow migration.
 BUSY = ["--", "wss=16M", "rate=20", "rounds=8", "seed=3"]
@@ -35,21 +32,6 @@ def one_error_line(r: Completed, *needles: str) -> str:
     for n in needles:
         assert n in lines[0], (n, lines[0])
     return lines[0]
-
-
-@pytest.fixture
-def sock_path() -> Iterator[str]:
-    # AF_UNIX paths are limited to 107 bytes; pytest's tmp_path can be longer.
-    path = f"/tmp/vmferry-test-{os.getpid()}-{uuid.uuid4().hex[:8]}.qmp"
-    yield path
-    if os.path.lexists(path):
-        os.unlink(path)
-
-
-def _start(*args: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [*VMFERRY, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
 
 
 def _wait_for_socket(path: str, proc: subprocess.Popen[bytes]) -> None:
@@ -96,15 +78,19 @@ def test_qmp_naming_a_regular_file_is_refused(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_qmp_socket_held_by_a_running_vm_is_refused(sock_path: str) -> None:
-    first = _start("run", "memtouch", "--memory", "64M", "--qmp", f"unix:{sock_path}", *BUSY)
+def test_qmp_socket_held_by_a_running_vm_is_refused(unix_socket_path: str) -> None:
+    first = start_vmferry(
+        "run", "memtouch", "--memory", "64M", "--qmp", f"unix:{unix_socket_path}", *BUSY
+    )
     try:
-        _wait_for_socket(sock_path, first)
-        r = vmferry("run", "memtouch", "--memory", "64M", "--qmp", f"unix:{sock_path}", *BUSY)
-        one_error_line(r, sock_path, "in use")
+        _wait_for_socket(unix_socket_path, first)
+        r = vmferry(
+            "run", "memtouch", "--memory", "64M", "--qmp", f"unix:{unix_socket_path}", *BUSY
+        )
+        one_error_line(r, unix_socket_path, "in use")
         assert r.stdout == b""
         assert first.poll() is None  # the first VM is untouched and keeps its socket
-        assert os.path.exists(sock_path)
+        assert os.path.exists(unix_socket_path)
     finally:
         first.kill()
         first.wait()
@@ -114,17 +100,19 @@ def test_qmp_socket_held_by_a_running_vm_is_refused(sock_path: str) -> None:
 
 
 @pytest.mark.slow
-def test_sigterm_removes_the_qmp_socket_and_says_so(sock_path: str) -> None:
-    proc = _start("run", "memtouch", "--memory", "64M", "--qmp", f"unix:{sock_path}", *BUSY)
+def test_sigterm_removes_the_qmp_socket_and_says_so(unix_socket_path: str) -> None:
+    proc = start_vmferry(
+        "run", "memtouch", "--memory", "64M", "--qmp", f"unix:{unix_socket_path}", *BUSY
+    )
     try:
-        _wait_for_socket(sock_path, proc)
+        _wait_for_socket(unix_socket_path, proc)
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)
     finally:
         proc.kill()
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert b"terminated" in err and b"Traceback" not in err, err
-    assert not os.path.lexists(sock_path)
+    assert not os.path.lexists(unix_socket_path)
 
 
 # ---- 8: --timeout
@@ -277,15 +265,17 @@ def _listening_port(dst: subprocess.Popen[bytes]) -> int:
 
 
 @pytest.mark.slow
-def test_destination_timeout_does_not_destroy_an_arrived_vm(sock_path: str) -> None:
+def test_destination_timeout_does_not_destroy_an_arrived_vm(unix_socket_path: str) -> None:
     # BUSY runs ~6 s; migrated at once, it runs on at the destination well past 2 s.
-    dst = _start("run", "--incoming", "tcp:127.0.0.1:0", "--timeout", "2")
-    src = _start("run", "memtouch", "--memory", "64M", "--qmp", f"unix:{sock_path}", *BUSY)
+    dst = start_vmferry("run", "--incoming", "tcp:127.0.0.1:0", "--timeout", "2")
+    src = start_vmferry(
+        "run", "memtouch", "--memory", "64M", "--qmp", f"unix:{unix_socket_path}", *BUSY
+    )
     try:
         port = _listening_port(dst)
-        _wait_for_socket(sock_path, src)
+        _wait_for_socket(unix_socket_path, src)
         time.sleep(0.3)  # bound but maybe not yet listening
-        mig = vmferry("migrate", "--qmp", sock_path, f"tcp:127.0.0.1:{port}")
+        mig = vmferry("migrate", "--qmp", unix_socket_path, f"tcp:127.0.0.1:{port}")
         assert mig.returncode == 0, mig.stderr
         out, err = dst.communicate(timeout=60)
     finally:
@@ -298,19 +288,21 @@ def test_destination_timeout_does_not_destroy_an_arrived_vm(sock_path: str) -> N
 
 
 @pytest.mark.slow
-def test_destination_timeout_does_not_cut_a_migration_under_way(sock_path: str) -> None:
+def test_destination_timeout_does_not_cut_a_migration_under_way(unix_socket_path: str) -> None:
     # At 6 MB/s the 16 MiB working set alone takes ~2.7 s, a second round more: past
     # --timeout 2, which bounds only the wait for a source to connect.
-    src = _start("run", "memtouch", "--memory", "64M", "--qmp", f"unix:{sock_path}", *SLOW)
+    src = start_vmferry(
+        "run", "memtouch", "--memory", "64M", "--qmp", f"unix:{unix_socket_path}", *SLOW
+    )
     dst: subprocess.Popen[bytes] | None = None
     try:
-        _wait_for_socket(sock_path, src)
+        _wait_for_socket(unix_socket_path, src)
         time.sleep(0.3)  # bound but maybe not yet listening
-        dst = _start("run", "--incoming", "tcp:127.0.0.1:0", "--timeout", "2")
+        dst = start_vmferry("run", "--incoming", "tcp:127.0.0.1:0", "--timeout", "2")
         port = _listening_port(dst)
         t0 = time.monotonic()
         mig = vmferry(
-            "migrate", "--qmp", sock_path, f"tcp:127.0.0.1:{port}",
+            "migrate", "--qmp", unix_socket_path, f"tcp:127.0.0.1:{port}",
             "--max-bandwidth", "6000000", "--downtime-limit", "2000",
         )  # fmt: skip
         took = time.monotonic() - t0
@@ -398,18 +390,20 @@ def test_sizes_and_options_are_refused_in_the_users_words(argv: list[str], says:
     assert "waiting for a migration" not in r.stderr
 
 
-def test_run_qmp_takes_a_bare_path_as_migrate_does(sock_path: str) -> None:
-    r = vmferry("run", "hello", "--memory", "64M", "--qmp", sock_path)
+def test_run_qmp_takes_a_bare_path_as_migrate_does(unix_socket_path: str) -> None:
+    r = vmferry("run", "hello", "--memory", "64M", "--qmp", unix_socket_path)
     assert r.returncode == 0, r.stderr
     assert b"hello" in r.stdout
-    assert not os.path.lexists(sock_path)  # opened, then removed at the end
+    assert not os.path.lexists(unix_socket_path)  # opened, then removed at the end
 
 
 @pytest.mark.slow
 def test_a_serial_reader_that_goes_away_does_not_crash_the_guest() -> None:
     # As `vmferry run memtouch … | head -1`: memtouch prints a header, then its RESULT
     # line when it ends (~1.6 s later), into a pipe nobody reads any more.
-    proc = _start("run", "memtouch", "--memory", "64M", "--", "wss=16M", "rate=40", "rounds=4")
+    proc = start_vmferry(
+        "run", "memtouch", "--memory", "64M", "--", "wss=16M", "rate=40", "rounds=4"
+    )
     try:
         assert proc.stdout is not None and proc.stderr is not None
         assert proc.stdout.readline().startswith(b"memtouch:")
