@@ -184,7 +184,8 @@ def test_a_vgpu_vm_migrates_between_two_processes_on_one_host() -> None:
         assert "waiting for a migration on" in line, line
         port = int(line.rsplit(":", 1)[1])
         _until("QMP socket", lambda: Path(qmp).exists(), src)
-        assert _holders(inst.uuid) == [src.pid]
+        # QMP is bound before the VM boots, so the vGPU may be attached a moment later.
+        _until("the source holding the vGPU", lambda: _holders(inst.uuid) == [src.pid], src)
         mig = vmferry("migrate", "--qmp", qmp, f"tcp:127.0.0.1:{port}")
         assert mig.returncode == 0, mig.stderr
         assert src.wait(30) == 0
