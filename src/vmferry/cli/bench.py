@@ -11,6 +11,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from vmferry.bench import bookkeeping as bench_bookkeeping
 from vmferry.bench import devices as bench_devices
 from vmferry.bench import migrate as bench_migrate
 from vmferry.bench import nic as bench_nic
@@ -76,6 +77,7 @@ def add_parser(sub: Any) -> None:
     vg.set_defaults(func=cmd_bench_vgpu)
     bench_nic.add_parser(which)
     bench_tls.add_parser(which)
+    bench_bookkeeping.add_parser(which)
 
 
 def _fmt(value: float, unit: str) -> str:
