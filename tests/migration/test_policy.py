@@ -313,3 +313,63 @@ def test_batches_under_max_bandwidth_are_one_window() -> None:
     assert batch_pages(16_000_000, 8192) == 390  # 1.6 MB per 100 ms window
     assert batch_pages(1000, 8192) == MIN_BATCH_PAGES
     assert batch_pages(10 * GIB, 8192) == 8192
+
+
+# ---- devices' initial pre-copy data and the expected downtime (the policy decides alone)
+
+
+def test_device_initial_data_holds_a_converged_switchover() -> None:
+    """VFIO: leave PRE_COPY only once initial_bytes is 0; the remainder fits, yet the VM
+    keeps iterating, and says why with the numbers."""
+    d = decide(1000, MIB, 320 * MIB, 0, P, device_pending=5 * MIB, device_initial=3 * MIB)
+    assert d.action == "continue"
+    assert "waiting for 3 MiB of device initial data" in d.reason
+    assert "≤ threshold 96 MiB" in d.reason
+    done = decide(1000, MIB, 320 * MIB, 0, P, device_pending=5 * MIB, device_initial=0)
+    assert done.action == "switchover"
+
+
+def test_forced_switchover_waits_for_device_initial_data() -> None:
+    p = MigrationParameters(switchover_timeout_ms=30_000, switchover_policy="force")
+    args = (30_000, 812 * MIB, 320 * MIB, 540 * MIB, p)
+    waiting = decide(*args, device_pending=8 * MIB, device_initial=MIB)
+    assert waiting.action == "continue"
+    assert waiting.reason.startswith("forced: switchover timeout 30000 ms passed")
+    assert "1 MiB of device initial data" in waiting.reason
+    forced = decide(*args, device_pending=8 * MIB, device_initial=0)
+    assert forced.action == "switchover" and forced.reason.startswith("forced:")
+
+
+def test_forced_switchover_waits_even_when_converged() -> None:
+    p = MigrationParameters(switchover_timeout_ms=1, switchover_policy="force")
+    d = decide(5_000, MIB, 320 * MIB, 0, p, device_initial=1)
+    assert d.action == "continue" and d.reason.startswith("forced:")
+
+
+def test_cancel_does_not_wait_for_device_initial_data() -> None:
+    p = MigrationParameters(switchover_timeout_ms=30_000, switchover_policy="cancel")
+    d = decide(30_000, MIB, 320 * MIB, 0, p, device_initial=MIB)
+    assert d.action == "cancel"
+    assert "waiting for 1 MiB of device initial data" in d.reason
+    assert decide(29_999, MIB, 320 * MIB, 0, p, device_initial=MIB).action == "continue"
+
+
+@pytest.mark.parametrize("policy", ["keep-going", "force"])
+def test_initial_data_wait_outlasts_the_timeout_unless_cancelled(policy: str) -> None:
+    p = MigrationParameters(switchover_timeout_ms=10, switchover_policy=policy)
+    for elapsed in (0, 10, 10**9):
+        assert decide(elapsed, 0, 320 * MIB, 0, p, device_initial=1).action == "continue"
+
+
+def test_expected_downtime_counts_device_state() -> None:
+    """RAM and device bytes still pending, at the switchover bandwidth, plus overhead."""
+    d = decide(1000, 32 * MIB, 320 * MIB, 0, P, device_pending=32 * MIB, overhead_ms=5.0)
+    assert d.action == "switchover"
+    assert d.expected_downtime_ms == pytest.approx(5.0 + 200.0)
+    ram_only = decide(1000, 32 * MIB, 320 * MIB, 0, P)
+    assert ram_only.expected_downtime_ms == pytest.approx(100.0)
+    waiting = decide(1000, 32 * MIB, 320 * MIB, 0, P, device_pending=32 * MIB, device_initial=1)
+    assert waiting.expected_downtime_ms == pytest.approx(200.0)
+    over = decide(1000, 812 * MIB, 320 * MIB, 540 * MIB, P, device_pending=320 * MIB)
+    assert over.action == "continue"
+    assert over.expected_downtime_ms == pytest.approx(1132 / 320 * 1000)

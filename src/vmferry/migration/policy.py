@@ -177,6 +177,13 @@ def _fit(
     return f"{what} {op} threshold {size(threshold)} ({bandwidth} × {budget})"
 
 
+def _awaiting(device_initial: int) -> str:
+    """Why a switchover waits: VFIO asks to leave PRE_COPY only once a device's
+    initial_bytes is 0 (REFERENCE §1), as QEMU's switchover-ack waits for the
+    destination to have loaded that data."""
+    return f"waiting for {size(device_initial)} of device initial data before the switchover"
+
+
 def non_convergence_reason(
     pending_bytes: int,
     bandwidth_bps: float,
@@ -222,30 +229,48 @@ def decide(
     device_pending: int = 0,
     throttle_pct: int = 0,
     overhead_ms: float = 0.0,
+    device_initial: int = 0,
 ) -> Decision:
     """After a sync: switch over, keep iterating, or cancel (x-switchover-timeout/policy).
 
+    ``device_pending``: device bytes still to send (pre-copy left plus the stop-copy
+    estimates); they count in the threshold and in the expected downtime.
+    ``device_initial``: the part of it that is devices' initial pre-copy data: while any
+    is left the VM does not switch over, however small the remainder (see _awaiting).
     ``overhead_ms``: the switchover's cost besides the bytes (``downtime_overhead_ms``);
     it comes out of the downtime limit and into the expected downtime."""
     total = pending_bytes + device_pending
     expected = overhead_ms + expected_downtime_ms(total, bandwidth_bps)
     limit = params.downtime_limit_ms
     fit = _fit(pending_bytes, device_pending, bandwidth_bps, limit, overhead_ms)
-    if should_switch_over(pending_bytes, bandwidth_bps, params, device_pending, overhead_ms):
+    converged = should_switch_over(
+        pending_bytes, bandwidth_bps, params, device_pending, overhead_ms
+    )
+    if converged and device_initial <= 0:
         if total <= 0:
             return Decision("switchover", "converged: nothing pending", overhead_ms)
         return Decision(
             "switchover", f"converged: {fit}; expected downtime {expected:.0f} ms", expected
         )
-    why = non_convergence_reason(
-        pending_bytes, bandwidth_bps, dirty_rate_bps, params, device_pending, throttle_pct
-    )
+    if converged:
+        why = _awaiting(device_initial)
+    else:
+        why = non_convergence_reason(
+            pending_bytes, bandwidth_bps, dirty_rate_bps, params, device_pending, throttle_pct
+        )
     timeout = params.switchover_timeout_ms
     if not timeout or elapsed_ms < timeout:
         return Decision("continue", f"{fit}; {why}", expected)
     late = f"switchover timeout {timeout} ms passed (elapsed {elapsed_ms:.0f} ms)"
     policy = params.switchover_policy
     if policy == "force":
+        # A forced switchover waits for devices' initial data too, as QEMU never
+        # completes before switchover-ack whatever the reason: that data drains every
+        # round while the VM runs (it never grows back), and switching without it would
+        # move all of it (a vGPU's VRAM) into the downtime. Cancel does not wait.
+        if device_initial > 0:
+            wait = _awaiting(device_initial)
+            return Decision("continue", f"forced: {late}; {fit}; {wait}", expected)
         return Decision(
             "switchover",
             f"forced: {late}; {fit}; expected downtime {expected:.0f} ms > limit {limit} ms",

@@ -101,6 +101,7 @@ class MigrationSource:
         # the reader's copy (snapshot) hold this lock.
         self._lock = threading.Lock()
         self._window = BandwidthWindow()
+        self._device_pending = 0  # device bytes left at the last sync, for expected downtime
         self._t_pause: float | None = None  # when the VM was paused for the switchover
         self.devices = SourceDevices(machine.devices)
         self._reply: ReplyPath | None = None
@@ -408,17 +409,14 @@ class MigrationSource:
                     # The stop-and-copy syncs the dirty log once more, in series with the
                     # rest: as long as this sync took.
                     overhead_ms=sync_ms,
+                    # A device's initial data must be across first (REFERENCE §1).
+                    device_initial=dev_initial,
                 )
                 with self._lock:
                     st.remaining = pending
                     st.expected_downtime_ms = decision.expected_downtime_ms
-                if decision.action == "switchover" and dev_initial:
-                    # A device's initial data must be across first (REFERENCE §1).
-                    decision = policy.Decision(
-                        "continue", f"devices still have {dev_initial} initial bytes", 0.0
-                    )
-                with self._lock:
                     st.convergence = decision.reason
+                    self._device_pending = dev_pending
                     st.device_transferred = self.devices.transferred
                 if decision.action == "switchover":
                     break
@@ -482,8 +480,9 @@ class MigrationSource:
             if self._window.add(batch.bytes, now):
                 st.mbps = self._window.rate * 8 / 1e6
                 if st.status == "active":  # the switchover keeps the estimate it was made on
+                    # Device state goes in the downtime too (as the last decision saw it).
                     st.expected_downtime_ms = policy.expected_downtime_ms(
-                        st.remaining, self._window.rate
+                        st.remaining + self._device_pending, self._window.rate
                     )
 
     def _account_round(
