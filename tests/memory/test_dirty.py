@@ -1,10 +1,13 @@
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
 
 from vmferry.memory import DirtyBitmap, page_runs
+from vmferry.memory.dirty import expand_runs
 
 
 @given(
@@ -44,3 +47,111 @@ def test_merge_is_union() -> None:
     b.set_range(5, 10)
     a.merge(b)
     assert a.pages().tolist() == list(range(15))
+
+
+# ---- word-level operations agree with the index-array versions
+
+
+def _sets(max_pages: int = 3000) -> st.SearchStrategy[tuple[int, list[int]]]:
+    """A bitmap size and sorted pages in it, dense or sparse, with runs across words."""
+    return st.integers(1, max_pages).flatmap(
+        lambda n: st.tuples(
+            st.just(n),
+            st.one_of(
+                st.sets(st.integers(0, n - 1)),
+                st.lists(st.tuples(st.integers(0, n - 1), st.integers(1, 300))).map(
+                    lambda rs: {p for s, k in rs for p in range(s, min(s + k, n))}
+                ),
+            ).map(sorted),
+        )
+    )
+
+
+def _bitmap(n: int, pages: list[int]) -> DirtyBitmap:
+    return DirtyBitmap.from_pages(n, np.array(pages, dtype=np.int64))
+
+
+@given(_sets())
+def test_runs_from_words_are_page_runs_of_the_pages(args: tuple[int, list[int]]) -> None:
+    n, pages = args
+    starts, lengths = _bitmap(n, pages).runs()
+    want_s, want_n = page_runs(np.array(pages, dtype=np.int64))
+    assert starts.tolist() == want_s.tolist() and lengths.tolist() == want_n.tolist()
+
+
+@given(_sets(), st.data())
+def test_runs_and_pages_of_a_word_range_are_its_slice(
+    args: tuple[int, list[int]], data: st.DataObject
+) -> None:
+    n, pages = args
+    b = _bitmap(n, pages)
+    w0 = data.draw(st.integers(0, b.words.size))
+    w1 = data.draw(st.integers(w0, b.words.size))
+    inside = [p for p in pages if w0 * 64 <= p < w1 * 64]
+    assert b.pages(w0, w1).tolist() == inside
+    assert b.count(w0, w1) == len(inside)
+    starts, lengths = b.runs(w0, w1)
+    assert expand_runs(starts, lengths).tolist() == inside
+
+
+@given(_sets(), _sets())
+def test_set_runs_and_clear_runs_are_union_and_difference(
+    a: tuple[int, list[int]], b: tuple[int, list[int]]
+) -> None:
+    n = max(a[0], b[0])
+    mine = _bitmap(n, a[1])
+    starts, lengths = page_runs(np.array(b[1], dtype=np.int64))
+    mine.set_runs(starts, lengths)
+    assert mine.pages().tolist() == sorted(set(a[1]) | set(b[1]))
+    mine = _bitmap(n, a[1])
+    mine.clear_runs(starts, lengths)
+    assert mine.pages().tolist() == sorted(set(a[1]) - set(b[1]))
+    assert _bitmap(n, a[1]).andnot(_bitmap(n, b[1])).pages().tolist() == mine.pages().tolist()
+
+
+@given(st.lists(st.integers(0, 4999), max_size=400))
+def test_set_pages_takes_unsorted_pages_with_repeats(pages: list[int]) -> None:
+    b = DirtyBitmap(5000)
+    b.set_pages(np.array(pages, dtype=np.int64))
+    assert b.pages().tolist() == sorted(set(pages))
+
+
+@given(_sets(), st.integers(1, 300))
+def test_batches_cover_every_page_once_within_the_limit(
+    args: tuple[int, list[int]], max_pages: int
+) -> None:
+    n, pages = args
+    b = _bitmap(n, pages)
+    ranges = b.batches(max_pages)
+    got = [p for w0, w1 in ranges for p in b.pages(w0, w1).tolist()]
+    assert got == pages
+    assert all(w0 < w1 for w0, w1 in ranges)
+    assert all(b.count(w0, w1) <= max(max_pages, 64) for w0, w1 in ranges)
+    assert all(a1 <= b0 for (_, a1), (b0, _) in itertools.pairwise(ranges))
+
+
+@given(_sets(), st.integers(1, 5), st.integers(1, 16))
+def test_split_blocks_is_split_by_block_of_the_pages(
+    args: tuple[int, list[int]], n: int, block_words: int
+) -> None:
+    npages, pages = args
+    p = np.array(pages, dtype=np.int64)
+    parts = _bitmap(npages, pages).split_blocks(block_words, n)
+    owner = (p // (64 * block_words)) % n
+    assert [b.pages().tolist() for b in parts] == [p[owner == c].tolist() for c in range(n)]
+
+
+@given(_sets(600), st.integers(0, 700), st.integers(0, 2000))
+def test_merge_at_adds_a_log_at_any_page_offset(
+    log: tuple[int, list[int]], first: int, base_seed: int
+) -> None:
+    nlog, logged = log
+    into = DirtyBitmap(first + nlog + base_seed % 200)
+    rng = np.random.default_rng(base_seed)
+    before = sorted({int(x) for x in rng.integers(0, into.npages, size=20)})
+    into.set_pages(np.array(before, dtype=np.int64))
+    words = _bitmap(nlog, logged).words.copy()
+    if nlog % 64:
+        words[-1] |= ~np.uint64((1 << (nlog % 64)) - 1)  # bits past the log's end: ignored
+    into.merge_at(first, words, nlog)
+    assert into.pages().tolist() == sorted(set(before) | {first + q for q in logged})

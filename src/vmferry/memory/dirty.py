@@ -1,57 +1,219 @@
-"""Dirty bitmaps (KVM's layout: bit k of 64-bit word k/64 is page k) and page runs."""
+"""Dirty bitmaps (KVM's layout: bit k of 64-bit word k/64 is page k) and page runs.
+
+A dirty set stays in this form from KVM's log to the destination's record of what it holds:
+every operation works on whole u64 words (a slice, a popcount, a mask per run), so its cost
+follows the words or the runs touched, never the pages one by one.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 import numpy.typing as npt
 
+ONES = np.uint64(0xFFFF_FFFF_FFFF_FFFF)
+_U63 = np.uint64(63)
+
+IntArray = npt.NDArray[np.int64]
+Words = npt.NDArray[np.uint64]
+
 
 class DirtyBitmap:
-    """One bit per page, in KVM's layout, so KVM can fill it directly."""
+    """One bit per page, in KVM's layout, so KVM can fill it directly.
+
+    Bits past ``npages`` in the last word are always zero."""
 
     def __init__(self, npages: int) -> None:
         self.npages = npages
-        self.words: npt.NDArray[np.uint64] = np.zeros((npages + 63) // 64, dtype=np.uint64)
+        self.words: Words = np.zeros((npages + 63) // 64, dtype=np.uint64)
+
+    @classmethod
+    def from_pages(cls, npages: int, pages: npt.NDArray[np.integer]) -> DirtyBitmap:
+        bm = cls(npages)
+        bm.set_pages(pages)
+        return bm
+
+    def copy(self) -> DirtyBitmap:
+        bm = DirtyBitmap(self.npages)
+        bm.words[:] = self.words
+        return bm
 
     def clear(self) -> None:
         self.words[:] = 0
 
     def set_all(self) -> None:
-        self.words[:] = np.uint64(0xFFFF_FFFF_FFFF_FFFF)
+        self.words[:] = ONES
         tail = self.npages % 64
         if tail:
             self.words[-1] = np.uint64((1 << tail) - 1)
 
     def set_pages(self, pages: npt.NDArray[np.integer]) -> None:
-        p = np.asarray(pages, dtype=np.uint64)
-        # bitwise_or.at accumulates correctly when several pages share a word.
-        np.bitwise_or.at(self.words, p >> np.uint64(6), np.uint64(1) << (p & np.uint64(63)))
+        p = np.asarray(pages, dtype=np.int64)
+        if p.size > 1 and np.any(p[1:] < p[:-1]):
+            p = np.sort(p)
+        _or_masks(self.words, p >> 6, np.uint64(1) << (p & 63).astype(np.uint64))
 
     def set_range(self, first: int, count: int) -> None:
-        self.set_pages(np.arange(first, first + count, dtype=np.uint64))
+        one = np.array([first], dtype=np.int64)
+        self.set_runs(one, np.array([count], dtype=np.int64))
+
+    def set_runs(self, starts: IntArray, lengths: IntArray) -> None:
+        """Set pages [starts[i], starts[i] + lengths[i]) for sorted, disjoint runs."""
+        widx, masks, full = _run_masks(starts, lengths)
+        _or_masks(self.words, widx, masks)
+        self.words[full] = ONES
+
+    def clear_runs(self, starts: IntArray, lengths: IntArray) -> None:
+        """Clear pages [starts[i], starts[i] + lengths[i]) for sorted, disjoint runs."""
+        widx, masks, full = _run_masks(starts, lengths)
+        if widx.size:
+            first = _group_starts(widx)
+            self.words[widx[first]] &= ~np.bitwise_or.reduceat(masks, first)
+        self.words[full] = 0
 
     def merge(self, other: DirtyBitmap) -> None:
         np.bitwise_or(self.words, other.words, out=self.words)
 
-    def count(self) -> int:
-        return int(np.bitwise_count(self.words).sum())
+    def merge_at(self, first_page: int, log: Words, npages: int) -> None:
+        """OR in a log whose bit k is page ``first_page + k`` (k < ``npages``): a device's
+        DMA log for one mapping. Word for word when the mapping starts on a 64-page
+        boundary; otherwise each word is shifted into place, still vectorised."""
+        if npages <= 0:
+            return
+        nwords = (npages + 63) // 64
+        src = np.array(log[:nwords], dtype=np.uint64)
+        if npages % 64:
+            src[-1] &= np.uint64((1 << (npages % 64)) - 1)
+        w0, shift = first_page >> 6, first_page & 63
+        if shift:
+            # word i's top bits spill into word i + 1
+            moved = np.zeros(nwords + 1, dtype=np.uint64)
+            moved[:-1] = src << np.uint64(shift)
+            moved[1:] |= src >> np.uint64(64 - shift)
+            src = moved[: (shift + npages + 63) // 64]
+        dst = self.words[w0 : w0 + src.size]
+        np.bitwise_or(dst, src[: dst.size], out=dst)
 
-    def pages(self) -> npt.NDArray[np.int64]:
+    def andnot(self, other: DirtyBitmap) -> DirtyBitmap:
+        """Pages set here and not in ``other``."""
+        out = DirtyBitmap(self.npages)
+        np.bitwise_and(self.words, ~other.words, out=out.words)
+        return out
+
+    def count(self, first_word: int = 0, end_word: int | None = None) -> int:
+        return int(np.bitwise_count(self.words[first_word:end_word]).sum())
+
+    def pages(self, first_word: int = 0, end_word: int | None = None) -> IntArray:
         """Sorted indices of set pages. Only non-zero words are unpacked."""
+        return _bit_positions(self.words[first_word:end_word]) + (first_word << 6)
+
+    def runs(self, first_word: int = 0, end_word: int | None = None) -> tuple[IntArray, IntArray]:
+        """Maximal runs of set pages in words [first_word, end_word): (starts, lengths).
+
+        A run's first page is a set bit whose lower neighbour is clear, its last a set bit
+        whose upper neighbour is clear: two shifts per word, carrying across words."""
+        w = self.words[first_word:end_word]
+        if w.size == 0:
+            empty = np.zeros(0, dtype=np.int64)
+            return empty, empty
+        below = w << np.uint64(1)
+        below[1:] |= w[:-1] >> _U63
+        above = w >> np.uint64(1)
+        above[:-1] |= w[1:] << _U63
+        base = first_word << 6
+        starts = _bit_positions(w & ~below) + base
+        lasts = _bit_positions(w & ~above) + base
+        return starts, lasts - starts + 1
+
+    def batches(self, max_pages: int) -> list[tuple[int, int]]:
+        """Word ranges [first, end) covering every set page, each holding at most
+        ``max_pages`` pages (at most 64 when ``max_pages`` < 64: a word is not split).
+
+        Cut where the running popcount passes multiples of ``max_pages - 63``: a range then
+        overshoots its share by less than one word."""
         nz = np.flatnonzero(self.words)
         if nz.size == 0:
-            return np.zeros(0, dtype=np.int64)
-        bits = np.unpackbits(self.words[nz].view(np.uint8), bitorder="little").reshape(-1, 64)
-        row, col = np.nonzero(bits)
-        return (nz[row].astype(np.int64) << 6) + col
+            return []
+        lo, hi = int(nz[0]), int(nz[-1]) + 1
+        csum = np.cumsum(np.bitwise_count(self.words[lo:hi]), dtype=np.int64)
+        step = max(1, max_pages - 63)
+        marks = np.arange(step, int(csum[-1]), step, dtype=np.int64)
+        cuts = np.unique(np.concatenate(([0], np.searchsorted(csum, marks, "right"), [hi - lo])))
+        cuts += lo
+        return list(zip(cuts[:-1].tolist(), cuts[1:].tolist(), strict=True))
+
+    def split_blocks(self, block_words: int, n: int) -> list[DirtyBitmap]:
+        """``n`` bitmaps: the i-th holds the pages of blocks i, i + n, … (a block is
+        ``block_words`` words). One bitmap is returned as itself."""
+        if n == 1:
+            return [self]
+        owner = (np.arange(self.words.size) // block_words) % n
+        parts = []
+        for c in range(n):
+            part = DirtyBitmap(self.npages)
+            np.copyto(part.words, self.words, where=owner == c)
+            parts.append(part)
+        return parts
 
     def __contains__(self, page: int) -> bool:
         return bool((int(self.words[page >> 6]) >> (page & 63)) & 1)
 
 
+def _bit_positions(words: Words) -> IntArray:
+    nz = np.flatnonzero(words)
+    if nz.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    bits = np.unpackbits(words[nz].view(np.uint8), bitorder="little").reshape(-1, 64)
+    row, col = np.nonzero(bits)
+    return (nz[row].astype(np.int64) << 6) + col
+
+
+def _group_starts(widx: IntArray) -> IntArray:
+    """Where each group of equal (sorted) word indices begins."""
+    return np.concatenate(([0], np.flatnonzero(widx[1:] != widx[:-1]) + 1))
+
+
+def _or_masks(words: Words, widx: IntArray, masks: Words) -> None:
+    """words[widx[i]] |= masks[i] for sorted ``widx``; masks of one word are ORed together
+    first (``reduceat``), so a repeated index is one store, not a lost update."""
+    if widx.size == 0:
+        return
+    first = _group_starts(widx)
+    words[widx[first]] |= np.bitwise_or.reduceat(masks, first)
+
+
+def _run_masks(starts: IntArray, lengths: IntArray) -> tuple[IntArray, Words, IntArray]:
+    """For sorted, disjoint runs: (word indices, masks) of each run's first and last word
+    in ascending word order, and the indices of the words runs cover whole."""
+    s = np.asarray(starts, dtype=np.int64)
+    n = np.asarray(lengths, dtype=np.int64)
+    keep = n > 0
+    s, n = s[keep], n[keep]
+    last = s + n - 1
+    w0, w1 = s >> 6, last >> 6
+    head = ONES << (s & 63).astype(np.uint64)
+    tail = ONES >> (_U63 - (last & 63).astype(np.uint64))
+    one_word = w0 == w1
+    head = np.where(one_word, head & tail, head)
+    tail = np.where(one_word, head, tail)
+    widx = np.stack((w0, w1), axis=1).ravel()
+    masks = np.stack((head, tail), axis=1).ravel()
+    inner = w1 - w0 - 1
+    wide = inner > 0
+    return widx, masks, expand_runs(w0[wide] + 1, inner[wide])
+
+
+def expand_runs(first: IntArray, npages: IntArray) -> IntArray:
+    """[first_i, first_i + npages_i) for every run, concatenated, vectorised."""
+    total = int(npages.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    offsets = np.repeat(np.cumsum(npages) - npages, npages)
+    return np.repeat(first, npages) + (np.arange(total, dtype=np.int64) - offsets)
+
+
 def page_runs(
     pages: npt.NDArray[np.integer],
-) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+) -> tuple[IntArray, IntArray]:
     """Split sorted page indices into runs of consecutive pages: (starts, lengths)."""
     p = np.asarray(pages, dtype=np.int64)
     if p.size == 0:
