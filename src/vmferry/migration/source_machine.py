@@ -1,0 +1,355 @@
+"""The source of a migration as a table: (state, event) → next state, actions.
+
+A live (tcp) migration connects, sends the CONF and waits for the destination's
+``accepted`` (SETUP, AWAIT_ACCEPTED: "setup"); sends pre-copy rounds while the policy
+says continue (PRECOPY: "active"); on switchover pauses the VM, stops the devices and
+sends the rest, the CPU state, the digests and END (STOP_COPY: "device"); waits for
+``ready`` (AWAIT_READY) and answers ``go``, which releases the VM: from then on it never
+runs here again (HANDING_OVER), until ``resumed`` (COMPLETED). A file: target has no
+destination to ask: after END the VM stays paused here, resumable (SAVED), and ``cont``
+runs it again (CONTINUED). Before the release every failure rolls the VM back and a
+cancel is accepted in every state: the machine is "cancelling" until the step in flight
+ends, then "cancelled". The destination is told why the source gives up only while the
+stream is whole: an ABRT section before END, an ``abandon`` line after it; never after
+a broken connection, a silent peer, or a destination that failed first. After the
+release a cancel is ignored, and a lost destination leaves the VM paused here
+(FAILED_AFTER_RELEASE): the destination may be running it.
+
+The driver turns what it sees into events (``round_ended``, ``reply_event``, an error
+classified as ERROR, PEER_CLOSED or PEER_SILENT) and carries out the returned actions in
+order; an action that waits or sends yields the next event. A cancel comes from another
+thread: the driver serialises steps, and between actions looks whether the state became
+a cancelling one (then it feeds HALTED).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from types import MappingProxyType
+
+from vmferry.errors import MigrationError
+from vmferry.migration.status import MigrationStatus
+from vmferry.migration.table import Step, Walk
+
+
+class Target(enum.Enum):
+    LIVE = "tcp"  # a destination that answers on the reply path
+    FILE = "file"  # a save file: nobody to ask, the VM stays here
+
+
+class SourceState(enum.Enum):
+    IDLE = enum.auto()
+    SETUP = enum.auto()  # checking blockers, connecting (or opening the file)
+    AWAIT_ACCEPTED = enum.auto()  # CONF sent, the destination checks it
+    PRECOPY = enum.auto()  # rounds while the VM runs
+    STOP_COPY = enum.auto()  # VM paused: the rest, CPU and device state, END
+    AWAIT_READY = enum.auto()  # END sent, the destination loads and verifies
+    HANDING_OVER = enum.auto()  # "go" sent: released, waiting for "resumed"
+    COMPLETED = enum.auto()
+    SAVED = enum.auto()  # a file is whole; the VM is paused here and may run again
+    CONTINUED = enum.auto()  # a saved VM runs here again (cont)
+    CANCELLING_NO_PEER = enum.auto()  # no one to tell: no stream yet, or a file
+    CANCELLING = enum.auto()  # sections flow: the destination gets an ABRT
+    CANCELLING_AFTER_END = enum.auto()  # END is out: the destination gets "abandon"
+    CANCELLED = enum.auto()
+    FAILED = enum.auto()  # rolled back: the VM runs on here
+    FAILED_AFTER_RELEASE = enum.auto()  # the VM stays paused: the destination may run it
+
+
+class SourceEvent(enum.Enum):
+    START = enum.auto()
+    CONNECTED = enum.auto()  # every channel (or the file) is open
+    ACCEPTED = enum.auto()  # the destination's answer to the CONF
+    ROUND_CONTINUE = enum.auto()  # a round ended; the policy's decision
+    ROUND_SWITCHOVER = enum.auto()
+    ROUND_GIVE_UP = enum.auto()  # the policy says it will not converge
+    STREAM_ENDED = enum.auto()  # END (and each CEND) is written
+    READY = enum.auto()  # the destination loaded and verified everything
+    RESUMED = enum.auto()  # the destination runs the VM
+    DESTINATION_FAILED = enum.auto()  # a "failed" line: the destination gave up first
+    PEER_SILENT = enum.auto()  # no word from the destination within the bound
+    PEER_CLOSED = enum.auto()  # the connection broke: a section may be half written
+    CANCEL = enum.auto()  # migrate_cancel
+    HALTED = enum.auto()  # after a cancel: the step in flight stopped at a boundary
+    GUEST_ENDED = enum.auto()  # the guest powered off or crashed meanwhile
+    ERROR = enum.auto()  # a failure here, the stream still whole
+    CONT = enum.auto()  # run a saved VM here again
+
+
+class SourceAction(enum.Enum):
+    REPORT_STATUS = enum.auto()  # query-migrate shows the new status; a MIGRATION event
+    CONNECT = enum.auto()  # refuse blockers, open the channels or the file
+    SEND_CONFIG = enum.auto()  # CONF, and CHAN on each extra channel
+    WATCH_PEER = enum.auto()  # read the reply path (heartbeats) on its own thread
+    AWAIT_ACCEPTED = enum.auto()
+    START_DIRTY_TRACKING = enum.auto()  # the dirty log, and the devices' DMA tracking
+    SEND_ROUND = enum.auto()  # RAM and device pre-copy, RND, dirty sync, the policy
+    PAUSE_VM = enum.auto()  # and the throttle off
+    STOP_DEVICES = enum.auto()  # devices stop and send their final state
+    SEND_FINAL_ROUND = enum.auto()  # the last dirty pages and the stop-copy RND
+    SEND_CPU_AND_DEVICES = enum.auto()  # CPUS and DEVS
+    SEND_VERIFY = enum.auto()  # VRFY, when verification is on (else nothing)
+    END_STREAM = enum.auto()  # END, CEND on the extra channels
+    AWAIT_READY = enum.auto()
+    SEND_GO = enum.auto()
+    STOP_DIRTY_TRACKING = enum.auto()
+    AWAIT_RESUMED = enum.auto()
+    RELEASE_DEVICES = enum.auto()  # devices let go of the VM's state (STOP, kept)
+    RESUME_HERE = enum.auto()  # devices back to RUNNING, the VM runs again
+    INTERRUPT = enum.auto()  # wake a wait for the destination; sends stop at a batch
+    TELL_ABORT = enum.auto()  # an ABRT section: why the source gives up
+    TELL_ABANDON = enum.auto()  # an "abandon" line: why, once END is out
+    ROLLBACK = enum.auto()  # no throttle, no dirty log, devices and VM running again
+
+
+St, Ev, Ac = SourceState, SourceEvent, SourceAction
+SourceTable = Mapping[tuple[SourceState, SourceEvent], Step[SourceState, SourceAction]]
+
+STATUS: Mapping[SourceState, MigrationStatus] = MappingProxyType(
+    {
+        St.IDLE: MigrationStatus.NONE,
+        St.SETUP: MigrationStatus.SETUP,
+        St.AWAIT_ACCEPTED: MigrationStatus.SETUP,
+        St.PRECOPY: MigrationStatus.ACTIVE,
+        St.STOP_COPY: MigrationStatus.DEVICE,
+        St.AWAIT_READY: MigrationStatus.DEVICE,
+        St.HANDING_OVER: MigrationStatus.DEVICE,
+        St.COMPLETED: MigrationStatus.COMPLETED,
+        St.SAVED: MigrationStatus.COMPLETED,
+        St.CONTINUED: MigrationStatus.COMPLETED,
+        St.CANCELLING_NO_PEER: MigrationStatus.CANCELLING,
+        St.CANCELLING: MigrationStatus.CANCELLING,
+        St.CANCELLING_AFTER_END: MigrationStatus.CANCELLING,
+        St.CANCELLED: MigrationStatus.CANCELLED,
+        St.FAILED: MigrationStatus.FAILED,
+        St.FAILED_AFTER_RELEASE: MigrationStatus.FAILED,
+    }
+)
+
+#: What the source was doing, for "the destination closed the connection during …".
+PHASE: Mapping[SourceState, str] = MappingProxyType(
+    {
+        St.SETUP: "the set-up",
+        St.AWAIT_ACCEPTED: "the set-up",
+        St.PRECOPY: "the pre-copy",
+        St.STOP_COPY: "the switchover",
+        St.AWAIT_READY: "the switchover",
+        St.HANDING_OVER: "the hand-over",
+    }
+)
+
+#: The VM belongs to the destination (or to the file): it must not run here on its own.
+RELEASED: frozenset[SourceState] = frozenset(
+    {St.HANDING_OVER, St.COMPLETED, St.SAVED, St.FAILED_AFTER_RELEASE}
+)
+FINAL: frozenset[SourceState] = frozenset(
+    {St.COMPLETED, St.SAVED, St.CONTINUED, St.CANCELLED, St.FAILED, St.FAILED_AFTER_RELEASE}
+)
+
+_CANCELLING = (St.CANCELLING_NO_PEER, St.CANCELLING, St.CANCELLING_AFTER_END)
+#: The states each target goes through (a file has no destination to wait for).
+STATES: Mapping[Target, frozenset[SourceState]] = MappingProxyType(
+    {
+        Target.LIVE: frozenset(SourceState) - {St.SAVED, St.CONTINUED},
+        Target.FILE: frozenset(SourceState)
+        - {
+            St.AWAIT_ACCEPTED,
+            St.AWAIT_READY,
+            St.HANDING_OVER,
+            St.COMPLETED,
+            St.CANCELLING,
+            St.CANCELLING_AFTER_END,
+            St.FAILED_AFTER_RELEASE,
+        },
+    }
+)
+
+_FAIL = (Ac.ROLLBACK, Ac.REPORT_STATUS)
+_ABORT = (Ac.TELL_ABORT, *_FAIL)
+_ABANDON = (Ac.TELL_ABANDON, *_FAIL)
+_CANCEL = (Ac.REPORT_STATUS, Ac.INTERRUPT)
+_ROUND = (Ac.SEND_ROUND,)
+_START_ROUNDS = (Ac.START_DIRTY_TRACKING, Ac.REPORT_STATUS, Ac.SEND_ROUND)
+_SWITCHOVER = (
+    Ac.PAUSE_VM,
+    Ac.REPORT_STATUS,
+    Ac.STOP_DEVICES,
+    Ac.SEND_FINAL_ROUND,
+    Ac.SEND_CPU_AND_DEVICES,
+    Ac.SEND_VERIFY,
+    Ac.END_STREAM,
+)
+_SAVE = (Ac.RELEASE_DEVICES, Ac.STOP_DIRTY_TRACKING, Ac.REPORT_STATUS)
+_PEER_LOST = (Ev.DESTINATION_FAILED, Ev.PEER_SILENT, Ev.PEER_CLOSED)
+_LOCAL = (Ev.ERROR, Ev.GUEST_ENDED)
+_ROUND_ENDED = (Ev.ROUND_CONTINUE, Ev.ROUND_SWITCHOVER, Ev.ROUND_GIVE_UP)
+
+_Rows = dict[tuple[SourceState, SourceEvent], Step[SourceState, SourceAction]]
+
+
+def _rows(
+    state: SourceState, events: tuple[SourceEvent, ...], step: Step[SourceState, SourceAction]
+) -> _Rows:
+    return {(state, e): step for e in events}
+
+
+def _common(target: Target) -> _Rows:
+    """Rows both targets share: the start, the ends, and a cancel that changes nothing."""
+    rows: _Rows = {
+        (St.IDLE, Ev.START): Step(St.SETUP, (Ac.REPORT_STATUS, Ac.CONNECT)),
+        (St.IDLE, Ev.CANCEL): Step(St.CANCELLED, (Ac.REPORT_STATUS,)),
+        (St.SETUP, Ev.CANCEL): Step(St.CANCELLING_NO_PEER, _CANCEL),
+        (St.PRECOPY, Ev.ROUND_CONTINUE): Step(St.PRECOPY, _ROUND),
+        (St.PRECOPY, Ev.ROUND_SWITCHOVER): Step(St.STOP_COPY, _SWITCHOVER),
+        (St.SAVED, Ev.CONT): Step(St.CONTINUED, (Ac.RESUME_HERE,)),
+    }
+    # Once cancelling, whatever the step in flight ends with, the cancel wins.
+    rows |= _rows(
+        St.CANCELLING_NO_PEER,
+        (Ev.CONNECTED, Ev.HALTED, *_LOCAL, *_ROUND_ENDED),
+        Step(St.CANCELLED, _FAIL),
+    )
+    for state in (*FINAL, St.HANDING_OVER, *_CANCELLING):
+        rows[(state, Ev.CANCEL)] = Step(state)  # too late, or said already
+    return {k: v for k, v in rows.items() if k[0] in STATES[target]}
+
+
+def _live() -> SourceTable:
+    rows = _common(Target.LIVE)
+    rows |= {
+        (St.SETUP, Ev.CONNECTED): Step(
+            St.AWAIT_ACCEPTED, (Ac.SEND_CONFIG, Ac.WATCH_PEER, Ac.AWAIT_ACCEPTED)
+        ),
+        (St.AWAIT_ACCEPTED, Ev.ACCEPTED): Step(St.PRECOPY, _START_ROUNDS),
+        (St.STOP_COPY, Ev.STREAM_ENDED): Step(St.AWAIT_READY, (Ac.AWAIT_READY,)),
+        (St.AWAIT_READY, Ev.READY): Step(
+            St.HANDING_OVER, (Ac.SEND_GO, Ac.STOP_DIRTY_TRACKING, Ac.AWAIT_RESUMED)
+        ),
+        (St.HANDING_OVER, Ev.RESUMED): Step(St.COMPLETED, (Ac.REPORT_STATUS, Ac.RELEASE_DEVICES)),
+        # It did not start the guest (it gave up waiting for "go"): the VM is only here.
+        (St.HANDING_OVER, Ev.DESTINATION_FAILED): Step(St.FAILED, _FAIL),
+        (St.PRECOPY, Ev.ROUND_GIVE_UP): Step(St.FAILED, _ABORT),
+        (St.AWAIT_ACCEPTED, Ev.CANCEL): Step(St.CANCELLING, _CANCEL),
+        (St.PRECOPY, Ev.CANCEL): Step(St.CANCELLING, _CANCEL),
+        (St.STOP_COPY, Ev.CANCEL): Step(St.CANCELLING, _CANCEL),
+        (St.AWAIT_READY, Ev.CANCEL): Step(St.CANCELLING_AFTER_END, _CANCEL),
+        (St.CANCELLING, Ev.STREAM_ENDED): Step(St.CANCELLED, _ABANDON),
+    }
+    rows |= _rows(St.SETUP, (*_LOCAL, Ev.PEER_SILENT, Ev.PEER_CLOSED), Step(St.FAILED, _FAIL))
+    rows |= _rows(
+        St.CANCELLING_NO_PEER, (Ev.PEER_SILENT, Ev.PEER_CLOSED), Step(St.CANCELLED, _FAIL)
+    )
+    for state in (St.AWAIT_ACCEPTED, St.PRECOPY, St.STOP_COPY):
+        rows |= _rows(state, _LOCAL, Step(St.FAILED, _ABORT))
+        rows |= _rows(state, _PEER_LOST, Step(St.FAILED, _FAIL))
+    rows |= _rows(St.AWAIT_READY, _LOCAL, Step(St.FAILED, _ABANDON))
+    rows |= _rows(St.AWAIT_READY, _PEER_LOST, Step(St.FAILED, _FAIL))
+    lost = (Ev.PEER_SILENT, Ev.PEER_CLOSED, Ev.ERROR)
+    rows |= _rows(St.HANDING_OVER, lost, Step(St.FAILED_AFTER_RELEASE, (Ac.REPORT_STATUS,)))
+    at_boundary = (Ev.HALTED, *_LOCAL, *_ROUND_ENDED, Ev.ACCEPTED)
+    rows |= _rows(St.CANCELLING, at_boundary, Step(St.CANCELLED, _ABORT))
+    rows |= _rows(St.CANCELLING, _PEER_LOST, Step(St.CANCELLED, _FAIL))
+    rows |= _rows(
+        St.CANCELLING_AFTER_END, (Ev.HALTED, *_LOCAL, Ev.READY), Step(St.CANCELLED, _ABANDON)
+    )
+    rows |= _rows(St.CANCELLING_AFTER_END, _PEER_LOST, Step(St.CANCELLED, _FAIL))
+    return MappingProxyType(rows)
+
+
+def _file() -> SourceTable:
+    rows = _common(Target.FILE)
+    rows |= {
+        (St.SETUP, Ev.CONNECTED): Step(St.PRECOPY, (Ac.SEND_CONFIG, *_START_ROUNDS)),
+        (St.STOP_COPY, Ev.STREAM_ENDED): Step(St.SAVED, _SAVE),
+        # The file was whole before the cancel was seen: it stands, as QEMU's would.
+        (St.CANCELLING_NO_PEER, Ev.STREAM_ENDED): Step(St.SAVED, _SAVE),
+        (St.PRECOPY, Ev.ROUND_GIVE_UP): Step(St.FAILED, _FAIL),
+    }
+    for state in (St.SETUP, St.PRECOPY, St.STOP_COPY):
+        rows |= _rows(state, _LOCAL, Step(St.FAILED, _FAIL))
+        if state is not St.SETUP:
+            rows[(state, Ev.CANCEL)] = Step(St.CANCELLING_NO_PEER, _CANCEL)
+    return MappingProxyType(rows)
+
+
+#: The table for each kind of target.
+TABLES: Mapping[Target, SourceTable] = MappingProxyType(
+    {Target.LIVE: _live(), Target.FILE: _file()}
+)
+
+_ROUND_EVENTS: Mapping[str, SourceEvent] = MappingProxyType(
+    {"continue": Ev.ROUND_CONTINUE, "switchover": Ev.ROUND_SWITCHOVER, "cancel": Ev.ROUND_GIVE_UP}
+)
+_REPLY_EVENTS: Mapping[str, SourceEvent] = MappingProxyType(
+    {
+        "accepted": Ev.ACCEPTED,
+        "ready": Ev.READY,
+        "resumed": Ev.RESUMED,
+        "failed": Ev.DESTINATION_FAILED,
+    }
+)
+
+
+def round_ended(decision: str) -> SourceEvent:
+    """The event for the policy's decision at a round's end (``policy.Decision.action``)."""
+    try:
+        return _ROUND_EVENTS[decision]
+    except KeyError:
+        raise MigrationError(f"the policy decided {decision!r}, not a known action") from None
+
+
+def reply_event(kind: str) -> SourceEvent:
+    """The event for a line on the reply path (heartbeats are the watch's, not events)."""
+    try:
+        return _REPLY_EVENTS[kind]
+    except KeyError:
+        raise MigrationError(f"the destination sent an unknown reply {kind!r}") from None
+
+
+class SourceMachine(Walk[SourceState, SourceEvent, SourceAction]):
+    """One outgoing migration's place in its table."""
+
+    def __init__(self, target: Target) -> None:
+        super().__init__(f"{target.value} migration source", TABLES[target], STATUS, St.IDLE)
+        self.target = target
+
+    @property
+    def released(self) -> bool:
+        """The VM must not run here on its own (a cancel is ignored)."""
+        return self.state in RELEASED
+
+    @property
+    def resumable(self) -> bool:
+        """``cont`` may run the VM here again: it was saved to a file."""
+        return self.state is St.SAVED
+
+    @property
+    def finished(self) -> bool:
+        return self.state in FINAL
+
+    @property
+    def cancelling(self) -> bool:
+        return self.state in _CANCELLING
+
+    @property
+    def phase(self) -> str:
+        return PHASE.get(self.state, self.state.name.lower())
+
+
+__all__ = [
+    "FINAL",
+    "PHASE",
+    "RELEASED",
+    "STATES",
+    "STATUS",
+    "TABLES",
+    "SourceAction",
+    "SourceEvent",
+    "SourceMachine",
+    "SourceState",
+    "SourceTable",
+    "Target",
+    "reply_event",
+    "round_ended",
+]
