@@ -1,0 +1,259 @@
+"""The destination of a live migration as a table: (state, event) → next state, actions.
+
+It waits for a source (WAITING: "setup"), refusing strangers and listening on; reads the
+CONF (AWAIT_CONF) and sets up RAM, devices and the extra channels (SETTING_UP); says
+``accepted`` and loads the main stream section by section (LOADING while rounds of RAM,
+RND and DEVD come, then AFTER_CPUS, AFTER_DEVS, AFTER_VRFY: all "active"); after END it
+finishes the load and verifies (VERIFYING), says ``ready`` and waits for ``go`` (READY),
+then starts the guest and says ``resumed`` (RUNNING: "completed"). Until the guest runs,
+an ABRT section, an ``abandon`` line, a silent or vanished source and any failure here
+end in FAILED: the source is told on the reply path and what was loaded is discarded, so
+no guest ever starts from a stream not read to its end and verified. Once it runs,
+nothing the source says or does stops it: such events are taken and change nothing.
+
+The section events follow the main stream's grammar exactly (``stream.MAIN_GRAMMAR``,
+checked by the tests): this table decides which section may come next; the stream
+reader's own check stays until the codec takes it over. Extra channels (CHAN, RAM, CEND)
+are read by the driver's channel readers and joined in FINISH_LOAD. The driver turns a
+section header into an event with ``section_event``, a reply-path line with
+``reply_event``, and performs the actions in order; READ_SECTION, SET_UP, VERIFY,
+AWAIT_SOURCE and AWAIT_GO yield the next event.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from types import MappingProxyType
+
+from vmferry.errors import MigrationError, StreamError
+from vmferry.migration.status import MigrationStatus
+from vmferry.migration.table import Step, Walk
+
+
+class ReceiverState(enum.Enum):
+    IDLE = enum.auto()
+    WAITING = enum.auto()  # listening: no source yet
+    AWAIT_CONF = enum.auto()  # a source connected; its first section is due
+    SETTING_UP = enum.auto()  # RAM, devices (RESUMING) and extra channels for the CONF
+    LOADING = enum.auto()  # RAM, RND and DEVD sections, round after round
+    AFTER_CPUS = enum.auto()  # the vCPU state is in; the device summary is due
+    AFTER_DEVS = enum.auto()  # VRFY or END is due
+    AFTER_VRFY = enum.auto()  # END is due
+    VERIFYING = enum.auto()  # the stream is whole: load finished, digests compared
+    READY = enum.auto()  # "ready" sent: waiting for the source's "go"
+    RUNNING = enum.auto()  # the guest runs here
+    FAILED = enum.auto()
+
+
+class ReceiverEvent(enum.Enum):
+    START = enum.auto()
+    CONNECTED = enum.auto()  # the source connected (and, with TLS, was admitted)
+    STRANGER = enum.auto()  # a connection that is not a vmferry source: refuse it
+    CONF = enum.auto()  # one event per main-stream section
+    RAM = enum.auto()
+    RND = enum.auto()
+    DEVD = enum.auto()
+    CPUS = enum.auto()
+    DEVS = enum.auto()
+    VRFY = enum.auto()
+    END = enum.auto()
+    ABRT = enum.auto()  # the source gives up while sections flow
+    SET_UP = enum.auto()  # the CONF was usable: memory, devices, channels are ready
+    VERIFY_PASSED = enum.auto()  # or verification is off: nothing to compare
+    VERIFY_FAILED = enum.auto()
+    GO = enum.auto()
+    ABANDON = enum.auto()  # the source gives up (an "abandon" line, or any notice)
+    SOURCE_SILENT = enum.auto()  # nothing from the source within its x-peer-timeout
+    SOURCE_CLOSED = enum.auto()  # EOF or reset: the source stopped or was killed
+    ERROR = enum.auto()  # a failure here: a bad section, an incompatible VM
+
+
+class ReceiverAction(enum.Enum):
+    REPORT_STATUS = enum.auto()  # the destination's query-migrate shows the new status
+    AWAIT_SOURCE = enum.auto()  # accept the next connection
+    REFUSE_CONNECTION = enum.auto()  # say why in one line and close it
+    START_HEARTBEAT = enum.auto()  # "alive" on the reply path while the load runs
+    READ_SECTION = enum.auto()  # the next main-stream section header
+    SET_UP = enum.auto()  # the peer timeout, extra channels, guest RAM, devices
+    SEND_ACCEPTED = enum.auto()
+    LOAD_RAM = enum.auto()
+    END_ROUND = enum.auto()  # count it: the stream cap is per round
+    LOAD_DEVICE_DATA = enum.auto()  # a DEVD chunk to its device (RESUMING)
+    LOAD_CPU_STATE = enum.auto()
+    LOAD_DEVICE_SUMMARY = enum.auto()
+    LOAD_DIGESTS = enum.auto()
+    FINISH_LOAD = enum.auto()  # join the channels, check CPUS and DEVS, commit devices
+    VERIFY = enum.auto()  # compare with the source's digests (if it sent them)
+    SEND_READY = enum.auto()
+    AWAIT_GO = enum.auto()
+    START_VM = enum.auto()  # devices RUNNING, vCPUs run
+    SEND_RESUMED = enum.auto()  # a failure to send is only logged: the guest is ours
+    STOP_HEARTBEAT = enum.auto()
+    SEND_FAILED = enum.auto()  # the reason (and what a failed check found) to the source
+    DISCARD = enum.auto()  # close what was built: machine, devices, memory
+
+
+Rs, Re, Ra = ReceiverState, ReceiverEvent, ReceiverAction
+ReceiverTable = Mapping[tuple[ReceiverState, ReceiverEvent], Step[ReceiverState, ReceiverAction]]
+
+STATUS: Mapping[ReceiverState, MigrationStatus] = MappingProxyType(
+    {
+        Rs.IDLE: MigrationStatus.NONE,
+        Rs.WAITING: MigrationStatus.SETUP,
+        **{
+            s: MigrationStatus.ACTIVE
+            for s in (
+                Rs.AWAIT_CONF,
+                Rs.SETTING_UP,
+                Rs.LOADING,
+                Rs.AFTER_CPUS,
+                Rs.AFTER_DEVS,
+                Rs.AFTER_VRFY,
+                Rs.VERIFYING,
+                Rs.READY,
+            )
+        },
+        Rs.RUNNING: MigrationStatus.COMPLETED,
+        Rs.FAILED: MigrationStatus.FAILED,
+    }
+)
+
+#: What was being read, for "the source closed the connection during …".
+PHASE: Mapping[ReceiverState, str] = MappingProxyType(
+    {
+        Rs.WAITING: "the wait for a source",
+        Rs.AWAIT_CONF: "the set-up",
+        Rs.SETTING_UP: "the set-up",
+        Rs.LOADING: "the rounds",
+        Rs.AFTER_CPUS: "the switchover",
+        Rs.AFTER_DEVS: "the switchover",
+        Rs.AFTER_VRFY: "the switchover",
+        Rs.VERIFYING: "the verification",
+        Rs.READY: "the wait for the hand-over",
+    }
+)
+
+#: Main-stream sections, as events (an event is named as its section's tag).
+SECTION_EVENTS: Mapping[bytes, ReceiverEvent] = MappingProxyType(
+    {
+        e.name.encode().ljust(4, b"\0"): e
+        for e in (Re.CONF, Re.RAM, Re.RND, Re.DEVD, Re.CPUS, Re.DEVS, Re.VRFY, Re.END, Re.ABRT)
+    }
+)
+
+_FAIL = (Ra.STOP_HEARTBEAT, Ra.SEND_FAILED, Ra.DISCARD, Ra.REPORT_STATUS)
+_CONNECTED = (
+    Rs.AWAIT_CONF,
+    Rs.SETTING_UP,
+    Rs.LOADING,
+    Rs.AFTER_CPUS,
+    Rs.AFTER_DEVS,
+    Rs.AFTER_VRFY,
+    Rs.VERIFYING,
+    Rs.READY,
+)
+_READING = (Rs.LOADING, Rs.AFTER_CPUS, Rs.AFTER_DEVS, Rs.AFTER_VRFY)
+_GIVE_UP = (Re.ABANDON, Re.ERROR, Re.SOURCE_SILENT, Re.SOURCE_CLOSED)
+_READ = Ra.READ_SECTION
+_FINISH = Step(Rs.VERIFYING, (Ra.FINISH_LOAD, Ra.VERIFY))
+
+
+def _table() -> ReceiverTable:
+    rows: dict[tuple[ReceiverState, ReceiverEvent], Step[ReceiverState, ReceiverAction]] = {
+        (Rs.IDLE, Re.START): Step(Rs.WAITING, (Ra.REPORT_STATUS, Ra.AWAIT_SOURCE)),
+        (Rs.IDLE, Re.ABANDON): Step(Rs.FAILED, (Ra.REPORT_STATUS,)),
+        (Rs.IDLE, Re.ERROR): Step(Rs.FAILED, (Ra.REPORT_STATUS,)),
+        (Rs.WAITING, Re.CONNECTED): Step(
+            Rs.AWAIT_CONF, (Ra.REPORT_STATUS, Ra.START_HEARTBEAT, _READ)
+        ),
+        (Rs.WAITING, Re.STRANGER): Step(Rs.WAITING, (Ra.REFUSE_CONNECTION, Ra.AWAIT_SOURCE)),
+        # No source yet: nobody to tell, nothing built but what preallocation made.
+        (Rs.WAITING, Re.ABANDON): Step(Rs.FAILED, (Ra.DISCARD, Ra.REPORT_STATUS)),
+        (Rs.WAITING, Re.ERROR): Step(Rs.FAILED, (Ra.DISCARD, Ra.REPORT_STATUS)),
+        (Rs.AWAIT_CONF, Re.CONF): Step(Rs.SETTING_UP, (Ra.SET_UP,)),
+        (Rs.SETTING_UP, Re.SET_UP): Step(Rs.LOADING, (Ra.SEND_ACCEPTED, _READ)),
+        (Rs.LOADING, Re.RAM): Step(Rs.LOADING, (Ra.LOAD_RAM, _READ)),
+        (Rs.LOADING, Re.RND): Step(Rs.LOADING, (Ra.END_ROUND, _READ)),
+        (Rs.LOADING, Re.DEVD): Step(Rs.LOADING, (Ra.LOAD_DEVICE_DATA, _READ)),
+        (Rs.LOADING, Re.CPUS): Step(Rs.AFTER_CPUS, (Ra.LOAD_CPU_STATE, _READ)),
+        (Rs.AFTER_CPUS, Re.DEVS): Step(Rs.AFTER_DEVS, (Ra.LOAD_DEVICE_SUMMARY, _READ)),
+        (Rs.AFTER_DEVS, Re.VRFY): Step(Rs.AFTER_VRFY, (Ra.LOAD_DIGESTS, _READ)),
+        (Rs.AFTER_DEVS, Re.END): _FINISH,
+        (Rs.AFTER_VRFY, Re.END): _FINISH,
+        (Rs.VERIFYING, Re.VERIFY_PASSED): Step(Rs.READY, (Ra.SEND_READY, Ra.AWAIT_GO)),
+        (Rs.VERIFYING, Re.VERIFY_FAILED): Step(Rs.FAILED, _FAIL),
+        (Rs.READY, Re.GO): Step(
+            Rs.RUNNING,
+            (Ra.START_VM, Ra.REPORT_STATUS, Ra.SEND_RESUMED, Ra.STOP_HEARTBEAT),
+        ),
+        (Rs.FAILED, Re.ABANDON): Step(Rs.FAILED),  # said already
+    }
+    for state in _CONNECTED:
+        for event in _GIVE_UP:
+            rows[(state, event)] = Step(Rs.FAILED, _FAIL)
+    for state in _READING:
+        rows[(state, Re.ABRT)] = Step(Rs.FAILED, _FAIL)
+    # The source was released by "go": the guest is this one now, whatever the source does.
+    for event in (Re.ABANDON, Re.SOURCE_SILENT, Re.SOURCE_CLOSED):
+        rows[(Rs.RUNNING, event)] = Step(Rs.RUNNING)
+    return MappingProxyType(rows)
+
+
+TABLE: ReceiverTable = _table()
+FINAL: frozenset[ReceiverState] = frozenset({Rs.RUNNING, Rs.FAILED})
+
+_REPLY_EVENTS: Mapping[str, ReceiverEvent] = MappingProxyType({"go": Re.GO, "abandon": Re.ABANDON})
+
+
+def section_event(tag: bytes) -> ReceiverEvent:
+    """The event for a main-stream section header's tag."""
+    try:
+        return SECTION_EVENTS[tag]
+    except KeyError:
+        name = tag.rstrip(b"\0").decode("ascii", "replace")
+        raise StreamError(f"a {name} section has no place in the main stream") from None
+
+
+def reply_event(kind: str) -> ReceiverEvent:
+    """The event for a line from the source on the reply path."""
+    try:
+        return _REPLY_EVENTS[kind]
+    except KeyError:
+        raise MigrationError(f"the source did not hand over: it sent {kind!r}") from None
+
+
+class ReceiverMachine(Walk[ReceiverState, ReceiverEvent, ReceiverAction]):
+    """One incoming migration's place in the table."""
+
+    def __init__(self) -> None:
+        super().__init__("migration destination", TABLE, STATUS, Rs.IDLE)
+
+    @property
+    def started(self) -> bool:
+        """The guest runs here: from now on nothing may close it."""
+        return self.state is Rs.RUNNING
+
+    @property
+    def finished(self) -> bool:
+        return self.state in FINAL
+
+    @property
+    def phase(self) -> str:
+        return PHASE.get(self.state, self.state.name.lower())
+
+
+__all__ = [
+    "FINAL",
+    "PHASE",
+    "SECTION_EVENTS",
+    "STATUS",
+    "TABLE",
+    "ReceiverAction",
+    "ReceiverEvent",
+    "ReceiverMachine",
+    "ReceiverState",
+    "ReceiverTable",
+    "reply_event",
+    "section_event",
+]
