@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from vmferry.devices.base import INCOMING_OPTION, DeviceModel
 from vmferry.devices.dmaengine import DmaEngine
+from vmferry.devices.fsm import MigState
 from vmferry.devices.iommu import DirtyTracking, Iommu
 from vmferry.devices.nic.vf import VirtualFunction
 from vmferry.devices.vgpu.device import Vgpu
 from vmferry.errors import ConfigError
 from vmferry.memory.guest_memory import GuestMemory
 
-if TYPE_CHECKING:
-    from vmferry.machine.config import MachineConfig
+
+class DeviceSlots(Protocol):
+    """What the registry needs of a machine's configuration (a MachineConfig): the
+    device specs, one per slot. A protocol, because the machine layer sits above this."""
+
+    @property
+    def devices(self) -> Sequence[str]: ...
+
 
 MODELS: dict[str, type[DeviceModel]] = {
     DmaEngine.model: DmaEngine,
@@ -88,8 +96,6 @@ def create_device(
         options[INCOMING_OPTION] = "on"
     dev = MODELS[spec.model](f"{spec.model}{index}", iommu, options)
     if "x-fail-arc" in spec.options:
-        from vmferry.devices.fsm import MigState
-
         a, _, b = spec.options["x-fail-arc"].partition(">")
         try:
             dev.fail_arcs.add((MigState[a], MigState[b]))
@@ -106,7 +112,7 @@ def mmio_base(index: int) -> int:
 
 
 def create_devices(
-    config: MachineConfig,
+    config: DeviceSlots,
     memory: GuestMemory,
     versions: dict[str, int] | None = None,
     *,

@@ -14,6 +14,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from vmferry import __version__
+from vmferry.errors import VmferryError
 from vmferry.qmp.backend import QmpBackend, QmpError
 from vmferry.qmp.framing import JsonSplitter, Oversized, decode, encode
 from vmferry.qmp.schema import COMMANDS, Command, Json, find_command
@@ -98,6 +99,10 @@ class QmpSession:
                 result = method(**command.to_call(args))
             except QmpError:
                 raise
+            except VmferryError as e:
+                # A lower layer's refusal (a device, the host's vGPUs): its words, as QEMU's
+                # Error becomes a GenericError; no traceback, it is not a fault here.
+                raise QmpError(str(e)) from e
             except Exception as e:
                 # A broken backend must not take the connection down with it.
                 log.exception("QMP command %s failed", name)

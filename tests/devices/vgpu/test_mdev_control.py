@@ -4,12 +4,16 @@ commands (schema and what they answer)."""
 from __future__ import annotations
 
 import json
+import threading
+from typing import Any, cast
 
 import pytest
 
 from tests.conftest import vmferry
 from vmferry.devices.vgpu import qmp as vgpu_qmp
-from vmferry.qmp.backend import QmpError
+from vmferry.devices.vgpu.mdev import MdevError
+from vmferry.qmp.backend import QmpBackend, QmpError
+from vmferry.qmp.protocol import QmpSession
 from vmferry.qmp.schema import COMMANDS
 
 
@@ -36,10 +40,29 @@ def test_qmp_mdev_commands() -> None:
     avail = {t["name"]: t["available-instances"] for t in vgpu_qmp.types()}
     assert avail == {"vgpu-1": 0, "vgpu-2": 1, "vgpu-4": 3, "vgpu-8": 6}
     assert [i["uuid"] for i in vgpu_qmp.instances()] == [made["uuid"]]
-    with pytest.raises(QmpError, match="already exists"):
+    with pytest.raises(MdevError, match="already exists"):
         vgpu_qmp.create("vgpu-4", made["uuid"])
     vgpu_qmp.remove(made["uuid"])
-    with pytest.raises(QmpError, match="no vGPU"):
+    with pytest.raises(MdevError, match="no vGPU"):
         vgpu_qmp.remove(made["uuid"])
     with pytest.raises(QmpError, match="does not accept value"):
         COMMANDS["x-mdev-create"].check_arguments({"type": "vgpu-3"})
+
+
+class _MdevOnly:
+    """A QMP backend with only the mdev commands, as the controller answers them."""
+
+    def x_mdev_remove(self, uuid: str) -> None:
+        vgpu_qmp.remove(uuid)
+
+
+def test_a_registry_refusal_becomes_a_generic_error_at_the_qmp_boundary() -> None:
+    """The device layer raises its own error; the QMP session turns it into the reply."""
+    session = QmpSession(cast(QmpBackend, _MdevOnly()), threading.Lock())
+    session.handle(b'{"execute": "qmp_capabilities"}')
+    uuid = "6c0a4b0e-0000-4000-8000-000000000001"
+    text = json.dumps({"execute": "x-mdev-remove", "arguments": {"uuid": uuid}, "id": 7})
+    reply: dict[str, Any] = session.handle(text.encode())
+    assert reply["id"] == 7
+    assert reply["error"]["class"] == "GenericError"
+    assert "no vGPU" in reply["error"]["desc"] and uuid in reply["error"]["desc"]

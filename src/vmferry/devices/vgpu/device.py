@@ -31,6 +31,7 @@ from vmferry.devices.vgpu.physical import PhysicalGpu
 from vmferry.devices.vgpu.types import DEFAULT_PARENT, PARENT_MODEL, vgpu_type
 from vmferry.devices.vgpu.vram import PIECE, VramShare
 from vmferry.errors import ConfigError
+from vmferry.sizes import parse_size
 
 DIRTY_PIECES_PER_READ = 1  # ≤ 64 MiB of dirty VRAM per pre-copy read
 
@@ -38,8 +39,6 @@ DIRTY_PIECES_PER_READ = 1  # ≤ 64 MiB of dirty VRAM per pre-copy read
 def _size_option(text: str | None) -> int | None:
     if text is None:
         return None
-    from vmferry.machine.config import parse_size  # (machine imports the device registry)
-
     return parse_size(text)
 
 
@@ -124,7 +123,7 @@ class Vgpu(DeviceModel):
             self.gpu.cv.notify_all()
 
     def _read32(self, offset: int) -> int:
-        return R.read32(self, self.ctx, offset)
+        return R.read32(self.identity.version, self.ctx, offset)
 
     def _write32(self, offset: int, value: int) -> None:
         R.write32(self.ctx, offset, value)

@@ -1,32 +1,14 @@
 """The mdev QMP commands (vmferry's own, x- prefixed) over the host registry: what a
 VM's control socket answers for ``x-mdev-types``, ``x-mdev-create``, ``x-mdev-remove``
-and ``x-mdev-list``. Registry refusals become QMP errors carrying their text."""
+and ``x-mdev-list``, as JSON values. Registry refusals stay device-layer errors
+(MdevError, ConfigError); the QMP layer turns them into replies carrying their text."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import Any
 
 from vmferry.devices.vgpu import mdev
 from vmferry.devices.vgpu.types import DEFAULT_PARENT
-from vmferry.errors import ConfigError
-from vmferry.qmp.backend import QmpError
-
-T = TypeVar("T")
-
-
-@contextmanager
-def _as_qmp() -> Iterator[None]:
-    try:
-        yield
-    except (mdev.MdevError, ConfigError) as e:
-        raise QmpError(str(e)) from e
-
-
-def _call(fn: Callable[[], T]) -> T:
-    with _as_qmp():
-        return fn()
 
 
 def instance_json(i: mdev.Instance) -> dict[str, Any]:
@@ -41,7 +23,7 @@ def instance_json(i: mdev.Instance) -> dict[str, Any]:
 
 
 def types(parent: str = DEFAULT_PARENT) -> list[dict[str, Any]]:
-    infos = _call(lambda: mdev.list_types(parent))
+    infos = mdev.list_types(parent)
     return [
         {
             "name": t.name,
@@ -59,12 +41,12 @@ def types(parent: str = DEFAULT_PARENT) -> list[dict[str, Any]]:
 def create(
     type: str, uuid: str | None = None, parent: str = DEFAULT_PARENT, vram: int | None = None
 ) -> dict[str, Any]:
-    return instance_json(_call(lambda: mdev.create(uuid, type, parent, vram)))
+    return instance_json(mdev.create(uuid, type, parent, vram))
 
 
 def remove(uuid: str) -> None:
-    _call(lambda: mdev.remove(uuid))
+    mdev.remove(uuid)
 
 
 def instances() -> list[dict[str, Any]]:
-    return [instance_json(i) for i in _call(mdev.list_instances)]
+    return [instance_json(i) for i in mdev.list_instances()]

@@ -3,8 +3,6 @@ first). Reads and writes go to the mediator's shadows in the context, under its 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from vmferry.devices.vgpu.context import (
     CTRL_ENABLE,
     ERR_NONE,
@@ -13,9 +11,6 @@ from vmferry.devices.vgpu.context import (
     U32,
     VgpuContext,
 )
-
-if TYPE_CHECKING:
-    from vmferry.devices.vgpu.device import Vgpu
 
 ID = 0x55504756  # "VGPU"
 CAPS_BITS = 0b111111  # fill, copy, blit, compute, fence, aperture
@@ -41,11 +36,12 @@ def _set_half(old: int, offset: int, base: int, value: int) -> int:
     return (old & ~(U32 << shift)) | (value << shift)
 
 
-def read32(dev: Vgpu, ctx: VgpuContext, offset: int) -> int:
+def read32(version: int, ctx: VgpuContext, offset: int) -> int:
+    """``version``: the model version the device reports (a destination may pin another)."""
     r = ctx.regs
     simple = {
         ID_: ID,
-        VERSION: dev.identity.version,
+        VERSION: version,
         CAPS: CAPS_BITS,
         CTRL: r.ctrl,
         RING_SIZE: r.ring_size,
