@@ -1,0 +1,418 @@
+"""The source's table: every (state, event) pair of both targets, the real walks, the
+status each state shows, and the rules the table must keep (cancelling, release)."""
+
+from __future__ import annotations
+
+from collections import deque
+
+import pytest
+
+from vmferry.errors import MigrationError
+from vmferry.migration.source_machine import (
+    FINAL,
+    RELEASED,
+    STATES,
+    STATUS,
+    TABLES,
+    SourceAction,
+    SourceEvent,
+    SourceMachine,
+    SourceState,
+    Target,
+    reply_event,
+    round_ended,
+)
+from vmferry.migration.status import AFTER_CANCELLING, MigrationStatus, may_become
+from vmferry.migration.table import UnexpectedEvent
+
+St, Ev, Ac = SourceState, SourceEvent, SourceAction
+CANCELLING = {St.CANCELLING_NO_PEER, St.CANCELLING, St.CANCELLING_AFTER_END}
+# The actions after which the driver has the next event in hand (it waited or sent).
+YIELDING = {
+    Ac.CONNECT,
+    Ac.AWAIT_ACCEPTED,
+    Ac.SEND_ROUND,
+    Ac.END_STREAM,
+    Ac.AWAIT_READY,
+    Ac.AWAIT_RESUMED,
+}
+
+
+def _paths(target: Target) -> dict[SourceState, list[SourceEvent]]:
+    """The shortest event sequence from IDLE to each state the table reaches."""
+    table = TABLES[target]
+    paths: dict[SourceState, list[SourceEvent]] = {St.IDLE: []}
+    todo = deque([St.IDLE])
+    while todo:
+        state = todo.popleft()
+        for (s, e), step in table.items():
+            if s is state and step.next not in paths:
+                paths[step.next] = [*paths[state], e]
+                todo.append(step.next)
+    return paths
+
+
+PATHS = {t: _paths(t) for t in Target}
+
+
+def _at(target: Target, state: SourceState) -> SourceMachine:
+    m = SourceMachine(target)
+    for e in PATHS[target][state]:
+        m.step(e)
+    assert m.state is state
+    return m
+
+
+def _walk(m: SourceMachine, *events: SourceEvent) -> list[SourceAction]:
+    out: list[SourceAction] = []
+    for e in events:
+        out += m.step(e)
+    return out
+
+
+ALL = [(t, s, e) for t in Target for s in sorted(STATES[t], key=lambda s: s.value) for e in Ev]
+
+
+@pytest.mark.parametrize(
+    ("target", "state", "event"), ALL, ids=[f"{t.value}-{s.name}-{e.name}" for t, s, e in ALL]
+)
+def test_every_pair_steps_as_the_table_says_or_is_refused_naming_both(
+    target: Target, state: SourceState, event: SourceEvent
+) -> None:
+    m = _at(target, state)
+    step = TABLES[target].get((state, event))
+    if step is None:
+        assert not m.allows(event)
+        with pytest.raises(UnexpectedEvent) as err:
+            m.step(event)
+        assert err.value.state is state and err.value.event is event
+        assert f"event {event.name} is not expected in state {state.name}" in str(err.value)
+        assert isinstance(err.value, MigrationError)
+        assert m.state is state  # a refused event changes nothing
+    else:
+        assert m.allows(event)
+        assert m.step(event) == step.actions
+        assert m.state is step.next
+        assert m.history[-1] == (state, event)
+        assert m.status is STATUS[step.next]
+
+
+@pytest.mark.parametrize("target", list(Target))
+def test_each_target_reaches_exactly_its_states_and_each_can_end(target: Target) -> None:
+    table = TABLES[target]
+    assert set(PATHS[target]) == STATES[target]
+    assert {s for s, _ in table} | {step.next for step in table.values()} <= STATES[target]
+    for state in STATES[target] - FINAL:
+        seen, todo = {state}, [state]
+        while todo:
+            cur = todo.pop()
+            for (s, _), step in table.items():
+                if s is cur and step.next not in seen:
+                    seen.add(step.next)
+                    todo.append(step.next)
+        assert seen & FINAL, f"{state.name} never ends"
+
+
+@pytest.mark.parametrize("target", list(Target))
+def test_status_is_reported_exactly_when_it_changes(target: Target) -> None:
+    for (state, event), step in TABLES[target].items():
+        changes = STATUS[step.next] != STATUS[state]
+        assert step.actions.count(Ac.REPORT_STATUS) == int(changes), (state, event)
+
+
+@pytest.mark.parametrize("target", list(Target))
+def test_cancel_is_taken_in_every_state_and_ignored_once_released(target: Target) -> None:
+    table = TABLES[target]
+    for state in STATES[target]:
+        step = table[(state, Ev.CANCEL)]
+        if state in RELEASED | FINAL | CANCELLING:
+            assert step.next is state and step.actions == ()
+        elif state is St.IDLE:
+            assert step.next is St.CANCELLED
+        else:
+            assert step.next in CANCELLING
+            assert step.actions == (Ac.REPORT_STATUS, Ac.INTERRUPT)
+
+
+@pytest.mark.parametrize("target", list(Target))
+def test_cancelling_only_becomes_what_the_cancelling_rule_allows(target: Target) -> None:
+    for (state, event), step in TABLES[target].items():
+        if state in CANCELLING and step.next not in CANCELLING:
+            assert STATUS[step.next] in AFTER_CANCELLING, (state, event)
+            assert may_become(STATUS[state], STATUS[step.next])
+
+
+@pytest.mark.parametrize("target", list(Target))
+def test_a_released_vm_is_never_rolled_back_unless_the_destination_did_not_start_it(
+    target: Target,
+) -> None:
+    for (state, event), step in TABLES[target].items():
+        if state in RELEASED and (state, event) != (St.HANDING_OVER, Ev.DESTINATION_FAILED):
+            assert Ac.ROLLBACK not in step.actions, (state, event)
+            assert step.next in RELEASED or step.next is St.CONTINUED or step.next is state
+        ends_here = step.next in {St.FAILED, St.CANCELLED} and state not in FINAL
+        if ends_here and state not in RELEASED and state is not St.IDLE:
+            assert Ac.ROLLBACK in step.actions, (state, event)
+
+
+@pytest.mark.parametrize("target", list(Target))
+def test_the_destination_is_told_only_while_the_stream_is_whole(target: Target) -> None:
+    sections_flow = {St.AWAIT_ACCEPTED, St.PRECOPY, St.STOP_COPY, St.CANCELLING}
+    after_end = {St.AWAIT_READY, St.CANCELLING_AFTER_END}
+    broken = {Ev.PEER_CLOSED, Ev.PEER_SILENT, Ev.DESTINATION_FAILED}
+    for (state, event), step in TABLES[target].items():
+        told = {Ac.TELL_ABORT, Ac.TELL_ABANDON} & set(step.actions)
+        if target is Target.FILE or event in broken:
+            assert not told, (state, event)
+        if Ac.TELL_ABORT in told:
+            assert state in sections_flow and event is not Ev.STREAM_ENDED
+        if Ac.TELL_ABANDON in told:
+            assert state in after_end or (state, event) == (St.CANCELLING, Ev.STREAM_ENDED)
+
+
+@pytest.mark.parametrize("target", list(Target))
+def test_the_driver_always_has_a_next_event_to_wait_for(target: Target) -> None:
+    for (state, event), step in TABLES[target].items():
+        if step.next in FINAL | CANCELLING or (step.next is state and not step.actions):
+            continue
+        assert step.actions and step.actions[-1] in YIELDING, (state, event)
+
+
+def test_each_state_shows_qemus_status() -> None:
+    want = {
+        St.IDLE: "none",
+        St.SETUP: "setup",
+        St.AWAIT_ACCEPTED: "setup",
+        St.PRECOPY: "active",
+        St.STOP_COPY: "device",
+        St.AWAIT_READY: "device",
+        St.HANDING_OVER: "device",
+        St.COMPLETED: "completed",
+        St.SAVED: "completed",
+        St.CONTINUED: "completed",
+        St.CANCELLING_NO_PEER: "cancelling",
+        St.CANCELLING: "cancelling",
+        St.CANCELLING_AFTER_END: "cancelling",
+        St.CANCELLED: "cancelled",
+        St.FAILED: "failed",
+        St.FAILED_AFTER_RELEASE: "failed",
+    }
+    assert dict(STATUS) == want  # StrEnum members equal QMP's strings
+
+
+def test_the_cancelling_rule_as_data() -> None:
+    assert set(AFTER_CANCELLING) == {"cancelled", "failed", "completed"}
+    assert not may_become("cancelling", MigrationStatus.DEVICE)
+    assert not may_become(MigrationStatus.CANCELLING, "active")
+    assert may_become("cancelling", "cancelled")
+    assert may_become("active", "device")
+
+
+# ---- the real walks
+
+
+def test_a_tcp_migration_walks_setup_rounds_switchover_hand_over() -> None:
+    m = SourceMachine(Target.LIVE)
+    statuses = []
+    actions = []
+    for e in (
+        Ev.START,
+        Ev.CONNECTED,
+        Ev.ACCEPTED,
+        Ev.ROUND_CONTINUE,
+        Ev.ROUND_CONTINUE,
+        Ev.ROUND_SWITCHOVER,
+        Ev.STREAM_ENDED,
+        Ev.READY,
+        Ev.RESUMED,
+    ):
+        step = m.step(e)
+        actions += step
+        if Ac.REPORT_STATUS in step:
+            statuses.append(m.status)
+    assert statuses == ["setup", "active", "device", "completed"]
+    assert actions == [
+        Ac.REPORT_STATUS,
+        Ac.CONNECT,
+        Ac.SEND_CONFIG,
+        Ac.WATCH_PEER,
+        Ac.AWAIT_ACCEPTED,
+        Ac.START_DIRTY_TRACKING,
+        Ac.REPORT_STATUS,
+        Ac.SEND_ROUND,
+        Ac.SEND_ROUND,
+        Ac.SEND_ROUND,
+        Ac.PAUSE_VM,
+        Ac.REPORT_STATUS,
+        Ac.STOP_DEVICES,
+        Ac.SEND_FINAL_ROUND,
+        Ac.SEND_CPU_AND_DEVICES,
+        Ac.SEND_VERIFY,
+        Ac.END_STREAM,
+        Ac.AWAIT_READY,
+        Ac.SEND_GO,
+        Ac.STOP_DIRTY_TRACKING,
+        Ac.AWAIT_RESUMED,
+        Ac.REPORT_STATUS,
+        Ac.RELEASE_DEVICES,
+    ]
+    assert m.released and not m.resumable and m.finished
+    assert m.step(Ev.CANCEL) == () and m.state is St.COMPLETED
+
+
+def test_a_migration_to_a_file_ends_paused_and_resumable() -> None:
+    m = SourceMachine(Target.FILE)
+    actions = _walk(m, Ev.START, Ev.CONNECTED, Ev.ROUND_SWITCHOVER, Ev.STREAM_ENDED)
+    assert m.state is St.SAVED and m.status == "completed"
+    assert m.released and m.resumable
+    assert actions[:6] == [
+        Ac.REPORT_STATUS,
+        Ac.CONNECT,
+        Ac.SEND_CONFIG,
+        Ac.START_DIRTY_TRACKING,
+        Ac.REPORT_STATUS,
+        Ac.SEND_ROUND,
+    ]
+    assert actions[-3:] == [Ac.RELEASE_DEVICES, Ac.STOP_DIRTY_TRACKING, Ac.REPORT_STATUS]
+    assert not {Ac.WATCH_PEER, Ac.AWAIT_READY, Ac.SEND_GO, Ac.TELL_ABORT} & set(actions)
+    assert m.step(Ev.CONT) == (Ac.RESUME_HERE,)
+    assert not m.released and not m.resumable and m.status == "completed"
+    with pytest.raises(UnexpectedEvent, match="CONT is not expected in state CONTINUED"):
+        m.step(Ev.CONT)
+
+
+LIVE_CANCELS = [
+    (St.SETUP, ()),
+    (St.AWAIT_ACCEPTED, (Ac.TELL_ABORT,)),
+    (St.PRECOPY, (Ac.TELL_ABORT,)),
+    (St.STOP_COPY, (Ac.TELL_ABORT,)),
+    (St.AWAIT_READY, (Ac.TELL_ABANDON,)),
+]
+
+
+@pytest.mark.parametrize(("state", "told"), LIVE_CANCELS, ids=[s.name for s, _ in LIVE_CANCELS])
+def test_a_cancel_in_each_state_rolls_back_and_tells_what_the_stream_allows(
+    state: SourceState, told: tuple[SourceAction, ...]
+) -> None:
+    m = _at(Target.LIVE, state)
+    assert m.step(Ev.CANCEL) == (Ac.REPORT_STATUS, Ac.INTERRUPT)
+    assert m.status == "cancelling" and m.cancelling
+    assert m.step(Ev.CANCEL) == ()  # a second cancel says nothing new
+    assert m.step(Ev.HALTED) == (*told, Ac.ROLLBACK, Ac.REPORT_STATUS)
+    assert m.state is St.CANCELLED and m.status == "cancelled" and not m.released
+
+
+@pytest.mark.parametrize("state", [St.SETUP, St.PRECOPY, St.STOP_COPY])
+def test_a_cancel_of_a_file_migration_tells_no_one(state: SourceState) -> None:
+    m = _at(Target.FILE, state)
+    m.step(Ev.CANCEL)
+    assert m.step(Ev.HALTED) == (Ac.ROLLBACK, Ac.REPORT_STATUS)
+    assert m.state is St.CANCELLED
+
+
+def test_a_cancel_before_start_ends_at_once() -> None:
+    m = SourceMachine(Target.LIVE)
+    assert m.step(Ev.CANCEL) == (Ac.REPORT_STATUS,)
+    assert m.status == "cancelled"
+
+
+def test_a_cancel_that_comes_as_the_file_is_whole_loses() -> None:
+    m = _at(Target.FILE, St.STOP_COPY)
+    m.step(Ev.CANCEL)
+    m.step(Ev.STREAM_ENDED)
+    assert m.state is St.SAVED and m.resumable
+
+
+def test_a_cancel_before_ready_wins_over_ready_no_go_is_sent() -> None:
+    m = _at(Target.LIVE, St.AWAIT_READY)
+    m.step(Ev.CANCEL)
+    actions = m.step(Ev.READY)
+    assert Ac.SEND_GO not in actions
+    assert actions == (Ac.TELL_ABANDON, Ac.ROLLBACK, Ac.REPORT_STATUS)
+
+
+def test_a_cancel_as_the_stream_ends_tells_abandon_not_abrt() -> None:
+    m = _at(Target.LIVE, St.STOP_COPY)
+    m.step(Ev.CANCEL)
+    assert m.step(Ev.STREAM_ENDED) == (Ac.TELL_ABANDON, Ac.ROLLBACK, Ac.REPORT_STATUS)
+
+
+def test_a_cancel_after_go_is_ignored_and_the_hand_over_completes() -> None:
+    m = _at(Target.LIVE, St.HANDING_OVER)
+    assert m.released
+    assert m.step(Ev.CANCEL) == ()
+    assert m.status == "device"
+    m.step(Ev.RESUMED)
+    assert m.status == "completed"
+
+
+def test_a_refused_set_up_fails_rolled_back_untold() -> None:
+    m = SourceMachine(Target.LIVE)
+    _walk(m, Ev.START, Ev.CONNECTED)
+    assert m.step(Ev.DESTINATION_FAILED) == (Ac.ROLLBACK, Ac.REPORT_STATUS)
+    assert m.status == "failed" and not m.released
+
+
+def test_a_verify_failure_at_the_destination_rolls_back() -> None:
+    m = _at(Target.LIVE, St.AWAIT_READY)
+    assert m.step(Ev.DESTINATION_FAILED) == (Ac.ROLLBACK, Ac.REPORT_STATUS)
+    assert m.state is St.FAILED and not m.released
+
+
+def test_a_destination_lost_after_go_leaves_the_vm_paused_here() -> None:
+    for lost in (Ev.PEER_CLOSED, Ev.PEER_SILENT, Ev.ERROR):
+        m = _at(Target.LIVE, St.HANDING_OVER)
+        assert m.step(lost) == (Ac.REPORT_STATUS,)
+        assert m.state is St.FAILED_AFTER_RELEASE and m.released and m.status == "failed"
+
+
+def test_a_destination_that_says_it_did_not_start_the_vm_gets_it_back() -> None:
+    m = _at(Target.LIVE, St.HANDING_OVER)
+    assert m.step(Ev.DESTINATION_FAILED) == (Ac.ROLLBACK, Ac.REPORT_STATUS)
+    assert not m.released
+
+
+def test_a_policy_that_gives_up_fails_telling_the_destination() -> None:
+    m = _at(Target.LIVE, St.PRECOPY)
+    assert m.step(Ev.ROUND_GIVE_UP) == (Ac.TELL_ABORT, Ac.ROLLBACK, Ac.REPORT_STATUS)
+
+
+def test_a_broken_connection_mid_round_fails_untold() -> None:
+    m = _at(Target.LIVE, St.PRECOPY)
+    assert m.step(Ev.PEER_CLOSED) == (Ac.ROLLBACK, Ac.REPORT_STATUS)
+
+
+def test_an_unexpected_reply_names_event_state_and_the_path() -> None:
+    m = _at(Target.LIVE, St.PRECOPY)
+    _walk(m, Ev.ROUND_CONTINUE, Ev.ROUND_CONTINUE, Ev.ROUND_SWITCHOVER, Ev.STREAM_ENDED)
+    with pytest.raises(UnexpectedEvent) as err:
+        m.step(Ev.RESUMED)
+    msg = str(err.value)
+    assert "tcp migration source: event RESUMED is not expected in state AWAIT_READY" in msg
+    assert msg.endswith(
+        "(after …, SETUP+CONNECTED, AWAIT_ACCEPTED+ACCEPTED, PRECOPY+ROUND_CONTINUE, "
+        "PRECOPY+ROUND_CONTINUE, PRECOPY+ROUND_SWITCHOVER, STOP_COPY+STREAM_ENDED)"
+    )
+    assert "IDLE+START" not in msg  # the last steps, not all
+    assert len(err.value.history) == 7
+
+
+def test_decisions_and_replies_become_events() -> None:
+    assert round_ended("continue") is Ev.ROUND_CONTINUE
+    assert round_ended("switchover") is Ev.ROUND_SWITCHOVER
+    assert round_ended("cancel") is Ev.ROUND_GIVE_UP
+    assert [reply_event(k) for k in ("accepted", "ready", "resumed", "failed")] == [
+        Ev.ACCEPTED,
+        Ev.READY,
+        Ev.RESUMED,
+        Ev.DESTINATION_FAILED,
+    ]
+    with pytest.raises(MigrationError, match="unknown reply 'bogus'"):
+        reply_event("bogus")
+    with pytest.raises(MigrationError, match="'later'"):
+        round_ended("later")
+
+
+def test_phase_names_what_the_source_was_doing() -> None:
+    assert _at(Target.LIVE, St.HANDING_OVER).phase == "the hand-over"
+    assert _at(Target.LIVE, St.PRECOPY).phase == "the pre-copy"
