@@ -213,8 +213,8 @@ def test_the_cancelling_rule_as_data() -> None:
 
 def test_a_tcp_migration_walks_setup_rounds_switchover_hand_over() -> None:
     m = SourceMachine(Target.LIVE)
-    statuses = []
-    actions = []
+    statuses: list[MigrationStatus] = []
+    actions: list[SourceAction] = []
     for e in (
         Ev.START,
         Ev.CONNECTED,
