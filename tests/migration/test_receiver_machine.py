@@ -1,0 +1,301 @@
+"""The destination's table: every (state, event) pair, its agreement with the stream's
+grammar, the real walks, and the rules it must keep (no guest before go, abandon)."""
+
+from __future__ import annotations
+
+from collections import deque
+
+import pytest
+
+from vmferry.errors import MigrationError, StreamError
+from vmferry.migration.receiver_machine import (
+    FINAL,
+    SECTION_EVENTS,
+    STATUS,
+    TABLE,
+    ReceiverAction,
+    ReceiverEvent,
+    ReceiverMachine,
+    ReceiverState,
+    reply_event,
+    section_event,
+)
+from vmferry.migration.stream import MAIN_GRAMMAR
+from vmferry.migration.table import UnexpectedEvent
+
+Rs, Re, Ra = ReceiverState, ReceiverEvent, ReceiverAction
+SECTIONS = set(SECTION_EVENTS.values())
+CONNECTED = {
+    Rs.AWAIT_CONF,
+    Rs.SETTING_UP,
+    Rs.LOADING,
+    Rs.AFTER_CPUS,
+    Rs.AFTER_DEVS,
+    Rs.AFTER_VRFY,
+    Rs.VERIFYING,
+    Rs.READY,
+}
+YIELDING = {Ra.AWAIT_SOURCE, Ra.READ_SECTION, Ra.SET_UP, Ra.VERIFY, Ra.AWAIT_GO}
+
+
+def _paths() -> dict[ReceiverState, list[ReceiverEvent]]:
+    paths: dict[ReceiverState, list[ReceiverEvent]] = {Rs.IDLE: []}
+    todo = deque([Rs.IDLE])
+    while todo:
+        state = todo.popleft()
+        for (s, e), step in TABLE.items():
+            if s is state and step.next not in paths:
+                paths[step.next] = [*paths[state], e]
+                todo.append(step.next)
+    return paths
+
+
+PATHS = _paths()
+
+
+def _at(state: ReceiverState) -> ReceiverMachine:
+    m = ReceiverMachine()
+    for e in PATHS[state]:
+        m.step(e)
+    assert m.state is state
+    return m
+
+
+def _walk(m: ReceiverMachine, *events: ReceiverEvent) -> list[ReceiverAction]:
+    out: list[ReceiverAction] = []
+    for e in events:
+        out += m.step(e)
+    return out
+
+
+ALL = [(s, e) for s in Rs for e in Re]
+
+
+@pytest.mark.parametrize(("state", "event"), ALL, ids=[f"{s.name}-{e.name}" for s, e in ALL])
+def test_every_pair_steps_as_the_table_says_or_is_refused_naming_both(
+    state: ReceiverState, event: ReceiverEvent
+) -> None:
+    m = _at(state)
+    step = TABLE.get((state, event))
+    if step is None:
+        with pytest.raises(UnexpectedEvent) as err:
+            m.step(event)
+        assert f"event {event.name} is not expected in state {state.name}" in str(err.value)
+        assert isinstance(err.value, MigrationError)
+        assert m.state is state
+    else:
+        assert m.step(event) == step.actions
+        assert m.state is step.next and m.status is STATUS[step.next]
+
+
+def test_every_state_is_reached_and_every_one_can_end() -> None:
+    assert set(PATHS) == set(Rs)
+    for state in set(Rs) - FINAL:
+        seen, todo = {state}, [state]
+        while todo:
+            cur = todo.pop()
+            for (s, _), step in TABLE.items():
+                if s is cur and step.next not in seen:
+                    seen.add(step.next)
+                    todo.append(step.next)
+        assert seen & FINAL, f"{state.name} never ends"
+
+
+# Which state reads the section that follows each grammar row (None: the stream start).
+_AFTER = {
+    None: Rs.AWAIT_CONF,
+    b"CONF": Rs.LOADING,  # once SETTING_UP has prepared for the stream
+    b"RAM\0": Rs.LOADING,
+    b"RND\0": Rs.LOADING,
+    b"DEVD": Rs.LOADING,
+    b"CPUS": Rs.AFTER_CPUS,
+    b"DEVS": Rs.AFTER_DEVS,
+    b"VRFY": Rs.AFTER_VRFY,
+    b"END\0": Rs.VERIFYING,
+    b"ABRT": Rs.FAILED,
+}
+
+
+def test_the_section_events_follow_the_stream_grammar_exactly() -> None:
+    assert set(_AFTER) == set(MAIN_GRAMMAR)
+    for last, allowed in MAIN_GRAMMAR.items():
+        state = _AFTER[last]
+        taken = {e for e in SECTIONS if (state, e) in TABLE}
+        assert taken == {section_event(t) for t in allowed}, section_event(last) if last else None
+    for state in set(Rs) - set(_AFTER.values()):
+        assert not {e for e in SECTIONS if (state, e) in TABLE}, state
+
+
+def test_status_is_reported_exactly_when_it_changes() -> None:
+    for (state, event), step in TABLE.items():
+        changes = STATUS[step.next] != STATUS[state]
+        assert step.actions.count(Ra.REPORT_STATUS) == int(changes), (state, event)
+
+
+def test_abandon_is_taken_in_every_state_and_changes_nothing_once_running() -> None:
+    for state in Rs:
+        step = TABLE[(state, Re.ABANDON)]
+        if state in FINAL:
+            assert step.next is state and step.actions == ()
+        else:
+            assert step.next is Rs.FAILED
+
+
+def test_every_failure_with_a_source_tells_it_and_discards_the_load() -> None:
+    for (state, event), step in TABLE.items():
+        if state in CONNECTED and step.next is Rs.FAILED:
+            assert step.actions == (
+                Ra.STOP_HEARTBEAT,
+                Ra.SEND_FAILED,
+                Ra.DISCARD,
+                Ra.REPORT_STATUS,
+            ), (state, event)
+
+
+def test_the_guest_starts_only_on_go_after_a_whole_verified_stream() -> None:
+    into = {
+        (s, e) for (s, e), step in TABLE.items() if step.next is Rs.RUNNING and s is not Rs.RUNNING
+    }
+    assert into == {(Rs.READY, Re.GO)}
+    assert {(s, e) for (s, e), st in TABLE.items() if st.next is Rs.READY} == {
+        (Rs.VERIFYING, Re.VERIFY_PASSED)
+    }
+    assert {s for (s, e), st in TABLE.items() if st.next is Rs.VERIFYING} == {
+        Rs.AFTER_DEVS,
+        Rs.AFTER_VRFY,
+    }
+    starts = [(s, e) for (s, e), st in TABLE.items() if Ra.START_VM in st.actions]
+    assert starts == [(Rs.READY, Re.GO)]
+    for (state, event), step in TABLE.items():
+        if state is Rs.RUNNING:
+            assert step.next is Rs.RUNNING and not step.actions, event  # nothing closes it
+
+
+def test_the_driver_always_has_a_next_event_to_wait_for() -> None:
+    for (state, event), step in TABLE.items():
+        if step.next in FINAL or (step.next is state and not step.actions):
+            continue
+        assert step.actions[-1] in YIELDING, (state, event)
+
+
+def test_each_state_shows_the_destinations_status() -> None:
+    assert STATUS[Rs.IDLE] == "none"
+    assert STATUS[Rs.WAITING] == "setup"
+    assert all(STATUS[s] == "active" for s in CONNECTED)
+    assert STATUS[Rs.RUNNING] == "completed" and STATUS[Rs.FAILED] == "failed"
+    assert set(STATUS) == set(Rs)
+
+
+# ---- the real walks
+
+_SETUP = (Re.START, Re.CONNECTED, Re.CONF, Re.SET_UP)
+
+
+def test_a_migration_with_verification_loads_verifies_and_runs_on_go() -> None:
+    m = ReceiverMachine()
+    actions = _walk(
+        m,
+        *_SETUP,
+        Re.RAM,
+        Re.DEVD,
+        Re.RND,
+        Re.RAM,
+        Re.RND,
+        Re.CPUS,
+        Re.DEVS,
+        Re.VRFY,
+        Re.END,
+        Re.VERIFY_PASSED,
+    )
+    assert m.state is Rs.READY and not m.started
+    assert actions[:7] == [
+        Ra.REPORT_STATUS,
+        Ra.AWAIT_SOURCE,
+        Ra.REPORT_STATUS,
+        Ra.START_HEARTBEAT,
+        Ra.READ_SECTION,
+        Ra.SET_UP,
+        Ra.SEND_ACCEPTED,
+    ]
+    assert actions[-6:] == [
+        Ra.LOAD_DIGESTS,
+        Ra.READ_SECTION,
+        Ra.FINISH_LOAD,
+        Ra.VERIFY,
+        Ra.SEND_READY,
+        Ra.AWAIT_GO,
+    ]
+    assert actions.count(Ra.END_ROUND) == 2 and actions.count(Ra.LOAD_RAM) == 2
+    assert m.step(Re.GO) == (
+        Ra.START_VM,
+        Ra.REPORT_STATUS,
+        Ra.SEND_RESUMED,
+        Ra.STOP_HEARTBEAT,
+    )
+    assert m.started and m.status == "completed"
+    assert m.step(Re.SOURCE_CLOSED) == ()  # the source hangs up after "resumed"
+    assert m.step(Re.ABANDON) == () and m.started
+
+
+def test_a_stream_without_digests_ends_after_devs() -> None:
+    m = ReceiverMachine()
+    _walk(m, *_SETUP, Re.CPUS, Re.DEVS, Re.END)
+    assert m.state is Rs.VERIFYING
+
+
+def test_strangers_are_refused_and_the_wait_goes_on() -> None:
+    m = ReceiverMachine()
+    m.step(Re.START)
+    for _ in range(3):
+        assert m.step(Re.STRANGER) == (Ra.REFUSE_CONNECTION, Ra.AWAIT_SOURCE)
+        assert m.status == "setup"
+    m.step(Re.CONNECTED)
+    assert m.status == "active"
+
+
+@pytest.mark.parametrize("state", [Rs.LOADING, Rs.AFTER_CPUS, Rs.AFTER_DEVS, Rs.AFTER_VRFY])
+def test_an_abrt_between_sections_fails_the_load(state: ReceiverState) -> None:
+    m = _at(state)
+    assert m.step(Re.ABRT)[-2:] == (Ra.DISCARD, Ra.REPORT_STATUS)
+    assert m.status == "failed"
+
+
+def test_a_verification_failure_refuses_the_vm() -> None:
+    m = _at(Rs.VERIFYING)
+    assert Ra.SEND_FAILED in m.step(Re.VERIFY_FAILED)
+    assert m.state is Rs.FAILED and not m.started
+
+
+@pytest.mark.parametrize("event", [Re.ABANDON, Re.SOURCE_SILENT, Re.SOURCE_CLOSED, Re.ERROR])
+def test_no_go_means_no_guest(event: ReceiverEvent) -> None:
+    m = _at(Rs.READY)
+    actions = m.step(event)
+    assert Ra.START_VM not in actions and Ra.DISCARD in actions
+    assert m.state is Rs.FAILED
+
+
+def test_a_section_out_of_order_names_it_and_the_state() -> None:
+    m = ReceiverMachine()
+    _walk(m, *_SETUP, Re.RAM)
+    with pytest.raises(UnexpectedEvent, match="event END is not expected in state LOADING"):
+        m.step(Re.END)
+    with pytest.raises(UnexpectedEvent, match="event VRFY is not expected in state LOADING"):
+        m.step(Re.VRFY)
+
+
+def test_section_tags_and_reply_lines_become_events() -> None:
+    assert section_event(b"RAM\0") is Re.RAM
+    assert section_event(b"RND\0") is Re.RND
+    assert section_event(b"END\0") is Re.END
+    assert section_event(b"CONF") is Re.CONF
+    with pytest.raises(StreamError, match="a CHAN section has no place in the main stream"):
+        section_event(b"CHAN")
+    assert reply_event("go") is Re.GO
+    assert reply_event("abandon") is Re.ABANDON
+    with pytest.raises(MigrationError, match="did not hand over: it sent 'ready'"):
+        reply_event("ready")
+
+
+def test_phase_names_what_was_being_read() -> None:
+    assert _at(Rs.LOADING).phase == "the rounds"
+    assert _at(Rs.READY).phase == "the wait for the hand-over"
