@@ -41,6 +41,7 @@ from vmferry.migration.metrics import BandwidthWindow, MigrationStats, RoundReco
 from vmferry.migration.params import MigrationCapabilities, MigrationParameters
 from vmferry.migration.ram import DEFAULT_BATCH_PAGES, RamSender, RamStats
 from vmferry.migration.snapshot import write_cpu_state
+from vmferry.migration.status import MigrationStatus, may_become
 from vmferry.migration.stream import ABRT, CEND, CHAN, CONF, DEVS, END, ROUND, VRFY, StreamWriter
 from vmferry.migration.tlssocket import stream_sink
 from vmferry.migration.transport import FdSink
@@ -54,8 +55,6 @@ RESUMED_TIMEOUT_S = 30.0
 CANCEL_GRACE_S = 1.0  # how long a cancel lets the senders reach a section boundary
 
 EventSink = Callable[[str, dict[str, Any]], None]
-# What a cancelling migration may still become: a cancel that came as "go" was sent loses.
-_AFTER_CANCELLING = ("cancelled", "failed", "completed")
 
 
 def check_file_target(path: str) -> None:
@@ -125,7 +124,7 @@ class MigrationSource:
     # ---- control
     def start(self) -> None:
         self._t0 = time.monotonic()
-        self._set_status("setup")
+        self._set_status(MigrationStatus.SETUP)
         self._thread.start()
 
     def cancel(self, reason: str = "cancelled by the user") -> None:
@@ -139,7 +138,7 @@ class MigrationSource:
         self._cancel.set()
         if first:
             # QEMU's: "cancelling" until the rollback is done, then "cancelled".
-            self._set_status("cancelling")
+            self._set_status(MigrationStatus.CANCELLING)
             # The senders stop at the next batch, and the destination is told why (ABRT);
             # a send blocked on a peer that reads nothing is woken a little later.
             self._cancel_timer.start()
@@ -180,9 +179,10 @@ class MigrationSource:
             snap.total_ms = self._elapsed_ms()
         return snap
 
-    def _set_status(self, status: str) -> None:
+    def _set_status(self, status: MigrationStatus) -> None:
         with self._lock:
-            if self.stats.status == "cancelling" and status not in _AFTER_CANCELLING:
+            # A cancel that came as "go" was sent loses: cancelling may still end otherwise.
+            if not may_become(self.stats.status, status):
                 return  # the thread moved on (e.g. to "device") before it saw the cancel
             self.stats.status = status
         self.on_event("MIGRATION", {"status": status})
@@ -201,9 +201,9 @@ class MigrationSource:
             if not self.released:
                 self._tell_abandoned(e, msg, cancelled)
                 self._rollback()
-                self._set_status("cancelled" if cancelled else "failed")
+                self._set_status(MigrationStatus.CANCELLED if cancelled else MigrationStatus.FAILED)
             else:
-                self._set_status("failed")
+                self._set_status(MigrationStatus.FAILED)
             log.warning("migration to %s %s: %s", self.uri, self.stats.status, msg)
         finally:
             self._cancel_timer.cancel()
@@ -353,7 +353,7 @@ class MigrationSource:
         m.set_dirty_logging(True)  # from here on every guest write is logged
         self.devices.start()  # DMA dirty tracking on, PRE_COPY for devices that have it
         st.setup_ms = self._elapsed_ms()
-        self._set_status("active")
+        self._set_status(MigrationStatus.ACTIVE)
         limiter = (
             policy.RateLimiter(self.params.max_bandwidth) if self.params.max_bandwidth else None
         )
@@ -540,7 +540,7 @@ class MigrationSource:
         m.set_throttle(0)
         t1 = time.monotonic()
         dt_.pause_ms = (t1 - t_pause) * 1e3
-        self._set_status("device")  # QEMU's name for "stopped, sending the rest"
+        self._set_status(MigrationStatus.DEVICE)  # QEMU's name for "stopped, sending the rest"
 
         # Devices quiesce, stop and hand over their state; after this no DMA happens, so
         # the dirty log below is the last word on guest memory.
@@ -615,7 +615,7 @@ class MigrationSource:
                     st.verify.status = st.verify.cpu_state = "deferred"
                     st.verify.pages_checked = int(resident.size)
                     st.verify.detail = "the file carries the digests; they are checked on restore"
-            self._set_status("completed")
+            self._set_status(MigrationStatus.COMPLETED)
             return
 
         assert self._reply is not None and self._watch is not None
@@ -650,7 +650,7 @@ class MigrationSource:
             dt_.total_ms = (t_resumed - t_pause) * 1e3
             st.downtime_ms = dt_.total_ms
             st.remaining = 0
-        self._set_status("completed")
+        self._set_status(MigrationStatus.COMPLETED)
         self.devices.release()
 
     def _apply_failed_verify(self, v: dict[str, Any]) -> None:
