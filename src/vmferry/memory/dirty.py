@@ -57,17 +57,17 @@ class DirtyBitmap:
         self.set_runs(one, np.array([count], dtype=np.int64))
 
     def set_runs(self, starts: IntArray, lengths: IntArray) -> None:
-        """Set pages [starts[i], starts[i] + lengths[i]) for sorted, disjoint runs."""
+        """Set pages [starts[i], starts[i] + lengths[i]) (fastest for sorted, disjoint runs;
+        any order and overlaps are right too)."""
         widx, masks, full = _run_masks(starts, lengths)
         _or_masks(self.words, widx, masks)
         self.words[full] = ONES
 
     def clear_runs(self, starts: IntArray, lengths: IntArray) -> None:
-        """Clear pages [starts[i], starts[i] + lengths[i]) for sorted, disjoint runs."""
+        """Clear pages [starts[i], starts[i] + lengths[i]) (any order, overlaps allowed)."""
         widx, masks, full = _run_masks(starts, lengths)
-        if widx.size:
-            first = _group_starts(widx)
-            self.words[widx[first]] &= ~np.bitwise_or.reduceat(masks, first)
+        uw, um = _grouped(widx, masks)
+        self.words[uw] &= ~um
         self.words[full] = 0
 
     def merge(self, other: DirtyBitmap) -> None:
@@ -125,20 +125,19 @@ class DirtyBitmap:
         return starts, lasts - starts + 1
 
     def batches(self, max_pages: int) -> list[tuple[int, int]]:
-        """Word ranges [first, end) covering every set page, each holding at most
-        ``max_pages`` pages (at most 64 when ``max_pages`` < 64: a word is not split).
-
-        Cut where the running popcount passes multiples of ``max_pages - 63``: a range then
-        overshoots its share by less than one word."""
+        """Word ranges [first, end) covering every set page: the i-th batch ends with the
+        word that holds set page number ``i * max_pages`` (counting from 0 in page order),
+        so the first ``max_pages`` pages are in the first batch as with a page list, and a
+        batch holds fewer than ``max_pages + 64`` pages (a word is never split)."""
         nz = np.flatnonzero(self.words)
         if nz.size == 0:
             return []
         lo, hi = int(nz[0]), int(nz[-1]) + 1
-        csum = np.cumsum(np.bitwise_count(self.words[lo:hi]), dtype=np.int64)
-        step = max(1, max_pages - 63)
-        marks = np.arange(step, int(csum[-1]), step, dtype=np.int64)
-        cuts = np.unique(np.concatenate(([0], np.searchsorted(csum, marks, "right"), [hi - lo])))
-        cuts += lo
+        counts = np.bitwise_count(self.words[lo:hi]).astype(np.int64)
+        before = np.cumsum(counts) - counts  # set pages in the words ahead of each word
+        marks = np.arange(max_pages, int(before[-1] + counts[-1]), max_pages, dtype=np.int64)
+        inner = np.searchsorted(before, marks, "left")
+        cuts = np.unique(np.concatenate(([0], inner, [hi - lo]))) + lo
         return list(zip(cuts[:-1].tolist(), cuts[1:].tolist(), strict=True))
 
     def split_blocks(self, block_words: int, n: int) -> list[DirtyBitmap]:
@@ -172,18 +171,27 @@ def _group_starts(widx: IntArray) -> IntArray:
     return np.concatenate(([0], np.flatnonzero(widx[1:] != widx[:-1]) + 1))
 
 
-def _or_masks(words: Words, widx: IntArray, masks: Words) -> None:
-    """words[widx[i]] |= masks[i] for sorted ``widx``; masks of one word are ORed together
-    first (``reduceat``), so a repeated index is one store, not a lost update."""
+def _grouped(widx: IntArray, masks: Words) -> tuple[IntArray, Words]:
+    """Each word index once, with the OR of its masks (``reduceat`` over equal indices),
+    so a repeated index is one store, not a lost update."""
     if widx.size == 0:
-        return
+        return widx, masks
+    if np.any(widx[1:] < widx[:-1]):  # runs out of order or overlapping: sort them first
+        order = np.argsort(widx, kind="stable")
+        widx, masks = widx[order], masks[order]
     first = _group_starts(widx)
-    words[widx[first]] |= np.bitwise_or.reduceat(masks, first)
+    return widx[first], np.bitwise_or.reduceat(masks, first)
+
+
+def _or_masks(words: Words, widx: IntArray, masks: Words) -> None:
+    """words[widx[i]] |= masks[i], for any order of ``widx``."""
+    uw, um = _grouped(widx, masks)
+    words[uw] |= um
 
 
 def _run_masks(starts: IntArray, lengths: IntArray) -> tuple[IntArray, Words, IntArray]:
-    """For sorted, disjoint runs: (word indices, masks) of each run's first and last word
-    in ascending word order, and the indices of the words runs cover whole."""
+    """(word indices, masks) of each run's first and last word (ascending when the runs
+    are sorted and disjoint), and the indices of the words runs cover whole."""
     s = np.asarray(starts, dtype=np.int64)
     n = np.asarray(lengths, dtype=np.int64)
     keep = n > 0
