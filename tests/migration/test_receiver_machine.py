@@ -11,8 +11,10 @@ from vmferry.errors import MigrationError, StreamError
 from vmferry.migration.receiver_machine import (
     FINAL,
     SECTION_EVENTS,
+    STATES,
     STATUS,
     TABLE,
+    TABLES,
     ReceiverAction,
     ReceiverEvent,
     ReceiverMachine,
@@ -20,6 +22,7 @@ from vmferry.migration.receiver_machine import (
     reply_event,
     section_event,
 )
+from vmferry.migration.source_machine import Target
 from vmferry.migration.stream import MAIN_GRAMMAR
 from vmferry.migration.table import UnexpectedEvent
 
@@ -38,24 +41,24 @@ CONNECTED = {
 YIELDING = {Ra.AWAIT_SOURCE, Ra.READ_SECTION, Ra.SET_UP, Ra.VERIFY, Ra.AWAIT_GO}
 
 
-def _paths() -> dict[ReceiverState, list[ReceiverEvent]]:
+def _paths(target: Target) -> dict[ReceiverState, list[ReceiverEvent]]:
     paths: dict[ReceiverState, list[ReceiverEvent]] = {Rs.IDLE: []}
     todo = deque([Rs.IDLE])
     while todo:
         state = todo.popleft()
-        for (s, e), step in TABLE.items():
+        for (s, e), step in TABLES[target].items():
             if s is state and step.next not in paths:
                 paths[step.next] = [*paths[state], e]
                 todo.append(step.next)
     return paths
 
 
-PATHS = _paths()
+PATHS = {t: _paths(t) for t in Target}
 
 
-def _at(state: ReceiverState) -> ReceiverMachine:
-    m = ReceiverMachine()
-    for e in PATHS[state]:
+def _at(state: ReceiverState, target: Target = Target.LIVE) -> ReceiverMachine:
+    m = ReceiverMachine(target)
+    for e in PATHS[target][state]:
         m.step(e)
     assert m.state is state
     return m
@@ -68,15 +71,18 @@ def _walk(m: ReceiverMachine, *events: ReceiverEvent) -> list[ReceiverAction]:
     return out
 
 
-ALL = [(s, e) for s in Rs for e in Re]
+ALL = [(t, s, e) for t in Target for s in Rs if s in STATES[t] for e in Re]
+TARGETS = pytest.mark.parametrize("target", list(Target), ids=[t.value for t in Target])
 
 
-@pytest.mark.parametrize(("state", "event"), ALL, ids=[f"{s.name}-{e.name}" for s, e in ALL])
+@pytest.mark.parametrize(
+    ("target", "state", "event"), ALL, ids=[f"{t.value}-{s.name}-{e.name}" for t, s, e in ALL]
+)
 def test_every_pair_steps_as_the_table_says_or_is_refused_naming_both(
-    state: ReceiverState, event: ReceiverEvent
+    target: Target, state: ReceiverState, event: ReceiverEvent
 ) -> None:
-    m = _at(state)
-    step = TABLE.get((state, event))
+    m = _at(state, target)
+    step = TABLES[target].get((state, event))
     if step is None:
         with pytest.raises(UnexpectedEvent) as err:
             m.step(event)
@@ -88,13 +94,16 @@ def test_every_pair_steps_as_the_table_says_or_is_refused_naming_both(
         assert m.state is step.next and m.status is STATUS[step.next]
 
 
-def test_every_state_is_reached_and_every_one_can_end() -> None:
-    assert set(PATHS) == set(Rs)
-    for state in set(Rs) - FINAL:
+@TARGETS
+def test_every_state_is_reached_and_every_one_can_end(target: Target) -> None:
+    table = TABLES[target]
+    assert set(PATHS[target]) == STATES[target]
+    assert {s for s, _ in table} | {step.next for step in table.values()} <= STATES[target]
+    for state in STATES[target] - FINAL:
         seen, todo = {state}, [state]
         while todo:
             cur = todo.pop()
-            for (s, _), step in TABLE.items():
+            for (s, _), step in table.items():
                 if s is cur and step.next not in seen:
                     seen.add(step.next)
                     todo.append(step.next)
@@ -116,25 +125,31 @@ _AFTER = {
 }
 
 
-def test_the_section_events_follow_the_stream_grammar_exactly() -> None:
+@TARGETS
+def test_the_section_events_follow_the_stream_grammar_exactly(target: Target) -> None:
+    table = TABLES[target]
     assert set(_AFTER) == set(MAIN_GRAMMAR)
     for last, allowed in MAIN_GRAMMAR.items():
         state = _AFTER[last]
-        taken = {e for e in SECTIONS if (state, e) in TABLE}
+        taken = {e for e in SECTIONS if (state, e) in table}
         assert taken == {section_event(t) for t in allowed}, section_event(last) if last else None
     for state in set(Rs) - set(_AFTER.values()):
-        assert not {e for e in SECTIONS if (state, e) in TABLE}, state
+        assert not {e for e in SECTIONS if (state, e) in table}, state
 
 
-def test_status_is_reported_exactly_when_it_changes() -> None:
-    for (state, event), step in TABLE.items():
+@TARGETS
+def test_status_is_reported_exactly_when_it_changes(target: Target) -> None:
+    for (state, event), step in TABLES[target].items():
         changes = STATUS[step.next] != STATUS[state]
         assert step.actions.count(Ra.REPORT_STATUS) == int(changes), (state, event)
 
 
-def test_abandon_is_taken_in_every_state_and_changes_nothing_once_running() -> None:
-    for state in Rs:
-        step = TABLE[(state, Re.ABANDON)]
+@TARGETS
+def test_abandon_is_taken_in_every_state_and_changes_nothing_once_running(
+    target: Target,
+) -> None:
+    for state in STATES[target]:
+        step = TABLES[target][(state, Re.ABANDON)]
         if state in FINAL:
             assert step.next is state and step.actions == ()
         else:
@@ -150,6 +165,17 @@ def test_every_failure_with_a_source_tells_it_and_discards_the_load() -> None:
                 Ra.DISCARD,
                 Ra.REPORT_STATUS,
             ), (state, event)
+
+
+def test_a_restored_file_starts_only_after_a_whole_verified_stream() -> None:
+    table = TABLES[Target.FILE]
+    into = {(s, e) for (s, e), st in table.items() if st.next is Rs.RUNNING and s is not Rs.RUNNING}
+    assert into == {(Rs.VERIFYING, Re.VERIFY_PASSED)}
+    for (state, event), step in table.items():
+        told = {Ra.SEND_FAILED, Ra.SEND_ACCEPTED, Ra.SEND_READY, Ra.START_HEARTBEAT}
+        assert not told & set(step.actions), (state, event)  # nobody to talk to
+        if step.next is Rs.FAILED and state is not Rs.FAILED and state is not Rs.IDLE:
+            assert step.actions == (Ra.DISCARD, Ra.REPORT_STATUS), (state, event)
 
 
 def test_the_guest_starts_only_on_go_after_a_whole_verified_stream() -> None:
@@ -171,8 +197,9 @@ def test_the_guest_starts_only_on_go_after_a_whole_verified_stream() -> None:
             assert step.next is Rs.RUNNING and not step.actions, event  # nothing closes it
 
 
-def test_the_driver_always_has_a_next_event_to_wait_for() -> None:
-    for (state, event), step in TABLE.items():
+@TARGETS
+def test_the_driver_always_has_a_next_event_to_wait_for(target: Target) -> None:
+    for (state, event), step in TABLES[target].items():
         if step.next in FINAL or (step.next is state and not step.actions):
             continue
         assert step.actions[-1] in YIELDING, (state, event)
@@ -241,6 +268,23 @@ def test_a_stream_without_digests_ends_after_devs() -> None:
     m = ReceiverMachine()
     _walk(m, *_SETUP, Re.CPUS, Re.DEVS, Re.END)
     assert m.state is Rs.VERIFYING
+
+
+def test_a_save_file_is_read_verified_and_run() -> None:
+    m = ReceiverMachine(Target.FILE)
+    actions = _walk(m, Re.START, Re.CONF, Re.SET_UP, Re.RAM, Re.RND, Re.CPUS, Re.DEVS)
+    assert actions[:4] == [Ra.REPORT_STATUS, Ra.READ_SECTION, Ra.SET_UP, Ra.READ_SECTION]
+    _walk(m, Re.VRFY, Re.END)
+    assert m.step(Re.VERIFY_PASSED) == (Ra.START_VM, Ra.REPORT_STATUS)
+    assert m.started and m.status == "completed"
+    with pytest.raises(UnexpectedEvent, match="restore from a file: event GO"):
+        m.step(Re.GO)
+
+
+def test_a_save_file_that_ends_early_discards_the_load() -> None:
+    m = _at(Rs.AFTER_CPUS, Target.FILE)
+    assert m.step(Re.ERROR) == (Ra.DISCARD, Ra.REPORT_STATUS)
+    assert m.status == "failed"
 
 
 def test_strangers_are_refused_and_the_wait_goes_on() -> None:

@@ -17,7 +17,9 @@ reader's own check stays until the codec takes it over. Extra channels (CHAN, RA
 are read by the driver's channel readers and joined in FINISH_LOAD. The driver turns a
 section header into an event with ``section_event``, a reply-path line with
 ``reply_event``, and performs the actions in order; READ_SECTION, SET_UP, VERIFY,
-AWAIT_SOURCE and AWAIT_GO yield the next event.
+AWAIT_SOURCE and AWAIT_GO yield the next event. A save file restored here (Target.FILE)
+walks the same sections without a source: no heartbeat, no ``accepted``, ``ready`` or
+``go``; a verified load starts the guest.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from collections.abc import Mapping
 from types import MappingProxyType
 
 from vmferry.errors import MigrationError, StreamError
+from vmferry.migration.source_machine import Target
 from vmferry.migration.status import MigrationStatus
 from vmferry.migration.table import Step, Walk
 
@@ -159,8 +162,23 @@ _READ = Ra.READ_SECTION
 _FINISH = Step(Rs.VERIFYING, (Ra.FINISH_LOAD, Ra.VERIFY))
 
 
-def _table() -> ReceiverTable:
-    rows: dict[tuple[ReceiverState, ReceiverEvent], Step[ReceiverState, ReceiverAction]] = {
+_Rows = dict[tuple[ReceiverState, ReceiverEvent], Step[ReceiverState, ReceiverAction]]
+_SECTION_ROWS: _Rows = {
+    (Rs.AWAIT_CONF, Re.CONF): Step(Rs.SETTING_UP, (Ra.SET_UP,)),
+    (Rs.LOADING, Re.RAM): Step(Rs.LOADING, (Ra.LOAD_RAM, _READ)),
+    (Rs.LOADING, Re.RND): Step(Rs.LOADING, (Ra.END_ROUND, _READ)),
+    (Rs.LOADING, Re.DEVD): Step(Rs.LOADING, (Ra.LOAD_DEVICE_DATA, _READ)),
+    (Rs.LOADING, Re.CPUS): Step(Rs.AFTER_CPUS, (Ra.LOAD_CPU_STATE, _READ)),
+    (Rs.AFTER_CPUS, Re.DEVS): Step(Rs.AFTER_DEVS, (Ra.LOAD_DEVICE_SUMMARY, _READ)),
+    (Rs.AFTER_DEVS, Re.VRFY): Step(Rs.AFTER_VRFY, (Ra.LOAD_DIGESTS, _READ)),
+    (Rs.AFTER_DEVS, Re.END): _FINISH,
+    (Rs.AFTER_VRFY, Re.END): _FINISH,
+}
+
+
+def _live() -> ReceiverTable:
+    rows: _Rows = {
+        **_SECTION_ROWS,
         (Rs.IDLE, Re.START): Step(Rs.WAITING, (Ra.REPORT_STATUS, Ra.AWAIT_SOURCE)),
         (Rs.IDLE, Re.ABANDON): Step(Rs.FAILED, (Ra.REPORT_STATUS,)),
         (Rs.IDLE, Re.ERROR): Step(Rs.FAILED, (Ra.REPORT_STATUS,)),
@@ -171,16 +189,7 @@ def _table() -> ReceiverTable:
         # No source yet: nobody to tell, nothing built but what preallocation made.
         (Rs.WAITING, Re.ABANDON): Step(Rs.FAILED, (Ra.DISCARD, Ra.REPORT_STATUS)),
         (Rs.WAITING, Re.ERROR): Step(Rs.FAILED, (Ra.DISCARD, Ra.REPORT_STATUS)),
-        (Rs.AWAIT_CONF, Re.CONF): Step(Rs.SETTING_UP, (Ra.SET_UP,)),
         (Rs.SETTING_UP, Re.SET_UP): Step(Rs.LOADING, (Ra.SEND_ACCEPTED, _READ)),
-        (Rs.LOADING, Re.RAM): Step(Rs.LOADING, (Ra.LOAD_RAM, _READ)),
-        (Rs.LOADING, Re.RND): Step(Rs.LOADING, (Ra.END_ROUND, _READ)),
-        (Rs.LOADING, Re.DEVD): Step(Rs.LOADING, (Ra.LOAD_DEVICE_DATA, _READ)),
-        (Rs.LOADING, Re.CPUS): Step(Rs.AFTER_CPUS, (Ra.LOAD_CPU_STATE, _READ)),
-        (Rs.AFTER_CPUS, Re.DEVS): Step(Rs.AFTER_DEVS, (Ra.LOAD_DEVICE_SUMMARY, _READ)),
-        (Rs.AFTER_DEVS, Re.VRFY): Step(Rs.AFTER_VRFY, (Ra.LOAD_DIGESTS, _READ)),
-        (Rs.AFTER_DEVS, Re.END): _FINISH,
-        (Rs.AFTER_VRFY, Re.END): _FINISH,
         (Rs.VERIFYING, Re.VERIFY_PASSED): Step(Rs.READY, (Ra.SEND_READY, Ra.AWAIT_GO)),
         (Rs.VERIFYING, Re.VERIFY_FAILED): Step(Rs.FAILED, _FAIL),
         (Rs.READY, Re.GO): Step(
@@ -200,7 +209,39 @@ def _table() -> ReceiverTable:
     return MappingProxyType(rows)
 
 
-TABLE: ReceiverTable = _table()
+def _file() -> ReceiverTable:
+    """A save file restored here: the same sections, nobody to answer, nothing to wait
+    for; a file that ends early or holds garbage is an ERROR (the reader's StreamError)."""
+    discard = (Ra.DISCARD, Ra.REPORT_STATUS)
+    rows: _Rows = {
+        **_SECTION_ROWS,
+        (Rs.IDLE, Re.START): Step(Rs.AWAIT_CONF, (Ra.REPORT_STATUS, _READ)),
+        (Rs.IDLE, Re.ABANDON): Step(Rs.FAILED, (Ra.REPORT_STATUS,)),
+        (Rs.IDLE, Re.ERROR): Step(Rs.FAILED, (Ra.REPORT_STATUS,)),
+        (Rs.SETTING_UP, Re.SET_UP): Step(Rs.LOADING, (_READ,)),
+        (Rs.VERIFYING, Re.VERIFY_PASSED): Step(Rs.RUNNING, (Ra.START_VM, Ra.REPORT_STATUS)),
+        (Rs.VERIFYING, Re.VERIFY_FAILED): Step(Rs.FAILED, discard),
+        (Rs.FAILED, Re.ABANDON): Step(Rs.FAILED),
+        (Rs.RUNNING, Re.ABANDON): Step(Rs.RUNNING),
+    }
+    for state in STATES[Target.FILE] - {Rs.IDLE, Rs.RUNNING, Rs.FAILED}:
+        rows[(state, Re.ABANDON)] = rows[(state, Re.ERROR)] = Step(Rs.FAILED, discard)
+    for state in _READING:
+        rows[(state, Re.ABRT)] = Step(Rs.FAILED, discard)
+    return MappingProxyType(rows)
+
+
+#: The states each kind of incoming goes through: a file has no source to wait for.
+STATES: Mapping[Target, frozenset[ReceiverState]] = MappingProxyType(
+    {
+        Target.LIVE: frozenset(ReceiverState),
+        Target.FILE: frozenset(ReceiverState) - {Rs.WAITING, Rs.READY},
+    }
+)
+TABLES: Mapping[Target, ReceiverTable] = MappingProxyType(
+    {Target.LIVE: _live(), Target.FILE: _file()}
+)
+TABLE: ReceiverTable = TABLES[Target.LIVE]
 FINAL: frozenset[ReceiverState] = frozenset({Rs.RUNNING, Rs.FAILED})
 
 _REPLY_EVENTS: Mapping[str, ReceiverEvent] = MappingProxyType({"go": Re.GO, "abandon": Re.ABANDON})
@@ -224,10 +265,12 @@ def reply_event(kind: str) -> ReceiverEvent:
 
 
 class ReceiverMachine(Walk[ReceiverState, ReceiverEvent, ReceiverAction]):
-    """One incoming migration's place in the table."""
+    """One incoming migration's (or restored file's) place in its table."""
 
-    def __init__(self) -> None:
-        super().__init__("migration destination", TABLE, STATUS, Rs.IDLE)
+    def __init__(self, target: Target = Target.LIVE) -> None:
+        name = "migration destination" if target is Target.LIVE else "restore from a file"
+        super().__init__(name, TABLES[target], STATUS, Rs.IDLE)
+        self.target = target
 
     @property
     def started(self) -> bool:
@@ -247,8 +290,10 @@ __all__ = [
     "FINAL",
     "PHASE",
     "SECTION_EVENTS",
+    "STATES",
     "STATUS",
     "TABLE",
+    "TABLES",
     "ReceiverAction",
     "ReceiverEvent",
     "ReceiverMachine",
