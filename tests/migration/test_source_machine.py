@@ -3,6 +3,7 @@ status each state shows, and the rules the table must keep (cancelling, release)
 
 from __future__ import annotations
 
+import json
 from collections import deque
 
 import pytest
@@ -198,6 +199,23 @@ def test_each_state_shows_qemus_status() -> None:
         St.FAILED_AFTER_RELEASE: "failed",
     }
     assert dict(STATUS) == want  # StrEnum members equal QMP's strings
+
+
+def test_a_status_is_the_string_qmp_emits() -> None:
+    # Stats, events and report.py's sets of names hold plain strings: a member must pass.
+    assert json.dumps({"status": MigrationStatus.DEVICE}) == '{"status": "device"}'
+    assert MigrationStatus.ACTIVE in {"active", "device"}
+    assert f"{MigrationStatus.CANCELLED}" == "cancelled"
+    assert [s.value for s in MigrationStatus] == [
+        "none",
+        "setup",
+        "active",
+        "device",
+        "completed",
+        "failed",
+        "cancelling",
+        "cancelled",
+    ]
 
 
 def test_the_cancelling_rule_as_data() -> None:
