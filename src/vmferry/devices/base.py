@@ -21,7 +21,7 @@ import numpy.typing as npt
 
 from vmferry.devices import fsm
 from vmferry.devices.fsm import FsmError, MigCap, MigState
-from vmferry.devices.iommu import DirtyTracking, Iommu
+from vmferry.devices.iommu import DirtyTracking, Iommu, cover_ranges
 from vmferry.devices.stream import (
     PIECE_DIRTY,
     PIECE_FINAL,
@@ -32,6 +32,7 @@ from vmferry.devices.stream import (
     SavingStream,
     framed_size,
 )
+from vmferry.sizes import parse_size
 
 # What QEMU assumes when a device cannot say how big its stop-copy data is: never
 # under-estimate downtime.
@@ -41,6 +42,9 @@ DMA_LOG_MAX_RANGES = 256  # VFIO_DEVICE_FEATURE_DMA_LOGGING_START's limit
 # does not know), when the device is built to take over a migrating VM's: a host resource
 # the source still holds (a vGPU) may then be shared until the source lets go.
 INCOMING_OPTION = "_incoming"
+# ``--device …,x-dma-log-page=2M``: the device logs its DMA in blocks this big, whatever
+# page size the engine asks for (VFIO lets a device choose; tests of coarse logs).
+DMA_LOG_PAGE_OPTION = "x-dma-log-page"
 
 
 class DeviceError(DeviceStreamError):
@@ -271,9 +275,15 @@ class DeviceModel(ABC):
         return UNKNOWN_STOP_COPY_SIZE if est is None else framed_size(est)
 
     # ---- DMA logging (VFIO_DEVICE_FEATURE_DMA_LOGGING_START / REPORT / STOP)
+    def dma_log_page_size(self, requested: int) -> int:
+        """The granularity this device logs DMA at: VFIO's page_size is a hint, and the
+        device answers with the one it chose (``x-dma-log-page``, else the request)."""
+        chosen = self.options.get(DMA_LOG_PAGE_OPTION)
+        return requested if chosen is None else parse_size(chosen)
+
     def dma_logging_start(self, ranges: list[tuple[int, int]], page_size: int) -> int:
         """Start logging DMA writes within ``ranges`` (IOVA, length); returns the page size
-        the device chose (it may pick its own)."""
+        the device chose (it may pick its own: see dma_log_page_size)."""
         if self.iommu.mode is not DirtyTracking.DEVICE:
             raise DeviceError(
                 f"{self.name} does not log its own DMA (tracking is {self.iommu.mode.value})"
@@ -288,8 +298,12 @@ class DeviceModel(ABC):
                 raise DeviceError(f"{self.name}: DMA logging ranges overlap at {b:#x}")
         if any(a % page_size or n % page_size or n <= 0 for a, n in s):
             raise DeviceError(f"{self.name}: DMA logging ranges must be page aligned")
-        self._dma_log = DmaLog(s, page_size)
-        return page_size
+        chosen = self.dma_log_page_size(page_size)
+        if chosen < 4096 or chosen & (chosen - 1):
+            raise DeviceError(f"{self.name}: DMA log page size {chosen} is not a power of 2 ≥ 4096")
+        # A device logging coarser blocks tracks them whole: the ranges widen to them.
+        self._dma_log = DmaLog(cover_ranges(s, chosen), chosen)
+        return chosen
 
     def dma_logging_report(self, iova: int, length: int) -> npt.NDArray[np.uint64]:
         """Bitmap of pages written in [iova, iova+length) (bit k = page k), read-and-clear."""

@@ -57,6 +57,22 @@ class IovaMapping:
 WriteLogger = Callable[[int, int], None]  # (iova, length) of a DMA write
 
 
+def cover_ranges(ranges: list[tuple[int, int]], page_size: int) -> list[tuple[int, int]]:
+    """(iova, length) ranges widened to whole ``page_size`` blocks, the blocks they then
+    share merged: what a DMA log at that granularity tracks (a 2 MiB log page holding two
+    mappings is one block, read and cleared once)."""
+    out: list[tuple[int, int]] = []
+    for iova, n in sorted(ranges):
+        lo = iova - iova % page_size
+        hi = -(-(iova + n) // page_size) * page_size
+        if out and lo <= out[-1][0] + out[-1][1]:
+            start = out[-1][0]
+            out[-1] = (start, max(hi, start + out[-1][1]) - start)
+        else:
+            out.append((lo, hi - lo))
+    return out
+
+
 class Iommu:
     """One device's IOMMU domain. Maps IOVA = GPA for all of RAM unless told otherwise."""
 

@@ -6,14 +6,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from vmferry.devices.base import INCOMING_OPTION, DeviceModel
+from vmferry.devices.base import DMA_LOG_PAGE_OPTION, INCOMING_OPTION, DeviceModel
 from vmferry.devices.dmaengine import DmaEngine
 from vmferry.devices.fsm import MigState
 from vmferry.devices.iommu import DirtyTracking, Iommu
 from vmferry.devices.nic.vf import VirtualFunction
 from vmferry.devices.vgpu.device import Vgpu
 from vmferry.errors import ConfigError
-from vmferry.memory.guest_memory import GuestMemory
+from vmferry.memory.guest_memory import PAGE_SIZE, GuestMemory
+from vmferry.sizes import parse_size
 
 
 class DeviceSlots(Protocol):
@@ -33,8 +34,8 @@ MMIO_BASE = 0xFEB00000  # device slot i at MMIO_BASE + i * MMIO_STRIDE, in the 3
 MMIO_STRIDE = 0x1000
 MAX_DEVICES = 8
 # dirty: DMA dirty tracking mode. x-…: for tests — report another model version, fail
-# one FSM arc, or block migration.
-COMMON_OPTIONS = {"dirty", "x-version", "x-fail-arc", "x-migratable"}
+# one FSM arc, block migration, or log DMA in coarser pages (dirty=device).
+COMMON_OPTIONS = {"dirty", "x-version", "x-fail-arc", "x-migratable", DMA_LOG_PAGE_OPTION}
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,12 @@ class DeviceSpec:
         modes = sorted(m.value for m in MODELS[model].tracking_modes)
         if mode not in modes:
             raise ConfigError(f"--device {text}: dirty={mode}: {model} supports {', '.join(modes)}")
+        if DMA_LOG_PAGE_OPTION in options:
+            page = parse_size(options[DMA_LOG_PAGE_OPTION])
+            if page < PAGE_SIZE or page & (page - 1):
+                raise ConfigError(
+                    f"--device {text}: {DMA_LOG_PAGE_OPTION}: a power of 2 of at least 4K"
+                )
         return cls(model, options)
 
     def __str__(self) -> str:

@@ -15,15 +15,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 from vmferry.devices.base import DeviceError, DeviceIdentity, DeviceModel
+from vmferry.devices.dirtylog import DmaDirtyLog, dma_dirty_log
 from vmferry.devices.fsm import MigCap, MigState
-from vmferry.devices.iommu import DirtyTracking
 from vmferry.devices.stream import DeviceStreamError
 from vmferry.errors import MigrationError, StreamError
 from vmferry.memory.dirty import DirtyBitmap
-from vmferry.memory.guest_memory import PAGE_SHIFT, PAGE_SIZE
+from vmferry.memory.guest_memory import PAGE_SIZE
 from vmferry.migration.stream import DEVD, StreamWriter
 
 DEVD_HEAD = struct.Struct("<II")  # device index, phase
@@ -32,7 +30,6 @@ CHUNK = 1 << 20  # one DEVD section: QEMU reads device data 1 MiB at a time
 # Pre-copy data per device per round. QEMU reads 1 MiB per device per iteration; a vGPU's
 # VRAM share of gigabytes would then take thousands of rounds, so vmferry reads more.
 ROUND_BUDGET = 256 << 20
-DMA_LOG_PAGE = 4096
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +69,15 @@ def blockers(devices: list[DeviceModel]) -> list[str]:
 class SourceDevices:
     devices: list[DeviceModel]
     stats: list[DeviceStats] = field(default_factory=list)
+    # Each device's DMA dirty log: the device layer knows how it is tracked, not the engine.
+    logs: list[DmaDirtyLog] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.stats = [DeviceStats(d.name, d.iommu.mode.value) for d in self.devices]
+        self.logs = [dma_dirty_log(d) for d in self.devices]
+        self.stats = [
+            DeviceStats(d.name, lg.mode.value)
+            for d, lg in zip(self.devices, self.logs, strict=True)
+        ]
 
     @property
     def transferred(self) -> int:
@@ -85,49 +88,18 @@ class SourceDevices:
 
     # ---- set-up
     def start(self) -> None:
-        for d in self.devices:
-            if d.iommu.mode is DirtyTracking.IOMMU:
-                d.iommu.set_dirty_tracking(True)
-            elif d.iommu.mode is DirtyTracking.DEVICE:
-                ranges = [(m.iova, m.size) for m in d.iommu.mappings]
-                d.dma_logging_start(ranges, DMA_LOG_PAGE)
+        for d, lg in zip(self.devices, self.logs, strict=True):
+            lg.start()
             if d.caps & MigCap.PRE_COPY:
                 d.set_state(MigState.PRE_COPY)
 
     # ---- every sync
     def collect_dirty(self, into: DirtyBitmap) -> None:
         """Merge what device DMA dirtied since the last sync (KVM's log cannot see it)."""
-        for d, st in zip(self.devices, self.stats, strict=True):
-            mode = d.iommu.mode
+        for lg, st in zip(self.logs, self.stats, strict=True):
             before = into.count()
-            if mode is DirtyTracking.IOMMU:
-                d.iommu.read_and_clear_dirty(into)
-            elif mode is DirtyTracking.DEVICE:
-                self._device_log(d, into)
-            elif mode is DirtyTracking.MEDIATED:
-                into.set_pages(d.mediated_dirty_pages())
-            elif mode is DirtyTracking.NONE:
-                # No tracking: every page the device can reach may have changed (holes in
-                # RAM excepted: a page DMA wrote to is no longer a hole).
-                reachable = d.iommu.mapped_pages()
-                into.set_pages(np.intersect1d(reachable, d.iommu.memory.resident_pages()))
+            lg.collect(into)
             st.dma_dirty_pages += into.count() - before
-
-    @staticmethod
-    def _device_log(d: DeviceModel, into: DirtyBitmap) -> None:
-        for m in d.iommu.mappings:
-            try:
-                bits = d.dma_logging_report(m.iova, m.size)
-            except DeviceError as e:
-                # REFERENCE §2: any report error means everything it maps is dirty.
-                log.warning(
-                    "%s: DMA log report failed (%s); treating its memory as dirty", d.name, e
-                )
-                into.set_pages(d.iommu.mapped_pages())
-                return
-            pages = _bits_to_pages(bits, m.size // DMA_LOG_PAGE)
-            if pages.size:
-                into.set_pages((m.ram_offset >> PAGE_SHIFT) + pages)
 
     def send_precopy(self, writer: StreamWriter) -> int:
         """Up to ROUND_BUDGET of pre-copy data per device, 1 MiB per section; returns
@@ -181,10 +153,8 @@ class SourceDevices:
 
     # ---- afterwards
     def stop_tracking(self) -> None:
-        for d in self.devices:
-            d.iommu.set_dirty_tracking(False)
-            if d.iommu.mode is DirtyTracking.DEVICE:
-                d.dma_logging_stop()
+        for lg in self.logs:
+            lg.stop()
 
     def rollback(self) -> None:
         """Back to RUNNING (reset if the device cannot get there): the VM goes on here."""
@@ -208,16 +178,6 @@ class SourceDevices:
 
 def _quiesced(d: DeviceModel) -> MigState:
     return MigState.RUNNING_P2P if d.caps & MigCap.P2P else MigState.STOP
-
-
-def _bits_to_pages(bits: np.ndarray, npages: int) -> np.ndarray:
-    nz = np.flatnonzero(bits)
-    if nz.size == 0:
-        return np.zeros(0, dtype=np.int64)
-    unpacked = np.unpackbits(bits[nz].view(np.uint8), bitorder="little").reshape(-1, 64)
-    row, col = np.nonzero(unpacked)
-    pages = (nz[row].astype(np.int64) << 6) + col
-    return pages[pages < npages]
 
 
 class DestinationDevices:
