@@ -17,9 +17,10 @@ release a cancel is ignored, and a lost destination leaves the VM paused here
 
 The driver turns what it sees into events (``round_ended``, ``reply_event``, an error
 classified as ERROR, PEER_CLOSED or PEER_SILENT) and carries out the returned actions in
-order; an action that waits or sends yields the next event. A cancel comes from another
-thread: the driver serialises steps, and between actions looks whether the state became
-a cancelling one (then it feeds HALTED).
+order; an action that waits or sends yields the next event (a file has no peer: a failed
+write is an ERROR, and no PEER_* event is legal). A cancel comes from another thread:
+the driver serialises steps, and between actions looks whether the state became a
+cancelling one (then it feeds HALTED).
 """
 
 from __future__ import annotations
