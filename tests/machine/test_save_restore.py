@@ -10,6 +10,7 @@ import pytest
 
 from tests.conftest import RESULT_RE, guest_image, vmferry
 from vmferry.machine import Machine, MachineConfig
+from vmferry.migration.codec import VERSION
 from vmferry.migration.snapshot import load_from_file, save_to_file
 
 pytestmark = [pytest.mark.kvm, pytest.mark.slow]
@@ -164,9 +165,9 @@ def test_newer_version_is_refused(saved_file: Path, tmp_path: Path) -> None:
 
     bad = tmp_path / "newer.state"
     data = saved_file.read_bytes()
-    head = struct.pack("<8sII", data[:8], 2, 0)
+    head = struct.pack("<8sII", data[:8], VERSION + 1, 0)
     bad.write_bytes(head + struct.pack("<Q", xxhash.xxh64_intdigest(head)) + data[24:])
-    assert "version 2 is newer" in _refused(bad)
+    assert f"version {VERSION + 1} is newer than this vmferry's ({VERSION})" in _refused(bad)
 
 
 def test_missing_file_is_refused(tmp_path: Path) -> None:

@@ -27,10 +27,10 @@ from hypothesis import strategies as st
 from tests.migration.live import Destination, Guest, Workload, start_migration, wait_migration
 from vmferry.errors import MigrationError, StreamError
 from vmferry.memory.guest_memory import GuestMemory
-from vmferry.migration import stream
+from vmferry.migration import codec
+from vmferry.migration.codec import RAM_HEAD
 from vmferry.migration.loader import LoadedStream, load_stream, read_head
 from vmferry.migration.params import MigrationParameters
-from vmferry.migration.ram import RAM_HEAD
 from vmferry.migration.stream import StreamReader, StreamWriter
 from vmferry.migration.transport import Buffer
 from vmferry.migration.verify import cpu_digest, mismatched_pages
@@ -103,21 +103,21 @@ def load(data: bytes, timeout: float = 30.0, *, sealed: bool = False) -> LoadedS
 def structure_of(data: bytes) -> tuple[list[int], list[int], list[tuple[int, int]]]:
     """Offsets of every header byte, RAM run table and small payload; section starts; the
     page data of FLAG_LIVE sections."""
-    structural = list(range(stream.STREAM_HEADER_SIZE))
+    structural = list(range(codec.STREAM_HEADER_SIZE))
     starts = []
     live: list[tuple[int, int]] = []
-    pos = stream.STREAM_HEADER_SIZE
+    pos = codec.STREAM_HEADER_SIZE
     while pos < len(data):
         starts.append(pos)
-        tag, flags, length, _, _ = stream.SECTION_HEADER.unpack_from(data, pos)
-        structural += range(pos, pos + stream.SECTION_HEADER_SIZE)
-        body = pos + stream.SECTION_HEADER_SIZE
-        if tag == stream.RAM and not flags & stream.FLAG_ZSTD:
+        tag, flags, length, _, _ = codec.SECTION_HEADER.unpack_from(data, pos)
+        structural += range(pos, pos + codec.SECTION_HEADER_SIZE)
+        body = pos + codec.SECTION_HEADER_SIZE
+        if tag == codec.RAM and not flags & codec.FLAG_ZSTD:
             nruns = int.from_bytes(data[body : body + 4], "little")
             structural += range(body, body + 8 + 16 * nruns)
-            if flags & stream.FLAG_LIVE and length > 8 + 16 * nruns:
+            if flags & codec.FLAG_LIVE and length > 8 + 16 * nruns:
                 live.append((body + 8 + 16 * nruns, body + length))
-        elif tag != stream.RAM:
+        elif tag != codec.RAM:
             structural += range(body, body + min(length, 4096))
         pos = body + length
     return structural, starts, live
@@ -283,7 +283,7 @@ def test_a_real_destination_refuses_damage_and_starts_nothing(
     dest = Destination()
     destinations.append(dest)
     replies = feed(dest.port, bad)
-    if bad[: len(stream.MAGIC)] != stream.MAGIC and dest.incoming.refusals:
+    if bad[: len(codec.MAGIC)] != codec.MAGIC and dest.incoming.refusals:
         # Not a vmferry stream at all: a stranger's, refused; the destination listens on.
         # Told so, unless the reset of its unread bytes overtook the reply.
         assert [r["kind"] for r in replies] in ([], ["failed"]), replies
@@ -326,10 +326,10 @@ class Section:
 
 def sections_of(data: bytes) -> list[Section]:
     out = []
-    pos = stream.STREAM_HEADER_SIZE
+    pos = codec.STREAM_HEADER_SIZE
     while pos < len(data):
-        tag, flags, length, _, _ = stream.SECTION_HEADER.unpack_from(data, pos)
-        body = pos + stream.SECTION_HEADER_SIZE
+        tag, flags, length, _, _ = codec.SECTION_HEADER.unpack_from(data, pos)
+        body = pos + codec.SECTION_HEADER_SIZE
         out.append(Section(tag, flags, data[body : body + length]))
         pos = body + length
     return out
@@ -353,7 +353,7 @@ def build(sections: list[Section]) -> bytes:
     w = StreamWriter(sink)
     for s in sections:
         p = s.payload
-        if s.tag == stream.RAM and s.flags & stream.FLAG_LIVE and len(p) >= RAM_HEAD.size:
+        if s.tag == codec.RAM and s.flags & codec.FLAG_LIVE and len(p) >= RAM_HEAD.size:
             hashed = min(RAM_HEAD.size + 16 * RAM_HEAD.unpack_from(p)[0], len(p))
             w.section(s.tag, [p[:hashed], p[hashed:]], flags=s.flags, hashed=1)
         else:
@@ -424,13 +424,11 @@ def resigned(draw: st.DrawFn, rec: Recording) -> bytes:
     secs = sections_of(rec.data)
     kind = draw(st.sampled_from(["json", "ram", "zstd", "vrfy", "order", "flags"]))
     json_secs = [
-        i
-        for i, s in enumerate(secs)
-        if s.tag in (stream.CONF, stream.ROUND, stream.CPUS, stream.DEVS)
+        i for i, s in enumerate(secs) if s.tag in (codec.CONF, codec.ROUND, codec.CPUS, codec.DEVS)
     ]
-    ram = [i for i, s in enumerate(secs) if s.tag == stream.RAM]
-    plain = [i for i in ram if not secs[i].flags & stream.FLAG_ZSTD]
-    packed = [i for i in ram if secs[i].flags & stream.FLAG_ZSTD]
+    ram = [i for i, s in enumerate(secs) if s.tag == codec.RAM]
+    plain = [i for i in ram if not secs[i].flags & codec.FLAG_ZSTD]
+    packed = [i for i in ram if secs[i].flags & codec.FLAG_ZSTD]
     if kind == "json":
         i = draw(st.sampled_from(json_secs))
         secs[i].payload = draw(mutated_json(secs[i].payload))
@@ -451,7 +449,7 @@ def resigned(draw: st.DrawFn, rec: Recording) -> bytes:
             c = zstandard.ZstdCompressor(write_content_size=False)
             secs[i].payload = c.compress(raw)
     elif kind == "vrfy":
-        i = next(i for i, s in enumerate(secs) if s.tag == stream.VRFY)
+        i = next(i for i, s in enumerate(secs) if s.tag == codec.VRFY)
         p = bytearray(secs[i].payload)
         at = draw(st.sampled_from([0, 8, 16, 24, len(p) - 8]))
         struct.pack_into("<Q", p, at, draw(st.sampled_from([*INTERESTING, (1 << 64) - 1])))

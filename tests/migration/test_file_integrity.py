@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import RESULT_RE, ROOT, vmferry
-from vmferry.migration import stream
+from vmferry.migration import codec
 from vmferry.qmp.client import QmpClient
 
 pytestmark = [pytest.mark.kvm, pytest.mark.slow]
@@ -25,10 +25,10 @@ GUEST = ["memtouch", "--memory", "256M", "--", "wss=32M", "seed=5", "rate=100", 
 def sections(data: bytes) -> list[tuple[bytes, int, int, int]]:
     """(tag, flags, header offset, payload end) of every section."""
     out = []
-    pos = stream.STREAM_HEADER_SIZE
+    pos = codec.STREAM_HEADER_SIZE
     while pos < len(data):
-        tag, flags, length, _, _ = stream.SECTION_HEADER.unpack_from(data, pos)
-        end = pos + stream.SECTION_HEADER_SIZE + length
+        tag, flags, length, _, _ = codec.SECTION_HEADER.unpack_from(data, pos)
+        end = pos + codec.SECTION_HEADER_SIZE + length
         out.append((tag, flags, pos, end))
         pos = end
     return out
@@ -86,7 +86,7 @@ def refused(path: Path) -> str:
 def test_the_undamaged_file_restores_and_finishes_the_run(saved: Path) -> None:
     """The control: the file has pre-copy rounds and no digests, and it works."""
     tags = [t for t, _, _, _ in sections(saved.read_bytes())]
-    assert stream.ROUND in tags and stream.VRFY not in tags
+    assert codec.ROUND in tags and codec.VRFY not in tags
     r = restore(saved)
     assert r.returncode == 0, r.stderr
     ref = vmferry("run", *GUEST)
@@ -96,13 +96,13 @@ def test_the_undamaged_file_restores_and_finishes_the_run(saved: Path) -> None:
 def test_a_flipped_byte_in_pre_copy_page_data_is_refused(saved: Path, tmp_path: Path) -> None:
     data = bytearray(saved.read_bytes())
     secs = sections(bytes(data))
-    first_round = next(i for i, s in enumerate(secs) if s[0] == stream.ROUND)
+    first_round = next(i for i, s in enumerate(secs) if s[0] == codec.ROUND)
     # The biggest RAM section of round 0: pages read while the guest ran.
     i = max(
-        range(first_round), key=lambda k: secs[k][3] - secs[k][2] if secs[k][0] == stream.RAM else 0
+        range(first_round), key=lambda k: secs[k][3] - secs[k][2] if secs[k][0] == codec.RAM else 0
     )
     tag, flags, start, end = secs[i]
-    assert tag == stream.RAM and flags == 0 and end - start > 1 << 20
+    assert tag == codec.RAM and flags == 0 and end - start > 1 << 20
     data[end - 4096 - 100] ^= 0x20  # inside the data of the last page
     bad = tmp_path / "flipped.migration"
     bad.write_bytes(bytes(data))
@@ -116,7 +116,7 @@ def test_a_flipped_byte_in_pre_copy_page_data_is_refused(saved: Path, tmp_path: 
 def test_a_truncated_file_is_refused(saved: Path, tmp_path: Path, where: str) -> None:
     data = saved.read_bytes()
     secs = sections(data)
-    ram = next(s for s in secs if s[0] == stream.RAM)
+    ram = next(s for s in secs if s[0] == codec.RAM)
     cut = {
         "mid-page-data": (ram[2] + ram[3]) // 2,
         "mid-header": ram[2] + 10,

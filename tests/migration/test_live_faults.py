@@ -5,7 +5,6 @@ and the error says what went wrong."""
 from __future__ import annotations
 
 import contextlib
-import json
 import re
 import socket
 import struct
@@ -35,13 +34,13 @@ from tests.migration.live import (
 )
 from vmferry.errors import ConfigError, MigrationError, StreamError
 from vmferry.memory.guest_memory import PAGE_SIZE
+from vmferry.migration import codec, loader, stream
 from vmferry.migration import destination as destination_mod
-from vmferry.migration import loader, stream
 from vmferry.migration import source as source_mod
 from vmferry.migration.channel import ReplyPath
+from vmferry.migration.codec import RAM_HEAD, RUN_DTYPE, RUN_ZERO
 from vmferry.migration.loader import LoadedStream
 from vmferry.migration.params import MigrationCapabilities, MigrationParameters
-from vmferry.migration.ram import RAM_HEAD, RUN_DTYPE, RUN_ZERO
 from vmferry.migration.transport import Buffer, FdSink
 from vmferry.qmp.backend import QmpError
 from vmferry.qmp.client import QmpClient
@@ -223,10 +222,10 @@ class Tamper:
     def apply(self, bufs: Sequence[Buffer], channel: int) -> Sequence[Buffer]:
         if self.channel not in (None, channel):
             return bufs
-        if not bufs or len(bufs[0]) != stream.SECTION_HEADER_SIZE:
+        if not bufs or len(bufs[0]) != codec.SECTION_HEADER_SIZE:
             return bufs
-        tag, flags, _length, seq, _ = stream.SECTION_HEADER.unpack_from(bufs[0])
-        if tag != stream.RAM or flags != self.flags:
+        tag, flags, _length, seq, _ = codec.SECTION_HEADER.unpack_from(bufs[0])
+        if tag != codec.RAM or flags != self.flags:
             return bufs
         with self._lock:
             if self.done:
@@ -240,7 +239,7 @@ class Tamper:
         return [bufs[0], payload]
 
     def _where(self, payload: bytearray) -> int | None:
-        if self.flags & stream.FLAG_ZSTD:
+        if self.flags & codec.FLAG_ZSTD:
             return len(payload) // 2  # somewhere in the compressed frame
         nruns, _ = RAM_HEAD.unpack_from(payload)
         runs = np.frombuffer(payload, RUN_DTYPE, count=nruns, offset=RAM_HEAD.size)
@@ -275,7 +274,7 @@ def tamper_with_source(monkeypatch: pytest.MonkeyPatch, tamper: Tamper) -> None:
 
 @pytest.mark.parametrize(
     ("flags", "compress", "channels"),
-    [(0, "none", 1), (stream.FLAG_ZSTD, "zstd", 1), (stream.FLAG_ZSTD, "zstd", 2)],
+    [(0, "none", 1), (codec.FLAG_ZSTD, "zstd", 1), (codec.FLAG_ZSTD, "zstd", 2)],
     ids=["stop-copy-page", "zstd-frame", "zstd-frame-on-channel-1"],
 )
 def test_corrupt_checksummed_ram_is_refused(
@@ -308,7 +307,7 @@ def test_corrupt_live_page_is_caught_by_verification(
 ) -> None:
     """A pre-copy page's data is outside the checksum (the guest may change it while it is
     sent); a page that is never sent again must then fail the switchover digests."""
-    tamper = Tamper(stream.FLAG_LIVE, page=IMAGE_PAGE)
+    tamper = Tamper(codec.FLAG_LIVE, page=IMAGE_PAGE)
     tamper_with_source(monkeypatch, tamper)
     err = failed(start_migration(guest, dest.uri))
     assert tamper.done
@@ -362,11 +361,11 @@ class TruncatingProxy(Proxy):
                 data = memoryview(buf)[:n]
                 if limit is None:  # find the end of the CONF section
                     head += data
-                    at = stream.STREAM_HEADER_SIZE
-                    if len(head) < at + stream.SECTION_HEADER_SIZE:
+                    at = codec.STREAM_HEADER_SIZE
+                    if len(head) < at + codec.SECTION_HEADER_SIZE:
                         continue
-                    length = stream.SECTION_HEADER.unpack_from(head, at)[2]
-                    limit = at + stream.SECTION_HEADER_SIZE + length
+                    length = codec.SECTION_HEADER.unpack_from(head, at)[2]
+                    limit = at + codec.SECTION_HEADER_SIZE + length
                     data = memoryview(head)
                 if sent < limit:
                     k = min(len(data), limit - sent)
@@ -447,12 +446,12 @@ def test_incompatible_stream_version_is_refused(
     class FutureWriter(stream.StreamWriter):
         def __init__(self, sink: Any) -> None:  # StreamWriter's, one version up
             self.sink, self.seq, self.bytes_written = sink, 0, 0
-            head = stream.STREAM_HEADER.pack(stream.MAGIC, stream.VERSION + 1, 0)
+            head = codec.STREAM_HEADER.pack(codec.MAGIC, codec.VERSION + 1, 0)
             self._emit([head + struct.pack("<Q", xxhash.xxh64_intdigest(head))])
 
     monkeypatch.setattr(source_mod, "StreamWriter", FutureWriter)
     err = failed(start_migration(guest, dest.uri))
-    want = "stream format version 2 is newer than this vmferry's (1); use a matching vmferry"
+    want = "stream format version 3 is newer than this vmferry's (2); use a matching vmferry"
     assert str(dest.failure()) == want
     assert re_search(r"^the destination refused( the VM)?: " + re.escape(want) + "$", err), err
     assert_source_intact(guest)
@@ -570,32 +569,30 @@ def test_bad_extra_channel_fails_the_destination_at_once(dest: Destination) -> N
     config = Workload().config()
     with socket.create_connection(("127.0.0.1", dest.port)) as main:
         w = stream.StreamWriter(FdSink(main.fileno(), owned=False))
-        setup = {"id": "m1", "channels": 2, "resident": []}
-        conf = {"config": config.to_dict(), "migration": setup}
-        w.section(stream.CONF, [json.dumps(conf).encode()])
+        w.section(codec.CONF, [codec.ConfigRecord(config, "m1", channels=2).encode()])
         with socket.create_connection(("127.0.0.1", dest.port)) as ch:
             sink = BytesSink()
             w1 = stream.StreamWriter(sink)
-            w1.section(stream.CHAN, [json.dumps({"id": "m1", "index": 1}).encode()])
+            w1.section(codec.CHAN, [codec.ChannelRecord("m1", 1).encode()])
             ch.sendall(sink.data)
             time.sleep(0.5)  # the destination now waits on both connections
             sink.data.clear()
             runs = np.zeros(1, RUN_DTYPE)
             runs["first"], runs["npages"] = IMAGE_PAGE, 1
             page = bytes(range(256)) * (PAGE_SIZE // 256)
-            w1.section(stream.RAM, [RAM_HEAD.pack(1, 0), runs.tobytes(), page])
+            w1.section(codec.RAM, [RAM_HEAD.pack(1, 0), runs.tobytes(), page])
             sink.data[-100] ^= 1  # in the page: the checksum no longer matches
             ch.sendall(sink.data)
             t0 = time.monotonic()
             derr = dest.failure(30)
             took = time.monotonic() - t0
             replies = ReplyPath(main)
-            while (reply := replies.receive(5, "the destination's verdict"))["kind"] in (
-                "accepted",
-                "alive",  # the destination's heartbeat
+            while isinstance(
+                reply := replies.receive(5, "the destination's verdict"),
+                codec.Accepted | codec.Alive,  # Alive: the destination's heartbeat
             ):
                 pass
     want = "section #1 RAM at byte 80: checksum mismatch, the section is corrupt"
     assert str(derr) == want
-    assert reply == {"kind": "failed", "error": want}
+    assert reply == codec.Failed(want)
     assert took < 5, f"the destination noticed only after {took:.0f} s"

@@ -29,6 +29,7 @@ from tests.migration.live import (
     wait_migration,
     wait_until,
 )
+from vmferry.migration.codec import Ready
 from vmferry.migration.params import MigrationParameters
 from vmferry.migration.source import MigrationSource
 from vmferry.qmp.client import QmpClient
@@ -172,7 +173,7 @@ def test_destination_that_gave_up_waiting_for_go_leaves_the_vm_here(
     keeps its VM: never none running."""
     real = MigrationSource._apply_verify
 
-    def stalled(self: MigrationSource, msg: dict[str, Any]) -> None:
+    def stalled(self: MigrationSource, msg: Ready) -> None:
         real(self, msg)
         time.sleep(PEER_TIMEOUT_MS / 1e3 + 1.5)
 

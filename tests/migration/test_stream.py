@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -14,8 +13,9 @@ from hypothesis import strategies as st
 from vmferry.errors import StreamError
 from vmferry.machine.config import MachineConfig
 from vmferry.memory import GuestMemory
-from vmferry.migration import stream
-from vmferry.migration.devices import DEVD_HEAD, DestinationDevices
+from vmferry.migration import codec
+from vmferry.migration.codec import DEVD_HEAD
+from vmferry.migration.devices import DestinationDevices
 from vmferry.migration.loader import load_stream, read_head
 from vmferry.migration.ram import RamReceiver, RamSender, send_pages
 from vmferry.migration.stream import StreamReader, StreamWriter
@@ -65,11 +65,11 @@ def filled_memory(seed: int) -> GuestMemory:
 def encode(m: GuestMemory, pages: np.ndarray) -> bytes:
     sink = BytesSink()
     w = StreamWriter(sink)
-    w.section(stream.CONF, [b"{}"])
+    w.section(codec.CONF, [b"{}"])
     send_pages(w, m, pages, batch_pages=128)
-    w.section(stream.CPUS, [b"{}"])
-    w.section(stream.DEVS, [b"[]"])
-    w.section(stream.END, [])
+    w.section(codec.CPUS, [b"{}"])
+    w.section(codec.DEVS, [b"[]"])
+    w.section(codec.END, [])
     return bytes(sink.data)
 
 
@@ -78,11 +78,11 @@ def decode(data: bytes, dest: GuestMemory) -> RamReceiver:
     rx = RamReceiver(dest)
     while True:
         hdr, h = r.next_section()
-        if hdr.tag == stream.RAM:
+        if hdr.tag == codec.RAM:
             rx.load(r, hdr, h)
         else:
             r.read_payload(hdr, h)
-            if hdr.tag == stream.END:
+            if hdr.tag == codec.END:
                 return rx
 
 
@@ -125,8 +125,8 @@ def test_fd_transport_round_trip(tmp_path: object) -> None:
         os.close(w)
         reader = StreamReader(FdSource(r))
         rx = RamReceiver(dst)
-        while (hs := reader.next_section())[0].tag != stream.END:
-            if hs[0].tag == stream.RAM:
+        while (hs := reader.next_section())[0].tag != codec.END:
+            if hs[0].tag == codec.RAM:
                 rx.load(reader, *hs)
             else:
                 reader.read_payload(*hs)
@@ -157,9 +157,9 @@ def test_newer_version(valid_stream: bytes) -> None:
 
     import xxhash
 
-    head = struct.pack("<8sII", stream.MAGIC, stream.VERSION + 1, 0)
+    head = struct.pack("<8sII", codec.MAGIC, codec.VERSION + 1, 0)
     data = head + struct.pack("<Q", xxhash.xxh64_intdigest(head)) + valid_stream[24:]
-    with pytest.raises(StreamError, match=r"version 2 is newer than this vmferry's \(1\)"):
+    with pytest.raises(StreamError, match=r"version 3 is newer than this vmferry's \(2\)"):
         decode(data, GuestMemory(MEM))
 
 
@@ -205,7 +205,7 @@ class GuestWritesDuringSend(BytesSink):
 
     def write(self, bufs: object) -> None:
         assert isinstance(bufs, list)  # StreamWriter passes a list: header, then payload
-        if not self.wrote and bytes(bufs[0][:4]) == stream.RAM:
+        if not self.wrote and bytes(bufs[0][:4]) == codec.RAM:
             self.memory.pages()[:] ^= np.uint64(0x5A5A)
             self.wrote = True
         super().write(bufs)
@@ -213,22 +213,22 @@ class GuestWritesDuringSend(BytesSink):
 
 def encode_live(m: GuestMemory, pages: np.ndarray, *, sealed: bool, sink: BytesSink) -> bytes:
     w = StreamWriter(sink)
-    w.section(stream.CONF, [b"{}"])
+    w.section(codec.CONF, [b"{}"])
     RamSender(w, m, batch_pages=128, sealed=sealed).send(pages, live=True)
-    w.section(stream.CPUS, [b"{}"])
-    w.section(stream.DEVS, [b"[]"])
-    w.section(stream.END, [])
+    w.section(codec.CPUS, [b"{}"])
+    w.section(codec.DEVS, [b"[]"])
+    w.section(codec.END, [])
     return bytes(sink.data)
 
 
 def ram_sections(data: bytes) -> list[tuple[int, int, int]]:
     """(flags, start of page data, end) of each RAM section."""
     out = []
-    pos = stream.STREAM_HEADER_SIZE
+    pos = codec.STREAM_HEADER_SIZE
     while pos < len(data):
-        tag, flags, length, _, _ = stream.SECTION_HEADER.unpack_from(data, pos)
-        body = pos + stream.SECTION_HEADER_SIZE
-        if tag == stream.RAM:
+        tag, flags, length, _, _ = codec.SECTION_HEADER.unpack_from(data, pos)
+        body = pos + codec.SECTION_HEADER_SIZE
+        if tag == codec.RAM:
             nruns = int.from_bytes(data[body : body + 4], "little")
             out.append((flags, body + 8 + 16 * nruns, body + length))
         pos = body + length
@@ -240,11 +240,11 @@ def decode_sealed(data: bytes, dest: GuestMemory, sealed: bool = True) -> RamRec
     rx = RamReceiver(dest)
     while True:
         hdr, h = r.next_section()
-        if hdr.tag == stream.RAM:
+        if hdr.tag == codec.RAM:
             rx.load(r, hdr, h)
         else:
             r.read_payload(hdr, h)
-            if hdr.tag == stream.END:
+            if hdr.tag == codec.END:
                 return rx
 
 
@@ -288,7 +288,7 @@ def test_an_unsealed_live_section_leaves_page_data_out_and_a_sealed_reader_refus
     try:
         live = encode_live(m, m.resident_pages(), sealed=False, sink=BytesSink())
         flags, lo, hi = ram_sections(live)[0]
-        assert flags == stream.FLAG_LIVE
+        assert flags == codec.FLAG_LIVE
         data = bytearray(live)
         data[(lo + hi) // 2] ^= 0x04
         decode_sealed(bytes(data), dst, sealed=False)  # accepted: only digests could tell
@@ -345,15 +345,15 @@ def test_any_damage_to_a_sealed_live_stream_is_a_stream_error(
 
 def test_error_messages_name_sections_as_the_format_document_does() -> None:
     doc = (Path(__file__).parents[2] / "docs" / "stream-format.md").read_text()
-    for tag in stream.SECTION_NAMES:
-        name = stream.section_name(tag)
+    for tag in codec.SECTION_NAMES:
+        name = codec.section_name(tag)
         assert name == tag.rstrip(b"\0").decode(), (tag, name)
         assert f"`{name}`" in doc, f"{name} is not in docs/stream-format.md"
     sink = BytesSink()
     w = StreamWriter(sink)
-    w.section(stream.CONF, [b"{}"])
-    w.section(stream.CPUS, [b"{}"])
-    w.section(stream.ROUND, [b"{}"])
+    w.section(codec.CONF, [b"{}"])
+    w.section(codec.CPUS, [b"{}"])
+    w.section(codec.ROUND, [b"{}"])
     r = StreamReader(BytesSource(bytes(sink.data)))
     r.read_payload(*r.next_section())
     r.read_payload(*r.next_section())
@@ -364,9 +364,9 @@ def test_error_messages_name_sections_as_the_format_document_does() -> None:
 def test_a_bad_device_chunk_names_its_section_and_offset() -> None:
     sink = BytesSink()
     w = StreamWriter(sink)
-    conf = {"config": MachineConfig(memory=MEM, image="hello").to_dict()}
-    w.section(stream.CONF, [json.dumps(conf).encode()])
-    w.section(stream.DEVD, [DEVD_HEAD.pack(3, 0), b"state"])
+    conf = codec.ConfigRecord(MachineConfig(memory=MEM, image="hello"))
+    w.section(codec.CONF, [conf.encode()])
+    w.section(codec.DEVD, [DEVD_HEAD.pack(3, 0), b"state"])
     r = StreamReader(BytesSource(bytes(sink.data)))
     head = read_head(r)
     offset = r.source.position

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import json
 import os
 import shutil
 import socket
@@ -21,17 +20,19 @@ from cryptography.x509.oid import NameOID
 
 from tests.conftest import vmferry
 from vmferry.controller import VmController
+from vmferry.devices.base import DeviceIdentity
 from vmferry.errors import ConfigError, MigrationError, StreamError
 from vmferry.machine import MachineConfig
 from vmferry.memory import GuestMemory
 from vmferry.migration import streamcap
 from vmferry.migration import tls as tls_mod
 from vmferry.migration.channel import parse_uri
-from vmferry.migration.loader import StreamHead, load_stream, read_head
+from vmferry.migration.codec import CONF, ROUND, ConfigRecord, RoundMarker
+from vmferry.migration.loader import load_stream, read_head
 from vmferry.migration.params import MigrationCapabilities, MigrationParameters
 from vmferry.migration.ram import RamSender
 from vmferry.migration.source import MigrationSource
-from vmferry.migration.stream import CONF, ROUND, StreamReader, StreamWriter
+from vmferry.migration.stream import StreamReader, StreamWriter
 from vmferry.migration.streamcap import (
     CHANNEL_SKEW_ALLOWANCE,
     FIXED_ALLOWANCE,
@@ -392,9 +393,9 @@ def test_end_of_stream_is_named(pair: tuple[TlsSocket, TlsSocket]) -> None:
 # ---- the cap on what one round may carry
 
 
-def _head(memory: int, devices: int = 0, channels: int = 1) -> StreamHead:
+def _head(memory: int, devices: int = 0, channels: int = 1) -> ConfigRecord:
     config = MachineConfig(memory=memory, vcpus=1, image="memtouch")
-    return StreamHead(config, {"devices": [{}] * devices, "channels": channels})
+    return ConfigRecord(config, channels=channels, devices=(DeviceIdentity("x", 1),) * devices)
 
 
 def test_stream_cap_before_and_after_conf() -> None:
@@ -460,13 +461,12 @@ def _load_rounds(rounds: int, sends_per_round: int) -> tuple[StreamBudget, BaseE
     def source() -> None:
         with contextlib.suppress(OSError):  # the destination may hang up first
             w = StreamWriter(FdSink(a.fileno(), owned=False))
-            conf = {"config": config.to_dict(), "migration": {"channels": 1}}
-            w.section(CONF, [json.dumps(conf).encode()])
+            w.section(CONF, [ConfigRecord(config).encode()])
             sender = RamSender(w, memory)
             for n in range(rounds):
                 for _ in range(sends_per_round):
                     sender.send(np.arange(memory.npages, dtype=np.int64))
-                w.section(ROUND, [json.dumps({"round": n}).encode()])
+                w.section(ROUND, [RoundMarker(n, memory.npages * sends_per_round).encode()])
         a.shutdown(socket.SHUT_WR)
 
     t = threading.Thread(target=source)

@@ -1,24 +1,23 @@
 """Where a migration goes: URIs, TCP channels, and the destination's reply path.
 
 The main connection carries the stream one way and short JSON lines back (the reply
-path): ``ready`` (loaded and verified, not running), then the source's ``go``, then
-``resumed``; or ``failed`` with the reason.
+path, codec's ``ReplyMessage``): ``ready`` (loaded and verified, not running), then the
+source's ``go``, then ``resumed``; or ``failed`` with the reason.
 """
 
 from __future__ import annotations
 
-import json
 import select
 import socket
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from vmferry.errors import ConfigError, MigrationError
+from vmferry.migration.codec import ReplyMessage, decode_reply, encode_reply
 
 # Pages travel on channel (page // 512) % n: a 2 MiB block always takes the same channel, so
 # a page re-sent in a later round can never overtake its older copy on another channel.
@@ -116,8 +115,8 @@ class ReplyPath:
         self._buf = bytearray()
         self._send_lock = threading.Lock()
 
-    def send(self, kind: str, **fields: Any) -> None:
-        line = json.dumps({"kind": kind, **fields}).encode() + b"\n"
+    def send(self, msg: ReplyMessage) -> None:
+        line = encode_reply(msg)
         with self._send_lock:
             self.sock.sendall(line)
 
@@ -129,7 +128,7 @@ class ReplyPath:
         poller.register(self.sock.fileno(), select.POLLIN | select.POLLPRI)
         return bool(poller.poll(max(0, int(timeout * 1e3))))
 
-    def receive(self, timeout: float, waiting_for: str) -> dict[str, Any]:
+    def receive(self, timeout: float, waiting_for: str) -> ReplyMessage:
         deadline = time.monotonic() + timeout
         while b"\n" not in self._buf:
             # Even at the deadline what has already arrived is read (a zero-time poll).
@@ -148,10 +147,4 @@ class ReplyPath:
                 raise MigrationError("the peer sent an oversized reply")
         line, _, rest = bytes(self._buf).partition(b"\n")
         self._buf = bytearray(rest)
-        try:
-            msg = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise MigrationError(f"the peer sent a malformed reply: {e}") from e
-        if not isinstance(msg, dict) or "kind" not in msg:
-            raise MigrationError("the peer sent a malformed reply")
-        return msg
+        return decode_reply(line)

@@ -21,6 +21,7 @@ from vmferry.kvm.system import DEFAULT_DEVICE
 from vmferry.machine.machine import Machine
 from vmferry.memory.guest_memory import GuestMemory
 from vmferry.migration.channel import MigrationUri, PeerClosed, ReplyPath, accept, listen
+from vmferry.migration.codec import MAGIC, Abandon, Accepted, Failed, Go, Ready, Resumed
 from vmferry.migration.devices import DestinationDevices
 from vmferry.migration.liveness import Heartbeat, bound_socket, is_timeout, receive_timeout
 from vmferry.migration.loader import (
@@ -32,8 +33,8 @@ from vmferry.migration.loader import (
     read_head,
 )
 from vmferry.migration.metrics import VerifyResult
-from vmferry.migration.params import MAX_PEER_TIMEOUT_MS, MIN_PEER_TIMEOUT_MS, MigrationParameters
-from vmferry.migration.stream import CHANNEL_GRAMMAR, MAGIC, StreamReader
+from vmferry.migration.params import MigrationParameters
+from vmferry.migration.stream import CHANNEL_GRAMMAR, StreamReader
 from vmferry.migration.streamcap import StreamBudget
 from vmferry.migration.tls import TlsServer
 from vmferry.migration.tlssocket import stream_source
@@ -63,12 +64,10 @@ def _bound(sock: socket.socket, timeout_s: float) -> None:
     receive_timeout(sock, timeout_s)
 
 
-def _peer_timeout(setup: dict[str, object]) -> float:
-    """The source's x-peer-timeout (seconds), from its CONF; the default if absent or odd."""
-    ms = setup.get("peer-timeout-ms")
-    if isinstance(ms, int) and MIN_PEER_TIMEOUT_MS <= ms <= MAX_PEER_TIMEOUT_MS:
-        return ms / 1e3
-    return DEFAULT_PEER_TIMEOUT_S
+def _peer_timeout(ms: int | None) -> float:
+    """The source's x-peer-timeout (seconds), from its CONF (checked there); the default
+    if it has none."""
+    return DEFAULT_PEER_TIMEOUT_S if ms is None else ms / 1e3
 
 
 def _wake(sock: socket.socket) -> None:
@@ -229,7 +228,7 @@ class IncomingMigration:
                 if self.tls is None and (garbage := _not_a_stream(main_sock)):
                     self._refused(peer, MigrationError(garbage))
                     with contextlib.suppress(OSError):
-                        ReplyPath(main_sock).send("failed", error=garbage)
+                        ReplyPath(main_sock).send(Failed(garbage))
                     _wake(main_sock)
                     main_sock.close()
                     continue
@@ -246,7 +245,7 @@ class IncomingMigration:
             main = StreamReader(budget.source(stream_source(main_sock, "migration stream")))
             head = read_head(main)
             budget.allow(head)
-            timeout_s = _peer_timeout(head.setup)
+            timeout_s = _peer_timeout(head.peer_timeout_ms)
             _bound(main_sock, timeout_s)
             heartbeat.set_timeout(timeout_s)
             readers = []
@@ -262,7 +261,7 @@ class IncomingMigration:
             memory = self._memory_for(head.config.memory)
             populate(memory, head.resident)  # no-op on pre-allocated RAM
             devices = open_devices(head, memory, self.device_versions)
-            reply.send("accepted")
+            reply.send(Accepted())
             phase = "round"
             loaded = load_stream(
                 head,
@@ -289,27 +288,22 @@ class IncomingMigration:
             if verify.status == "failed":
                 failed_check = verify
                 raise MigrationError(f"verification failed: {verify.detail}")
-            reply.send(
-                "ready",
-                verify_ms=(t_verified - t_loaded) * 1e3,
-                pages_checked=verify.pages_checked,
-                verify=verify.status,
-            )
+            reply.send(Ready((t_verified - t_loaded) * 1e3, verify.pages_checked, verify.status))
             # The source answers at once; one that does not has stopped. Giving up is safe:
             # the "failed" sent then tells a source that wakes up to keep its VM.
             phase = "the wait for the hand-over"
             msg = reply.receive(timeout_s, '"go"')
-            if msg["kind"] == "abandon":
+            if isinstance(msg, Abandon):
                 raise abandoned(msg)
-            if msg["kind"] != "go":
-                raise MigrationError(f"the source did not hand over: {msg}")
+            if not isinstance(msg, Go):
+                raise MigrationError(f"the source did not hand over: it sent {msg!r}")
             t_go = time.monotonic()
             DestinationDevices(machine.devices).start()
             machine.start()
             started = True
             t_started = time.monotonic()
             try:
-                reply.send("resumed", resume_ms=(t_started - t_go) * 1e3)
+                reply.send(Resumed((t_started - t_go) * 1e3))
             except OSError as e:
                 # The source was released by "go": the guest is this one now, whatever
                 # became of the connection.
@@ -349,9 +343,9 @@ class IncomingMigration:
                 err = MigrationError(f"connection to the source failed: {e}")
             if reply is not None:
                 # What the check found goes too: the source reports it as its own result.
-                found = {} if failed_check is None else {"verify": _verify_dict(failed_check)}
+                found = None if failed_check is None else _verify_dict(failed_check)
                 with contextlib.suppress(OSError):
-                    reply.send("failed", error=str(err), **found)
+                    reply.send(Failed(str(err), found))
             if machine is not None:
                 machine.close()
             else:

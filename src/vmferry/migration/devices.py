@@ -10,7 +10,6 @@ the stream, commits with STOP, then RUNNING_P2P → RUNNING before the vCPUs run
 from __future__ import annotations
 
 import logging
-import struct
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,10 +21,9 @@ from vmferry.devices.stream import DeviceStreamError
 from vmferry.errors import MigrationError, StreamError
 from vmferry.memory.dirty import DirtyBitmap
 from vmferry.memory.guest_memory import PAGE_SIZE
-from vmferry.migration.stream import DEVD, StreamWriter
+from vmferry.migration.codec import DEVD, DEVD_HEAD, PHASE_PRECOPY, PHASE_STOP_COPY
+from vmferry.migration.stream import StreamWriter
 
-DEVD_HEAD = struct.Struct("<II")  # device index, phase
-PHASE_PRECOPY, PHASE_STOP_COPY = 0, 1
 CHUNK = 1 << 20  # one DEVD section: QEMU reads device data 1 MiB at a time
 # Pre-copy data per device per round. QEMU reads 1 MiB per device per iteration; a vGPU's
 # VRAM share of gigabytes would then take thousands of rounds, so vmferry reads more.

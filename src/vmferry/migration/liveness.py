@@ -19,14 +19,13 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any
 
 from vmferry.errors import MigrationCancelled, MigrationError
 from vmferry.migration.channel import PeerClosed, PeerSilent, ReplyPath
+from vmferry.migration.codec import Alive, Failed, ReplyMessage
 
 log = logging.getLogger(__name__)
 
-ALIVE = "alive"  # the heartbeat's kind on the reply path
 # A heartbeat every fifth of the bound: a few may be late (a busy host) before one is missed.
 HEARTBEAT_FRACTION = 5
 MAX_HEARTBEAT_S = 1.0
@@ -90,7 +89,7 @@ class Heartbeat:
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             try:
-                self.reply.send(ALIVE)
+                self.reply.send(Alive())
             except OSError as e:
                 # The main thread finds out through its own reads, with a better message.
                 log.debug("heartbeat stopped: %s", e)
@@ -115,7 +114,7 @@ class PeerWatch:
         self._hung_up = False  # it ended because the destination closed it (not garbage)
         self.failure = ""  # the error the destination sent in a "failed" message
         self._cancelled = False  # the user cancelled: a wait in next() ends at once
-        self._messages: deque[dict[str, Any]] = deque()
+        self._messages: deque[ReplyMessage] = deque()
         self._cond = threading.Condition()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="peer-watch", daemon=True)
@@ -159,9 +158,9 @@ class PeerWatch:
                 return
             with self._cond:
                 self.last_heard = time.monotonic()
-                if msg["kind"] != ALIVE:
-                    if msg["kind"] == "failed":
-                        self.failure = str(msg.get("error", ""))
+                if not isinstance(msg, Alive):
+                    if isinstance(msg, Failed):
+                        self.failure = msg.error
                     self._messages.append(msg)
                 self._cond.notify_all()
 
@@ -171,7 +170,7 @@ class PeerWatch:
             self._cond.notify_all()
         self.on_lost()
 
-    def next(self, cap_s: float, waiting_for: str) -> dict[str, Any]:
+    def next(self, cap_s: float, waiting_for: str) -> ReplyMessage:
         """The next message that is not a heartbeat. Raises PeerSilent when the destination
         has been silent too long (or ``cap_s`` passed), PeerClosed when it hung up."""
         deadline = time.monotonic() + cap_s

@@ -6,25 +6,20 @@ anything unexpected is a StreamError that names the section and what was wrong.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from vmferry.devices.base import DeviceModel
 from vmferry.devices.registry import create_devices
 from vmferry.errors import MigrationError, StreamError, VmferryError
-from vmferry.machine.config import MachineConfig
 from vmferry.machine.machine import Machine
-from vmferry.machine.state import MachineState, VcpuState
+from vmferry.machine.state import MachineState
 from vmferry.memory.dirty import DirtyBitmap
-from vmferry.memory.guest_memory import MAX_RAM, GuestMemory
-from vmferry.migration.devices import DestinationDevices
-from vmferry.migration.metrics import VerifyResult
-from vmferry.migration.ram import RamReceiver, RamStats
-from vmferry.migration.stream import (
+from vmferry.memory.guest_memory import GuestMemory
+from vmferry.migration.codec import (
     ABRT,
     CEND,
     CONF,
@@ -35,69 +30,41 @@ from vmferry.migration.stream import (
     RAM,
     ROUND,
     VRFY,
-    StreamReader,
+    Abandon,
+    AbandonNotice,
+    ChannelRecord,
+    ConfigRecord,
+    CpuStateRecord,
+    DeviceSummary,
+    RoundMarker,
+    VerifyRecord,
+    check_empty,
 )
-from vmferry.migration.verify import VerifyRecord, cpu_digest, mismatched_pages
+from vmferry.migration.devices import DestinationDevices
+from vmferry.migration.metrics import VerifyResult
+from vmferry.migration.ram import RamReceiver, RamStats
+from vmferry.migration.stream import StreamReader
+from vmferry.migration.verify import cpu_digest, mismatched_pages
 
 log = logging.getLogger(__name__)
 
 
-def decode_json(reader: StreamReader, payload: bytes, what: str) -> Any:
-    try:
-        return json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise StreamError(f"section #{reader.seq - 1} {what} is not valid JSON: {e}") from e
+MAX_REASON = 500  # characters of the source's reason that are shown
 
 
-def abandoned(notice: Any) -> MigrationError:
+def abandoned(notice: AbandonNotice | Abandon) -> MigrationError:
     """What the source said when it gave up (an ABRT section, or an ``abandon`` line once
     the stream has ended), as the destination's error."""
-    reason = notice.get("reason") if isinstance(notice, dict) else None
-    reason = str(reason)[:500] if reason else "no reason given"
-    if isinstance(notice, dict) and notice.get("cancelled") is True:
+    reason = notice.reason[:MAX_REASON] or "no reason given"
+    if notice.cancelled:
         return MigrationError(f"the source cancelled the migration ({reason})")
     return MigrationError(f"the source abandoned the migration: {reason}")
 
 
-@dataclass
-class StreamHead:
-    config: MachineConfig
-    setup: dict[str, Any]  # migration set-up (absent in a plain save file)
-
-    @property
-    def channels(self) -> int:
-        n = self.setup.get("channels", 1)
-        if not isinstance(n, int) or not 1 <= n <= 255:
-            raise StreamError(f"CONF section: channel count {n!r} is invalid")
-        return n
-
-    @property
-    def resident(self) -> list[tuple[int, int]]:
-        ranges = self.setup.get("resident", [])
-        size = self.config.memory
-        try:
-            out = [(int(a), int(b)) for a, b in ranges]
-        except (TypeError, ValueError) as e:
-            raise StreamError("CONF section: resident ranges are malformed") from e
-        if any(not 0 <= a < b <= size for a, b in out):
-            raise StreamError("CONF section: a resident range lies outside guest RAM")
-        return out
-
-
-def read_head(reader: StreamReader) -> StreamHead:
+def read_head(reader: StreamReader) -> ConfigRecord:
     hdr, h = reader.next_section()
     assert hdr.tag == CONF  # the grammar allows nothing else first
-    conf = decode_json(reader, reader.read_payload(hdr, h), "CONF")
-    try:
-        config = MachineConfig.from_dict(conf["config"])
-        setup = conf.get("migration", {})
-        if not isinstance(setup, dict):
-            raise TypeError("migration set-up is not an object")
-        if config.memory > MAX_RAM:
-            raise ValueError(f"{config.memory} bytes of RAM is more than the 1 TiB vmferry runs")
-    except (KeyError, TypeError, ValueError, AttributeError, VmferryError) as e:
-        raise StreamError(f"section #0 CONF holds no usable machine config: {e}") from e
-    return StreamHead(config, setup)
+    return ConfigRecord.decode(reader.read_payload(hdr, h), hdr.describe())
 
 
 @dataclass
@@ -115,8 +82,8 @@ class LoadedStream:
 def read_channel(reader: StreamReader, receiver: RamReceiver, mig_id: str, index: int) -> None:
     """An extra channel: CHAN naming this migration, RAM sections, CEND."""
     hdr, h = reader.next_section()
-    chan = decode_json(reader, reader.read_payload(hdr, h), "CHAN")
-    if not isinstance(chan, dict) or chan.get("id") != mig_id or chan.get("index") != index:
+    chan = ChannelRecord.decode(reader.read_payload(hdr, h), hdr.describe())
+    if chan != ChannelRecord(mig_id, index):
         raise StreamError(f"channel {index} belongs to another migration: {chan!r}")
     while True:
         hdr, h = reader.next_section()
@@ -124,12 +91,12 @@ def read_channel(reader: StreamReader, receiver: RamReceiver, mig_id: str, index
             receiver.load(reader, hdr, h)
         else:
             assert hdr.tag == CEND
-            reader.read_payload(hdr, h)
+            check_empty(reader.read_payload(hdr, h), hdr.describe())
             return
 
 
 def load_stream(
-    head: StreamHead,
+    head: ConfigRecord,
     main: StreamReader,
     memory: GuestMemory,
     channels: list[StreamReader] | None = None,
@@ -149,7 +116,7 @@ def load_stream(
 
         def run(r: StreamReader = r, i: int = i) -> None:
             try:
-                read_channel(r, receivers[i], head.setup.get("id", ""), i)
+                read_channel(r, receivers[i], head.mig_id, i)
             except BaseException as e:
                 errors.append(e)
                 if wake_main is not None:
@@ -159,8 +126,8 @@ def load_stream(
         t.start()
         threads.append(t)
 
-    cpu: Any = None
-    summary: Any = []
+    cpu: CpuStateRecord | None = None
+    summary = DeviceSummary()
     verify: VerifyRecord | None = None
     rounds = 0
     while True:
@@ -171,7 +138,7 @@ def load_stream(
             if hdr.tag == RAM:
                 receivers[0].load(main, hdr, h)
             elif hdr.tag == ROUND:
-                main.read_payload(hdr, h)
+                RoundMarker.decode(main.read_payload(hdr, h), hdr.describe())
                 rounds += 1
                 if on_round is not None:
                     on_round()
@@ -184,15 +151,16 @@ def load_stream(
                 except StreamError as e:
                     raise StreamError(f"{hdr.describe()}: {e}") from e
             elif hdr.tag == CPUS:
-                cpu = decode_json(main, main.read_payload(hdr, h), "CPUS")
+                cpu = CpuStateRecord.decode(main.read_payload(hdr, h), hdr.describe())
             elif hdr.tag == DEVS:
-                summary = decode_json(main, main.read_payload(hdr, h), "DEVS")
+                summary = DeviceSummary.decode(main.read_payload(hdr, h), hdr.describe())
             elif hdr.tag == VRFY:
-                verify = VerifyRecord.decode(main.read_payload(hdr, h), memory.npages)
+                payload = main.read_payload(hdr, h)
+                verify = VerifyRecord.decode(payload, hdr.describe(), memory.npages)
             elif hdr.tag == ABRT:
-                raise abandoned(decode_json(main, main.read_payload(hdr, h), "ABRT"))
+                raise abandoned(AbandonNotice.decode(main.read_payload(hdr, h), hdr.describe()))
             elif hdr.tag == END:
-                main.read_payload(hdr, h)
+                check_empty(main.read_payload(hdr, h), hdr.describe())
                 break
         except VmferryError:
             if errors:  # the channel's error is the cause; the main stream was woken
@@ -202,24 +170,15 @@ def load_stream(
         t.join()
     if errors:
         raise errors[0]
-    try:
-        vcpus = [VcpuState.from_dict(v) for v in cpu["vcpus"]]
-        clock = bytes.fromhex(cpu["clock"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise StreamError(f"CPUS section is malformed: {e!r}") from e
-    if [v.index for v in vcpus] != list(range(head.config.vcpus)):
-        raise StreamError(
-            f"CPUS section has vCPUs {[v.index for v in vcpus]}, config says {head.config.vcpus}"
-        )
-    if not isinstance(summary, list):
-        raise StreamError("DEVS section is not a list")
+    assert cpu is not None  # the grammar puts CPUS before END
+    state = cpu.machine_state(head.config, "the CPUS section")
     ram = RamStats()
     for rx in receivers:
         ram.add(rx.stats)
     return LoadedStream(
-        MachineState(head.config, clock, vcpus),
+        state,
         memory,
-        summary,
+        list(summary.devices),
         ram,
         verify,
         written,
@@ -252,7 +211,7 @@ def check_loaded(loaded: LoadedStream, machine: Machine) -> VerifyResult:
     return result
 
 
-def populate(memory: GuestMemory, ranges: list[tuple[int, int]]) -> threading.Thread:
+def populate(memory: GuestMemory, ranges: Sequence[tuple[int, int]]) -> threading.Thread:
     """Pre-fault the RAM the source said holds data, in the background (fresh memory takes
     many times longer to receive into)."""
 
@@ -270,14 +229,14 @@ def populate(memory: GuestMemory, ranges: list[tuple[int, int]]) -> threading.Th
 
 
 def open_devices(
-    head: StreamHead, memory: GuestMemory, versions: dict[str, int] | None = None
+    head: ConfigRecord, memory: GuestMemory, versions: dict[str, int] | None = None
 ) -> DestinationDevices:
     """The VM's devices, built here, checked against the source's, put in RESUMING; they
     take over the source's (a vGPU it still holds on this host may be shared)."""
     models = create_devices(head.config, memory, versions, incoming=True)
     devices = DestinationDevices(models)
     try:
-        devices.check_compatible(head.setup.get("devices", [d.identity.to_dict() for d in models]))
+        devices.check_compatible([d.to_dict() for d in head.devices])
         devices.begin()
     except BaseException:
         devices.close()

@@ -10,7 +10,6 @@ Python loop per page.
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -22,20 +21,18 @@ import zstandard
 from vmferry.errors import StreamError
 from vmferry.memory.dirty import DirtyBitmap
 from vmferry.memory.guest_memory import PAGE_SIZE, GuestMemory
-from vmferry.migration.stream import (
+from vmferry.migration.codec import (
     FLAG_LIVE,
     FLAG_ZSTD,
     RAM,
+    RAM_HEAD,
+    RUN_DTYPE,
+    RUN_ZERO,
     SECTION_HEADER_SIZE,
-    SectionHeader,
-    StreamReader,
-    StreamWriter,
 )
+from vmferry.migration.stream import SectionHeader, StreamReader, StreamWriter
 from vmferry.migration.transport import Buffer
 
-RUN_DTYPE = np.dtype([("first", "<u8"), ("npages", "<u4"), ("flags", "<u4")])
-RUN_ZERO = 1
-RAM_HEAD = struct.Struct("<II")
 DEFAULT_BATCH_PAGES = 8192  # 32 MiB of data per section
 # A decompressed RAM payload is at most one batch; anything claiming more is corrupt.
 MAX_DECOMPRESSED = RAM_HEAD.size + (1 << 16) * (RUN_DTYPE.itemsize + PAGE_SIZE)

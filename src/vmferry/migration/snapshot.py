@@ -6,45 +6,40 @@ serves ``--save-after FILE``, ``--incoming file:FILE`` and the migration engine.
 
 from __future__ import annotations
 
-import json
 import os
-from typing import Any
 
 from vmferry.errors import StreamError
-from vmferry.machine.config import MachineConfig
 from vmferry.machine.machine import Machine
 from vmferry.machine.state import MachineState
 from vmferry.memory.guest_memory import GuestMemory
+from vmferry.migration.codec import (
+    CONF,
+    CPUS,
+    DEVS,
+    END,
+    ConfigRecord,
+    CpuStateRecord,
+    DeviceSummary,
+)
 from vmferry.migration.devices import SourceDevices
 from vmferry.migration.loader import LoadedStream, load_stream, open_devices, populate, read_head
 from vmferry.migration.ram import RamStats, send_pages
-from vmferry.migration.stream import CONF, CPUS, DEVS, END, StreamReader, StreamWriter
+from vmferry.migration.stream import StreamReader, StreamWriter
 from vmferry.migration.transport import FdSink, FdSource
 
 
-def _json(obj: Any) -> bytes:
-    return json.dumps(obj, separators=(",", ":")).encode()
-
-
-def write_config(
-    writer: StreamWriter,
-    config: MachineConfig,
-    resident: list[tuple[int, int]],
-    devices: list[dict[str, Any]],
-) -> None:
-    # The RAM ranges that hold data let the reader pre-fault them before pages arrive.
-    setup = {"resident": resident, "devices": devices}
-    writer.section(CONF, [_json({"config": config.to_dict(), "migration": setup})])
+def write_config(writer: StreamWriter, record: ConfigRecord) -> None:
+    writer.section(CONF, [record.encode()])
 
 
 def write_cpu_state(writer: StreamWriter, state: MachineState) -> None:
-    writer.section(
-        CPUS, [_json({"clock": state.clock.hex(), "vcpus": [v.to_dict() for v in state.vcpus]})]
-    )
+    writer.section(CPUS, [CpuStateRecord.of(state).encode()])
 
 
-def write_devices_and_end(writer: StreamWriter, devices: list[dict[str, Any]]) -> None:
-    writer.section(DEVS, [_json(devices)])
+def write_devices_and_end(writer: StreamWriter, devices: SourceDevices) -> None:
+    """DEVS (each device's identity and figures, as a live migration sends it), END."""
+    summary = DeviceSummary.of(devices.identities(), [s.to_dict() for s in devices.stats])
+    writer.section(DEVS, [summary.encode()])
     writer.section(END, [])
 
 
@@ -54,11 +49,14 @@ def write_snapshot(writer: StreamWriter, machine: Machine, state: MachineState) 
     Devices stop first (their state goes out, and no DMA changes RAM after that); the
     machine cannot run on after a save."""
     devices = SourceDevices(machine.devices)
-    write_config(writer, state.config, machine.memory.data_ranges(), devices.identities())
+    # The RAM ranges that hold data let the reader pre-fault them before pages arrive.
+    identities = tuple(d.identity for d in machine.devices)
+    resident = tuple(machine.memory.data_ranges())
+    write_config(writer, ConfigRecord(state.config, resident=resident, devices=identities))
     devices.stop_and_copy(writer)
     stats = send_pages(writer, machine.memory, machine.memory.resident_pages())
     write_cpu_state(writer, state)
-    write_devices_and_end(writer, [s.to_dict() for s in devices.stats])
+    write_devices_and_end(writer, devices)
     return stats
 
 

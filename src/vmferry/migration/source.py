@@ -7,7 +7,6 @@ VM here as if nothing happened. After ``go`` the source never runs the guest aga
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import secrets
@@ -35,6 +34,29 @@ from vmferry.migration.channel import (
     parse_uri,
     split_by_channel,
 )
+from vmferry.migration.codec import (
+    ABRT,
+    CEND,
+    CHAN,
+    CONF,
+    DEVS,
+    END,
+    ROUND,
+    VRFY,
+    Abandon,
+    AbandonNotice,
+    Accepted,
+    ChannelRecord,
+    ConfigRecord,
+    DeviceSummary,
+    Failed,
+    Go,
+    Ready,
+    ReplyMessage,
+    Resumed,
+    RoundMarker,
+    VerifyRecord,
+)
 from vmferry.migration.devices import SourceDevices, blockers
 from vmferry.migration.liveness import PeerWatch, bound_socket, is_timeout, shutdown_all
 from vmferry.migration.metrics import BandwidthWindow, MigrationStats, RoundRecord
@@ -42,10 +64,10 @@ from vmferry.migration.params import MigrationCapabilities, MigrationParameters
 from vmferry.migration.ram import DEFAULT_BATCH_PAGES, RamSender, RamStats
 from vmferry.migration.snapshot import write_cpu_state
 from vmferry.migration.status import MigrationStatus, may_become
-from vmferry.migration.stream import ABRT, CEND, CHAN, CONF, DEVS, END, ROUND, VRFY, StreamWriter
+from vmferry.migration.stream import StreamWriter
 from vmferry.migration.tlssocket import stream_sink
 from vmferry.migration.transport import FdSink
-from vmferry.migration.verify import VerifyRecord, cpu_digest, page_digests
+from vmferry.migration.verify import cpu_digest, page_digests
 
 log = logging.getLogger(__name__)
 
@@ -250,12 +272,11 @@ class MigrationSource:
             return
         if self._watch is not None and (self._watch.silent or self._watch.failure):
             return  # the destination is gone, or failed first and said why
-        notice = {"reason": reason, "cancelled": cancelled}
         try:
             if self._stream_ended and reply is not None:
-                reply.send("abandon", **notice)
+                reply.send(Abandon(reason, cancelled))
             elif not self._stream_ended:
-                main.section(ABRT, [_json(notice)])
+                main.section(ABRT, [AbandonNotice(reason, cancelled).encode()])
         except OSError as err:
             log.info("could not tell the destination why the migration ended: %s", err)
 
@@ -316,19 +337,19 @@ class MigrationSource:
         if self._socks:
             self._main_writer = main
         mig_id = uuid.uuid4().hex
-        resident = mem.data_ranges()
-        setup = {
-            "id": mig_id,
-            "channels": len(writers),
-            "resident": resident,
-            "verify": self.caps.x_verify,
-            "devices": self.devices.identities(),
+        setup = ConfigRecord(
+            m.config,
+            mig_id,
+            channels=len(writers),
+            resident=tuple(mem.data_ranges()),
+            verify=self.caps.x_verify,
+            devices=tuple(d.identity for d in m.devices),
             # The destination gives up on a silent source after as long as the source waits.
-            "peer-timeout-ms": self.params.peer_timeout_ms,
-        }
-        main.section(CONF, [_json({"config": m.config.to_dict(), "migration": setup})])
+            peer_timeout_ms=self.params.peer_timeout_ms,
+        )
+        main.section(CONF, [setup.encode()])
         for i, w in enumerate(writers[1:], start=1):
-            w.section(CHAN, [_json({"id": mig_id, "index": i})])
+            w.section(CHAN, [ChannelRecord(mig_id, i).encode()])
         if self._socks:
             # The destination checks the VM and its devices before anything moves: an
             # incompatible destination fails the migration while the VM runs on.
@@ -338,8 +359,8 @@ class MigrationSource:
             if self._cancel.is_set():  # cancelled before there was a watch to wake
                 self._watch.cancel()
             msg = self._watch.next(SETUP_TIMEOUT_S, "the destination's set-up answer")
-            if msg["kind"] != "accepted":
-                raise MigrationError(f"the destination refused: {msg.get('error', msg)}")
+            if not isinstance(msg, Accepted):
+                raise MigrationError(f"the destination refused: {_refusal(msg)}")
         compress = self.params.multifd_compression == "zstd"
         # Every byte of a file is checksummed (it may carry no digests to catch damage):
         # the running guest's pages are copied first, so what is hashed is what is written.
@@ -370,7 +391,7 @@ class MigrationSource:
                 sent = self._send(pool, senders, pages, clear=True, limiter=limiter)
                 dev_sent = self.devices.send_precopy(main)
                 sent.bytes += dev_sent
-                main.section(ROUND, [_json({"round": round_no, "pages": int(pages.size)})])
+                main.section(ROUND, [RoundMarker(round_no, int(pages.size)).encode()])
                 dirty = DirtyBitmap(mem.npages)
                 t_sync = time.monotonic()
                 m.fetch_dirty_log(dirty)
@@ -561,8 +582,8 @@ class MigrationSource:
             st.dirty_sync_count += 1
         final = self._send(pool, senders, dirty.pages(), clear=False, limiter=None)
         # The stop-and-copy is a round too: the destination counts what the source does.
-        stop_copy = {"round": round_no, "pages": final.normal + final.zero, "stop-copy": True}
-        main.section(ROUND, [_json(stop_copy)])
+        stop_copy = RoundMarker(round_no, final.normal + final.zero, stop_copy=True)
+        main.section(ROUND, [stop_copy.encode()])
         t3 = time.monotonic()
         bandwidth = final.bytes / max(t3 - t2, 1e-6)
         final.bytes += dev_bytes
@@ -583,11 +604,8 @@ class MigrationSource:
 
         state = m.save_state()
         write_cpu_state(main, state)
-        summary = [
-            {**ident, **stats.to_dict()}
-            for ident, stats in zip(self.devices.identities(), self.devices.stats, strict=True)
-        ]
-        main.section(DEVS, [_json(summary)])
+        stats = [s.to_dict() for s in self.devices.stats]
+        main.section(DEVS, [DeviceSummary.of(self.devices.identities(), stats).encode()])
         t4 = time.monotonic()
         dt_.cpu_state_ms = (t4 - t3) * 1e3
         if digests is not None:
@@ -621,15 +639,15 @@ class MigrationSource:
         assert self._reply is not None and self._watch is not None
         reply, watch = self._reply, self._watch
         msg = watch.next(READY_TIMEOUT_S, "ready from the destination")
-        if msg["kind"] != "ready":
-            if isinstance(msg.get("verify"), dict):
-                self._apply_failed_verify(msg["verify"])
-            raise MigrationError(f"the destination refused the VM: {msg.get('error', msg)}")
-        dt_.verify_ms += float(msg.get("verify_ms", 0.0))
+        if not isinstance(msg, Ready):
+            if isinstance(msg, Failed) and msg.verify is not None:
+                self._apply_failed_verify(msg.verify)
+            raise MigrationError(f"the destination refused the VM: {_refusal(msg)}")
+        dt_.verify_ms += msg.verify_ms
         self._apply_verify(msg)
         self._check_cancel()
         self._phase = "the hand-over"
-        reply.send("go")
+        reply.send(Go())
         self.released = True  # from here on this VM never runs on the source again
         m.set_dirty_logging(False)
         try:
@@ -639,14 +657,14 @@ class MigrationSource:
                 f"{e}; the VM stays paused here (postmigrate) because the "
                 "destination may be running it"
             ) from e
-        if msg["kind"] == "failed":
+        if isinstance(msg, Failed):
             # The destination says it did not start the guest (it gave up waiting for
             # "go"): the VM is still only here, so it runs on here.
             self.released = False
-            raise MigrationError(f"the destination refused the VM: {msg.get('error', msg)}")
+            raise MigrationError(f"the destination refused the VM: {msg.error}")
         t_resumed = time.monotonic()
         with self._lock:
-            dt_.resume_ms = float(msg.get("resume_ms", 0.0))
+            dt_.resume_ms = msg.resume_ms if isinstance(msg, Resumed) else 0.0
             dt_.total_ms = (t_resumed - t_pause) * 1e3
             st.downtime_ms = dt_.total_ms
             st.remaining = 0
@@ -663,15 +681,16 @@ class MigrationSource:
             res.mismatched_pages = [int(p) for p in v.get("mismatched_pages", [])]
             res.detail = str(v.get("detail", ""))
 
-    def _apply_verify(self, msg: dict[str, Any]) -> None:
+    def _apply_verify(self, msg: Ready) -> None:
         v = self.stats.verify
         if not self.caps.x_verify:
             return
         with self._lock:
             v.status = "passed"
             v.cpu_state = "passed"
-            v.pages_checked = int(msg.get("pages_checked", 0))
+            v.pages_checked = msg.pages_checked
 
 
-def _json(obj: Any) -> bytes:
-    return json.dumps(obj, separators=(",", ":")).encode()
+def _refusal(msg: ReplyMessage) -> str:
+    """Why the destination said no: its error, or what it sent instead of the answer."""
+    return msg.error if isinstance(msg, Failed) else f"it sent {msg.KIND!r}"

@@ -1,17 +1,11 @@
-"""The vmferry stream: one format for save files and live migration.
+"""The vmferry stream's mechanics: sections in sequence, checksummed, in a fixed grammar.
 
-Layout (little-endian):
-
-    stream header  magic "VMFERRY\\n" | u32 version | u32 flags | u64 xxh64(previous 16 bytes)
-    section*       tag[4] | u32 flags | u64 length | u32 seq | u32 reserved | u64 checksum
-                   payload[length]
-
-``checksum`` is xxh3-64 over the first 24 header bytes and the payload, so a flipped bit in
-a length or a tag is caught too. Only a live RAM section leaves its page data out of it
-(FLAG_LIVE); a file never holds one, so every byte of a file is checksummed. ``seq`` counts
-sections from 0: a dropped or repeated section is an error. Sections come in a fixed grammar
-(``MAIN_GRAMMAR``); anything else is an error that names the section, its number and its
-byte offset.
+The byte layout is codec's. ``checksum`` is xxh3-64 over the first 24 header bytes and the
+payload, so a flipped bit in a length or a tag is caught too. Only a live RAM section leaves
+its page data out of it (FLAG_LIVE); a file never holds one, so every byte of a file is
+checksummed. ``seq`` counts sections from 0: a dropped or repeated section is an error.
+Sections come in a fixed grammar (``MAIN_GRAMMAR``); anything else is an error that names
+the section, its number and its byte offset.
 """
 
 from __future__ import annotations
@@ -23,61 +17,30 @@ from dataclasses import dataclass
 import xxhash
 
 from vmferry.errors import StreamError
+from vmferry.migration.codec import (
+    ABRT,
+    CEND,
+    CHAN,
+    CONF,
+    CPUS,
+    DEVD,
+    DEVS,
+    END,
+    FLAG_LIVE,
+    KNOWN_FLAGS,
+    MAX_PAYLOAD,
+    RAM,
+    ROUND,
+    SECTION_HEADER,
+    SECTION_HEADER_SIZE,
+    SECTION_NAMES,
+    STREAM_HEADER_SIZE,
+    VRFY,
+    check_stream_header,
+    encode_stream_header,
+    section_name,
+)
 from vmferry.migration.transport import Buffer, Sink, Source
-
-MAGIC = b"VMFERRY\n"
-VERSION = 1
-STREAM_HEADER = struct.Struct("<8sII")
-STREAM_HEADER_SIZE = STREAM_HEADER.size + 8
-SECTION_HEADER = struct.Struct("<4sIQII")
-SECTION_HEADER_SIZE = SECTION_HEADER.size + 8
-
-CONF = b"CONF"  # machine config and migration set-up (JSON)
-RAM = b"RAM\0"  # a batch of pages
-ROUND = b"RND\0"  # end of a pre-copy round (JSON: round number and counts)
-CPUS = b"CPUS"  # vCPU and VM state (JSON)
-DEVD = b"DEVD"  # a chunk of one device's migration stream (pre-copy or stop-copy)
-DEVS = b"DEVS"  # device summary (JSON list: identity and bytes per device)
-VRFY = b"VRFY"  # page and CPU-state digests taken at switchover
-END = b"END\0"  # the stream is complete
-CHAN = b"CHAN"  # first section of an extra channel: which migration, which channel
-CEND = b"CEND"  # an extra channel has sent all its pages
-ABRT = b"ABRT"  # the source abandons the migration (JSON: reason, cancelled); nothing follows
-
-SECTION_NAMES = {
-    CONF: "CONF",
-    RAM: "RAM",
-    ROUND: "RND",
-    CPUS: "CPUS",
-    DEVD: "DEVD",
-    DEVS: "DEVS",
-    VRFY: "VRFY",
-    END: "END",
-    CHAN: "CHAN",
-    CEND: "CEND",
-    ABRT: "ABRT",
-}
-MAX_PAYLOAD = {
-    CONF: 1 << 20,
-    RAM: 1 << 30,
-    ROUND: 1 << 16,
-    CPUS: 16 << 20,
-    DEVD: 16 << 20,
-    DEVS: 1 << 20,
-    VRFY: 1 << 30,
-    END: 0,
-    CHAN: 1 << 12,
-    CEND: 1 << 12,
-    ABRT: 1 << 12,
-}
-FLAG_ZSTD = 1  # the payload is one zstd frame
-# The page data of this RAM section was read from a running guest, which may change a page
-# while it is being sent: the checksum covers the header and the run table only. Such a
-# page was dirtied, so it is sent again later; the switchover digests cover the end result.
-# Only a live connection carries these: a file is read long after, with nothing resent and
-# perhaps no digests, so its pre-copy pages are copied first and checksummed whole.
-FLAG_LIVE = 2
-KNOWN_FLAGS = FLAG_ZSTD | FLAG_LIVE
 
 # What may follow each section (None: the stream start), for the main stream (a save file
 # is one) and for the extra channels of a multi-channel migration.
@@ -102,10 +65,6 @@ CHANNEL_GRAMMAR: dict[bytes | None, frozenset[bytes]] = {
 }
 
 
-def section_name(tag: bytes) -> str:
-    return SECTION_NAMES.get(tag, repr(tag))
-
-
 @dataclass(frozen=True)
 class SectionHeader:
     tag: bytes
@@ -124,8 +83,7 @@ class StreamWriter:
         self.sink = sink
         self.seq = 0
         self.bytes_written = 0
-        head = STREAM_HEADER.pack(MAGIC, VERSION, 0)
-        self._emit([head + struct.pack("<Q", xxhash.xxh64_intdigest(head))])
+        self._emit([encode_stream_header()])
 
     def _emit(self, bufs: Sequence[Buffer]) -> None:
         self.sink.write(bufs)
@@ -168,18 +126,7 @@ class StreamReader:
             source.readinto(memoryview(raw))
         except StreamError as e:
             raise StreamError(f"stream header is incomplete: {e}") from e
-        magic, version, _flags = STREAM_HEADER.unpack_from(raw)
-        if magic != MAGIC:
-            raise StreamError(f"not a vmferry stream: magic is {bytes(magic)!r}, want {MAGIC!r}")
-        (check,) = struct.unpack_from("<Q", raw, STREAM_HEADER.size)
-        if check != xxhash.xxh64_intdigest(bytes(raw[: STREAM_HEADER.size])):
-            raise StreamError("stream header checksum mismatch: the header is corrupt")
-        if version != VERSION:
-            rel = "newer than" if version > VERSION else "older than"
-            raise StreamError(
-                f"stream format version {version} is {rel} this vmferry's ({VERSION}); "
-                "use a matching vmferry"
-            )
+        check_stream_header(raw)
 
     def next_section(self) -> tuple[SectionHeader, xxhash.xxh3_64]:
         """Read the next section header; returns it and the running payload checksum."""

@@ -17,9 +17,13 @@ from __future__ import annotations
 import threading
 
 from vmferry.errors import StreamError
-from vmferry.migration.loader import StreamHead
-from vmferry.migration.stream import CONF as CONF_TAG
-from vmferry.migration.stream import MAX_PAYLOAD, SECTION_HEADER_SIZE, STREAM_HEADER_SIZE
+from vmferry.migration.codec import CONF as CONF_TAG
+from vmferry.migration.codec import (
+    MAX_PAYLOAD,
+    SECTION_HEADER_SIZE,
+    STREAM_HEADER_SIZE,
+    ConfigRecord,
+)
 from vmferry.migration.transport import Source
 
 DEVICE_ALLOWANCE = 4 << 30  # per device and round: VRAM pre-copy, stop-copy state
@@ -33,10 +37,9 @@ CHANNEL_SKEW_ALLOWANCE = 64 << 20
 HEAD_LIMIT = STREAM_HEADER_SIZE + SECTION_HEADER_SIZE + MAX_PAYLOAD[CONF_TAG]
 
 
-def round_cap(head: StreamHead) -> int:
+def round_cap(head: ConfigRecord) -> int:
     """The most one round (or the stop-and-copy with the state after it) may carry."""
-    devices = head.setup.get("devices", [])
-    ndev = len(devices) if isinstance(devices, list) else 0
+    ndev = len(head.devices)
     ram = head.config.memory
     skew = CHANNEL_SKEW_ALLOWANCE * (head.channels - 1)
     return ram + ram // PER_PAGE_OVERHEAD_DIVISOR + DEVICE_ALLOWANCE * ndev + FIXED_ALLOWANCE + skew
@@ -59,7 +62,7 @@ class StreamBudget:
         self._sources.append(s)
         return s
 
-    def allow(self, head: StreamHead) -> None:
+    def allow(self, head: ConfigRecord) -> None:
         """Set the per-round cap to what a round of the VM ``head`` announces may send."""
         with self._lock:
             self.limit = round_cap(head)

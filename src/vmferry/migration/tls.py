@@ -31,7 +31,7 @@ from cryptography.exceptions import InvalidSignature
 
 from vmferry.errors import ConfigError, MigrationError
 from vmferry.migration.channel import MigrationUri
-from vmferry.migration.stream import MAGIC
+from vmferry.migration.codec import MAGIC
 from vmferry.migration.streamcap import HEAD_LIMIT
 from vmferry.migration.tlssocket import TlsSocket
 

@@ -10,21 +10,18 @@ so it runs at memory speed and splits across threads (numpy releases the GIL).
 from __future__ import annotations
 
 import json
-import struct
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 import xxhash
 
-from vmferry.errors import StreamError
 from vmferry.machine.state import MachineState
 from vmferry.memory.guest_memory import PAGE_SIZE, GuestMemory
+from vmferry.migration.codec import VerifyRecord
 
 WORDS_PER_PAGE = PAGE_SIZE // 8
 CHUNK_PAGES = 16384  # 64 MiB per task
-VRFY_HEAD = struct.Struct("<QQQ")  # key seed, page count, cpu digest
 MAX_MISMATCHES_REPORTED = 16
 # MSRs that move on their own while a VM is paused (the TSC counts host time).
 VOLATILE_MSRS = frozenset({0x10})
@@ -65,38 +62,6 @@ def cpu_digest(state: MachineState) -> int:
         d["msrs"] = {k: val for k, val in d["msrs"].items() if int(k, 16) not in VOLATILE_MSRS}
         parts.append(d)
     return xxhash.xxh3_64_intdigest(json.dumps(parts, sort_keys=True).encode())
-
-
-@dataclass
-class VerifyRecord:
-    """What the source sends: the key seed, the pages it digested, their digests."""
-
-    seed: int
-    pages: npt.NDArray[np.int64]
-    digests: npt.NDArray[np.uint64]
-    cpu: int
-
-    def encode(self) -> list[bytes]:
-        return [
-            VRFY_HEAD.pack(self.seed, self.pages.size, self.cpu),
-            self.pages.astype("<i8").tobytes(),
-            self.digests.astype("<u8").tobytes(),
-        ]
-
-    @classmethod
-    def decode(cls, payload: bytes, npages_ram: int) -> VerifyRecord:
-        if len(payload) < VRFY_HEAD.size:
-            raise StreamError("VRFY section is too short")
-        seed, count, cpu = VRFY_HEAD.unpack_from(payload)
-        if len(payload) != VRFY_HEAD.size + 16 * count:
-            raise StreamError(f"VRFY section has {len(payload)} bytes for {count} pages")
-        pages = np.frombuffer(payload, dtype="<i8", count=count, offset=VRFY_HEAD.size)
-        digests = np.frombuffer(
-            payload, dtype="<u8", count=count, offset=VRFY_HEAD.size + 8 * count
-        )
-        if count and (pages.min() < 0 or pages.max() >= npages_ram or (np.diff(pages) <= 0).any()):
-            raise StreamError("VRFY section lists pages outside guest RAM or out of order")
-        return cls(seed, pages.astype(np.int64), digests.astype(np.uint64), cpu)
 
 
 def mismatched_pages(
