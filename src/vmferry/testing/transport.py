@@ -1,0 +1,189 @@
+"""In-memory transports: what a stream writer wrote, read back without a socket or a file.
+
+``MemorySink`` and ``MemorySource`` satisfy ``vmferry.migration.transport``'s ``Sink`` and
+``Source``; ``memory_pipe`` connects a sink to a source across threads, as a socket would.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+from vmferry.migration.transport import Buffer, StreamEndsEarly
+
+# Rewrites one write's buffers before they are kept (a test damaging a stream in flight).
+Tamper = Callable[[Sequence[Buffer]], Sequence[Buffer]]
+
+
+def _closed(what: str) -> ValueError:
+    return ValueError(f"I/O on a closed {what}")
+
+
+class MemorySink:
+    """Keeps every byte written, in order, in ``data`` (a test may edit it in place)."""
+
+    def __init__(self, *, tamper: Tamper | None = None) -> None:
+        self.data = bytearray()
+        self.tamper = tamper
+        self.written = 0  # bytes written, as FdSink counts them (``data`` may be cleared)
+        self.writes = 0  # calls to write: a stream writer makes one per section
+        self.closed = False
+
+    def write(self, bufs: Sequence[Buffer]) -> None:
+        if self.closed:
+            raise _closed("MemorySink")
+        if self.tamper is not None:
+            bufs = self.tamper(bufs)
+        # Copied now: the writer may hand over views of guest memory that change later.
+        for b in bufs:
+            view = memoryview(b).cast("B")
+            self.data += view
+            self.written += view.nbytes
+        self.writes += 1
+
+    def getvalue(self) -> bytes:
+        return bytes(self.data)
+
+    def view(self) -> memoryview:
+        """The bytes kept so far, without a copy (valid until the next write or clear)."""
+        return memoryview(self.data)
+
+    def clear(self) -> None:
+        self.data.clear()
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class MemorySource:
+    """Reads ``data`` from the start, exactly as many bytes as asked for each time."""
+
+    def __init__(self, data: Buffer, *, name: str = "stream") -> None:
+        self._data = memoryview(data).cast("B")
+        self.name = name
+        self._pos = 0
+        self.closed = False
+
+    @property
+    def position(self) -> int:
+        return self._pos
+
+    @property
+    def remaining(self) -> int:
+        return len(self._data) - self._pos
+
+    def readinto(self, buf: memoryview) -> None:
+        if self.closed:
+            raise _closed("MemorySource")
+        view = buf.cast("B") if buf.format != "B" else buf
+        n = len(view)
+        if n > self.remaining:
+            # FdSource's words: a reader cannot tell a buffer from a socket by its errors.
+            raise StreamEndsEarly(
+                f"{self.name} ends early at byte {len(self._data)}: "
+                f"{n - self.remaining} more bytes were expected"
+            )
+        view[:] = self._data[self._pos : self._pos + n]
+        self._pos += n
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class _Pipe:
+    """The bytes in flight between a PipeSink and its PipeSource, and who has closed."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.buffer = bytearray()
+        self.start = 0  # the first byte of ``buffer`` not read yet
+        self.writer_closed = False
+        self.reader_closed = False
+
+    @property
+    def available(self) -> int:
+        return len(self.buffer) - self.start
+
+
+class PipeSink:
+    """The writing end of ``memory_pipe``: writes never block (the pipe is unbounded)."""
+
+    def __init__(self, pipe: _Pipe) -> None:
+        self._pipe = pipe
+        self.written = 0
+
+    def write(self, bufs: Sequence[Buffer]) -> None:
+        p = self._pipe
+        with p.cond:
+            if p.writer_closed:
+                raise _closed("PipeSink")
+            if p.reader_closed:
+                raise BrokenPipeError("the reading end of the memory pipe is closed")
+            for b in bufs:
+                view = memoryview(b).cast("B")
+                p.buffer += view
+                self.written += view.nbytes
+            p.cond.notify_all()
+
+    def close(self) -> None:
+        with self._pipe.cond:
+            self._pipe.writer_closed = True
+            self._pipe.cond.notify_all()
+
+
+class PipeSource:
+    """The reading end of ``memory_pipe``: a read waits for its bytes, up to ``timeout_s``
+    (None: forever), and ends early only once the sink is closed."""
+
+    def __init__(self, pipe: _Pipe, *, name: str, timeout_s: float | None) -> None:
+        self._pipe = pipe
+        self.name = name
+        self.timeout_s = timeout_s
+        self._pos = 0
+
+    @property
+    def position(self) -> int:
+        return self._pos
+
+    def readinto(self, buf: memoryview) -> None:
+        view = buf.cast("B") if buf.format != "B" else buf
+        n = len(view)
+        p = self._pipe
+        deadline = None if self.timeout_s is None else time.monotonic() + self.timeout_s
+        with p.cond:
+            if p.reader_closed:
+                raise _closed("PipeSource")
+            while p.available < n and not p.writer_closed:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise TimeoutError(
+                        f"{self.name}: no {n - p.available} more bytes at byte "
+                        f"{self._pos + p.available} within {self.timeout_s} s"
+                    )
+                p.cond.wait(left)
+            if p.available < n:
+                raise StreamEndsEarly(
+                    f"{self.name} ends early at byte {self._pos + p.available}: "
+                    f"{n - p.available} more bytes were expected"
+                )
+            view[:] = p.buffer[p.start : p.start + n]
+            p.start += n
+            self._pos += n
+            if p.start > len(p.buffer) // 2:  # drop what was read, now and then
+                del p.buffer[: p.start]
+                p.start = 0
+
+    def close(self) -> None:
+        with self._pipe.cond:
+            self._pipe.reader_closed = True
+            self._pipe.cond.notify_all()
+
+
+def memory_pipe(
+    *, name: str = "stream", timeout_s: float | None = 30.0
+) -> tuple[PipeSink, PipeSource]:
+    """A connected sink and source: what one thread writes, another reads, in order.
+    Closing the sink is the end of the stream; closing the source breaks the pipe."""
+    pipe = _Pipe()
+    return PipeSink(pipe), PipeSource(pipe, name=name, timeout_s=timeout_s)
