@@ -22,6 +22,7 @@ from vmferry.errors import MigrationError, StreamError
 from vmferry.memory.dirty import DirtyBitmap
 from vmferry.memory.guest_memory import PAGE_SIZE
 from vmferry.migration.codec import DEVD, DEVD_HEAD, PHASE_PRECOPY, PHASE_STOP_COPY
+from vmferry.migration.migratable import Pending
 from vmferry.migration.stream import StreamWriter
 
 CHUNK = 1 << 20  # one DEVD section: QEMU reads device data 1 MiB at a time
@@ -65,6 +66,8 @@ def blockers(devices: list[DeviceModel]) -> list[str]:
 
 @dataclass
 class SourceDevices:
+    """All the VM's devices as one Migratable (migratable.py), fanned out to each."""
+
     devices: list[DeviceModel]
     stats: list[DeviceStats] = field(default_factory=list)
     # Each device's DMA dirty log: the device layer knows how it is tracked, not the engine.
@@ -83,6 +86,24 @@ class SourceDevices:
 
     def identities(self) -> list[dict[str, Any]]:
         return [d.identity.to_dict() for d in self.devices]
+
+    # ---- the Migratable contract (the names the round loop uses for every part)
+    @property
+    def name(self) -> str:
+        return "devices"
+
+    def start_dirty_tracking(self) -> None:
+        """DMA dirty logs on, and PRE_COPY (the device tracks its own state from here)."""
+        self.start()
+
+    def stop_dirty_tracking(self) -> None:
+        self.stop_tracking()
+
+    def save_precopy(self, writer: StreamWriter) -> int:
+        return self.send_precopy(writer)
+
+    def save_final(self, writer: StreamWriter) -> int:
+        return self.stop_and_copy(writer)
 
     # ---- set-up
     def start(self) -> None:
@@ -117,9 +138,9 @@ class SourceDevices:
                 budget -= len(data)
         return sent
 
-    def pending(self) -> tuple[int, int]:
-        """(device bytes still to send — pre-copy left plus the stop-copy estimates,
-        initial bytes not yet sent). A device that cannot estimate counts as huge."""
+    def pending(self) -> Pending:
+        """Device bytes still to send — pre-copy left plus the stop-copy estimates — and
+        the initial bytes not yet sent. A device that cannot estimate counts as huge."""
         total = initial = 0
         for d in self.devices:
             if d.state in (MigState.PRE_COPY, MigState.PRE_COPY_P2P):
@@ -127,7 +148,7 @@ class SourceDevices:
                 initial += ini
                 total += ini + dirty
             total += d.stop_copy_size()
-        return total, initial
+        return Pending(total, initial)
 
     # ---- switchover
     def stop_and_copy(self, writer: StreamWriter) -> int:
@@ -201,6 +222,10 @@ class DestinationDevices:
     def begin(self) -> None:
         for d in self.devices:
             d.set_state(MigState.RESUMING)
+
+    def load(self, record: bytes) -> None:
+        """Loadable (migratable.py): one DEVD payload."""
+        self.write(record)
 
     def write(self, payload: bytes) -> None:
         """One DEVD payload; the caller adds which section it was to an error."""
