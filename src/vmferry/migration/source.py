@@ -219,7 +219,8 @@ class MigrationSource:
         except BaseException as e:
             cancelled = self._cancel.is_set()
             msg = self._describe(e)
-            self.stats.error = msg
+            with self._lock:  # QMP may be copying the stats (snapshot) right now
+                self.stats.error = msg
             if not self.released:
                 self._tell_abandoned(e, msg, cancelled)
                 self._rollback()
@@ -234,7 +235,8 @@ class MigrationSource:
             for s in self._socks:
                 s.close()
             self._digest_pool.shutdown(wait=False)
-            self.stats.total_ms = self._elapsed_ms()
+            with self._lock:
+                self.stats.total_ms = self._elapsed_ms()
             self.done.set()
 
     def _describe(self, e: BaseException) -> str:
@@ -448,7 +450,8 @@ class MigrationSource:
                 )
                 if throttle.pct != m.throttle_pct:
                     m.set_throttle(throttle.pct)
-                    st.throttle_pct = throttle.pct
+                    with self._lock:
+                        st.throttle_pct = throttle.pct
                 pages = dirty.pages()
                 round_no += 1
             self._check_cancel()
