@@ -1,18 +1,16 @@
-"""A live migration between a source VM and a destination in this process: the harness
-the device migration tests share."""
+"""A live migration between a source VM and a destination in this process, as the device
+migration tests see it (``vmferry.testing.harness`` underneath)."""
 
 from __future__ import annotations
 
 import io
-import threading
 from dataclasses import dataclass
 
 from tests.conftest import RESULT_RE
 from vmferry.machine import Machine
-from vmferry.migration.channel import parse_uri
-from vmferry.migration.destination import IncomingMigration, IncomingResult
-from vmferry.migration.params import MigrationCapabilities, MigrationParameters
+from vmferry.migration.destination import IncomingResult
 from vmferry.migration.source import MigrationSource
+from vmferry.testing.harness import InProcessDestination, migrate
 
 
 def result_of(out: io.BytesIO) -> str | None:
@@ -53,38 +51,6 @@ def migrate_running(
 ) -> Outcome:
     """Migrate the started machine ``m`` to a destination on a thread, with defaults."""
     dest_out = io.BytesIO()
-    incoming = IncomingMigration(
-        parse_uri("tcp:127.0.0.1:0"),
-        serial=dest_out,
-        announce=False,
-        device_versions=versions,
-        prealloc=prealloc,
-    )
-    got: dict[str, object] = {}
-
-    def receive() -> None:
-        try:
-            got["r"] = incoming.receive()
-        except BaseException as e:
-            got["e"] = e
-
-    t = threading.Thread(target=receive, daemon=True)
-    t.start()
-    src = MigrationSource(
-        m, f"tcp:127.0.0.1:{incoming.port}", MigrationParameters(), MigrationCapabilities()
-    )
-    src.start()
-    assert src.wait(60)
-    if src.stats.status != "completed" and not src.stats.rounds:
-        incoming.close()  # the source never got far enough to connect (or was refused)
-    t.join(60)
-    assert not t.is_alive(), "the destination is still waiting"
-    res, err = got.get("r"), got.get("e")
-    return Outcome(
-        src,
-        source_out,
-        m,
-        res if isinstance(res, IncomingResult) else None,
-        err if isinstance(err, BaseException) else None,
-        dest_out,
-    )
+    dest = InProcessDestination(serial=dest_out, device_versions=versions, prealloc=prealloc)
+    run = migrate(m, destination=dest)
+    return Outcome(run.source, source_out, m, run.result, run.error, dest_out)

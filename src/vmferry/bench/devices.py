@@ -9,16 +9,13 @@ from __future__ import annotations
 
 import io
 import statistics
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from vmferry.machine import Machine, MachineConfig
-from vmferry.migration.channel import parse_uri
-from vmferry.migration.destination import IncomingMigration, IncomingResult
-from vmferry.migration.params import MigrationCapabilities, MigrationParameters
 from vmferry.migration.source import MigrationSource
+from vmferry.testing.harness import InProcessDestination, migrate
 
 MODES = ("iommu", "device", "none")
 GUEST_ARGS = "seed=3 rounds=3000 rate=20000 bufs=256"  # 16 MiB of DMA buffers, ~10 s
@@ -59,25 +56,15 @@ def migrate_once(mode: str, memory_mib: int) -> MigrationSource:
         devices=(f"dmaengine,dirty={mode}",),
     )
     src = Machine.boot(config, serial=io.BytesIO())
-    incoming = IncomingMigration(parse_uri("tcp:127.0.0.1:0"), serial=io.BytesIO(), announce=False)
-    got: dict[str, IncomingResult] = {}
-    t = threading.Thread(target=lambda: got.update(r=incoming.receive()), daemon=True)
-    t.start()
     try:
-        src.start()
-        time.sleep(1.0)  # the ring is busy by now
-        mig = MigrationSource(
-            src, f"tcp:127.0.0.1:{incoming.port}", MigrationParameters(), MigrationCapabilities()
-        )
-        mig.start()
-        mig.wait(120)
-        t.join(120)
-        if mig.stats.status != "completed":
-            raise RuntimeError(f"{mode}: migration {mig.stats.status}: {mig.stats.error}")
-        return mig
+        with InProcessDestination() as destination:
+            src.start()
+            time.sleep(1.0)  # the ring is busy by now
+            run = migrate(src, destination=destination, timeout_s=120)
+            if run.stats.status != "completed":
+                raise RuntimeError(f"{mode}: migration {run.stats.status}: {run.stats.error}")
+            return run.source
     finally:
-        if "r" in got:
-            got["r"].machine.close()
         src.close()
 
 

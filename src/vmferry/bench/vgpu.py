@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import io
 import statistics
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -37,14 +36,8 @@ from vmferry.devices.vgpu.scanner import (
 )
 from vmferry.machine import Machine, MachineConfig
 from vmferry.memory import GuestMemory
-from vmferry.migration.channel import parse_uri
-from vmferry.migration.destination import IncomingMigration, IncomingResult
-from vmferry.migration.params import (
-    MAX_DOWNTIME_LIMIT_MS,
-    MigrationCapabilities,
-    MigrationParameters,
-)
-from vmferry.migration.source import MigrationSource
+from vmferry.migration.params import MAX_DOWNTIME_LIMIT_MS, MigrationParameters
+from vmferry.testing.harness import InProcessDestination, migrate
 
 SHARES_MIB = (256, 1024, 2048)
 GUEST_ARGS = "seed=9 rounds=100000000 ws=64M"  # runs until the migration is over
@@ -72,45 +65,36 @@ def migrate_once(share_mib: int, precopy: bool) -> Run:
     spec = f"vgpu,type=vgpu-2,vram={2 * share_mib}M,precopy={'on' if precopy else 'off'}"
     config = MachineConfig(memory=GUEST_MEMORY, image="gpujob", cmdline=GUEST_ARGS, devices=(spec,))
     src = Machine.boot(config, serial=io.BytesIO())
-    incoming = IncomingMigration(parse_uri("tcp:127.0.0.1:0"), serial=io.BytesIO(), announce=False)
-    got: dict[str, IncomingResult] = {}
-    t = threading.Thread(target=lambda: got.update(r=incoming.receive()), daemon=True)
-    t.start()
     try:
-        src.start()
-        dev = src.devices[0]
-        assert isinstance(dev, Vgpu)
-        deadline = time.monotonic() + 60
-        while dev.mmio_read(COMPLETED, 8) < WARM_COMMANDS:
-            if time.monotonic() > deadline or src.exit is not None:
-                raise RuntimeError(f"gpujob made no progress: {src.exit}")
-            time.sleep(0.01)
-        params = MigrationParameters(downtime_limit_ms=300 if precopy else MAX_DOWNTIME_LIMIT_MS)
-        mig = MigrationSource(
-            src, f"tcp:127.0.0.1:{incoming.port}", params, MigrationCapabilities()
-        )
-        mig.start()
-        mig.wait(600)
-        t.join(600)
-        st = mig.stats
-        if st.status != "completed":
-            raise RuntimeError(f"{share_mib} MiB: migration {st.status}: {st.error}")
-        ds = mig.devices.stats[0]
-        report = dev.busy_report()
-        return Run(
-            share_mib,
-            precopy,
-            st.downtime_ms,
-            st.total_ms,
-            ds.precopy_bytes,
-            ds.stop_copy_bytes,
-            ds.stop_copy_ms,
-            float(report["scan_ns_per_command"]),
-            int(report["commands"]),
-        )
+        with InProcessDestination() as destination:
+            src.start()
+            dev = src.devices[0]
+            assert isinstance(dev, Vgpu)
+            deadline = time.monotonic() + 60
+            while dev.mmio_read(COMPLETED, 8) < WARM_COMMANDS:
+                if time.monotonic() > deadline or src.exit is not None:
+                    raise RuntimeError(f"gpujob made no progress: {src.exit}")
+                time.sleep(0.01)
+            limit = 300 if precopy else MAX_DOWNTIME_LIMIT_MS
+            params = MigrationParameters(downtime_limit_ms=limit)
+            run = migrate(src, destination=destination, params=params, timeout_s=600)
+            st = run.stats
+            if st.status != "completed":
+                raise RuntimeError(f"{share_mib} MiB: migration {st.status}: {st.error}")
+            ds = run.source.devices.stats[0]
+            report = dev.busy_report()
+            return Run(
+                share_mib,
+                precopy,
+                st.downtime_ms,
+                st.total_ms,
+                ds.precopy_bytes,
+                ds.stop_copy_bytes,
+                ds.stop_copy_ms,
+                float(report["scan_ns_per_command"]),
+                int(report["commands"]),
+            )
     finally:
-        if "r" in got:
-            got["r"].machine.close()
         src.close()
 
 

@@ -8,10 +8,8 @@ source's switch, which hands over what it buffered and floods the announce to th
 
 from __future__ import annotations
 
-import contextlib
 import io
 import socket
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,10 +19,10 @@ from vmferry.devices.nic.regs import parse_mac
 from vmferry.devices.nic.switch import Port
 from vmferry.devices.nic.vf import VirtualFunction
 from vmferry.machine import Machine, MachineConfig
-from vmferry.migration.channel import parse_uri
-from vmferry.migration.destination import IncomingMigration, IncomingResult
-from vmferry.migration.params import MigrationCapabilities, MigrationParameters
+from vmferry.migration.destination import IncomingResult
+from vmferry.migration.params import MigrationParameters
 from vmferry.migration.source import MigrationSource
+from vmferry.testing.harness import InProcessDestination, migrate
 from vmferry.traffic.peer import TrafficPeer, TrafficReport
 
 PF = "pf0"
@@ -104,67 +102,40 @@ def migrate_under_traffic(
     src_out, dst_out = io.BytesIO(), io.BytesIO()
     with on_host(src_dir):
         m = Machine.boot(cfg, serial=src_out)
-    with on_host(dst_dir):
-        incoming = IncomingMigration(parse_uri("tcp:127.0.0.1:0"), serial=dst_out, announce=False)
-    got: dict[str, object] = {}
-
-    def receive() -> None:
-        with on_host(dst_dir):
-            try:
-                got["r"] = incoming.receive()
-            except BaseException as e:
-                got["e"] = e
-
-    src_port = _port(m)
-    mac = parse_mac(HostConfig(src_dir).read().vf(PF, 0).mac)
-    uplink = HostConfig(src_dir).read().pf(PF).uplink.rsplit(":", 1)
-    peer = TrafficPeer((uplink[0], int(uplink[1])), mac, rate=rate, size=size)
-    t = threading.Thread(target=receive, name="incoming", daemon=True)
-    t.start()
-    m.start()
-    peer.start()
-    dest: IncomingResult | None = None
     try:
-        time.sleep(before_s)
-        src = MigrationSource(
-            m,
-            f"tcp:127.0.0.1:{incoming.port}",
-            params or MigrationParameters(),
-            MigrationCapabilities(),
-        )
-        src.start()
-        src.wait(120)
-        t.join(0.5 if src.stats.status == "failed" else 120)
-        if t.is_alive():  # the source failed before it connected: stop waiting for it
-            with contextlib.suppress(OSError):
-                incoming.listener.shutdown(socket.SHUT_RDWR)
-            t.join(10)
-        res = got.get("r")
-        dest = res if isinstance(res, IncomingResult) else None
-        time.sleep(after_s)
-        report = peer.stop()
-        exit_code = None
-        running = dest.machine if dest is not None else m
-        ex = running.wait(10)
-        if ex is not None:
-            exit_code = ex.code
-        ports = [src_port] + ([_port(dest.machine)] if dest is not None else [])
-        err = got.get("e")
-        return Outcome(
-            src,
-            dest,
-            err if isinstance(err, BaseException) else None,
-            report,
-            src_out,
-            dst_out,
-            dropped=sum(p.dropped for p in ports),
-            buffered=src_port.high_water,
-            forwarded=src_port.forwarded,
-            guest_exit=exit_code,
-        )
+        with InProcessDestination(
+            serial=dst_out, scope=lambda: on_host(dst_dir), thread_name="incoming"
+        ) as destination:
+            src_port = _port(m)
+            mac = parse_mac(HostConfig(src_dir).read().vf(PF, 0).mac)
+            uplink = HostConfig(src_dir).read().pf(PF).uplink.rsplit(":", 1)
+            peer = TrafficPeer((uplink[0], int(uplink[1])), mac, rate=rate, size=size)
+            m.start()
+            peer.start()
+            time.sleep(before_s)
+            run = migrate(m, destination=destination, params=params, timeout_s=120)
+            dest = run.result
+            time.sleep(after_s)
+            report = peer.stop()
+            exit_code = None
+            running = dest.machine if dest is not None else m
+            ex = running.wait(10)
+            if ex is not None:
+                exit_code = ex.code
+            ports = [src_port] + ([_port(dest.machine)] if dest is not None else [])
+            return Outcome(
+                run.source,
+                dest,
+                run.error,
+                report,
+                src_out,
+                dst_out,
+                dropped=sum(p.dropped for p in ports),
+                buffered=src_port.high_water,
+                forwarded=src_port.forwarded,
+                guest_exit=exit_code,
+            )
     finally:
-        if dest is not None:
-            dest.machine.close()
         m.close()
 
 
