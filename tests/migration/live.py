@@ -29,11 +29,12 @@ from typing import Any
 from tests.conftest import RESULT_RE, ROOT, Completed, vmferry
 from vmferry.machine import Machine, MachineConfig, parse_size
 from vmferry.memory.guest_memory import PAGE_SIZE
-from vmferry.migration.channel import parse_uri
-from vmferry.migration.destination import IncomingMigration, IncomingResult
+from vmferry.migration.destination import IncomingResult
 from vmferry.migration.params import MigrationCapabilities, MigrationParameters
 from vmferry.migration.source import MigrationSource
+from vmferry.migration.tls import TlsServer
 from vmferry.qmp.client import QmpClient
+from vmferry.testing.harness import InProcessDestination
 
 MEMORY = 256 << 20
 MIGRATION_TIMEOUT_S = 60.0
@@ -148,33 +149,15 @@ def assert_source_intact(guest: Guest, *, finish: bool = True) -> None:
         assert guest.finish() == reference_result(guest.workload)
 
 
-class Destination:
-    """``IncomingMigration`` on tcp:127.0.0.1:<free port>, receiving on its own thread."""
+class Destination(InProcessDestination):
+    """The harness's destination (tcp:127.0.0.1:<free port>, receiving on its own thread)
+    with the tests' checks: it must fail, or it runs the guest to its end."""
 
-    def __init__(self) -> None:
-        self.serial = io.BytesIO()
-        self.incoming = IncomingMigration(
-            parse_uri("tcp:127.0.0.1:0"), serial=self.serial, announce=False
-        )
-        self.port: int = self.incoming.port
-        self.result: IncomingResult | None = None
-        self.error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="test-destination", daemon=True)
-        self._thread.start()
-
-    @property
-    def uri(self) -> str:
-        return f"tcp:127.0.0.1:{self.port}"
-
-    def _run(self) -> None:
-        try:
-            self.result = self.incoming.receive()
-        except BaseException as e:
-            self.error = e
+    def __init__(self, *, tls: TlsServer | None = None) -> None:
+        super().__init__(tls=tls, thread_name="test-destination")
 
     def join(self, timeout: float = MIGRATION_TIMEOUT_S) -> None:
-        self._thread.join(timeout)
-        assert not self._thread.is_alive(), f"the destination still runs after {timeout} s"
+        assert self.wait(timeout), f"the destination still runs after {timeout} s"
 
     def failure(self, timeout: float = MIGRATION_TIMEOUT_S) -> BaseException:
         """The destination's error (it must fail, and must not have started a guest)."""
@@ -199,14 +182,6 @@ class Destination:
         result = result_in(self.serial.getvalue())
         assert result is not None, self.serial.getvalue()
         return self.result, result
-
-    def close(self) -> None:
-        """Stop waiting (an accept blocked on the listener returns) and free a VM."""
-        with contextlib.suppress(OSError):
-            self.incoming.listener.shutdown(socket.SHUT_RDWR)
-        self._thread.join(10)
-        if self.result is not None:
-            self.result.machine.close()
 
 
 @dataclass

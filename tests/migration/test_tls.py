@@ -7,10 +7,8 @@ Certificates are made here, at test time, by ``vmferry tls make-creds``' code.""
 
 from __future__ import annotations
 
-import io
 import shutil
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,8 +27,6 @@ from tests.migration.live import (
     start_migration,
     wait_migration,
 )
-from vmferry.migration.channel import parse_uri
-from vmferry.migration.destination import IncomingMigration
 from vmferry.migration.params import MigrationCapabilities, MigrationParameters
 from vmferry.migration.source import MigrationSource
 from vmferry.migration.tls import CA_CERT, CLIENT_CERT, CLIENT_KEY, TlsServer, server_for
@@ -88,18 +84,7 @@ class TlsDestination(Destination):
     """``live.Destination`` with TLS required (``server`` None: a plain destination)."""
 
     def __init__(self, server: TlsServer | None) -> None:
-        self.serial = io.BytesIO()
-        self.incoming = IncomingMigration(
-            parse_uri("tcp:127.0.0.1:0"), serial=self.serial, announce=False, tls=server
-        )
-        self.port = self.incoming.port
-        self.result = None
-        self.error = None
-        self._thread = threading.Thread(target=self._run, name="test-destination", daemon=True)
-        self._thread.start()
-
-    def waiting(self) -> bool:
-        return self._thread.is_alive()
+        super().__init__(tls=server)
 
 
 @pytest.fixture
