@@ -137,7 +137,8 @@ class DirtyBitmap:
         before = np.cumsum(counts) - counts  # set pages in the words ahead of each word
         marks = np.arange(max_pages, int(before[-1] + counts[-1]), max_pages, dtype=np.int64)
         inner = np.searchsorted(before, marks, "left")
-        cuts = np.unique(np.concatenate(([0], inner, [hi - lo]))) + lo
+        cuts = np.concatenate(([0], inner, [hi - lo])) + lo  # sorted; a repeat: no pages
+        cuts = cuts[np.concatenate(([True], cuts[1:] != cuts[:-1]))]
         return list(zip(cuts[:-1].tolist(), cuts[1:].tolist(), strict=True))
 
     def split_blocks(self, block_words: int, n: int) -> list[DirtyBitmap]:
