@@ -12,7 +12,7 @@ import json
 import socket
 import struct
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,34 +32,14 @@ from vmferry.migration.codec import RAM_HEAD
 from vmferry.migration.loader import LoadedStream, load_stream, read_head
 from vmferry.migration.params import MigrationParameters
 from vmferry.migration.stream import StreamReader, StreamWriter
-from vmferry.migration.transport import Buffer
 from vmferry.migration.verify import cpu_digest, mismatched_pages
+from vmferry.testing.transport import MemorySink, MemorySource
 
 pytestmark = [pytest.mark.kvm, pytest.mark.slow]
 
 # A small VM: 32 MiB of RAM, 2 MiB working set, still running when it is recorded.
 SMALL = Workload("2M", seed=21, rounds=200, rate=8, memory=32 << 20)
 EXPECTED = (StreamError, MigrationError)
-
-
-class BytesSource:
-    def __init__(self, data: bytes) -> None:
-        self.data = memoryview(data)
-        self.position = 0
-
-    def readinto(self, buf: memoryview) -> None:
-        view = buf.cast("B")
-        n = view.nbytes
-        if self.position + n > len(self.data):
-            raise StreamError(
-                f"stream ends early at byte {len(self.data)}: "
-                f"{self.position + n - len(self.data)} more bytes were expected"
-            )
-        view[:] = self.data[self.position : self.position + n]
-        self.position += n
-
-    def close(self) -> None:
-        pass
 
 
 @dataclass(repr=False)  # hypothesis prints arguments: not megabytes of stream
@@ -80,7 +60,7 @@ def load(data: bytes, timeout: float = 30.0, *, sealed: bool = False) -> LoadedS
 
     def run() -> None:
         try:
-            reader = StreamReader(BytesSource(data), sealed=sealed)
+            reader = StreamReader(MemorySource(data), sealed=sealed)
             head = read_head(reader)
             memory = GuestMemory(head.config.memory)
             try:
@@ -335,21 +315,9 @@ def sections_of(data: bytes) -> list[Section]:
     return out
 
 
-class BytesSink:
-    def __init__(self) -> None:
-        self.data = bytearray()
-
-    def write(self, bufs: Sequence[Buffer]) -> None:
-        for b in bufs:
-            self.data += b
-
-    def close(self) -> None:
-        pass
-
-
 def build(sections: list[Section]) -> bytes:
     """A stream of these sections, numbered and checksummed as a source writes them."""
-    sink = BytesSink()
+    sink = MemorySink()
     w = StreamWriter(sink)
     for s in sections:
         p = s.payload

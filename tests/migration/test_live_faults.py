@@ -44,6 +44,7 @@ from vmferry.migration.params import MigrationCapabilities, MigrationParameters
 from vmferry.migration.transport import Buffer, FdSink
 from vmferry.qmp.backend import QmpError
 from vmferry.qmp.client import QmpClient
+from vmferry.testing.transport import MemorySink
 
 pytestmark = [pytest.mark.kvm, pytest.mark.slow]
 
@@ -191,18 +192,6 @@ def test_connection_cut_mid_stream(guest: Guest, dest: Destination, channels: in
     assert isinstance(derr, StreamError | MigrationError)
     assert re_search(r"reset by peer|ends early|truncated|ends before section", str(derr))
     assert_source_intact(guest)
-
-
-class BytesSink:
-    def __init__(self) -> None:
-        self.data = bytearray()
-
-    def write(self, bufs: Sequence[Buffer]) -> None:
-        for b in bufs:
-            self.data += b
-
-    def close(self) -> None:
-        pass
 
 
 @dataclass
@@ -571,7 +560,7 @@ def test_bad_extra_channel_fails_the_destination_at_once(dest: Destination) -> N
         w = stream.StreamWriter(FdSink(main.fileno(), owned=False))
         w.section(codec.CONF, [codec.ConfigRecord(config, "m1", channels=2).encode()])
         with socket.create_connection(("127.0.0.1", dest.port)) as ch:
-            sink = BytesSink()
+            sink = MemorySink()
             w1 = stream.StreamWriter(sink)
             w1.section(codec.CHAN, [codec.ChannelRecord("m1", 1).encode()])
             ch.sendall(sink.data)

@@ -20,36 +20,9 @@ from vmferry.migration.loader import load_stream, read_head
 from vmferry.migration.ram import RamReceiver, RamSender, send_pages
 from vmferry.migration.stream import StreamReader, StreamWriter
 from vmferry.migration.transport import FdSink, FdSource
+from vmferry.testing.transport import MemorySink, MemorySource
 
 MEM = 32 << 20
-
-
-class BytesSink:
-    def __init__(self) -> None:
-        self.data = bytearray()
-
-    def write(self, bufs: object) -> None:
-        for b in bufs:  # type: ignore[attr-defined]
-            self.data += bytes(b)
-
-    def close(self) -> None:
-        pass
-
-
-class BytesSource:
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-        self.position = 0
-
-    def readinto(self, buf: memoryview) -> None:
-        n = len(buf.cast("B"))
-        if self.position + n > len(self.data):
-            raise StreamError(f"stream ends early at byte {len(self.data)}")
-        buf.cast("B")[:] = self.data[self.position : self.position + n]
-        self.position += n
-
-    def close(self) -> None:
-        pass
 
 
 def filled_memory(seed: int) -> GuestMemory:
@@ -63,7 +36,7 @@ def filled_memory(seed: int) -> GuestMemory:
 
 
 def encode(m: GuestMemory, pages: np.ndarray) -> bytes:
-    sink = BytesSink()
+    sink = MemorySink()
     w = StreamWriter(sink)
     w.section(codec.CONF, [b"{}"])
     send_pages(w, m, pages, batch_pages=128)
@@ -74,7 +47,7 @@ def encode(m: GuestMemory, pages: np.ndarray) -> bytes:
 
 
 def decode(data: bytes, dest: GuestMemory) -> RamReceiver:
-    r = StreamReader(BytesSource(data))
+    r = StreamReader(MemorySource(data))
     rx = RamReceiver(dest)
     while True:
         hdr, h = r.next_section()
@@ -194,7 +167,7 @@ def test_random_damage_is_always_a_stream_error(valid_stream: bytes, data: st.Da
 # ---- sealed streams (files): every byte under a checksum
 
 
-class GuestWritesDuringSend(BytesSink):
+class GuestWritesDuringSend(MemorySink):
     """A sink during whose first RAM write the 'guest' rewrites every page it holds:
     what a running guest may do between the sender's checksum and the kernel's copy."""
 
@@ -211,7 +184,7 @@ class GuestWritesDuringSend(BytesSink):
         super().write(bufs)
 
 
-def encode_live(m: GuestMemory, pages: np.ndarray, *, sealed: bool, sink: BytesSink) -> bytes:
+def encode_live(m: GuestMemory, pages: np.ndarray, *, sealed: bool, sink: MemorySink) -> bytes:
     w = StreamWriter(sink)
     w.section(codec.CONF, [b"{}"])
     RamSender(w, m, batch_pages=128, sealed=sealed).send(pages, live=True)
@@ -236,7 +209,7 @@ def ram_sections(data: bytes) -> list[tuple[int, int, int]]:
 
 
 def decode_sealed(data: bytes, dest: GuestMemory, sealed: bool = True) -> RamReceiver:
-    r = StreamReader(BytesSource(data), sealed=sealed)
+    r = StreamReader(MemorySource(data), sealed=sealed)
     rx = RamReceiver(dest)
     while True:
         hdr, h = r.next_section()
@@ -262,7 +235,7 @@ def memory_for(layout: str, seed: int) -> GuestMemory:
 def sealed_live_stream(request: pytest.FixtureRequest) -> bytes:
     m = memory_for(request.param, 5)
     try:
-        return encode_live(m, m.resident_pages(), sealed=True, sink=BytesSink())
+        return encode_live(m, m.resident_pages(), sealed=True, sink=MemorySink())
     finally:
         m.close()
 
@@ -286,7 +259,7 @@ def test_an_unsealed_live_section_leaves_page_data_out_and_a_sealed_reader_refus
     """The control for the test above, and what a file reader does with such a section."""
     m, dst = filled_memory(6), GuestMemory(MEM)
     try:
-        live = encode_live(m, m.resident_pages(), sealed=False, sink=BytesSink())
+        live = encode_live(m, m.resident_pages(), sealed=False, sink=MemorySink())
         flags, lo, hi = ram_sections(live)[0]
         assert flags == codec.FLAG_LIVE
         data = bytearray(live)
@@ -349,12 +322,12 @@ def test_error_messages_name_sections_as_the_format_document_does() -> None:
         name = codec.section_name(tag)
         assert name == tag.rstrip(b"\0").decode(), (tag, name)
         assert f"`{name}`" in doc, f"{name} is not in docs/stream-format.md"
-    sink = BytesSink()
+    sink = MemorySink()
     w = StreamWriter(sink)
     w.section(codec.CONF, [b"{}"])
     w.section(codec.CPUS, [b"{}"])
     w.section(codec.ROUND, [b"{}"])
-    r = StreamReader(BytesSource(bytes(sink.data)))
+    r = StreamReader(MemorySource(bytes(sink.data)))
     r.read_payload(*r.next_section())
     r.read_payload(*r.next_section())
     with pytest.raises(StreamError, match=r"section #2 RND at byte \d+: a RND section cannot"):
@@ -362,12 +335,12 @@ def test_error_messages_name_sections_as_the_format_document_does() -> None:
 
 
 def test_a_bad_device_chunk_names_its_section_and_offset() -> None:
-    sink = BytesSink()
+    sink = MemorySink()
     w = StreamWriter(sink)
     conf = codec.ConfigRecord(MachineConfig(memory=MEM, image="hello"))
     w.section(codec.CONF, [conf.encode()])
     w.section(codec.DEVD, [DEVD_HEAD.pack(3, 0), b"state"])
-    r = StreamReader(BytesSource(bytes(sink.data)))
+    r = StreamReader(MemorySource(bytes(sink.data)))
     head = read_head(r)
     offset = r.source.position
     memory = GuestMemory(MEM)
