@@ -10,8 +10,8 @@ Tracking modes, chosen per device:
 - ``mediated``: the device's host-side mediator knows, from the descriptors and commands
   it parses, which guest pages the device will write, and reports them itself (Yan Zhao's
   X710 RFC; gMig for GVT-g).
-- ``none``: nothing is tracked; the migration engine treats every DMA-mapped page as
-  dirty at every sync (legacy type1 — correct and costly).
+- ``none``: nothing is tracked; the device's dirty log (dirtylog.py) reports every
+  DMA-mapped page dirty at every sync (legacy type1 — correct and costly).
 - ``broken``: writes go untracked and nobody compensates (tests only: verification must
   catch it).
 """
