@@ -32,7 +32,8 @@ from vmferry.bench.table import print_rows
 from vmferry.machine import Machine, MachineConfig
 from vmferry.memory import PAGE_SIZE, DirtyBitmap
 from vmferry.migration.channel import split_by_channel
-from vmferry.migration.ram import DEFAULT_BATCH_PAGES, expand_runs, split_runs
+from vmferry.migration.ram import DEFAULT_BATCH_PAGES, Batch, batch_runs
+from vmferry.migration.verify import written_outside
 
 GUEST = 16 << 30
 SHARES = (0.01, 0.10, 1.0)
@@ -86,37 +87,34 @@ def one_round(
 
     out["fetch"] = _timed(fetch)
     # The sender's batches, per channel: kept to replay the clears and the receiver on.
-    batches: list[list[npt.NDArray[np.int64]]] = []
+    batches: list[Batch] = []
     tables: list[tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]] = []
 
     def split() -> None:
-        for part in split_by_channel(dirty.pages(), channels):
-            chunks = [
-                part[i : i + DEFAULT_BATCH_PAGES] for i in range(0, part.size, DEFAULT_BATCH_PAGES)
-            ]
-            batches.append(chunks)
-            for chunk in chunks:
-                starts, lengths, _ = split_runs(chunk, np.zeros(chunk.size, dtype=bool))
+        for part in split_by_channel(dirty, channels):
+            for first, end in part.batches(DEFAULT_BATCH_PAGES):
+                batch = Batch(part, first, end, part.count(first, end))
+                batches.append(batch)
+                starts, lengths, _ = batch_runs(batch)  # the pages: for the zero-page check
                 tables.append((starts, lengths))
 
     out["split"] = _timed(split)
 
     def clear() -> None:
-        for chunks in batches:
-            for chunk in chunks:
-                m.clear_dirty_pages(chunk)
+        for b in batches:
+            m.clear_dirty_log(b.dirty, b.first_page, b.page_span)
 
     out["clear"] = _timed(clear)
     written = DirtyBitmap(npages)
 
     def record() -> None:
         for starts, lengths in tables:
-            written.set_pages(expand_runs(starts, lengths))
+            written.set_runs(starts, lengths)
 
     out["record"] = _timed(record)
 
     def verify() -> None:
-        np.setdiff1d(written.pages(), resident, assume_unique=True)
+        written_outside(written, resident)
 
     out["verify"] = _timed(verify)
     return out

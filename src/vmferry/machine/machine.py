@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
-import numpy.typing as npt
 
 from vmferry.devices.base import DeviceModel
 from vmferry.devices.registry import create_devices, mmio_base
@@ -232,7 +231,9 @@ class Machine:
             )
 
     def clear_dirty_log(self, pages: DirtyBitmap, first: int = 0, count: int | None = None) -> None:
-        """Re-protect the pages set in ``pages`` within RAM pages [first, first+count)."""
+        """Re-protect the pages set in ``pages`` within RAM pages [first, first+count): the
+        words are handed to KVM_CLEAR_DIRTY_LOG as they are (a view, no copy), one call per
+        memory slot the range touches."""
         if count is None:
             count = self.memory.npages - first
         if first % 64:
@@ -249,26 +250,6 @@ class Machine:
                     continue
             words = np.ascontiguousarray(pages.words[lo // 64 : (lo + n + 63) // 64])
             self.vm.clear_dirty_log(slot, lo - rfirst, words, n)
-
-    def clear_dirty_pages(self, pages: npt.NDArray[np.int64]) -> None:
-        """Re-protect exactly these (sorted) pages, just before they are read and sent."""
-        if pages.size == 0:
-            return
-        lo = int(pages[0]) & ~63
-        hi = int(pages[-1]) + 1
-        local = DirtyBitmap(hi - lo)
-        local.set_pages(pages - lo)
-        for slot, r in enumerate(self.memory.regions):
-            rfirst, rcount = r.ram_offset >> PAGE_SHIFT, r.size >> PAGE_SHIFT
-            a, b = max(lo, rfirst), min(hi, rfirst + rcount)
-            if a >= b:
-                continue
-            # KVM wants whole 64-page words, except where the range ends at the slot's end.
-            n = min((b - a + 63) & ~63, rfirst + rcount - a)
-            words = np.zeros((n + 63) // 64, dtype=np.uint64)
-            src = local.words[(a - lo) // 64 : (a - lo) // 64 + words.size]
-            words[: src.size] = src
-            self.vm.clear_dirty_log(slot, a - rfirst, words, n)
 
     # ---- throttling (auto-converge)
     def set_throttle(self, pct: int) -> None:

@@ -13,15 +13,14 @@ import threading
 import time
 from dataclasses import dataclass
 
-import numpy as np
-import numpy.typing as npt
-
 from vmferry.errors import ConfigError, MigrationError
+from vmferry.memory.dirty import DirtyBitmap
 from vmferry.migration.codec import ReplyMessage, decode_reply, encode_reply
 
 # Pages travel on channel (page // 512) % n: a 2 MiB block always takes the same channel, so
 # a page re-sent in a later round can never overtake its older copy on another channel.
 CHANNEL_BLOCK_SHIFT = 9
+CHANNEL_BLOCK_WORDS = (1 << CHANNEL_BLOCK_SHIFT) // 64
 MAX_REPLY = 1 << 16
 
 
@@ -48,11 +47,9 @@ def parse_uri(uri: str) -> MigrationUri:
     raise ConfigError(f"migration URI {uri!r}: expected tcp:HOST:PORT or file:PATH")
 
 
-def split_by_channel(pages: npt.NDArray[np.int64], n: int) -> list[npt.NDArray[np.int64]]:
-    if n == 1:
-        return [pages]
-    ch = (pages >> CHANNEL_BLOCK_SHIFT) % n
-    return [pages[ch == c] for c in range(n)]
+def split_by_channel(dirty: DirtyBitmap, n: int) -> list[DirtyBitmap]:
+    """The pages of each channel, as bitmaps (whole words: a block is 8 words)."""
+    return dirty.split_blocks(CHANNEL_BLOCK_WORDS, n)
 
 
 def connect(uri: MigrationUri, timeout: float = 10.0) -> socket.socket:

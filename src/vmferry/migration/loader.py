@@ -193,7 +193,7 @@ def check_loaded(loaded: LoadedStream, machine: Machine) -> VerifyResult:
         return VerifyResult(status="off", cpu_state="off")
     assert loaded.written is not None
     # Digests of RAM as it is now, not as it arrived: whatever wrote it since is caught too.
-    bad = mismatched_pages(loaded.memory, rec, loaded.written.pages())
+    bad = mismatched_pages(loaded.memory, rec, loaded.written)
     cpu_ok = cpu_digest(machine.save_state()) == rec.cpu
     result = VerifyResult(
         status="passed" if not bad and cpu_ok else "failed",

@@ -19,7 +19,7 @@ import xxhash
 import zstandard
 
 from vmferry.errors import StreamError
-from vmferry.memory.dirty import DirtyBitmap
+from vmferry.memory.dirty import DirtyBitmap, expand_runs
 from vmferry.memory.guest_memory import PAGE_SIZE, GuestMemory
 from vmferry.migration.codec import (
     FLAG_LIVE,
@@ -85,15 +85,32 @@ def zero_pages(memory: GuestMemory, pages: npt.NDArray[np.int64]) -> npt.NDArray
     return zero
 
 
-def expand_runs(
-    first: npt.NDArray[np.int64], npages: npt.NDArray[np.int64]
-) -> npt.NDArray[np.int64]:
-    """[first_i, first_i + npages_i) for every run, concatenated, vectorised."""
-    total = int(npages.sum())
-    if total == 0:
-        return np.zeros(0, dtype=np.int64)
-    offsets = np.repeat(np.cumsum(npages) - npages, npages)
-    return np.repeat(first, npages) + (np.arange(total, dtype=np.int64) - offsets)
+@dataclass(frozen=True)
+class Batch:
+    """What one RAM section carries: the pages set in words [first_word, end_word) of a
+    channel's dirty bitmap (the engine re-arms KVM's log for exactly these words)."""
+
+    dirty: DirtyBitmap
+    first_word: int
+    end_word: int
+    npages: int
+
+    @property
+    def first_page(self) -> int:
+        return self.first_word * 64
+
+    @property
+    def page_span(self) -> int:
+        return (self.end_word - self.first_word) * 64
+
+
+def batch_runs(
+    batch: Batch,
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """A batch's runs straight from its words, and its pages (which the zero-page check
+    reads): (starts, lengths, pages)."""
+    starts, lengths = batch.dirty.runs(batch.first_word, batch.end_word)
+    return starts, lengths, expand_runs(starts, lengths)
 
 
 class RamSender:
@@ -121,32 +138,42 @@ class RamSender:
 
     def send(
         self,
-        pages: npt.NDArray[np.int64],
-        before_batch: Callable[[npt.NDArray[np.int64]], None] | None = None,
+        pages: DirtyBitmap | npt.NDArray[np.int64],
+        before_batch: Callable[[Batch], None] | None = None,
         *,
         live: bool = False,
         after_batch: Callable[[RamStats], None] | None = None,
     ) -> RamStats:
-        """Send sorted pages in batches; ``before_batch`` runs just before each is read
-        (the engine re-arms the dirty log for exactly those pages there), ``after_batch``
-        once it is out, with its counts. ``live``: the guest is running, so page data may
-        change while it is sent (see FLAG_LIVE)."""
+        """Send the pages set in ``pages`` (or these sorted page numbers) in batches of
+        whole bitmap words; ``before_batch`` runs just before each is read (the engine
+        re-arms the dirty log for exactly those words there), ``after_batch`` once it is
+        out, with its counts. ``live``: the guest is running, so page data may change
+        while it is sent (see FLAG_LIVE)."""
+        dirty = (
+            pages
+            if isinstance(pages, DirtyBitmap)
+            else DirtyBitmap.from_pages(self.memory.npages, pages)
+        )
         stats = RamStats()
-        for i in range(0, pages.size, self.batch_pages):
-            chunk = pages[i : i + self.batch_pages]
+        for first, end in dirty.batches(self.batch_pages):
+            todo = Batch(dirty, first, end, dirty.count(first, end))
             if before_batch is not None:
-                before_batch(chunk)
-            batch = self._send_batch(chunk, live)
+                before_batch(todo)
+            batch = self._send_batch(todo, live)
             stats.add(batch)
             if after_batch is not None:
                 after_batch(batch)
         self.stats.add(stats)
         return stats
 
-    def _send_batch(self, chunk: npt.NDArray[np.int64], live: bool) -> RamStats:
+    def _send_batch(self, todo: Batch, live: bool) -> RamStats:
         allp = self.memory.pages()
+        starts, lengths, chunk = batch_runs(todo)
         zero = zero_pages(self.memory, chunk)
-        starts, lengths, is_zero = split_runs(chunk, zero)
+        if zero.any():  # rare in a guest's data: only then are runs cut at zero pages
+            starts, lengths, is_zero = split_runs(chunk, zero)
+        else:
+            is_zero = np.zeros(starts.size, dtype=bool)
         runs = np.zeros(starts.size, dtype=RUN_DTYPE)
         runs["first"], runs["npages"], runs["flags"] = starts, lengths, is_zero * RUN_ZERO
         d_starts, d_lengths = starts[~is_zero], lengths[~is_zero]
@@ -192,7 +219,7 @@ class RamSender:
 def send_pages(
     writer: StreamWriter,
     memory: GuestMemory,
-    pages: npt.NDArray[np.int64],
+    pages: DirtyBitmap | npt.NDArray[np.int64],
     batch_pages: int = DEFAULT_BATCH_PAGES,
 ) -> RamStats:
     return RamSender(writer, memory, batch_pages=batch_pages).send(pages)
@@ -319,7 +346,7 @@ class RamReceiver:
         if z.size:
             bits = self.written.words[z >> 6] >> (z & 63).astype(np.uint64)
             allp[z[(bits & np.uint64(1)).astype(bool)]] = 0
-        self.written.set_pages(expand_runs(d_first, d_n))
+        self.written.set_runs(d_first, d_n)
         self.stats.add(
             RamStats(normal=int(d_n.sum()), zero=z.size, bytes=hdr.length + SECTION_HEADER_SIZE)
         )

@@ -61,7 +61,7 @@ from vmferry.migration.devices import SourceDevices, blockers
 from vmferry.migration.liveness import PeerWatch, bound_socket, is_timeout, shutdown_all
 from vmferry.migration.metrics import BandwidthWindow, MigrationStats, RoundRecord
 from vmferry.migration.params import MigrationCapabilities, MigrationParameters
-from vmferry.migration.ram import DEFAULT_BATCH_PAGES, RamSender, RamStats
+from vmferry.migration.ram import DEFAULT_BATCH_PAGES, Batch, RamSender, RamStats
 from vmferry.migration.snapshot import write_cpu_state
 from vmferry.migration.status import MigrationStatus, may_become
 from vmferry.migration.stream import StreamWriter
@@ -381,7 +381,7 @@ class MigrationSource:
             policy.RateLimiter(self.params.max_bandwidth) if self.params.max_bandwidth else None
         )
 
-        pages = mem.resident_pages()  # round 0: all RAM that holds data
+        pages = DirtyBitmap.from_pages(mem.npages, mem.resident_pages())  # round 0: all data
         bandwidths: list[float] = []
         throttle = policy.ThrottleState()
         round_no = 0
@@ -393,7 +393,7 @@ class MigrationSource:
                 sent = self._send(pool, senders, pages, clear=True, limiter=limiter)
                 dev_sent = self.devices.send_precopy(main)
                 sent.bytes += dev_sent
-                main.section(ROUND, [RoundMarker(round_no, int(pages.size)).encode()])
+                main.section(ROUND, [RoundMarker(round_no, pages.count()).encode()])
                 dirty = DirtyBitmap(mem.npages)
                 t_sync = time.monotonic()
                 m.fetch_dirty_log(dirty)
@@ -452,7 +452,7 @@ class MigrationSource:
                     m.set_throttle(throttle.pct)
                     with self._lock:
                         st.throttle_pct = throttle.pct
-                pages = dirty.pages()
+                pages = dirty
                 round_no += 1
             self._check_cancel()
             # The last sync's set was not sent: KVM keeps those bits until they are cleared,
@@ -463,26 +463,25 @@ class MigrationSource:
         self,
         pool: ThreadPoolExecutor,
         senders: list[RamSender],
-        pages: npt.NDArray[np.int64],
+        pages: DirtyBitmap,
         *,
         clear: bool,
         limiter: policy.RateLimiter | None,
     ) -> RamStats:
         parts = split_by_channel(pages, len(senders))
-        before = self.machine.clear_dirty_pages if clear else None
         with self._lock:
             # QEMU's "remaining": what this round still has to send, falling as it goes.
-            self.stats.remaining = int(pages.size) * PAGE_SIZE
+            self.stats.remaining = pages.count() * PAGE_SIZE
             self._window.start(time.monotonic())
 
         def one(i: int) -> RamStats:
-            def hook(chunk: npt.NDArray[np.int64]) -> None:
+            def hook(batch: Batch) -> None:
                 self._check_cancel()
-                if before is not None:
-                    before(chunk)
+                if clear:  # the channel's own words: no other channel's pages are re-armed
+                    self.machine.clear_dirty_log(batch.dirty, batch.first_page, batch.page_span)
                 if limiter is not None:
                     # Pace to max-bandwidth; the budget is shared by all channels.
-                    time.sleep(limiter.delay_for(int(chunk.size) * PAGE_SIZE, time.monotonic()))
+                    time.sleep(limiter.delay_for(batch.npages * PAGE_SIZE, time.monotonic()))
 
             return senders[i].send(parts[i], hook, live=clear, after_batch=self._progress)
 
@@ -583,7 +582,7 @@ class MigrationSource:
         self.devices.collect_dirty(dirty)
         with self._lock:
             st.dirty_sync_count += 1
-        final = self._send(pool, senders, dirty.pages(), clear=False, limiter=None)
+        final = self._send(pool, senders, dirty, clear=False, limiter=None)
         # The stop-and-copy is a round too: the destination counts what the source does.
         stop_copy = RoundMarker(round_no, final.normal + final.zero, stop_copy=True)
         main.section(ROUND, [stop_copy.encode()])

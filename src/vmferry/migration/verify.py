@@ -17,6 +17,7 @@ import numpy.typing as npt
 import xxhash
 
 from vmferry.machine.state import MachineState
+from vmferry.memory.dirty import DirtyBitmap, page_runs
 from vmferry.memory.guest_memory import PAGE_SIZE, GuestMemory
 from vmferry.migration.codec import VerifyRecord
 
@@ -64,16 +65,29 @@ def cpu_digest(state: MachineState) -> int:
     return xxhash.xxh3_64_intdigest(json.dumps(parts, sort_keys=True).encode())
 
 
+def written_outside(
+    written: DirtyBitmap | npt.NDArray[np.int64], pages: npt.NDArray[np.int64]
+) -> npt.NDArray[np.int64]:
+    """Pages written that are not among ``pages`` (sorted): the record's pages cleared
+    from a copy of the bitmap run by run."""
+    if not isinstance(written, DirtyBitmap):
+        return np.setdiff1d(written, pages, assume_unique=True)
+    outside = written.copy()
+    outside.clear_runs(*page_runs(pages))
+    return outside.pages()
+
+
 def mismatched_pages(
     memory: GuestMemory,
     record: VerifyRecord,
-    written_elsewhere: npt.NDArray[np.int64],
+    written_elsewhere: DirtyBitmap | npt.NDArray[np.int64],
 ) -> list[int]:
     """Pages whose content differs from the source's: digests that differ, and pages the
-    destination holds data for that the source had as holes (those must read zero)."""
+    destination holds data for (its bitmap, or those pages) that the source had as holes
+    (those must read zero)."""
     mine = page_digests(memory, record.pages, record.seed)
     bad = record.pages[mine != record.digests]
-    extra = np.setdiff1d(written_elsewhere, record.pages, assume_unique=True)
+    extra = written_outside(written_elsewhere, record.pages)
     if extra.size:
         nonzero = extra[np.any(memory.pages()[extra], axis=1)]
         bad = np.union1d(bad, nonzero)
