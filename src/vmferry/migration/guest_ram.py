@@ -7,7 +7,7 @@ from vmferry.machine.machine import Machine
 from vmferry.memory.dirty import DirtyBitmap
 from vmferry.memory.guest_memory import PAGE_SIZE
 from vmferry.migration.migratable import Pending
-from vmferry.migration.ram import DEFAULT_BATCH_PAGES, RamSender
+from vmferry.migration.ram import DEFAULT_BATCH_PAGES, Batch, RamSender
 from vmferry.migration.stream import StreamWriter
 
 
@@ -44,9 +44,6 @@ class RamMigration:
 
     def save_precopy(self, writer: StreamWriter) -> int:
         pages, self._scheduled = self._scheduled, DirtyBitmap(self._scheduled.npages)
-        # Re-arm KVM's log for these pages before they are read: a write after this is
-        # seen at the next sync, one before it is in what is sent now.
-        self.machine.clear_dirty_log(pages)
         return self._send(writer, pages, live=True)
 
     def save_final(self, writer: StreamWriter) -> int:
@@ -54,7 +51,11 @@ class RamMigration:
         return self._send(writer, pages, live=False)
 
     def _send(self, writer: StreamWriter, pages: DirtyBitmap, *, live: bool) -> int:
-        # live: the guest runs, so a page may change while it is sent (FLAG_LIVE); the
-        # next round re-sends it, as its write is in the re-armed log.
+        # live: the guest runs, so a page may change while it is sent (FLAG_LIVE); KVM's
+        # log is re-armed for each batch just before it is read, so such a write is seen
+        # at the next sync and the page goes again.
         sender = RamSender(writer, self.machine.memory, batch_pages=self.batch_pages)
-        return sender.send(pages.pages(), live=live).bytes
+        return sender.send(pages, self._rearm if live else None, live=live).bytes
+
+    def _rearm(self, batch: Batch) -> None:
+        self.machine.clear_dirty_log(batch.dirty, batch.first_page, batch.page_span)
