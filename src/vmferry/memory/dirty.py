@@ -11,6 +11,10 @@ import numpy as np
 import numpy.typing as npt
 
 ONES = np.uint64(0xFFFF_FFFF_FFFF_FFFF)
+_ALL = (1 << 64) - 1
+# Up to this many runs, a run is set with scalar slices: the arrays for masks would cost
+# more (about 60 us of numpy calls per batch of one run).
+_FEW_RUNS = 4
 _U63 = np.uint64(63)
 
 IntArray = npt.NDArray[np.int64]
@@ -59,16 +63,38 @@ class DirtyBitmap:
     def set_runs(self, starts: IntArray, lengths: IntArray) -> None:
         """Set pages [starts[i], starts[i] + lengths[i]) (fastest for sorted, disjoint runs;
         any order and overlaps are right too)."""
-        widx, masks, full = _run_masks(starts, lengths)
-        _or_masks(self.words, widx, masks)
+        if len(starts) <= _FEW_RUNS:  # a long run or two (dense RAM): no array set-up
+            for a, k in zip(np.asarray(starts).tolist(), np.asarray(lengths).tolist(), strict=True):
+                self._one_run(a, k, True)
+            return
+        passes, full = _run_masks(starts, lengths)
+        for uw, um in passes:
+            self.words[uw] |= um
         self.words[full] = ONES
 
     def clear_runs(self, starts: IntArray, lengths: IntArray) -> None:
         """Clear pages [starts[i], starts[i] + lengths[i]) (any order, overlaps allowed)."""
-        widx, masks, full = _run_masks(starts, lengths)
-        uw, um = _grouped(widx, masks)
-        self.words[uw] &= ~um
+        if len(starts) <= _FEW_RUNS:
+            for a, k in zip(np.asarray(starts).tolist(), np.asarray(lengths).tolist(), strict=True):
+                self._one_run(a, k, False)
+            return
+        passes, full = _run_masks(starts, lengths)
+        for uw, um in passes:
+            self.words[uw] &= ~um
         self.words[full] = 0
+
+    def _one_run(self, first: int, count: int, value: bool) -> None:
+        if count <= 0:
+            return
+        last = first + count - 1
+        w0, w1 = first >> 6, last >> 6
+        head = (_ALL << (first & 63)) & _ALL
+        tail = _ALL >> (63 - (last & 63))
+        edges = [(w0, head & tail)] if w0 == w1 else [(w0, head), (w1, tail)]
+        for w, mask in edges:
+            cur = int(self.words[w])
+            self.words[w] = np.uint64(cur | mask if value else cur & ~mask & _ALL)
+        self.words[w0 + 1 : w1] = ONES if value else 0
 
     def merge(self, other: DirtyBitmap) -> None:
         np.bitwise_or(self.words, other.words, out=self.words)
@@ -158,13 +184,32 @@ class DirtyBitmap:
         return bool((int(self.words[page >> 6]) >> (page & 63)) & 1)
 
 
+def _byte_tables() -> tuple[IntArray, IntArray]:
+    """Per byte value: how many bits are set, and their positions (row-padded to 8)."""
+    pop = np.zeros(256, dtype=np.int64)
+    pos = np.zeros(256 * 8, dtype=np.int64)
+    for v in range(256):
+        bits = [b for b in range(8) if v >> b & 1]
+        pop[v] = len(bits)
+        pos[v * 8 : v * 8 + len(bits)] = bits
+    return pop, pos
+
+
+_POP8, _POS8 = _byte_tables()
+
+
 def _bit_positions(words: Words) -> IntArray:
-    nz = np.flatnonzero(words)
-    if nz.size == 0:
+    """Indices of the set bits, through a table per non-zero byte: the work follows the
+    set bits and the non-zero bytes, not 64 unpacked bits per word."""
+    b = np.ascontiguousarray(words).view(np.uint8)  # little-endian: byte j is bits 8j..8j+7
+    nzb = np.flatnonzero(b)
+    if nzb.size == 0:
         return np.zeros(0, dtype=np.int64)
-    bits = np.unpackbits(words[nz].view(np.uint8), bitorder="little").reshape(-1, 64)
-    row, col = np.nonzero(bits)
-    return (nz[row].astype(np.int64) << 6) + col
+    vals = b[nzb].astype(np.int64)
+    cnt = _POP8[vals]
+    owner = np.repeat(np.arange(nzb.size), cnt)  # the byte each set bit is in
+    kth = np.arange(owner.size) - (np.cumsum(cnt) - cnt)[owner]
+    return nzb[owner] * 8 + _POS8[vals[owner] * 8 + kth]
 
 
 def _group_starts(widx: IntArray) -> IntArray:
@@ -190,9 +235,14 @@ def _or_masks(words: Words, widx: IntArray, masks: Words) -> None:
     words[uw] |= um
 
 
-def _run_masks(starts: IntArray, lengths: IntArray) -> tuple[IntArray, Words, IntArray]:
-    """(word indices, masks) of each run's first and last word (ascending when the runs
-    are sorted and disjoint), and the indices of the words runs cover whole."""
+def _run_masks(
+    starts: IntArray, lengths: IntArray
+) -> tuple[list[tuple[IntArray, Words]], IntArray]:
+    """Masks for the first and last word of each run, as passes that each name a word at
+    most once (so a fancy-index store loses nothing), and the words runs cover whole.
+
+    Sorted, disjoint runs need no sort: runs within one word are grouped (``reduceat``),
+    and the first and last words of runs that span words are distinct among themselves."""
     s = np.asarray(starts, dtype=np.int64)
     n = np.asarray(lengths, dtype=np.int64)
     keep = n > 0
@@ -202,13 +252,20 @@ def _run_masks(starts: IntArray, lengths: IntArray) -> tuple[IntArray, Words, In
     head = ONES << (s & 63).astype(np.uint64)
     tail = ONES >> (_U63 - (last & 63).astype(np.uint64))
     one_word = w0 == w1
-    head = np.where(one_word, head & tail, head)
-    tail = np.where(one_word, head, tail)
-    widx = np.stack((w0, w1), axis=1).ravel()
-    masks = np.stack((head, tail), axis=1).ravel()
     inner = w1 - w0 - 1
     wide = inner > 0
-    return widx, masks, expand_runs(w0[wide] + 1, inner[wide])
+    full = expand_runs(w0[wide] + 1, inner[wide])
+    if s.size > 1 and np.any(s[1:] <= last[:-1]):  # out of order or overlapping
+        head = np.where(one_word, head & tail, head)
+        tail = np.where(one_word, head, tail)
+        widx = np.stack((w0, w1), axis=1).ravel()
+        masks = np.stack((head, tail), axis=1).ravel()
+        return [_grouped(widx, masks)], full
+    passes = [_grouped(w0[one_word], (head & tail)[one_word])]
+    spans = ~one_word
+    if spans.any():
+        passes += [(w0[spans], head[spans]), (w1[spans], tail[spans])]
+    return passes, full
 
 
 def expand_runs(first: IntArray, npages: IntArray) -> IntArray:

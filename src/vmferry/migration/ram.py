@@ -19,7 +19,7 @@ import xxhash
 import zstandard
 
 from vmferry.errors import StreamError
-from vmferry.memory.dirty import DirtyBitmap, expand_runs
+from vmferry.memory.dirty import DirtyBitmap, expand_runs, page_runs
 from vmferry.memory.guest_memory import PAGE_SIZE, GuestMemory
 from vmferry.migration.codec import (
     FLAG_LIVE,
@@ -107,10 +107,12 @@ class Batch:
 def batch_runs(
     batch: Batch,
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]]:
-    """A batch's runs straight from its words, and its pages (which the zero-page check
-    reads): (starts, lengths, pages)."""
-    starts, lengths = batch.dirty.runs(batch.first_word, batch.end_word)
-    return starts, lengths, expand_runs(starts, lengths)
+    """A batch's pages (which the zero-page check reads) and their runs: (starts, lengths,
+    pages). The sender needs the page numbers anyway, so they are read from the words once
+    and the runs found from them."""
+    pages = batch.dirty.pages(batch.first_word, batch.end_word)
+    starts, lengths = page_runs(pages)
+    return starts, lengths, pages
 
 
 class RamSender:
