@@ -46,6 +46,8 @@ def bound_socket(sock: socket.socket, timeout_s: float) -> None:
     unacknowledged that long (ETIMEDOUT); keepalive probes find a dead peer of an idle
     connection within the same bound."""
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(timeout_s))
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return  # a local socket (socket_link): its peer cannot vanish without an EOF
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, max(1, int(timeout_s * 1e3)))
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
     # Keepalive counts whole seconds: idle a third of the bound, then probes each second.

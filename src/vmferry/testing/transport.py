@@ -2,14 +2,20 @@
 
 ``MemorySink`` and ``MemorySource`` satisfy ``vmferry.migration.transport``'s ``Sink`` and
 ``Source``; ``memory_pipe`` connects a sink to a source across threads, as a socket would.
+``socket_link`` is a ``Connector`` and an ``Acceptor`` (``vmferry.migration.connector``)
+joined in kernel memory: a whole migration, TLS and reply path included, without TCP.
 """
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 
+from vmferry.errors import MigrationError
+from vmferry.migration.connector import Acceptor, Connector
 from vmferry.migration.transport import Buffer, StreamEndsEarly
 
 # Rewrites one write's buffers before they are kept (a test damaging a stream in flight).
@@ -187,3 +193,84 @@ def memory_pipe(
     Closing the sink is the end of the stream; closing the source breaks the pipe."""
     pipe = _Pipe()
     return PipeSink(pipe), PipeSource(pipe, name=name, timeout_s=timeout_s)
+
+
+LINK_BUFFER = 4 << 20  # as channel.connect asks of TCP: a migration is one bulk transfer
+
+
+class _Link:
+    """The connections made and not accepted yet (a listen backlog), and who has closed."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.backlog: deque[socket.socket] = deque()
+        self.closed = False
+        self.connections = 0  # made so far, accepted or not
+
+
+class LinkConnector:
+    """The source's end of ``socket_link``: each connect is a new AF_UNIX socket pair."""
+
+    def __init__(self, link: _Link) -> None:
+        self._link = link
+
+    def connect(self, index: int, timeout_s: float) -> socket.socket:
+        link = self._link
+        with link.cond:
+            if link.closed:
+                raise MigrationError(
+                    f"cannot connect to the destination (in-memory link, channel {index}): "
+                    "it no longer accepts connections"
+                )
+            mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            for s in (mine, theirs):
+                for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+                    s.setsockopt(socket.SOL_SOCKET, opt, LINK_BUFFER)
+            link.backlog.append(theirs)
+            link.connections += 1
+            link.cond.notify_all()
+        return mine
+
+
+class LinkAcceptor:
+    """The destination's end of ``socket_link``: hands over the queued ends in order."""
+
+    port = 0  # no port: nothing listens on the network
+
+    def __init__(self, link: _Link) -> None:
+        self._link = link
+
+    @property
+    def connections(self) -> int:
+        return self._link.connections
+
+    def accept(self, timeout_s: float | None, what: str) -> socket.socket:
+        link = self._link
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        with link.cond:
+            while not link.backlog:
+                if link.closed:
+                    # What accept(2) on a shut-down listener raises (EINVAL).
+                    raise OSError(22, "the in-memory link is closed")
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise MigrationError(f"no {what} connected within {timeout_s:.0f} s")
+                link.cond.wait(left)
+            return link.backlog.popleft()
+
+    def close(self) -> None:
+        """Wake a waiting accept; connections never accepted are closed (their source
+        sees the end of the stream, as a reset backlog would show it)."""
+        link = self._link
+        with link.cond:
+            link.closed = True
+            while link.backlog:
+                link.backlog.popleft().close()
+            link.cond.notify_all()
+
+
+def socket_link() -> tuple[Connector, Acceptor]:
+    """A source's connector and a destination's acceptor joined without a network: each
+    connect makes an AF_UNIX socket pair and queues one end for accept."""
+    link = _Link()
+    return LinkConnector(link), LinkAcceptor(link)
