@@ -4,6 +4,7 @@ tracking, an incompatible destination, a blocker and a failing device arc do."""
 from __future__ import annotations
 
 import io
+import time
 
 import pytest
 
@@ -40,7 +41,19 @@ def migrate(
     m = Machine.boot(config(device), serial=src_out)
     m.start()
     assert m.wait(after_s) is None, "the guest ended before the migration"
+    _wait_for_dma(m)
     return migrate_running(m, src_out, versions=versions)
+
+
+def _wait_for_dma(m: Machine, descriptors: int = 200, timeout_s: float = 30.0) -> None:
+    """Migrate only once the guest's DMA is under way: on a loaded host the guest may
+    still be setting up after ``after_s``, and a migration that ends before the first
+    descriptor has no DMA to track (broken tracking would then pass unnoticed)."""
+    deadline = time.monotonic() + timeout_s
+    while sum(getattr(d, "completed", 0) for d in m.devices) < descriptors:
+        assert m.exit is None, "the guest ended before its DMA started"
+        assert time.monotonic() < deadline, f"no {descriptors} DMA completions in {timeout_s} s"
+        time.sleep(0.01)
 
 
 def finish(o: Outcome) -> None:
