@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
+
+import xxhash
 
 from vmferry.devices.base import DeviceModel
 from vmferry.devices.registry import create_devices
@@ -19,20 +22,11 @@ from vmferry.machine.machine import Machine
 from vmferry.machine.state import MachineState
 from vmferry.memory.dirty import DirtyBitmap
 from vmferry.memory.guest_memory import GuestMemory
+from vmferry.migration.channel_readers import ChannelReaders
 from vmferry.migration.codec import (
-    ABRT,
-    CEND,
     CONF,
-    CPUS,
-    DEVD,
-    DEVS,
-    END,
-    RAM,
-    ROUND,
-    VRFY,
     Abandon,
     AbandonNotice,
-    ChannelRecord,
     ConfigRecord,
     CpuStateRecord,
     DeviceSummary,
@@ -43,22 +37,39 @@ from vmferry.migration.codec import (
 from vmferry.migration.devices import DestinationDevices
 from vmferry.migration.metrics import VerifyResult
 from vmferry.migration.ram import RamReceiver, RamStats
-from vmferry.migration.stream import StreamReader
+from vmferry.migration.receiver_machine import (
+    ReceiverAction,
+    ReceiverEvent,
+    ReceiverMachine,
+    section_event,
+)
+from vmferry.migration.source_machine import Target
+from vmferry.migration.stream import SectionHeader, StreamReader
 from vmferry.migration.verify import cpu_digest, mismatched_pages
 
 log = logging.getLogger(__name__)
+Re, Ra = ReceiverEvent, ReceiverAction
 
 
 MAX_REASON = 500  # characters of the source's reason that are shown
 
 
-def abandoned(notice: AbandonNotice | Abandon) -> MigrationError:
-    """What the source said when it gave up (an ABRT section, or an ``abandon`` line once
-    the stream has ended), as the destination's error."""
+class SourceAbandoned(MigrationError):
+    """The source gave up and said so: ``event`` is how (an ABRT section, or an
+    ``abandon`` line once the stream has ended)."""
+
+    def __init__(self, message: str, event: ReceiverEvent) -> None:
+        super().__init__(message)
+        self.event = event
+
+
+def abandoned(notice: AbandonNotice | Abandon) -> SourceAbandoned:
+    """What the source said when it gave up, as the destination's error."""
     reason = notice.reason[:MAX_REASON] or "no reason given"
+    event = Re.ABRT if isinstance(notice, AbandonNotice) else Re.ABANDON
     if notice.cancelled:
-        return MigrationError(f"the source cancelled the migration ({reason})")
-    return MigrationError(f"the source abandoned the migration: {reason}")
+        return SourceAbandoned(f"the source cancelled the migration ({reason})", event)
+    return SourceAbandoned(f"the source abandoned the migration: {reason}", event)
 
 
 def read_head(reader: StreamReader) -> ConfigRecord:
@@ -77,113 +88,196 @@ class LoadedStream:
     written: DirtyBitmap | None = None
     rounds: int = 0
     device_models: list[DeviceModel] = field(default_factory=list)  # committed, stopped
+    # The rest of the step that finished the load, for the driver (VERIFY, in both tables).
+    then: tuple[ReceiverAction, ...] = ()
 
 
-def read_channel(reader: StreamReader, receiver: RamReceiver, mig_id: str, index: int) -> None:
-    """An extra channel: CHAN naming this migration, RAM sections, CEND."""
-    hdr, h = reader.next_section()
-    chan = ChannelRecord.decode(reader.read_payload(hdr, h), hdr.describe())
-    if chan != ChannelRecord(mig_id, index):
-        raise StreamError(f"channel {index} belongs to another migration: {chan!r}")
-    while True:
-        hdr, h = reader.next_section()
-        if hdr.tag == RAM:
-            receiver.load(reader, hdr, h)
-        else:
-            assert hdr.tag == CEND
-            check_empty(reader.read_payload(hdr, h), hdr.describe())
-            return
+# What the section loop carries out; any other action ends it (the driver's to perform).
+_LOADING_ACTIONS = frozenset(
+    {
+        Ra.READ_SECTION,
+        Ra.LOAD_RAM,
+        Ra.END_ROUND,
+        Ra.LOAD_DEVICE_DATA,
+        Ra.LOAD_CPU_STATE,
+        Ra.LOAD_DEVICE_SUMMARY,
+        Ra.LOAD_DIGESTS,
+        Ra.FINISH_LOAD,
+    }
+)
+
+
+class SectionLoop:
+    """The main stream's sections after CONF, read as the receiver's table directs: each
+    header becomes the walk's event, and the actions it returns are carried out here
+    until one is not a loading action (VERIFY: the stream is whole, the load finished).
+    A failure is raised, never stepped: the driver turns it into its event."""
+
+    def __init__(
+        self,
+        head: ConfigRecord,
+        main: StreamReader,
+        memory: GuestMemory,
+        walk: ReceiverMachine,
+        channels: Sequence[StreamReader] = (),
+        devices: DestinationDevices | None = None,
+        wake_main: Callable[[], None] | None = None,
+        on_round: Callable[[], None] | None = None,
+    ) -> None:
+        self.head, self.main, self.memory, self.walk = head, main, memory, walk
+        self.devices = devices
+        self.on_round = on_round
+        self.written = DirtyBitmap(memory.npages)
+        self.receivers = [RamReceiver(memory, self.written) for _ in range(1 + len(channels))]
+        self.cpu: CpuStateRecord | None = None
+        self.summary = DeviceSummary()
+        self.verify: VerifyRecord | None = None
+        self.rounds = 0
+        self._section: tuple[SectionHeader, xxhash.xxh3_64] | None = None
+        self.channels = ChannelReaders(channels, self.receivers[1:], head.mig_id, wake_main)
+
+    def run(self, actions: tuple[ReceiverAction, ...] = (Ra.READ_SECTION,)) -> LoadedStream:
+        """Carry out ``actions`` (what the step into LOADING asked for) and every step
+        after them, until the load is finished."""
+        while True:
+            event: ReceiverEvent | None = None
+            for i, action in enumerate(actions):
+                if action not in _LOADING_ACTIONS:
+                    return self._loaded(actions[i:])
+                event = self._perform(action) or event
+            if event is None:
+                raise MigrationError(f"{self.walk.name}: no event after {actions!r}")
+            actions = self.walk.step(event)
+
+    def _perform(self, action: ReceiverAction) -> ReceiverEvent | None:
+        try:
+            self.channels.check()
+            return self._ACTIONS[action](self)
+        except VmferryError:
+            if self.channels.errors:  # the channel's error is the cause; main was woken
+                raise self.channels.errors[0] from None
+            raise
+
+    def _read_section(self) -> ReceiverEvent:
+        hdr, h = self.main.next_section()
+        self._section = (hdr, h)
+        event = section_event(hdr.tag)
+        if event is Re.ABRT:
+            raise abandoned(AbandonNotice.decode(self._payload(), hdr.describe()))
+        return event
+
+    def _payload(self) -> bytes:
+        assert self._section is not None
+        hdr, h = self._section
+        return self.main.read_payload(hdr, h)
+
+    @property
+    def _where(self) -> str:
+        assert self._section is not None
+        return self._section[0].describe()
+
+    def _load_ram(self) -> None:
+        assert self._section is not None
+        self.receivers[0].load(self.main, *self._section)
+
+    def _end_round(self) -> None:
+        RoundMarker.decode(self._payload(), self._where)
+        self.rounds += 1
+        if self.on_round is not None:
+            self.on_round()
+
+    def _load_device_data(self) -> None:
+        payload = self._payload()
+        if self.devices is None:
+            raise StreamError(f"{self._where}: device state for a VM without devices")
+        try:
+            self.devices.write(payload)
+        except StreamError as e:
+            raise StreamError(f"{self._where}: {e}") from e
+
+    def _load_cpu_state(self) -> None:
+        self.cpu = CpuStateRecord.decode(self._payload(), self._where)
+
+    def _load_device_summary(self) -> None:
+        self.summary = DeviceSummary.decode(self._payload(), self._where)
+
+    def _load_digests(self) -> None:
+        self.verify = VerifyRecord.decode(self._payload(), self._where, self.memory.npages)
+
+    def _finish_load(self) -> None:
+        """END's (empty) payload, the channels joined, every device checking its state."""
+        check_empty(self._payload(), self._where)
+        self.channels.join()
+        if self.devices is not None:
+            self.devices.commit()  # RESUMING → STOP: each device checks its state
+
+    def _loaded(self, then: tuple[ReceiverAction, ...]) -> LoadedStream:
+        assert self.cpu is not None  # the grammar puts CPUS before END
+        ram = RamStats()
+        for rx in self.receivers:
+            ram.add(rx.stats)
+        return LoadedStream(
+            self.cpu.machine_state(self.head.config, "the CPUS section"),
+            self.memory,
+            list(self.summary.devices),
+            ram,
+            self.verify,
+            self.written,
+            self.rounds,
+            [] if self.devices is None else self.devices.devices,
+            then,
+        )
+
+    _ACTIONS: Mapping[ReceiverAction, Callable[[SectionLoop], ReceiverEvent | None]] = (
+        MappingProxyType(
+            {
+                Ra.READ_SECTION: _read_section,
+                Ra.LOAD_RAM: _load_ram,
+                Ra.END_ROUND: _end_round,
+                Ra.LOAD_DEVICE_DATA: _load_device_data,
+                Ra.LOAD_CPU_STATE: _load_cpu_state,
+                Ra.LOAD_DEVICE_SUMMARY: _load_device_summary,
+                Ra.LOAD_DIGESTS: _load_digests,
+                Ra.FINISH_LOAD: _finish_load,
+            }
+        )
+    )
+
+
+def loading_walk() -> ReceiverMachine:
+    """A restore's walk with its CONF already read and set up: at the first section."""
+    walk = ReceiverMachine(Target.FILE)
+    for event in (Re.START, Re.CONF, Re.SET_UP):
+        walk.step(event)
+    return walk
 
 
 def load_stream(
     head: ConfigRecord,
     main: StreamReader,
     memory: GuestMemory,
-    channels: list[StreamReader] | None = None,
+    channels: Sequence[StreamReader] | None = None,
     devices: DestinationDevices | None = None,
     wake_main: Callable[[], None] | None = None,
     on_round: Callable[[], None] | None = None,
+    walk: ReceiverMachine | None = None,
 ) -> LoadedStream:
     """Read the rest of the main stream, and the extra channels on threads, into memory;
-    device state goes to ``devices`` (in RESUMING). ``wake_main`` ends a read blocked on
-    the main stream (which may be idle while a channel fails); ``on_round`` is called at
-    each RND marker (the stream cap counts per round)."""
-    written = DirtyBitmap(memory.npages)
-    receivers = [RamReceiver(memory, written) for _ in range(1 + len(channels or []))]
-    errors: list[BaseException] = []
-    threads = []
-    for i, r in enumerate(channels or [], start=1):
-
-        def run(r: StreamReader = r, i: int = i) -> None:
-            try:
-                read_channel(r, receivers[i], head.mig_id, i)
-            except BaseException as e:
-                errors.append(e)
-                if wake_main is not None:
-                    wake_main()
-
-        t = threading.Thread(target=run, name=f"incoming-ch{i}", daemon=True)
-        t.start()
-        threads.append(t)
-
-    cpu: CpuStateRecord | None = None
-    summary = DeviceSummary()
-    verify: VerifyRecord | None = None
-    rounds = 0
-    while True:
-        if errors:
-            raise errors[0]
-        try:
-            hdr, h = main.next_section()
-            if hdr.tag == RAM:
-                receivers[0].load(main, hdr, h)
-            elif hdr.tag == ROUND:
-                RoundMarker.decode(main.read_payload(hdr, h), hdr.describe())
-                rounds += 1
-                if on_round is not None:
-                    on_round()
-            elif hdr.tag == DEVD:
-                payload = main.read_payload(hdr, h)
-                if devices is None:
-                    raise StreamError(f"{hdr.describe()}: device state for a VM without devices")
-                try:
-                    devices.write(payload)
-                except StreamError as e:
-                    raise StreamError(f"{hdr.describe()}: {e}") from e
-            elif hdr.tag == CPUS:
-                cpu = CpuStateRecord.decode(main.read_payload(hdr, h), hdr.describe())
-            elif hdr.tag == DEVS:
-                summary = DeviceSummary.decode(main.read_payload(hdr, h), hdr.describe())
-            elif hdr.tag == VRFY:
-                payload = main.read_payload(hdr, h)
-                verify = VerifyRecord.decode(payload, hdr.describe(), memory.npages)
-            elif hdr.tag == ABRT:
-                raise abandoned(AbandonNotice.decode(main.read_payload(hdr, h), hdr.describe()))
-            elif hdr.tag == END:
-                check_empty(main.read_payload(hdr, h), hdr.describe())
-                break
-        except VmferryError:
-            if errors:  # the channel's error is the cause; the main stream was woken
-                raise errors[0] from None
-            raise
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
-    assert cpu is not None  # the grammar puts CPUS before END
-    state = cpu.machine_state(head.config, "the CPUS section")
-    ram = RamStats()
-    for rx in receivers:
-        ram.add(rx.stats)
-    return LoadedStream(
-        state,
+    device state goes to ``devices`` (in RESUMING; committed at END). ``wake_main`` ends
+    a read blocked on the main stream; ``on_round`` is called at each RND marker (the
+    stream cap counts per round). ``walk``: the receiver's, at LOADING (a restore's if
+    None); it is left in VERIFYING, and the result's ``then`` says what is due next."""
+    loop = SectionLoop(
+        head,
+        main,
         memory,
-        list(summary.devices),
-        ram,
-        verify,
-        written,
-        rounds,
+        walk if walk is not None else loading_walk(),
+        channels or (),
+        devices,
+        wake_main,
+        on_round,
     )
+    return loop.run()
 
 
 def check_loaded(loaded: LoadedStream, machine: Machine) -> VerifyResult:

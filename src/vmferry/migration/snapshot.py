@@ -24,8 +24,12 @@ from vmferry.migration.codec import (
 from vmferry.migration.devices import SourceDevices
 from vmferry.migration.loader import LoadedStream, load_stream, open_devices, populate, read_head
 from vmferry.migration.ram import RamStats, send_pages
+from vmferry.migration.receiver_machine import ReceiverAction, ReceiverEvent, ReceiverMachine
+from vmferry.migration.source_machine import Target
 from vmferry.migration.stream import StreamReader, StreamWriter
 from vmferry.migration.transport import FdSink, FdSource
+
+Re, Ra = ReceiverEvent, ReceiverAction
 
 
 def write_config(writer: StreamWriter, record: ConfigRecord) -> None:
@@ -63,18 +67,22 @@ def write_snapshot(writer: StreamWriter, machine: Machine, state: MachineState) 
 def read_snapshot(reader: StreamReader) -> LoadedStream:
     """Read a complete stream into fresh guest memory; every section is checked.
 
-    Nothing is started here: a caller builds the machine only from a stream that was read
-    to its END section without error.
+    The restore's walk (Target.FILE) through the same sections as a live destination's,
+    up to its verification: nothing is started here, and a caller builds the machine only
+    from a stream that was read to its END section without error.
     """
+    walk = ReceiverMachine(Target.FILE)
+    walk.step(Re.START)  # REPORT_STATUS (nobody asks a restore), READ_SECTION: the CONF
     head = read_head(reader)
+    walk.step(Re.CONF)  # SET_UP: RAM and devices for the VM the CONF describes
     memory = GuestMemory(head.config.memory)
     devices = None
     try:
         populate(memory, head.resident)
         devices = open_devices(head, memory)
-        loaded = load_stream(head, reader, memory, devices=devices)
-        devices.commit()
-        loaded.device_models = devices.devices
+        then = walk.step(Re.SET_UP)  # READ_SECTION: the section loop from here
+        loaded = load_stream(head, reader, memory, devices=devices, walk=walk)
+        assert then == (Ra.READ_SECTION,) and loaded.then == (Ra.VERIFY,), (then, loaded.then)
         return loaded
     except BaseException:
         if devices is not None:
