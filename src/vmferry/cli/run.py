@@ -19,9 +19,8 @@ from vmferry.machine import GuestExit, Machine, MachineConfig
 from vmferry.machine.vcpu_thread import install_kick_handler
 from vmferry.migration.channel import parse_uri
 from vmferry.migration.destination import IncomingMigration
-from vmferry.migration.devices import DestinationDevices
-from vmferry.migration.loader import check_loaded
-from vmferry.migration.snapshot import load_from_file, save_to_file
+from vmferry.migration.restore import restore_from_file
+from vmferry.migration.snapshot import save_to_file
 from vmferry.qmp.server import QmpServer
 
 LINGER_S = 10.0
@@ -142,30 +141,17 @@ def _versions(args: argparse.Namespace) -> dict[str, int]:
 
 
 def _from_file(path: str, args: argparse.Namespace, serial: BinaryIO) -> Machine:
-    t0 = time.perf_counter()
     try:
-        snap = load_from_file(path)
+        restored = restore_from_file(path, kvm_device=args.kvm_device, serial=serial)
     except OSError as e:  # a file that opens but cannot be read (EIO, a FIFO gone, …)
         raise ConfigError(f"--incoming file:{path}: cannot read it: {e.strerror or e}") from e
-    machine = Machine.from_state(
-        snap.state,
-        snap.memory,
-        kvm_device=args.kvm_device,
-        serial=serial,
-        devices=snap.device_models,
-    )
-    verify = check_loaded(snap, machine)
-    if verify.status == "failed":
-        machine.close()
-        raise MigrationError(f"{path}: verification failed: {verify.detail}")
+    snap = restored.loaded
     _note(
         f"restored {snap.state.config.image or 'guest'} from {path} "
-        f"({snap.ram.normal} pages, {snap.ram.zero} zero; verification {verify.status})"
-        f" in {time.perf_counter() - t0:.3f} s"
+        f"({snap.ram.normal} pages, {snap.ram.zero} zero; verification "
+        f"{restored.verify.status}) in {restored.seconds:.3f} s"
     )
-    DestinationDevices(machine.devices).start()  # RUNNING_P2P → RUNNING, then vCPUs
-    machine.start()
-    return machine
+    return restored.machine
 
 
 def _note_arrival(controller: VmController) -> None:

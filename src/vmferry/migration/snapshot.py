@@ -64,14 +64,15 @@ def write_snapshot(writer: StreamWriter, machine: Machine, state: MachineState) 
     return stats
 
 
-def read_snapshot(reader: StreamReader) -> LoadedStream:
+def read_snapshot(reader: StreamReader, walk: ReceiverMachine | None = None) -> LoadedStream:
     """Read a complete stream into fresh guest memory; every section is checked.
 
     The restore's walk (Target.FILE) through the same sections as a live destination's,
     up to its verification: nothing is started here, and a caller builds the machine only
-    from a stream that was read to its END section without error.
+    from a stream that was read to its END section without error. ``walk``: the
+    restore's (a new one if None), left in VERIFYING with VERIFY due.
     """
-    walk = ReceiverMachine(Target.FILE)
+    walk = walk if walk is not None else ReceiverMachine(Target.FILE)
     walk.step(Re.START)  # REPORT_STATUS (nobody asks a restore), READ_SECTION: the CONF
     head = read_head(reader)
     walk.step(Re.CONF)  # SET_UP: RAM and devices for the VM the CONF describes
@@ -109,7 +110,7 @@ def save_to_file(machine: Machine, path: str) -> RamStats:
     return stats
 
 
-def load_from_file(path: str) -> LoadedStream:
+def load_from_file(path: str, walk: ReceiverMachine | None = None) -> LoadedStream:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as e:
@@ -119,7 +120,7 @@ def load_from_file(path: str) -> LoadedStream:
         size = os.fstat(fd).st_size
         # A file must be checksummed whole: a live section (page data outside its
         # checksum) is refused, and so is anything after the END section.
-        loaded = read_snapshot(StreamReader(source, sealed=True))
+        loaded = read_snapshot(StreamReader(source, sealed=True), walk)
         if source.position != size:
             close_loaded(loaded)
             raise StreamError(
