@@ -127,12 +127,23 @@ def verify_records(draw: st.DrawFn) -> VerifyRecord:
     return VerifyRecord(draw(st.integers(0, 2**63 - 1)), pages, digests, draw(u64))
 
 
+findings = st.fixed_dictionaries(
+    {
+        "status": st.sampled_from(["failed", "passed"]),
+        "pages_checked": st.integers(0, 2**40),
+        "mismatched_pages": st.lists(st.integers(0, 2**40), max_size=16),
+        "cpu_state": st.sampled_from(["match", "mismatch", "off"]),
+        "detail": st.text(max_size=20),
+    }
+)
+
+
 replies: st.SearchStrategy[ReplyMessage] = st.one_of(
     st.just(Accepted()),
     st.builds(Ready, st.floats(0, 1e6), st.integers(0, 2**40), st.sampled_from(["passed", "off"])),
     st.just(Go()),
     st.builds(Resumed, st.floats(0, 1e6)),
-    st.builds(Failed, st.text(), st.none() | small_json),
+    st.builds(Failed, st.text(), st.none() | findings),
     st.builds(Abandon, st.text(), st.booleans()),
     st.just(Alive()),
 )
@@ -217,6 +228,22 @@ def test_reply_lines_keep_their_wire_names() -> None:
         "verify": "passed",
     }
     assert json.loads(encode_reply(Failed("no"))) == {"kind": "failed", "error": "no"}
+
+
+def test_a_failed_check_comes_back_as_typed_findings() -> None:
+    found = {
+        "status": "failed",
+        "pages_checked": 9,
+        "mismatched_pages": [3, 5],
+        "cpu_state": "match",
+        "detail": "2 pages differ",
+    }
+    msg = decode_reply(encode_reply(Failed("bad", found)))
+    assert isinstance(msg, Failed) and isinstance(msg.verify, codec.VerifyFindings)
+    v = msg.verify
+    assert (v.status, v.pages_checked, v.mismatched_pages) == ("failed", 9, [3, 5])
+    assert (v.cpu_state, v.detail) == ("match", "2 pages differ")
+    assert v.to_dict() == found and v.get("pages_checked") == 9  # read as a mapping too
 
 
 # ---- refusals: each names the section and what is wrong
@@ -321,12 +348,44 @@ def test_end_sections_carry_nothing() -> None:
         (b'{"kind": "failed"}', "'failed' reply: field 'error' is missing"),
         (b'{"kind": "failed", "error": "e", "verify": 1}', "field 'verify' is 1"),
         (b'{"kind": "abandon", "reason": "r", "cancelled": 1}', "field 'cancelled' is 1"),
+        # JSON the json module refuses with other errors than JSONDecodeError
+        (b'{"kind": "ready", "pages_checked": 1' + b"0" * 5000 + b"}", "not valid JSON"),
+        (b"[" * 100_000, "not valid JSON"),
+        (b'{"kind": "go"}\xff', "not valid JSON"),
+        # figures: finite and not negative
+        (b'{"kind": "ready", "verify_ms": NaN, "pages_checked": 1, "verify": "off"}', "nan"),
+        (b'{"kind": "ready", "verify_ms": -1, "pages_checked": 1, "verify": "off"}', "-1"),
+        (b'{"kind": "resumed", "resume_ms": Infinity}', "field 'resume_ms' is inf"),
+        # a failed check's findings: all five fields, typed
+        (
+            b'{"kind": "failed", "error": "e", "verify": {"mismatched_pages": 5}}',
+            "field 'verify': field 'mismatched_pages' is 5, want list",
+        ),
+        (
+            b'{"kind": "failed", "error": "e", "verify": {"mismatched_pages": [1]}}',
+            "reply, field 'verify': field 'status' is missing",
+        ),
+        (
+            b'{"kind": "failed", "error": "e", "verify": {"mismatched_pages": [-1]}}',
+            "not a list of at most",
+        ),
     ],
 )
 def test_reply_refusals(line: bytes, why: str) -> None:
     with pytest.raises(MigrationError) as e:
         decode_reply(line)
     assert why in str(e.value), str(e.value)
+    assert str(e.value).startswith("the peer sent"), str(e.value)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b'{"round": 1' + b"0" * 5000 + b', "pages": 1, "stop-copy": false}', b"[" * 100_000],
+)
+def test_json_the_parser_cannot_take_is_a_stream_error(payload: bytes) -> None:
+    for decode in (RoundMarker.decode, DeviceSummary.decode, ConfigRecord.decode):
+        with pytest.raises(StreamError, match=f"{WHERE} is not valid JSON"):
+            decode(payload, WHERE)
 
 
 # ---- the stream header and its version
@@ -369,3 +428,21 @@ def test_every_tag_has_a_name_and_a_limit() -> None:
     assert set(codec.SECTION_NAMES) == set(codec.MAX_PAYLOAD)
     assert all(len(tag) == 4 for tag in codec.SECTION_NAMES)
     assert codec.RUN_DTYPE.itemsize == 16 and codec.RAM_HEAD.size == 8
+
+
+def test_the_peer_watch_takes_any_error_in_a_reply_for_the_peer_failing() -> None:
+    """Not only a MigrationError: a reply whose decoding raised anything else ends the
+    watch with "malformed reply" at once (its thread used to die, and the source then
+    waited out the timeout and called the peer silent)."""
+    from vmferry.migration.liveness import PeerWatch
+
+    class Garbled:
+        def receive(self, timeout: float, waiting_for: str) -> ReplyMessage:
+            raise ValueError("Exceeds the limit (4300 digits)")
+
+    watch = PeerWatch(Garbled(), 30.0)  # type: ignore[arg-type]
+    watch.start()
+    with pytest.raises(MigrationError, match="malformed reply") as e:
+        watch.next(5.0, "the answer")
+    assert not watch.silent and "4300 digits" in str(e.value)
+    watch.stop()

@@ -154,9 +154,11 @@ class PeerWatch:
                     self._end(silent=True)
                     return
                 continue
-            except MigrationError as e:
+            except Exception as e:  # whatever its reply raised, the peer failed
                 if not self._stop.is_set():
-                    self._end(closed=str(e), hung_up=isinstance(e, PeerClosed))
+                    bad = f"the peer sent a malformed reply: {e!r}"
+                    why = str(e) if isinstance(e, MigrationError) else bad
+                    self._end(closed=why, hung_up=isinstance(e, PeerClosed))
                 return
             with self._cond:
                 self.last_heard = time.monotonic()
