@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from vmferry.errors import StreamError
 from vmferry.memory import DirtyBitmap, GuestMemory
 from vmferry.migration import codec
 from vmferry.migration.channel import CHANNEL_BLOCK_SHIFT, split_by_channel
-from vmferry.migration.ram import Batch, RamReceiver, RamSender
+from vmferry.migration.ram import MAX_BATCH_PAGES, MAX_SECTION_PAGES, Batch, RamReceiver, RamSender
 from vmferry.migration.stream import StreamReader, StreamWriter
 from vmferry.testing.transport import MemorySink, MemorySource
 
@@ -50,9 +52,9 @@ def test_channels_of_a_bitmap_carry_exactly_its_pages(
     try:
         dirty = DirtyBitmap.from_pages(NPAGES, np.array(pages, dtype=np.int64))
         written = DirtyBitmap(NPAGES)
-        rx = RamReceiver(dst, written)
         seen: list[Batch] = []
         for c, part in enumerate(split_by_channel(dirty, channels)):
+            rx = RamReceiver(dst, written, c, channels)
             sink = MemorySink()
             w = StreamWriter(sink)
             w.section(codec.CONF, [b"{}"])
@@ -95,3 +97,65 @@ def test_a_page_list_and_its_bitmap_make_the_same_stream() -> None:
         assert streams[0] == streams[1]
     finally:
         src.close()
+
+
+def _section(runs: list[tuple[int, int, int]]) -> bytes:
+    """A stream of one RAM section with these (first, npages, flags) runs, data all ones."""
+    table = np.array(runs, dtype=np.uint64).astype(np.int64)
+    rec = np.zeros(len(runs), dtype=codec.RUN_DTYPE)
+    rec["first"], rec["npages"], rec["flags"] = table[:, 0], table[:, 1], table[:, 2]
+    ndata = sum(n for _, n, f in runs if not f & codec.RUN_ZERO)
+    payload = codec.RAM_HEAD.pack(len(runs), 0) + rec.tobytes() + b"\xff" * (4096 * ndata)
+    sink = MemorySink()
+    w = StreamWriter(sink)
+    w.section(codec.CONF, [b"{}"])
+    w.section(codec.RAM, [payload])
+    for tag in (codec.CPUS, codec.DEVS, codec.END):
+        w.section(tag, [b"{}"] if tag != codec.END else [])
+    return bytes(sink.data)
+
+
+def test_zero_runs_may_claim_no_more_pages_than_a_batch_holds() -> None:
+    """Zero runs cost 16 bytes each on the wire whatever they cover: 20000 of them over
+    all of RAM once made the receiver build an index per claimed page (gigabytes)."""
+    dst = GuestMemory(MEM)
+    try:
+        everything = [(0, NPAGES, codec.RUN_ZERO)] * 20000
+        with pytest.raises(StreamError, match=r"section #1 RAM .* claim 40960000 pages"):
+            _load(_section(everything), RamReceiver(dst))
+        assert MAX_SECTION_PAGES == 32 * NPAGES - 1
+        with pytest.raises(StreamError, match="claim 65536 pages"):
+            _load(_section([(0, NPAGES, codec.RUN_ZERO)] * 32), RamReceiver(dst))
+        most = [(0, NPAGES, codec.RUN_ZERO)] * 31 + [(1, NPAGES - 1, codec.RUN_ZERO)]
+        _load(_section(most), RamReceiver(dst))  # as many as a batch holds
+    finally:
+        dst.close()
+
+
+def test_a_sender_makes_no_batch_a_receiver_would_refuse() -> None:
+    assert MAX_BATCH_PAGES + 63 <= MAX_SECTION_PAGES
+    with pytest.raises(ValueError, match="batch_pages"):
+        RamSender(StreamWriter(MemorySink()), GuestMemory(MEM), batch_pages=MAX_BATCH_PAGES + 1)
+
+
+@pytest.mark.parametrize(
+    ("first", "npages", "why"),
+    [
+        (512, 1, "not within a block of channel 0 of 2"),  # block 1: channel 1's
+        (1020, 8, "not within a block of channel 0 of 2"),  # crosses into block 2
+        (1024 + 511, 2, "not within a block of channel 0 of 2"),  # block 2 into 3
+    ],
+)
+def test_a_channel_takes_only_runs_within_its_own_blocks(first: int, npages: int, why: str) -> None:
+    """Channels share one written bitmap, word by word: a run of another channel's block,
+    or crossing a block, could race with that channel's updates and lose a bit."""
+    dst = GuestMemory(MEM)
+    try:
+        for flags in (0, codec.RUN_ZERO):
+            with pytest.raises(StreamError, match=why):
+                _load(_section([(first, npages, flags)]), RamReceiver(dst, None, 0, 2))
+        _load(_section([(1024, 512, 0)]), RamReceiver(dst, None, 0, 2))  # its own block
+        _load(_section([(512, 1, 0)]), RamReceiver(dst, None, 1, 2))
+        _load(_section([(512, 8, 0)]), RamReceiver(dst))  # one channel: anything goes
+    finally:
+        dst.close()

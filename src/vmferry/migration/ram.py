@@ -21,6 +21,7 @@ import zstandard
 from vmferry.errors import StreamError
 from vmferry.memory.dirty import DirtyBitmap, expand_runs, page_runs
 from vmferry.memory.guest_memory import PAGE_SIZE, GuestMemory
+from vmferry.migration.channel import CHANNEL_BLOCK_SHIFT
 from vmferry.migration.codec import (
     FLAG_LIVE,
     FLAG_ZSTD,
@@ -34,8 +35,13 @@ from vmferry.migration.stream import SectionHeader, StreamReader, StreamWriter
 from vmferry.migration.transport import Buffer
 
 DEFAULT_BATCH_PAGES = 8192  # 32 MiB of data per section
+MAX_BATCH_PAGES = (1 << 16) - 64  # the most a sender's batch_pages may be
+# The most pages one RAM section may claim, zero runs included: a batch holds up to 63
+# pages past batch_pages (it never splits a bitmap word). A section claiming more is
+# corrupt, and is refused before anything is built per page.
+MAX_SECTION_PAGES = MAX_BATCH_PAGES + 63
 # A decompressed RAM payload is at most one batch; anything claiming more is corrupt.
-MAX_DECOMPRESSED = RAM_HEAD.size + (1 << 16) * (RUN_DTYPE.itemsize + PAGE_SIZE)
+MAX_DECOMPRESSED = RAM_HEAD.size + MAX_SECTION_PAGES * (RUN_DTYPE.itemsize + PAGE_SIZE)
 # Runs shorter than this on average are gathered into one buffer instead of one iovec each.
 GATHER_BELOW_RUN = 8
 ZSTD_LEVEL = 1  # fastest standard level: migration is bandwidth-bound, not ratio-bound
@@ -130,6 +136,8 @@ class RamSender:
         """``sealed``: never send live page data outside the checksum (a file): pages of
         a running guest are gathered into a private copy first, so the bytes hashed are
         the bytes written."""
+        if not 1 <= batch_pages <= MAX_BATCH_PAGES:
+            raise ValueError(f"batch_pages {batch_pages} is not 1..{MAX_BATCH_PAGES}")
         self.writer = writer
         self.memory = memory
         self.batch_pages = batch_pages
@@ -261,14 +269,25 @@ class _BufferPayload:
 class RamReceiver:
     """Loads RAM sections into guest memory, checking every address against RAM's size.
 
-    Thread-safe across channels as long as each page always travels on the same channel
-    (the engine assigns pages to channels by address), so no two threads write one page.
+    Thread-safe across channels: each page travels on one channel, that of its 512-page
+    block (channel.split_by_channel), and with ``channels`` > 1 this receiver (channel
+    ``channel``) refuses a run of another channel's block or crossing a block, so no two
+    threads write one page, nor one word of the shared ``written`` bitmap.
     """
 
-    def __init__(self, memory: GuestMemory, written: DirtyBitmap | None = None) -> None:
+    def __init__(
+        self,
+        memory: GuestMemory,
+        written: DirtyBitmap | None = None,
+        channel: int = 0,
+        channels: int = 1,
+    ) -> None:
+        if not 0 <= channel < channels:
+            raise ValueError(f"channel {channel} of {channels}")
         self.memory = memory
+        self.channel, self.channels = channel, channels
         # Pages the stream has written: a zero page never written is zero already. Channels
-        # share one bitmap; their pages never share a 64-page word (see channel_of_pages).
+        # share one bitmap; a block is whole words, so their updates never share a word.
         self.written = written if written is not None else DirtyBitmap(memory.npages)
         self.stats = RamStats()
         self._zstd = zstandard.ZstdDecompressor()
@@ -307,6 +326,8 @@ class RamReceiver:
             raise StreamError(f"{hdr.describe()}: {length} bytes is too short for RAM")
         src.read(memoryview(head))
         nruns, _ = RAM_HEAD.unpack(head)
+        if nruns > MAX_SECTION_PAGES:  # a run is a page at least
+            raise StreamError(f"{hdr.describe()}: {nruns} runs is more than a section holds")
         table_len = nruns * RUN_DTYPE.itemsize
         if RAM_HEAD.size + table_len > length:
             raise StreamError(f"{hdr.describe()}: {nruns} runs do not fit in {length} bytes")
@@ -326,6 +347,7 @@ class RamReceiver:
                 f"{int(runs['npages'][bad])}, flags {int(flags[bad])}) is outside guest RAM "
                 f"of {npg} pages or malformed"
             )
+        self._check_claims(first, npages, hdr)
         is_zero = (flags & RUN_ZERO) != 0
         data_len = int(npages[~is_zero].sum()) * PAGE_SIZE
         if RAM_HEAD.size + table_len + data_len != length:
@@ -352,3 +374,28 @@ class RamReceiver:
         self.stats.add(
             RamStats(normal=int(d_n.sum()), zero=z.size, bytes=hdr.length + SECTION_HEADER_SIZE)
         )
+
+    def _check_claims(
+        self, first: npt.NDArray[np.int64], npages: npt.NDArray[np.int64], hdr: SectionHeader
+    ) -> None:
+        """Refuse a section claiming more pages than a batch holds (zero runs cost nothing
+        on the wire, so only this bounds the work and memory a zero run makes), and with
+        several channels, a run not wholly in one of this channel's blocks."""
+        total = int(npages.sum())
+        if total > MAX_SECTION_PAGES:
+            raise StreamError(
+                f"{hdr.describe()}: its {npages.size} runs claim {total} pages, more than "
+                f"a section holds ({MAX_SECTION_PAGES})"
+            )
+        if self.channels == 1:
+            return
+        block = first >> CHANNEL_BLOCK_SHIFT
+        wrong = (block % self.channels != self.channel) | (
+            (first + npages - 1) >> CHANNEL_BLOCK_SHIFT != block
+        )
+        if wrong.any():
+            bad = int(np.flatnonzero(wrong)[0])
+            raise StreamError(
+                f"{hdr.describe()}: run {bad} (page {int(first[bad])} + {int(npages[bad])}) "
+                f"is not within a block of channel {self.channel} of {self.channels}"
+            )

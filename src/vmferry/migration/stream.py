@@ -150,7 +150,7 @@ class StreamReader:
         if self.sealed and flags & FLAG_LIVE:
             raise StreamError(
                 f"{hdr.describe()}: live page data outside the checksum, which a saved file "
-                "must not have (written by an older vmferry, or corrupt)"
+                "must not have: the file is corrupt"
             )
         if length > MAX_PAYLOAD[hdr.tag]:
             raise StreamError(
