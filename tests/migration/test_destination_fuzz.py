@@ -121,7 +121,7 @@ def record(tmp: Path, compress: str) -> Recording:
         cpu = cpu_digest(loaded.state)
         assert loaded.verify is not None and loaded.verify.cpu == cpu
         assert loaded.written is not None
-        assert mismatched_pages(loaded.memory, loaded.verify, loaded.written.pages()) == []
+        assert mismatched_pages(loaded.memory, loaded.verify, loaded.written) == []
     finally:
         loaded.memory.close()
     return Recording(data, pages, cpu, *structure_of(data))
@@ -199,7 +199,7 @@ def test_damage_is_refused_or_caught_by_verification(
         return
     try:
         assert loaded.verify is not None and loaded.written is not None
-        wrong_pages = mismatched_pages(loaded.memory, loaded.verify, loaded.written.pages())
+        wrong_pages = mismatched_pages(loaded.memory, loaded.verify, loaded.written)
         wrong_cpu = cpu_digest(loaded.state) != loaded.verify.cpu
         event("caught by verification" if wrong_pages or wrong_cpu else "harmless")
         if not wrong_pages and not wrong_cpu:
@@ -457,6 +457,6 @@ def test_well_formed_nonsense_is_refused_with_a_stream_error(
     try:  # whatever loads must still verify without crashing
         assert loaded.written is not None
         if loaded.verify is not None:
-            mismatched_pages(loaded.memory, loaded.verify, loaded.written.pages())
+            mismatched_pages(loaded.memory, loaded.verify, loaded.written)
     finally:
         loaded.memory.close()

@@ -102,7 +102,11 @@ class DirtyBitmap:
     def merge_at(self, first_page: int, log: Words, npages: int) -> None:
         """OR in a log whose bit k is page ``first_page + k`` (k < ``npages``): a device's
         DMA log for one mapping. Word for word when the mapping starts on a 64-page
-        boundary; otherwise each word is shifted into place, still vectorised."""
+        boundary; otherwise each word is shifted into place, still vectorised. Pages past
+        this bitmap's end are left out (its last word's spare bits stay clear)."""
+        if first_page < 0:
+            raise ValueError(f"a log at page {first_page}")
+        npages = min(npages, self.npages - first_page)
         if npages <= 0:
             return
         nwords = (npages + 63) // 64
@@ -119,36 +123,12 @@ class DirtyBitmap:
         dst = self.words[w0 : w0 + src.size]
         np.bitwise_or(dst, src[: dst.size], out=dst)
 
-    def andnot(self, other: DirtyBitmap) -> DirtyBitmap:
-        """Pages set here and not in ``other``."""
-        out = DirtyBitmap(self.npages)
-        np.bitwise_and(self.words, ~other.words, out=out.words)
-        return out
-
     def count(self, first_word: int = 0, end_word: int | None = None) -> int:
         return int(np.bitwise_count(self.words[first_word:end_word]).sum())
 
     def pages(self, first_word: int = 0, end_word: int | None = None) -> IntArray:
         """Sorted indices of set pages. Only non-zero words are unpacked."""
         return _bit_positions(self.words[first_word:end_word]) + (first_word << 6)
-
-    def runs(self, first_word: int = 0, end_word: int | None = None) -> tuple[IntArray, IntArray]:
-        """Maximal runs of set pages in words [first_word, end_word): (starts, lengths).
-
-        A run's first page is a set bit whose lower neighbour is clear, its last a set bit
-        whose upper neighbour is clear: two shifts per word, carrying across words."""
-        w = self.words[first_word:end_word]
-        if w.size == 0:
-            empty = np.zeros(0, dtype=np.int64)
-            return empty, empty
-        below = w << np.uint64(1)
-        below[1:] |= w[:-1] >> _U63
-        above = w >> np.uint64(1)
-        above[:-1] |= w[1:] << _U63
-        base = first_word << 6
-        starts = _bit_positions(w & ~below) + base
-        lasts = _bit_positions(w & ~above) + base
-        return starts, lasts - starts + 1
 
     def batches(self, max_pages: int) -> list[tuple[int, int]]:
         """Word ranges [first, end) covering every set page: the i-th batch ends with the
@@ -179,9 +159,6 @@ class DirtyBitmap:
             np.copyto(part.words, self.words, where=owner == c)
             parts.append(part)
         return parts
-
-    def __contains__(self, page: int) -> bool:
-        return bool((int(self.words[page >> 6]) >> (page & 63)) & 1)
 
 
 def _byte_tables() -> tuple[IntArray, IntArray]:

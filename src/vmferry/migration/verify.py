@@ -65,13 +65,9 @@ def cpu_digest(state: MachineState) -> int:
     return xxhash.xxh3_64_intdigest(json.dumps(parts, sort_keys=True).encode())
 
 
-def written_outside(
-    written: DirtyBitmap | npt.NDArray[np.int64], pages: npt.NDArray[np.int64]
-) -> npt.NDArray[np.int64]:
+def written_outside(written: DirtyBitmap, pages: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
     """Pages written that are not among ``pages`` (sorted): the record's pages cleared
     from a copy of the bitmap run by run."""
-    if not isinstance(written, DirtyBitmap):
-        return np.setdiff1d(written, pages, assume_unique=True)
     outside = written.copy()
     outside.clear_runs(*page_runs(pages))
     return outside.pages()
@@ -80,10 +76,10 @@ def written_outside(
 def mismatched_pages(
     memory: GuestMemory,
     record: VerifyRecord,
-    written_elsewhere: DirtyBitmap | npt.NDArray[np.int64],
+    written_elsewhere: DirtyBitmap,
 ) -> list[int]:
     """Pages whose content differs from the source's: digests that differ, and pages the
-    destination holds data for (its bitmap, or those pages) that the source had as holes
+    destination holds data for (its bitmap) that the source had as holes
     (those must read zero)."""
     mine = page_digests(memory, record.pages, record.seed)
     bad = record.pages[mine != record.digests]
