@@ -149,3 +149,33 @@ def test_a_failed_report_makes_everything_mapped_dirty(
 def test_a_log_page_that_is_no_power_of_two_of_4k_is_refused(page: str) -> None:
     with pytest.raises(ConfigError, match="x-dma-log-page"):
         DeviceSpec.parse(f"dmaengine,dirty=device,x-dma-log-page={page}")
+
+
+@pytest.mark.parametrize("change", ["map", "unmap"])
+def test_mappings_changed_since_the_start_make_everything_mapped_dirty(
+    memory: GuestMemory, change: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The log covers the mappings as they were at its start: a write through a mapping
+    added since is in no log, so every page mapped (then or now) counts as dirty."""
+    iommu = Iommu(memory, DirtyTracking.DEVICE, identity=False)
+    iommu.map(0, MIB, 10 * MIB)
+    if change == "unmap":
+        iommu.map(MIB, MIB, 20 * MIB)
+    dev = DmaEngine("dmaengine0", iommu, {"dirty": "device"})
+    try:
+        lg = DeviceDirtyLog(dev)
+        lg.start()
+        assert collected(lg, memory.npages) == []
+        if change == "map":
+            iommu.map(MIB, MIB, 20 * MIB)
+            iommu.write(MIB + 5, b"y")  # through the new mapping: no log sees it
+        else:
+            iommu.write(MIB + 5, b"y")
+            iommu.unmap(MIB, MIB)
+        pages = collected(lg, memory.npages)
+        first = list(range(10 * MIB // PAGE_SIZE, 11 * MIB // PAGE_SIZE))
+        second = list(range(20 * MIB // PAGE_SIZE, 21 * MIB // PAGE_SIZE))
+        assert pages == first + second
+        assert "IOMMU mappings changed" in caplog.text
+    finally:
+        dev.close()

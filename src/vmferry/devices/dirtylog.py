@@ -84,6 +84,16 @@ class DeviceDirtyLog(DmaDirtyLog):
             self._started = False
 
     def collect(self, into: DirtyBitmap) -> None:
+        if self.iommu.mappings != self._mappings:
+            # The log covers the mappings of its start only: a write through one mapped
+            # since goes unlogged, so (as on a failed report) everything counts as dirty.
+            log.warning(
+                "%s: IOMMU mappings changed since the DMA log started; "
+                "treating its memory as dirty",
+                self.device.name,
+            )
+            self._all_dirty(into)
+            return
         for iova, length in self._blocks:
             try:
                 bits = self.device.dma_logging_report(iova, length)
@@ -94,9 +104,15 @@ class DeviceDirtyLog(DmaDirtyLog):
                     self.device.name,
                     e,
                 )
-                into.set_pages(self.iommu.mapped_pages())
+                self._all_dirty(into)
                 return
             self._merge(into, iova, length, bits)
+
+    def _all_dirty(self, into: DirtyBitmap) -> None:
+        """Every page mapped now, and every page the log's own mappings reached."""
+        into.set_pages(self.iommu.mapped_pages())
+        for m in self._mappings:
+            into.set_range(m.ram_offset >> PAGE_SHIFT, m.size >> PAGE_SHIFT)
 
     def _merge(self, into: DirtyBitmap, iova: int, length: int, bits: np.ndarray) -> None:
         ps = self.page_size
