@@ -261,6 +261,19 @@ def decide(
     timeout = params.switchover_timeout_ms
     if not timeout or elapsed_ms < timeout:
         return Decision("continue", f"{fit}; {why}", expected)
+    return _timed_out(elapsed_ms, params, fit, why, expected, device_initial)
+
+
+def _timed_out(
+    elapsed_ms: float,
+    params: MigrationParameters,
+    fit: str,
+    why: str,
+    expected: float,
+    device_initial: int,
+) -> Decision:
+    """What x-switchover-policy says once x-switchover-timeout has passed unconverged."""
+    timeout, limit = params.switchover_timeout_ms, params.downtime_limit_ms
     late = f"switchover timeout {timeout} ms passed (elapsed {elapsed_ms:.0f} ms)"
     policy = params.switchover_policy
     if policy == "force":
