@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 from vmferry.errors import MigrationError, StreamError, VmferryError
 from vmferry.machine.machine import Machine
 from vmferry.migration.channel import PeerClosed, ReplyPath
-from vmferry.migration.codec import MAGIC
+from vmferry.migration.codec import MAGIC, ConfigRecord
 from vmferry.migration.liveness import Heartbeat, bound_socket, is_timeout, receive_timeout
-from vmferry.migration.loader import SourceAbandoned
+from vmferry.migration.loader import SourceAbandoned, read_head
 from vmferry.migration.metrics import VerifyResult
 from vmferry.migration.params import MigrationParameters
 from vmferry.migration.receiver_machine import ReceiverEvent
@@ -156,7 +156,20 @@ class Connection:
         self.reply = ReplyPath(sock, peer="the source")
         # The source watches this: a destination that stops (or hangs) is noticed.
         self.heartbeat = Heartbeat(self.reply, timeout_s)
-        self.stream = StreamReader(self.budget.source(stream_source(sock, "migration stream")))
+        self._stream: StreamReader | None = None
+
+    def read_head(self) -> ConfigRecord:
+        """The stream's header (its version checked) and its first section, the CONF: what
+        fails here fails with the reply path open, so the source is told why."""
+        self._stream = StreamReader(
+            self.budget.source(stream_source(self.sock, "migration stream"))
+        )
+        return read_head(self._stream)
+
+    @property
+    def stream(self) -> StreamReader:
+        assert self._stream is not None, "the stream is opened by read_head"
+        return self._stream
 
     def rebound(self, timeout_s: float) -> None:
         """The source's own x-peer-timeout, from its CONF."""

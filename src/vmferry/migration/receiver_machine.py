@@ -20,6 +20,9 @@ section header into an event with ``section_event``, a reply-path line with
 AWAIT_SOURCE and AWAIT_GO yield the next event. A save file restored here (Target.FILE)
 walks the same sections without a source: no heartbeat, no ``accepted``, ``ready`` or
 ``go``; a verified load starts the guest.
+
+Its drivers: ``reception.Reception`` (a live destination), ``loader.SectionLoop`` (the
+sections after CONF, for both) and ``restore.restore_from_file`` (a file).
 """
 
 from __future__ import annotations

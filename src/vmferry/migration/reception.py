@@ -55,7 +55,6 @@ from vmferry.migration.loader import (
     load_stream,
     open_devices,
     populate,
-    read_head,
 )
 from vmferry.migration.metrics import VerifyResult
 from vmferry.migration.receiver_machine import (
@@ -232,7 +231,7 @@ class Reception:
     def _read_section(self) -> ReceiverEvent | None:
         assert self.conn is not None
         if self.walk.state is Rs.AWAIT_CONF:
-            self._head = read_head(self.conn.stream)
+            self._head = self.conn.read_head()
             return Re.CONF
         return self._load()
 
