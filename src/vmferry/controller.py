@@ -22,12 +22,14 @@ from vmferry.migration.destination import IncomingMigration, IncomingResult
 from vmferry.migration.devices import blockers
 from vmferry.migration.params import MigrationCapabilities, MigrationParameters
 from vmferry.migration.source import MigrationSource
+from vmferry.migration.status import MigrationStatus
 from vmferry.qmp import hmp
 from vmferry.qmp.backend import QmpError
 
 Emit = Callable[[str, dict[str, Any]], None]
+MS = MigrationStatus
 # A migration in progress (QEMU's migration_is_running): another may not start.
-ACTIVE = ("setup", "active", "device", "cancelling")
+ACTIVE = frozenset({MS.SETUP, MS.ACTIVE, MS.DEVICE, MS.CANCELLING})
 
 
 class VmController:
@@ -42,7 +44,8 @@ class VmController:
         through ``make_incoming(uri)``."""
         self._machine = machine
         self.make_incoming = make_incoming
-        self.incoming_status = ""  # "" | setup (waiting) | active | completed | failed
+        # "" (none) | setup (waiting) | active | completed | failed
+        self.incoming_status: MigrationStatus | str = ""
         self.incoming_error = ""
         self.incoming: IncomingMigration | None = None
         self.incoming_result: IncomingResult | None = None
@@ -75,7 +78,7 @@ class VmController:
             return "shutdown"
         if mig is not None and mig.released:
             return "postmigrate"
-        if mig is not None and mig.stats.status == "device":
+        if mig is not None and mig.stats.status == MS.DEVICE:
             return "finish-migrate"
         return "running" if self.machine.running else "paused"
 
@@ -144,7 +147,7 @@ class VmController:
 
     def _watch(self, mig: MigrationSource) -> None:
         mig.wait()
-        if mig.stats.status == "completed" and mig.uri.scheme == "tcp":
+        if mig.stats.status == MS.COMPLETED and mig.uri.scheme == "tcp":
             # The VM runs on the destination now: this process's part is over.
             self._finish("migrated")
 
@@ -155,7 +158,7 @@ class VmController:
                     "this VM is already running; start vmferry with --incoming defer to "
                     "receive a migration"
                 )
-            if self.incoming_status in ("setup", "active", "completed"):
+            if self.incoming_status in (MS.SETUP, MS.ACTIVE, MS.COMPLETED):
                 raise QmpError("an incoming migration has already been started")
             try:
                 incoming = self.make_incoming(uri)
@@ -175,8 +178,8 @@ class VmController:
         with self._lock:
             self.incoming = incoming
             # Listening, no source yet: QEMU's destination says "setup" until one connects.
-            self.incoming_status = "setup"
-        self.emit("MIGRATION", {"status": "setup"})
+            self.incoming_status = MS.SETUP
+        self.emit("MIGRATION", {"status": MS.SETUP})
         incoming.on_connected = self._incoming_connected
         threading.Thread(
             target=self._receive, args=(incoming,), name="incoming", daemon=True
@@ -184,10 +187,10 @@ class VmController:
 
     def _incoming_connected(self) -> None:
         with self._lock:
-            if self.incoming_status != "setup":
+            if self.incoming_status != MS.SETUP:
                 return
-            self.incoming_status = "active"
-        self.emit("MIGRATION", {"status": "active"})
+            self.incoming_status = MS.ACTIVE
+        self.emit("MIGRATION", {"status": MS.ACTIVE})
 
     def abandon_incoming(self) -> None:
         """Stop waiting for a VM that has not arrived (quit, a timeout, an interrupt)."""
@@ -198,8 +201,8 @@ class VmController:
         try:
             result = incoming.receive()
         except VmferryError as e:
-            self.incoming_status, self.incoming_error = "failed", str(e)
-            self.emit("MIGRATION", {"status": "failed"})
+            self.incoming_status, self.incoming_error = MS.FAILED, str(e)
+            self.emit("MIGRATION", {"status": MS.FAILED})
             self._finish("incoming-failed")
             self._arrived.set()
             return
@@ -209,8 +212,8 @@ class VmController:
             return
         self.incoming_result = result
         self._machine = result.machine
-        self.incoming_status = "completed"
-        self.emit("MIGRATION", {"status": "completed"})
+        self.incoming_status = MS.COMPLETED
+        self.emit("MIGRATION", {"status": MS.COMPLETED})
         self.emit("RESUME", {})
         self._arrived.set()
 
@@ -234,7 +237,7 @@ class VmController:
                 if self.incoming_error:
                     info["error-desc"] = self.incoming_error
                 inc = self.incoming
-                if self.incoming_status == "setup" and inc is not None:
+                if self.incoming_status == MS.SETUP and inc is not None:
                     # Where it listens, as QEMU's destination says while it waits.
                     info["socket-address"] = [
                         {"type": "inet", "host": inc.uri.host, "port": str(inc.port)}

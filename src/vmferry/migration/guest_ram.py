@@ -42,20 +42,25 @@ class RamMigration:
     def pending(self) -> Pending:
         return Pending(self._scheduled.count() * PAGE_SIZE)
 
-    def save_precopy(self, writer: StreamWriter) -> int:
+    def take_scheduled(self) -> DirtyBitmap:
+        """What the next save would send, handed over (a sender of its own, e.g. one per
+        multifd channel, sends it; ``rearm`` each batch while the guest runs)."""
         pages, self._scheduled = self._scheduled, DirtyBitmap(self._scheduled.npages)
-        return self._send(writer, pages, live=True)
+        return pages
+
+    def save_precopy(self, writer: StreamWriter) -> int:
+        return self._send(writer, self.take_scheduled(), live=True)
 
     def save_final(self, writer: StreamWriter) -> int:
-        pages, self._scheduled = self._scheduled, DirtyBitmap(self._scheduled.npages)
-        return self._send(writer, pages, live=False)
+        return self._send(writer, self.take_scheduled(), live=False)
 
     def _send(self, writer: StreamWriter, pages: DirtyBitmap, *, live: bool) -> int:
         # live: the guest runs, so a page may change while it is sent (FLAG_LIVE); KVM's
         # log is re-armed for each batch just before it is read, so such a write is seen
         # at the next sync and the page goes again.
         sender = RamSender(writer, self.machine.memory, batch_pages=self.batch_pages)
-        return sender.send(pages, self._rearm if live else None, live=live).bytes
+        return sender.send(pages, self.rearm if live else None, live=live).bytes
 
-    def _rearm(self, batch: Batch) -> None:
+    def rearm(self, batch: Batch) -> None:
+        """Clear KVM's log for exactly this batch's words, just before they are read."""
         self.machine.clear_dirty_log(batch.dirty, batch.first_page, batch.page_span)

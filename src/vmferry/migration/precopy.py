@@ -1,0 +1,148 @@
+"""Pre-copy rounds: while the VM runs, each part sends what changed, the dirty logs are
+synced, and the policy says go on, switch over, or give up.
+
+Written against the Migratable contract only: RAM (on its multifd channels), the vCPUs
+and the devices answer the same questions; the round never looks inside one.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from vmferry.machine.machine import Machine
+from vmferry.memory.dirty import DirtyBitmap
+from vmferry.migration import policy
+from vmferry.migration.codec import ROUND, RoundMarker
+from vmferry.migration.devices import SourceDevices
+from vmferry.migration.figures import LiveFigures
+from vmferry.migration.metrics import RoundRecord
+from vmferry.migration.migratable import Migratable
+from vmferry.migration.multifd import MultifdRam
+from vmferry.migration.params import MigrationCapabilities, MigrationParameters
+from vmferry.migration.ram import RamStats
+from vmferry.migration.stream import StreamWriter
+from vmferry.migration.vcpus import VcpuMigration
+
+
+@dataclass(frozen=True)
+class Parts:
+    """What migrates, each a Migratable; the main stream carries all but RAM's extra
+    channels."""
+
+    ram: MultifdRam
+    vcpus: VcpuMigration
+    devices: SourceDevices
+    main: StreamWriter
+
+    @property
+    def all(self) -> tuple[Migratable, ...]:
+        return (self.ram, self.vcpus, self.devices)
+
+    def collect_dirty(self, npages: int, figures: LiveFigures) -> DirtyBitmap:
+        """Every part's dirty pages since the last sync, scheduled for RAM's next save."""
+        dirty = DirtyBitmap(npages)
+        for part in self.all:
+            part.collect_dirty(dirty)
+        self.ram.schedule(dirty)
+        figures.synced()
+        return dirty
+
+    def device_figures(self) -> list[dict[str, object]]:
+        return [s.to_dict() for s in self.devices.stats]
+
+
+class Precopy:
+    """The rounds of one migration, numbered from 0 (round 0 sends all of RAM)."""
+
+    def __init__(
+        self,
+        machine: Machine,
+        parts: Parts,
+        figures: LiveFigures,
+        params: MigrationParameters,
+        caps: MigrationCapabilities,
+    ) -> None:
+        self.machine = machine
+        self.parts = parts
+        self.figures = figures
+        self.params = params
+        self.caps = caps
+        self.round_no = 0  # the round in flight
+        self._bandwidths: list[float] = []
+        self._throttle = policy.ThrottleState()
+
+    def start(self) -> None:
+        """Dirty tracking on in every part: from here on every change is seen."""
+        for part in self.parts.all:
+            part.start_dirty_tracking()
+
+    def round(self) -> policy.Decision:
+        """Send one round, sync, and ask the policy; a "continue" throttles (auto-converge)
+        and numbers the next round."""
+        p = self.parts
+        t_round = time.monotonic()
+        p.ram.save_precopy(p.main)
+        sent = RamStats(p.ram.last.normal, p.ram.last.zero, p.ram.last.bytes)
+        dev_sent = sum(part.save_precopy(p.main) for part in (p.vcpus, p.devices))
+        sent.bytes += dev_sent
+        p.main.section(ROUND, [RoundMarker(self.round_no, sent.normal + sent.zero).encode()])
+        t_sync = time.monotonic()
+        dirty = p.collect_dirty(self.machine.memory.npages, self.figures)
+        # The stop-and-copy syncs the dirty log once more, in series with the rest: as
+        # long as this sync took.
+        sync_ms = (time.monotonic() - t_sync) * 1e3
+        dt = max(time.monotonic() - t_round, 1e-6)
+        ndirty = dirty.count()
+        record = RoundRecord(
+            index=self.round_no,
+            start_s=t_round - self.figures.t0,
+            duration_s=dt,
+            pages=sent.normal + sent.zero,
+            zero_pages=sent.zero,
+            bytes=sent.bytes,
+            dirty_pages=ndirty,
+            dirty_rate=p.ram.pending().bytes / dt,
+            bandwidth=sent.bytes / dt,
+            throttle_pct=self.machine.throttle_pct,
+            device_bytes=dev_sent,
+        )
+        self.figures.round_ended(record, p.device_figures())
+        decision = self._decide(record, sync_ms)
+        if decision.action == "continue":
+            self._throttle_for(sent.bytes)
+            self.round_no += 1
+        return decision
+
+    def _decide(self, record: RoundRecord, sync_ms: float) -> policy.Decision:
+        self._bandwidths.append(record.bandwidth)
+        pending = self.parts.ram.pending().bytes
+        devices = self.parts.devices.pending()
+        decision = policy.decide(
+            self.figures.elapsed_ms(),
+            pending,
+            # The stop-and-copy sends scattered dirty pages: judge it by the rounds that
+            # did, not by round 0's bulk copy.
+            policy.switchover_bandwidth(self._bandwidths),
+            record.dirty_rate,
+            self.params,
+            device_pending=devices.bytes,
+            throttle_pct=self._throttle.pct,
+            overhead_ms=sync_ms,
+            # A device's initial data must be across first (REFERENCE §1).
+            device_initial=devices.initial_bytes,
+        )
+        self.figures.decided(pending, decision, devices.bytes, self.parts.devices.transferred)
+        return decision
+
+    def _throttle_for(self, sent_bytes: int) -> None:
+        pending = self.parts.ram.pending().bytes
+        self._throttle = policy.next_throttle(
+            self._throttle, pending, sent_bytes, self.params, self.caps.auto_converge
+        )
+        if self._throttle.pct != self.machine.throttle_pct:
+            self.machine.set_throttle(self._throttle.pct)
+            self.figures.throttled(self._throttle.pct)
+
+
+__all__ = ["Parts", "Precopy"]
