@@ -1,5 +1,6 @@
 """One live migration inside this process: a source ``Machine`` to an ``IncomingMigration``
-receiving on its own thread, over loopback tcp on a free port.
+receiving on its own thread, over loopback tcp on a free port, or over a ``Link``
+(``transport.socket_link()``: kernel memory, no TCP port).
 
 The migration tests, the traffic lab and the device benchmarks share it. Options go where
 they belong: the destination's (device versions, pre-allocation, TLS, the host it runs
@@ -20,6 +21,7 @@ from typing import Self
 
 from vmferry.machine import Machine
 from vmferry.migration.channel import parse_uri
+from vmferry.migration.connector import Acceptor, Connector
 from vmferry.migration.destination import IncomingMigration, IncomingResult
 from vmferry.migration.metrics import MigrationStats
 from vmferry.migration.params import MigrationCapabilities, MigrationParameters
@@ -34,11 +36,14 @@ CLOSE_TIMEOUT_S = 10.0
 # Entered around the destination's set-up and around its receive (on its thread): the
 # NIC model finds "this host" in a context variable, which a new thread does not inherit.
 Scope = Callable[[], AbstractContextManager[object]]
+# A source's connector joined to a destination's acceptor (transport.socket_link()).
+Link = tuple[Connector, Acceptor]
 
 
 class InProcessDestination:
-    """``IncomingMigration`` on tcp:127.0.0.1:<free port>, receiving on its own thread
-    from the moment it is made; ``result`` or ``error`` once it has ended."""
+    """``IncomingMigration`` on tcp:127.0.0.1:<free port> (or the acceptor of ``link``),
+    receiving on its own thread from the moment it is made; ``result`` or ``error`` once
+    it has ended."""
 
     def __init__(
         self,
@@ -49,9 +54,12 @@ class InProcessDestination:
         tls: TlsServer | None = None,
         scope: Scope | None = None,
         thread_name: str = "destination",
+        link: Link | None = None,
     ) -> None:
         self.serial = serial if serial is not None else io.BytesIO()
         self._scope: Scope = scope or contextlib.nullcontext
+        # How a source reaches it: None is TCP to ``uri``.
+        self.connector: Connector | None = None if link is None else link[0]
         with self._scope():
             self.incoming = IncomingMigration(
                 parse_uri(LOOPBACK),
@@ -60,6 +68,7 @@ class InProcessDestination:
                 device_versions=device_versions,
                 prealloc=prealloc,
                 tls=tls,
+                acceptor=None if link is None else link[1],
             )
         self.port: int = self.incoming.port
         self.result: IncomingResult | None = None
@@ -144,14 +153,15 @@ def migrate(
     machine: Machine,
     *,
     destination: InProcessDestination | None = None,
+    link: Link | None = None,
     params: MigrationParameters | None = None,
     caps: MigrationCapabilities | None = None,
     on_event: EventSink | None = None,
     during: Callable[[MigrationSource], None] | None = None,
     timeout_s: float = TIMEOUT_S,
 ) -> MigrationRun:
-    """Migrate the running ``machine`` to ``destination`` (a plain one if None) and wait
-    until both sides have ended, each within ``timeout_s``.
+    """Migrate the running ``machine`` to ``destination`` (a plain one if None, on
+    ``link`` if given) and wait until both sides have ended, each within ``timeout_s``.
 
     ``during`` runs on this thread once the source has started (to act on the guest or
     the source while it migrates, or to cancel it). A failed migration is a
@@ -159,7 +169,9 @@ def migrate(
     migration that outlives ``timeout_s`` is cancelled, and everything is closed before
     the ``TimeoutError`` (or whatever ``during`` raised) reaches the caller.
     """
-    dest = destination if destination is not None else InProcessDestination()
+    if destination is not None and link is not None:
+        raise ValueError("a link is the destination's: give it to InProcessDestination")
+    dest = destination if destination is not None else InProcessDestination(link=link)
     src: MigrationSource | None = None
     started = False
     try:
@@ -169,6 +181,7 @@ def migrate(
             params or MigrationParameters(),
             caps or MigrationCapabilities(),
             on_event=on_event,
+            connector=dest.connector,
         )
         t0 = time.monotonic()
         src.start()
