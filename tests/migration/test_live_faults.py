@@ -35,7 +35,7 @@ from tests.migration.live import (
 from vmferry.errors import ConfigError, MigrationError, StreamError
 from vmferry.memory.guest_memory import PAGE_SIZE
 from vmferry.migration import codec, loader, stream
-from vmferry.migration import destination as destination_mod
+from vmferry.migration import reception as destination_mod
 from vmferry.migration import source as source_mod
 from vmferry.migration.channel import ReplyPath
 from vmferry.migration.codec import RAM_HEAD, RUN_DTYPE, RUN_ZERO
