@@ -128,7 +128,9 @@ class SectionLoop:
         self.devices = devices
         self.on_round = on_round
         self.written = DirtyBitmap(memory.npages)
-        self.receivers = [RamReceiver(memory, self.written) for _ in range(1 + len(channels))]
+        n = 1 + len(channels)
+        # Each receiver refuses pages of another channel's blocks: channels share `written`.
+        self.receivers = [RamReceiver(memory, self.written, i, n) for i in range(n)]
         self.cpu: CpuStateRecord | None = None
         self.summary = DeviceSummary()
         self.verify: VerifyRecord | None = None
