@@ -56,7 +56,7 @@ def _lost_outside(o: Outcome) -> int:
     stop = next((r for r in st.rounds if r.stop_copy), None)
     if stop is None:
         return o.traffic.lost
-    pause = o.source._t0 + stop.start_s - o.traffic.started_at  # same monotonic clock
+    pause = o.source.started_at + stop.start_s - o.traffic.started_at  # same monotonic clock
     resume = pause + st.downtime_ms / 1e3 + GAP_SLACK_MS / 1e3
     return sum(1 for t in o.traffic.lost_at_s if not pause <= t <= resume)
 

@@ -3,9 +3,9 @@
 The table decides what happens next; this driver carries out its actions — the I/O —
 and turns what came of them into the next event: the policy's decision at a round's
 end, the destination's answers, or an error classified (failure.py). The migration's
-thread loops: actions, event, step. ``cancel`` steps CANCEL from the caller's thread;
-steps are serialised under the stats lock, and between actions the thread looks whether
-a cancel came (then it feeds HALTED).
+thread loops (source_loop): actions, event, step. ``cancel`` steps CANCEL from the
+caller's thread; steps are serialised under the stats lock, and between actions the
+thread looks whether a cancel came (then it feeds HALTED).
 
 Until the destination says ``ready`` and the source has answered ``go``, any failure or
 a cancel resumes the VM here as if nothing happened. After ``go`` the source never runs
@@ -18,20 +18,16 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from vmferry.errors import MigrationCancelled, MigrationError, VmferryError
 from vmferry.machine.machine import Machine
 from vmferry.migration import tls
 from vmferry.migration.channel import parse_uri
-from vmferry.migration.codec import (
-    AbandonNotice,
-    Ready,
-)
+from vmferry.migration.codec import AbandonNotice, Ready
 from vmferry.migration.connector import Connector, TcpConnector
 from vmferry.migration.devices import SourceDevices, blockers
-from vmferry.migration.failure import Circumstances, GuestEnded, classify, describe
+from vmferry.migration.failure import Circumstances, GuestEnded, describe
 from vmferry.migration.figures import LiveFigures
 from vmferry.migration.guest_ram import RamMigration
 from vmferry.migration.handover import DestinationRefused, Handover
@@ -46,6 +42,7 @@ from vmferry.migration.outgoing import (
 )
 from vmferry.migration.params import MigrationCapabilities, MigrationParameters
 from vmferry.migration.precopy import Precopy
+from vmferry.migration.source_loop import Perform, SourceLoop
 from vmferry.migration.source_machine import (
     SourceAction,
     SourceEvent,
@@ -57,7 +54,6 @@ from vmferry.migration.source_machine import (
 from vmferry.migration.status import MigrationStatus
 from vmferry.migration.stream import StreamWriter
 from vmferry.migration.switchover import EventSink, StopCopy
-from vmferry.migration.table import UnexpectedEvent
 from vmferry.migration.tlssocket import stream_sink
 from vmferry.migration.transport import FdSink
 from vmferry.migration.vcpus import VcpuMigration
@@ -65,7 +61,6 @@ from vmferry.migration.vcpus import VcpuMigration
 log = logging.getLogger(__name__)
 
 St, Ev, Ac = SourceState, SourceEvent, SourceAction
-Perform = Callable[[], SourceEvent | None]
 
 
 class MigrationSource:
@@ -113,6 +108,15 @@ class MigrationSource:
         self._thread: threading.Thread | None = None
         self._digest_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="digest")
         self._perform = self._actions()
+        self._loop = SourceLoop(
+            self._walk,
+            self.figures,
+            self._perform,
+            circumstances=self._circumstances,
+            cancel_reason=lambda: self._cancel_reason,
+            rollback=self._rollback,
+            on_event=self.on_event,
+        )
 
     # ---- control
     def start(self) -> None:
@@ -176,8 +180,8 @@ class MigrationSource:
         return self.params.multifd_channels if self.caps.multifd else 1
 
     @property
-    def _t0(self) -> float:
-        # When it started (monotonic): bench/nic.py lines rounds up with its traffic.
+    def started_at(self) -> float:
+        """When it started, on the monotonic clock (rounds' ``start_s`` count from it)."""
         return self.figures.t0
 
     def snapshot(self) -> MigrationStats:
@@ -187,46 +191,17 @@ class MigrationSource:
     # ---- the thread: actions, then the event they ended in, then the next step
     def _main(self, actions: tuple[SourceAction, ...], state: SourceState) -> None:
         try:
-            while True:
-                event = self._carry_out(actions, state)
-                if event is None:
-                    return  # a final state: nothing more to wait for
-                try:
-                    with self._lock:
-                        actions, state = self._walk.step(event), self._walk.state
-                except UnexpectedEvent as e:
-                    self._unexpected(e)
-                    return
-                if state is St.CANCELLED and not self.stats.error:
-                    # The step in flight ended well, but a cancel had come meanwhile.
-                    self.figures.failed(self._cancel_reason)
-        finally:
-            self._close()
-
-    def _carry_out(
-        self, actions: tuple[SourceAction, ...], state: SourceState
-    ) -> SourceEvent | None:
-        """Perform the actions of one step; the event the last one yielded (None after a
-        final step). A cancel between two actions stops the step there (HALTED)."""
-        for action in actions:
-            if self._walk.state is not state and self._walk.cancelling:
-                return self._failed(MigrationCancelled(self._cancel_reason))
-            try:
-                event = self._perform[action]()
-            except BaseException as e:  # what it comes to is the table's to say
-                if self._walk.finished:
-                    # A final step (rollback, telling why): the rest of it still runs.
-                    log.warning("%s: %s failed: %r", self._walk.name, action.name, e)
-                    continue
-                return self._failed(e)
-            if event is not None:
-                return event
-        return None
-
-    def _failed(self, e: BaseException) -> SourceEvent:
-        c = self._circumstances()
-        self.figures.failed(describe(e, c))
-        return classify(e, c)
+            self._loop.run(actions, state)
+        finally:  # whatever it came to: the link and the streams closed, waiters woken
+            if self._link is not None:
+                self._link.close()
+            if self._out is not None:
+                self._out.channels.close()
+            self._digest_pool.shutdown(wait=False)
+            self.figures.ended()
+            if self.stats.status != MigrationStatus.COMPLETED:
+                log.warning("migration to %s %s: %s", self.uri, self.stats.status, self.stats.error)
+            self.done.set()
 
     def _circumstances(self) -> Circumstances:
         walk, out = self._walk, self._out
@@ -241,27 +216,6 @@ class MigrationSource:
             cancel_reason=self._cancel_reason if walk.cancelling else None,
             released=walk.released,
         )
-
-    def _unexpected(self, e: UnexpectedEvent) -> None:
-        """The table has no row for what happened (a driver bug): fail safe."""
-        log.error("%s", e)
-        self.figures.failed(f"internal error: {e}")
-        if not self._walk.released:
-            self._rollback()
-        with self._lock:
-            self.stats.status = MigrationStatus.FAILED
-        self.on_event("MIGRATION", {"status": MigrationStatus.FAILED})
-
-    def _close(self) -> None:
-        if self._link is not None:
-            self._link.close()
-        if self._out is not None:
-            self._out.channels.close()
-        self._digest_pool.shutdown(wait=False)
-        self.figures.ended()
-        if self.stats.status != MigrationStatus.COMPLETED:
-            log.warning("migration to %s %s: %s", self.uri, self.stats.status, self.stats.error)
-        self.done.set()
 
     def _actions(self) -> dict[SourceAction, Perform]:
         sc, rounds = self._switchover, self._rounds
