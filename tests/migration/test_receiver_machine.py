@@ -3,10 +3,15 @@ grammar, the real walks, and the rules it must keep (no guest before go, abandon
 
 from __future__ import annotations
 
-from collections import deque
-
 import pytest
 
+from tests.migration.tables import (
+    assert_each_state_can_end,
+    assert_steps_as_the_table_says,
+    put_at,
+    shortest_paths,
+    steps,
+)
 from vmferry.errors import MigrationError, StreamError
 from vmferry.migration.receiver_machine import (
     FINAL,
@@ -28,47 +33,21 @@ from vmferry.migration.table import UnexpectedEvent
 
 Rs, Re, Ra = ReceiverState, ReceiverEvent, ReceiverAction
 SECTIONS = set(SECTION_EVENTS.values())
-CONNECTED = {
-    Rs.AWAIT_CONF,
-    Rs.SETTING_UP,
-    Rs.LOADING,
-    Rs.AFTER_CPUS,
-    Rs.AFTER_DEVS,
-    Rs.AFTER_VRFY,
-    Rs.VERIFYING,
-    Rs.READY,
-}
+# A source is connected: every state but before one came and the two ends.
+CONNECTED = set(Rs) - {Rs.IDLE, Rs.WAITING, Rs.RUNNING, Rs.FAILED}
 YIELDING = {Ra.AWAIT_SOURCE, Ra.READ_SECTION, Ra.SET_UP, Ra.VERIFY, Ra.AWAIT_GO}
 
 
-def _paths(target: Target) -> dict[ReceiverState, list[ReceiverEvent]]:
-    paths: dict[ReceiverState, list[ReceiverEvent]] = {Rs.IDLE: []}
-    todo = deque([Rs.IDLE])
-    while todo:
-        state = todo.popleft()
-        for (s, e), step in TABLES[target].items():
-            if s is state and step.next not in paths:
-                paths[step.next] = [*paths[state], e]
-                todo.append(step.next)
-    return paths
-
-
-PATHS = {t: _paths(t) for t in Target}
+PATHS = {t: shortest_paths(TABLES[t], Rs.IDLE) for t in Target}
 
 
 def _at(state: ReceiverState, target: Target = Target.LIVE) -> ReceiverMachine:
-    m = ReceiverMachine(target)
-    for e in PATHS[target][state]:
-        m.step(e)
+    m = put_at(ReceiverMachine(target), PATHS[target][state])
     assert m.state is state
     return m
 
 
-def _walk(m: ReceiverMachine, *events: ReceiverEvent) -> list[ReceiverAction]:
-    out: list[ReceiverAction] = []
-    for e in events:
-        out += m.step(e)
-    return out
+_walk = steps
 
 
 ALL = [(t, s, e) for t in Target for s in Rs if s in STATES[t] for e in Re]
@@ -81,33 +60,13 @@ TARGETS = pytest.mark.parametrize("target", list(Target), ids=[t.value for t in 
 def test_every_pair_steps_as_the_table_says_or_is_refused_naming_both(
     target: Target, state: ReceiverState, event: ReceiverEvent
 ) -> None:
-    m = _at(state, target)
-    step = TABLES[target].get((state, event))
-    if step is None:
-        with pytest.raises(UnexpectedEvent) as err:
-            m.step(event)
-        assert f"event {event.name} is not expected in state {state.name}" in str(err.value)
-        assert isinstance(err.value, MigrationError)
-        assert m.state is state
-    else:
-        assert m.step(event) == step.actions
-        assert m.state is step.next and m.status is STATUS[step.next]
+    assert_steps_as_the_table_says(_at(state, target), TABLES[target], STATUS, event)
 
 
 @TARGETS
 def test_every_state_is_reached_and_every_one_can_end(target: Target) -> None:
-    table = TABLES[target]
     assert set(PATHS[target]) == STATES[target]
-    assert {s for s, _ in table} | {step.next for step in table.values()} <= STATES[target]
-    for state in STATES[target] - FINAL:
-        seen, todo = {state}, [state]
-        while todo:
-            cur = todo.pop()
-            for (s, _), step in table.items():
-                if s is cur and step.next not in seen:
-                    seen.add(step.next)
-                    todo.append(step.next)
-        assert seen & FINAL, f"{state.name} never ends"
+    assert_each_state_can_end(TABLES[target], STATES[target], FINAL)
 
 
 # Which state reads the section that follows each grammar row (None: the stream start).

@@ -4,10 +4,16 @@ status each state shows, and the rules the table must keep (cancelling, release)
 from __future__ import annotations
 
 import json
-from collections import deque
 
 import pytest
 
+from tests.migration.tables import (
+    assert_each_state_can_end,
+    assert_steps_as_the_table_says,
+    put_at,
+    shortest_paths,
+    steps,
+)
 from vmferry.errors import MigrationError
 from vmferry.migration.source_machine import (
     FINAL,
@@ -39,36 +45,16 @@ YIELDING = {
 }
 
 
-def _paths(target: Target) -> dict[SourceState, list[SourceEvent]]:
-    """The shortest event sequence from IDLE to each state the table reaches."""
-    table = TABLES[target]
-    paths: dict[SourceState, list[SourceEvent]] = {St.IDLE: []}
-    todo = deque([St.IDLE])
-    while todo:
-        state = todo.popleft()
-        for (s, e), step in table.items():
-            if s is state and step.next not in paths:
-                paths[step.next] = [*paths[state], e]
-                todo.append(step.next)
-    return paths
-
-
-PATHS = {t: _paths(t) for t in Target}
+PATHS = {t: shortest_paths(TABLES[t], St.IDLE) for t in Target}
 
 
 def _at(target: Target, state: SourceState) -> SourceMachine:
-    m = SourceMachine(target)
-    for e in PATHS[target][state]:
-        m.step(e)
+    m = put_at(SourceMachine(target), PATHS[target][state])
     assert m.state is state
     return m
 
 
-def _walk(m: SourceMachine, *events: SourceEvent) -> list[SourceAction]:
-    out: list[SourceAction] = []
-    for e in events:
-        out += m.step(e)
-    return out
+_walk = steps
 
 
 ALL = [(t, s, e) for t in Target for s in sorted(STATES[t], key=lambda s: s.value) for e in Ev]
@@ -80,38 +66,13 @@ ALL = [(t, s, e) for t in Target for s in sorted(STATES[t], key=lambda s: s.valu
 def test_every_pair_steps_as_the_table_says_or_is_refused_naming_both(
     target: Target, state: SourceState, event: SourceEvent
 ) -> None:
-    m = _at(target, state)
-    step = TABLES[target].get((state, event))
-    if step is None:
-        assert not m.allows(event)
-        with pytest.raises(UnexpectedEvent) as err:
-            m.step(event)
-        assert err.value.state is state and err.value.event is event
-        assert f"event {event.name} is not expected in state {state.name}" in str(err.value)
-        assert isinstance(err.value, MigrationError)
-        assert m.state is state  # a refused event changes nothing
-    else:
-        assert m.allows(event)
-        assert m.step(event) == step.actions
-        assert m.state is step.next
-        assert m.history[-1] == (state, event)
-        assert m.status is STATUS[step.next]
+    assert_steps_as_the_table_says(_at(target, state), TABLES[target], STATUS, event)
 
 
 @pytest.mark.parametrize("target", list(Target))
 def test_each_target_reaches_exactly_its_states_and_each_can_end(target: Target) -> None:
-    table = TABLES[target]
     assert set(PATHS[target]) == STATES[target]
-    assert {s for s, _ in table} | {step.next for step in table.values()} <= STATES[target]
-    for state in STATES[target] - FINAL:
-        seen, todo = {state}, [state]
-        while todo:
-            cur = todo.pop()
-            for (s, _), step in table.items():
-                if s is cur and step.next not in seen:
-                    seen.add(step.next)
-                    todo.append(step.next)
-        assert seen & FINAL, f"{state.name} never ends"
+    assert_each_state_can_end(TABLES[target], STATES[target], FINAL)
 
 
 @pytest.mark.parametrize("target", list(Target))

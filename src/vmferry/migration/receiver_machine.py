@@ -103,23 +103,23 @@ class ReceiverAction(enum.Enum):
 Rs, Re, Ra = ReceiverState, ReceiverEvent, ReceiverAction
 ReceiverTable = Mapping[tuple[ReceiverState, ReceiverEvent], Step[ReceiverState, ReceiverAction]]
 
+#: A source is connected: from the wait for CONF to the hand-over.
+_CONNECTED = (
+    Rs.AWAIT_CONF,
+    Rs.SETTING_UP,
+    Rs.LOADING,
+    Rs.AFTER_CPUS,
+    Rs.AFTER_DEVS,
+    Rs.AFTER_VRFY,
+    Rs.VERIFYING,
+    Rs.READY,
+)
+
 STATUS: Mapping[ReceiverState, MigrationStatus] = MappingProxyType(
     {
         Rs.IDLE: MigrationStatus.NONE,
         Rs.WAITING: MigrationStatus.SETUP,
-        **{
-            s: MigrationStatus.ACTIVE
-            for s in (
-                Rs.AWAIT_CONF,
-                Rs.SETTING_UP,
-                Rs.LOADING,
-                Rs.AFTER_CPUS,
-                Rs.AFTER_DEVS,
-                Rs.AFTER_VRFY,
-                Rs.VERIFYING,
-                Rs.READY,
-            )
-        },
+        **{s: MigrationStatus.ACTIVE for s in _CONNECTED},
         Rs.RUNNING: MigrationStatus.COMPLETED,
         Rs.FAILED: MigrationStatus.FAILED,
     }
@@ -149,16 +149,6 @@ SECTION_EVENTS: Mapping[bytes, ReceiverEvent] = MappingProxyType(
 )
 
 _FAIL = (Ra.STOP_HEARTBEAT, Ra.SEND_FAILED, Ra.DISCARD, Ra.REPORT_STATUS)
-_CONNECTED = (
-    Rs.AWAIT_CONF,
-    Rs.SETTING_UP,
-    Rs.LOADING,
-    Rs.AFTER_CPUS,
-    Rs.AFTER_DEVS,
-    Rs.AFTER_VRFY,
-    Rs.VERIFYING,
-    Rs.READY,
-)
 _READING = (Rs.LOADING, Rs.AFTER_CPUS, Rs.AFTER_DEVS, Rs.AFTER_VRFY)
 _GIVE_UP = (Re.ABANDON, Re.ERROR, Re.SOURCE_SILENT, Re.SOURCE_CLOSED)
 _READ = Ra.READ_SECTION
@@ -272,21 +262,13 @@ class ReceiverMachine(Walk[ReceiverState, ReceiverEvent, ReceiverAction]):
 
     def __init__(self, target: Target = Target.LIVE) -> None:
         name = "migration destination" if target is Target.LIVE else "restore from a file"
-        super().__init__(name, TABLES[target], STATUS, Rs.IDLE)
+        super().__init__(name, TABLES[target], STATUS, Rs.IDLE, final=FINAL, phases=PHASE)
         self.target = target
 
     @property
     def started(self) -> bool:
         """The guest runs here: from now on nothing may close it."""
         return self.state is Rs.RUNNING
-
-    @property
-    def finished(self) -> bool:
-        return self.state in FINAL
-
-    @property
-    def phase(self) -> str:
-        return PHASE.get(self.state, self.state.name.lower())
 
 
 __all__ = [

@@ -312,7 +312,8 @@ class SourceMachine(Walk[SourceState, SourceEvent, SourceAction]):
     """One outgoing migration's place in its table."""
 
     def __init__(self, target: Target) -> None:
-        super().__init__(f"{target.value} migration source", TABLES[target], STATUS, St.IDLE)
+        name = f"{target.value} migration source"
+        super().__init__(name, TABLES[target], STATUS, St.IDLE, final=FINAL, phases=PHASE)
         self.target = target
 
     @property
@@ -326,16 +327,8 @@ class SourceMachine(Walk[SourceState, SourceEvent, SourceAction]):
         return self.state is St.SAVED
 
     @property
-    def finished(self) -> bool:
-        return self.state in FINAL
-
-    @property
     def cancelling(self) -> bool:
         return self.state in _CANCELLING
-
-    @property
-    def phase(self) -> str:
-        return PHASE.get(self.state, self.state.name.lower())
 
 
 __all__ = [

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -57,7 +58,10 @@ class UnexpectedEvent(MigrationError):
 
 
 class Walk(Generic[S, E, A]):
-    """One run through a table: the current state, its status, the steps taken."""
+    """One run through a table: the current state, its status, the steps taken.
+
+    ``final`` are the states a walk ends in; ``phases`` name states in words for error
+    messages ("during the switchover"), the others by their lower-cased name."""
 
     def __init__(
         self,
@@ -65,10 +69,15 @@ class Walk(Generic[S, E, A]):
         table: Mapping[tuple[S, E], Step[S, A]],
         statuses: Mapping[S, MigrationStatus],
         start: S,
+        *,
+        final: AbstractSet[S] = frozenset(),
+        phases: Mapping[S, str] | None = None,
     ) -> None:
         self.name = name  # "source" / "receiver", for error messages
         self.table = table
         self.statuses = statuses
+        self.final = final
+        self.phases: Mapping[S, str] = phases or {}
         self._state = start
         self._history: list[tuple[S, E]] = []
 
@@ -80,6 +89,16 @@ class Walk(Generic[S, E, A]):
     def status(self) -> MigrationStatus:
         """What query-migrate shows in the current state."""
         return self.statuses[self._state]
+
+    @property
+    def finished(self) -> bool:
+        """The walk is in one of its final states."""
+        return self._state in self.final
+
+    @property
+    def phase(self) -> str:
+        """Where the walk is, in words."""
+        return self.phases.get(self._state, self._state.name.lower())
 
     @property
     def history(self) -> tuple[tuple[S, E], ...]:
