@@ -25,7 +25,15 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, cast
 
 from vmferry.errors import MigrationError
-from vmferry.migration.transport import Buffer, FdSink, FdSource, Sink, Source, StreamEndsEarly
+from vmferry.migration.transport import (
+    Buffer,
+    ExactReader,
+    FdSink,
+    FdSource,
+    Sink,
+    Source,
+    byte_view,
+)
 
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer, WriteableBuffer
@@ -299,26 +307,18 @@ class TlsSink:
         pass
 
 
-class TlsSource:
+class TlsSource(ExactReader):
     """Reads exactly the bytes asked for, decrypted straight into the caller's buffer."""
 
     def __init__(self, sock: TlsSocket, name: str = "stream") -> None:
+        super().__init__(name)
         self.sock = sock
-        self.name = name
-        self._pos = 0
-
-    @property
-    def position(self) -> int:
-        return self._pos
 
     def readinto(self, buf: memoryview) -> None:
-        view = buf.cast("B") if buf.format != "B" else buf
+        view = byte_view(buf)
         got = self.sock.recv_exactly_into(view)
         if got < len(view):
-            raise StreamEndsEarly(
-                f"{self.name} ends early at byte {self._pos + got}: "
-                f"{len(view) - got} more bytes were expected"
-            )
+            raise self._ends_early(got, len(view))
         self._pos += got
 
     def close(self) -> None:

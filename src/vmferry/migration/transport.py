@@ -63,12 +63,11 @@ class StreamEndsEarly(StreamError):
     """The stream ended (EOF) where more bytes were due: the writer closed or went away."""
 
 
-class FdSource:
-    """Reads exactly the bytes asked for, straight into the caller's buffer."""
+class ExactReader:
+    """What a source that reads exactly the bytes asked for keeps: its name for messages
+    and how many bytes it has read (``position``)."""
 
-    def __init__(self, fd: int, *, owned: bool = True, name: str = "stream") -> None:
-        self.fd = fd
-        self.owned = owned
+    def __init__(self, name: str) -> None:
         self.name = name
         self._pos = 0
 
@@ -76,16 +75,34 @@ class FdSource:
     def position(self) -> int:
         return self._pos
 
+    def _ends_early(self, got: int, want: int) -> StreamEndsEarly:
+        """The stream ended after ``got`` of the ``want`` bytes of this read."""
+        return StreamEndsEarly(
+            f"{self.name} ends early at byte {self._pos + got}: "
+            f"{want - got} more bytes were expected"
+        )
+
+
+def byte_view(buf: memoryview) -> memoryview:
+    """``buf`` as bytes (a read fills any buffer byte by byte)."""
+    return buf.cast("B") if buf.format != "B" else buf
+
+
+class FdSource(ExactReader):
+    """Reads exactly the bytes asked for, straight into the caller's buffer."""
+
+    def __init__(self, fd: int, *, owned: bool = True, name: str = "stream") -> None:
+        super().__init__(name)
+        self.fd = fd
+        self.owned = owned
+
     def readinto(self, buf: memoryview) -> None:
-        view = buf.cast("B") if buf.format != "B" else buf
+        view = byte_view(buf)
         got = 0
         while got < len(view):
             n = os.readv(self.fd, [view[got:]])
             if n == 0:
-                raise StreamEndsEarly(
-                    f"{self.name} ends early at byte {self._pos + got}: "
-                    f"{len(view) - got} more bytes were expected"
-                )
+                raise self._ends_early(got, len(view))
             got += n
         self._pos += got
 

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 
 from vmferry.errors import MigrationError
 from vmferry.migration.connector import Acceptor, Connector
-from vmferry.migration.transport import Buffer, StreamEndsEarly
+from vmferry.migration.transport import Buffer, ExactReader, byte_view
 
 # Rewrites one write's buffers before they are kept (a test damaging a stream in flight).
 Tamper = Callable[[Sequence[Buffer]], Sequence[Buffer]]
@@ -62,18 +62,13 @@ class MemorySink:
         self.closed = True
 
 
-class MemorySource:
+class MemorySource(ExactReader):
     """Reads ``data`` from the start, exactly as many bytes as asked for each time."""
 
     def __init__(self, data: Buffer, *, name: str = "stream") -> None:
+        super().__init__(name)
         self._data = memoryview(data).cast("B")
-        self.name = name
-        self._pos = 0
         self.closed = False
-
-    @property
-    def position(self) -> int:
-        return self._pos
 
     @property
     def remaining(self) -> int:
@@ -82,14 +77,11 @@ class MemorySource:
     def readinto(self, buf: memoryview) -> None:
         if self.closed:
             raise _closed("MemorySource")
-        view = buf.cast("B") if buf.format != "B" else buf
+        view = byte_view(buf)
         n = len(view)
         if n > self.remaining:
             # FdSource's words: a reader cannot tell a buffer from a socket by its errors.
-            raise StreamEndsEarly(
-                f"{self.name} ends early at byte {len(self._data)}: "
-                f"{n - self.remaining} more bytes were expected"
-            )
+            raise self._ends_early(self.remaining, n)
         view[:] = self._data[self._pos : self._pos + n]
         self._pos += n
 
@@ -138,22 +130,17 @@ class PipeSink:
             self._pipe.cond.notify_all()
 
 
-class PipeSource:
+class PipeSource(ExactReader):
     """The reading end of ``memory_pipe``: a read waits for its bytes, up to ``timeout_s``
     (None: forever), and ends early only once the sink is closed."""
 
     def __init__(self, pipe: _Pipe, *, name: str, timeout_s: float | None) -> None:
+        super().__init__(name)
         self._pipe = pipe
-        self.name = name
         self.timeout_s = timeout_s
-        self._pos = 0
-
-    @property
-    def position(self) -> int:
-        return self._pos
 
     def readinto(self, buf: memoryview) -> None:
-        view = buf.cast("B") if buf.format != "B" else buf
+        view = byte_view(buf)
         n = len(view)
         p = self._pipe
         deadline = None if self.timeout_s is None else time.monotonic() + self.timeout_s
@@ -169,10 +156,7 @@ class PipeSource:
                     )
                 p.cond.wait(left)
             if p.available < n:
-                raise StreamEndsEarly(
-                    f"{self.name} ends early at byte {self._pos + p.available}: "
-                    f"{n - p.available} more bytes were expected"
-                )
+                raise self._ends_early(p.available, n)
             view[:] = p.buffer[p.start : p.start + n]
             p.start += n
             self._pos += n
