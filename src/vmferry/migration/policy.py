@@ -233,8 +233,8 @@ def decide(
 ) -> Decision:
     """After a sync: switch over, keep iterating, or cancel (x-switchover-timeout/policy).
 
-    ``device_pending``: device bytes still to send (pre-copy left plus the stop-copy
-    estimates); they count in the threshold and in the expected downtime.
+    ``device_pending``: device and vCPU state bytes still to send (pre-copy left plus the
+    stop-copy estimates); they count in the threshold and in the expected downtime.
     ``device_initial``: the part of it that is devices' initial pre-copy data: while any
     is left the VM does not switch over, however small the remainder (see _awaiting).
     ``overhead_ms``: the switchover's cost besides the bytes (``downtime_overhead_ms``);

@@ -118,6 +118,8 @@ class Precopy:
         self._bandwidths.append(record.bandwidth)
         pending = self.parts.ram.pending().bytes
         devices = self.parts.devices.pending()
+        # The stop-copy sends the vCPUs' state with the devices': it counts in the downtime.
+        state = devices.bytes + self.parts.vcpus.pending().bytes
         decision = policy.decide(
             self.figures.elapsed_ms(),
             pending,
@@ -126,13 +128,13 @@ class Precopy:
             policy.switchover_bandwidth(self._bandwidths),
             record.dirty_rate,
             self.params,
-            device_pending=devices.bytes,
+            device_pending=state,
             throttle_pct=self._throttle.pct,
             overhead_ms=sync_ms,
             # A device's initial data must be across first (REFERENCE §1).
             device_initial=devices.initial_bytes,
         )
-        self.figures.decided(pending, decision, devices.bytes, self.parts.devices.transferred)
+        self.figures.decided(pending, decision, state, self.parts.devices.transferred)
         return decision
 
     def _throttle_for(self, sent_bytes: int) -> None:
