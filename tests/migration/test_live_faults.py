@@ -37,7 +37,7 @@ from vmferry.memory.guest_memory import PAGE_SIZE
 from vmferry.migration import codec, loader, stream
 from vmferry.migration import reception as destination_mod
 from vmferry.migration import source as source_mod
-from vmferry.migration.channel import ReplyPath
+from vmferry.migration.channel import CHANNEL_BLOCK_SHIFT, ReplyPath
 from vmferry.migration.codec import RAM_HEAD, RUN_DTYPE, RUN_ZERO
 from vmferry.migration.loader import LoadedStream
 from vmferry.migration.params import MigrationCapabilities, MigrationParameters
@@ -567,7 +567,8 @@ def test_bad_extra_channel_fails_the_destination_at_once(dest: Destination) -> N
             time.sleep(0.5)  # the destination now waits on both connections
             sink.data.clear()
             runs = np.zeros(1, RUN_DTYPE)
-            runs["first"], runs["npages"] = IMAGE_PAGE, 1
+            # A page of channel 1's own blocks (2 MiB blocks alternate between 2 channels).
+            runs["first"], runs["npages"] = 1 << CHANNEL_BLOCK_SHIFT, 1
             page = bytes(range(256)) * (PAGE_SIZE // 256)
             w1.section(codec.RAM, [RAM_HEAD.pack(1, 0), runs.tobytes(), page])
             sink.data[-100] ^= 1  # in the page: the checksum no longer matches
