@@ -7,13 +7,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.migration.ramload import load_ram
 from vmferry.errors import StreamError
 from vmferry.memory import DirtyBitmap, GuestMemory
 from vmferry.migration import codec
 from vmferry.migration.channel import CHANNEL_BLOCK_SHIFT, split_by_channel
 from vmferry.migration.ram import MAX_BATCH_PAGES, MAX_SECTION_PAGES, Batch, RamReceiver, RamSender
-from vmferry.migration.stream import StreamReader, StreamWriter
-from vmferry.testing.transport import MemorySink, MemorySource
+from vmferry.migration.stream import StreamWriter
+from vmferry.testing.transport import MemorySink
 
 MEM = 8 << 20
 NPAGES = MEM // 4096
@@ -24,18 +25,6 @@ def _memory(seed: int) -> GuestMemory:
     m.pages()[:] = np.random.default_rng(seed).integers(1, 2**63, m.pages().shape, np.uint64)
     m.pages()[::97] = 0  # some zero pages, so runs are cut at them
     return m
-
-
-def _load(data: bytes, rx: RamReceiver) -> None:
-    r = StreamReader(MemorySource(data))
-    while True:
-        hdr, h = r.next_section()
-        if hdr.tag == codec.RAM:
-            rx.load(r, hdr, h)
-        else:
-            r.read_payload(hdr, h)
-            if hdr.tag == codec.END:
-                return
 
 
 pages_strategy = st.lists(
@@ -62,7 +51,7 @@ def test_channels_of_a_bitmap_carry_exactly_its_pages(
             sender.send(part, seen.append)
             for tag in (codec.CPUS, codec.DEVS, codec.END):
                 w.section(tag, [b"{}"] if tag != codec.END else [])
-            _load(bytes(sink.data), rx)
+            load_ram(bytes(sink.data), rx)
             # A batch's words hold this channel's pages only: re-arming them touches no other.
             for b in seen:
                 got = b.dirty.pages(b.first_word, b.end_word)
@@ -122,12 +111,12 @@ def test_zero_runs_may_claim_no_more_pages_than_a_batch_holds() -> None:
     try:
         everything = [(0, NPAGES, codec.RUN_ZERO)] * 20000
         with pytest.raises(StreamError, match=r"section #1 RAM .* claim 40960000 pages"):
-            _load(_section(everything), RamReceiver(dst))
+            load_ram(_section(everything), RamReceiver(dst))
         assert MAX_SECTION_PAGES == 32 * NPAGES - 1
         with pytest.raises(StreamError, match="claim 65536 pages"):
-            _load(_section([(0, NPAGES, codec.RUN_ZERO)] * 32), RamReceiver(dst))
+            load_ram(_section([(0, NPAGES, codec.RUN_ZERO)] * 32), RamReceiver(dst))
         most = [(0, NPAGES, codec.RUN_ZERO)] * 31 + [(1, NPAGES - 1, codec.RUN_ZERO)]
-        _load(_section(most), RamReceiver(dst))  # as many as a batch holds
+        load_ram(_section(most), RamReceiver(dst))  # as many as a batch holds
     finally:
         dst.close()
 
@@ -153,9 +142,9 @@ def test_a_channel_takes_only_runs_within_its_own_blocks(first: int, npages: int
     try:
         for flags in (0, codec.RUN_ZERO):
             with pytest.raises(StreamError, match=why):
-                _load(_section([(first, npages, flags)]), RamReceiver(dst, None, 0, 2))
-        _load(_section([(1024, 512, 0)]), RamReceiver(dst, None, 0, 2))  # its own block
-        _load(_section([(512, 1, 0)]), RamReceiver(dst, None, 1, 2))
-        _load(_section([(512, 8, 0)]), RamReceiver(dst))  # one channel: anything goes
+                load_ram(_section([(first, npages, flags)]), RamReceiver(dst, None, 0, 2))
+        load_ram(_section([(1024, 512, 0)]), RamReceiver(dst, None, 0, 2))  # its own block
+        load_ram(_section([(512, 1, 0)]), RamReceiver(dst, None, 1, 2))
+        load_ram(_section([(512, 8, 0)]), RamReceiver(dst))  # one channel: anything goes
     finally:
         dst.close()

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.migration.ramload import load_ram
 from vmferry.errors import StreamError
 from vmferry.machine.config import MachineConfig
 from vmferry.memory import GuestMemory
@@ -47,16 +48,7 @@ def encode(m: GuestMemory, pages: np.ndarray) -> bytes:
 
 
 def decode(data: bytes, dest: GuestMemory) -> RamReceiver:
-    r = StreamReader(MemorySource(data))
-    rx = RamReceiver(dest)
-    while True:
-        hdr, h = r.next_section()
-        if hdr.tag == codec.RAM:
-            rx.load(r, hdr, h)
-        else:
-            r.read_payload(hdr, h)
-            if hdr.tag == codec.END:
-                return rx
+    return load_ram(data, RamReceiver(dest))
 
 
 @pytest.mark.parametrize("dense", [True, False])

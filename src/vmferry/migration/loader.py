@@ -92,8 +92,8 @@ class LoadedStream:
     then: tuple[ReceiverAction, ...] = ()
 
 
-# What the section loop carries out; any other action ends it (the driver's to perform).
-_LOADING_ACTIONS = frozenset(
+#: What the section loop carries out; any other action ends it (the driver's to perform).
+LOADING_ACTIONS = frozenset(
     {
         Ra.READ_SECTION,
         Ra.LOAD_RAM,
@@ -144,7 +144,7 @@ class SectionLoop:
         while True:
             event: ReceiverEvent | None = None
             for i, action in enumerate(actions):
-                if action not in _LOADING_ACTIONS:
+                if action not in LOADING_ACTIONS:
                     return self._loaded(actions[i:])
                 event = self._perform(action) or event
             if event is None:

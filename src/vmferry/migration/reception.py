@@ -49,6 +49,7 @@ from vmferry.migration.incoming import (
     wake,
 )
 from vmferry.migration.loader import (
+    LOADING_ACTIONS,
     LoadedStream,
     abandoned,
     check_loaded,
@@ -367,18 +368,7 @@ class Reception:
                 Ra.READ_SECTION: _read_section,
                 Ra.SET_UP: _set_up,
                 Ra.SEND_ACCEPTED: _send_accepted,
-                **dict.fromkeys(
-                    (
-                        Ra.LOAD_RAM,
-                        Ra.END_ROUND,
-                        Ra.LOAD_DEVICE_DATA,
-                        Ra.LOAD_CPU_STATE,
-                        Ra.LOAD_DEVICE_SUMMARY,
-                        Ra.LOAD_DIGESTS,
-                        Ra.FINISH_LOAD,
-                    ),
-                    _loading_action,
-                ),
+                **dict.fromkeys(LOADING_ACTIONS - {Ra.READ_SECTION}, _loading_action),
                 Ra.VERIFY: _verify,
                 Ra.SEND_READY: _send_ready,
                 Ra.AWAIT_GO: _await_go,
