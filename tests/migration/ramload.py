@@ -9,9 +9,10 @@ from vmferry.migration.stream import StreamReader
 from vmferry.testing.transport import MemorySource
 
 
-def load_ram(data: bytes, rx: RamReceiver) -> RamReceiver:
-    """Load ``data``'s RAM sections into ``rx``, up to END; ``rx``."""
-    r = StreamReader(MemorySource(data))
+def load_ram(data: bytes, rx: RamReceiver, *, sealed: bool = False) -> RamReceiver:
+    """Load ``data``'s RAM sections into ``rx``, up to END; ``rx``. ``sealed``: read as
+    a saved file is (every section checksummed whole)."""
+    r = StreamReader(MemorySource(data), sealed=sealed)
     while True:
         hdr, h = r.next_section()
         if hdr.tag == codec.RAM:

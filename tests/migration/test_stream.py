@@ -201,16 +201,7 @@ def ram_sections(data: bytes) -> list[tuple[int, int, int]]:
 
 
 def decode_sealed(data: bytes, dest: GuestMemory, sealed: bool = True) -> RamReceiver:
-    r = StreamReader(MemorySource(data), sealed=sealed)
-    rx = RamReceiver(dest)
-    while True:
-        hdr, h = r.next_section()
-        if hdr.tag == codec.RAM:
-            rx.load(r, hdr, h)
-        else:
-            r.read_payload(hdr, h)
-            if hdr.tag == codec.END:
-                return rx
+    return load_ram(data, RamReceiver(dest), sealed=sealed)
 
 
 def memory_for(layout: str, seed: int) -> GuestMemory:
