@@ -82,6 +82,7 @@ def test_figures_move_during_a_round_and_stay_after_a_cancel(
     last = seen[-1]
     assert last["total-time"] > seen[0]["total-time"] > 0
     assert last["ram"]["mbps"] > 0
+    assert last["ram"]["precopy-bytes"] > seen[0]["ram"]["precopy-bytes"] > 0
     assert last["ram"]["remaining"] < seen[0]["ram"]["remaining"]
     assert last["expected-downtime"] > 0
     transferred = [q["ram"]["transferred"] for q in seen]

@@ -56,6 +56,8 @@ class LiveFigures:
             st.normal += batch.normal
             st.duplicate += batch.zero
             st.remaining = max(0, st.remaining - (batch.normal + batch.zero) * PAGE_SIZE)
+            if st.status in (MigrationStatus.SETUP, MigrationStatus.ACTIVE):
+                st.precopy_bytes += batch.bytes  # as it goes out, as QEMU counts it
             if self._window.add(batch.bytes, now):
                 st.mbps = self._window.rate * 8 / 1e6
                 if st.status == MigrationStatus.ACTIVE:  # the switchover keeps its estimate
@@ -77,7 +79,7 @@ class LiveFigures:
             st.dirty_pages_rate = record.dirty_rate / PAGE_SIZE
             st.mbps = record.bandwidth * 8 / 1e6
             if not record.stop_copy:
-                st.precopy_bytes += record.bytes
+                st.precopy_bytes += record.device_bytes  # RAM was counted per batch
 
     def decided(
         self,
