@@ -32,7 +32,10 @@ class MigrationUri:
     path: str = ""
 
     def __str__(self) -> str:
-        return f"file:{self.path}" if self.scheme == "file" else f"tcp:{self.host}:{self.port}"
+        if self.scheme == "file":
+            return f"file:{self.path}"
+        host = f"[{self.host}]" if ":" in self.host else self.host  # IPv6, as it was given
+        return f"tcp:{host}:{self.port}"
 
 
 def parse_uri(uri: str) -> MigrationUri:
