@@ -19,12 +19,12 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
-from typing import TYPE_CHECKING
+from typing import BinaryIO, Protocol
 
 from vmferry.errors import MigrationError
 from vmferry.machine.machine import Machine
 from vmferry.memory.guest_memory import GuestMemory
-from vmferry.migration.channel import ReplyPath
+from vmferry.migration.channel import MigrationUri, ReplyPath
 from vmferry.migration.codec import (
     Abandon,
     Accepted,
@@ -34,6 +34,7 @@ from vmferry.migration.codec import (
     Ready,
     Resumed,
 )
+from vmferry.migration.connector import Acceptor
 from vmferry.migration.devices import DestinationDevices
 from vmferry.migration.incoming import (
     CHANNEL_ACCEPT_TIMEOUT_S,
@@ -67,9 +68,29 @@ from vmferry.migration.receiver_machine import (
 from vmferry.migration.source_machine import Target
 from vmferry.migration.status import MigrationStatus
 from vmferry.migration.stream import StreamReader
+from vmferry.migration.tls import TlsServer
 
-if TYPE_CHECKING:
-    from vmferry.migration.destination import IncomingMigration
+
+class Waiting(Protocol):
+    """What the driver needs of the destination that waits (``IncomingMigration``), so
+    that this module does not import it back."""
+
+    uri: MigrationUri
+    port: int
+    announce: bool
+    acceptor: Acceptor
+    tls: TlsServer | None
+    kvm_device: str
+    serial: BinaryIO | None
+    device_versions: dict[str, int]
+    status: MigrationStatus
+    on_connected: Callable[[], None] | None
+    refusals: list[str]
+
+    def take_prealloc(self) -> GuestMemory | None: ...
+
+    def memory_for(self, size: int) -> GuestMemory: ...
+
 
 log = logging.getLogger(__name__)
 Rs, Re, Ra = ReceiverState, ReceiverEvent, ReceiverAction
@@ -84,7 +105,7 @@ _FAILED_START = (Ra.STOP_HEARTBEAT, Ra.SEND_FAILED, Ra.DISCARD)
 class Reception:
     """One ``receive``: the walk, what it has built so far, and the failure if any."""
 
-    def __init__(self, incoming: IncomingMigration) -> None:
+    def __init__(self, incoming: Waiting) -> None:
         self.incoming = incoming
         self.walk = ReceiverMachine(Target.LIVE)
         self.timeout_s = DEFAULT_PEER_TIMEOUT_S
