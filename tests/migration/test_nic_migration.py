@@ -70,8 +70,15 @@ def test_frames_over_the_switch_buffer_bound_are_dropped_and_counted() -> None:
 
 
 def test_untracked_vf_dma_is_caught_by_verification(hosts: list[Path]) -> None:
-    o = migrate_under_traffic(hosts, "broken", before_s=0.5, after_s=0.2)
-    st = o.source.stats
+    # Broken tracking loses a write only if a frame lands in a page after that page's last
+    # copy: on a loaded host a short migration can miss that window (CI saw one in ~10).
+    # Up to three tries, each honest: a migration that completes has passed verification.
+    for _ in range(3):
+        o = migrate_under_traffic(hosts, "broken", before_s=0.5, after_s=0.2)
+        st = o.source.stats
+        if st.status != "completed":
+            break
+        assert st.verify.status == "passed"
     assert st.status == "failed" and "verification failed" in st.error
     assert o.dest is None
     assert o.traffic.corrupted == 0 and o.traffic.duplicated == 0
