@@ -5,13 +5,16 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import Any, cast
 
+import pytest
+
 from vmferry.machine.machine import Machine
+from vmferry.memory.guest_memory import PAGE_SIZE, GuestMemory
 from vmferry.migration import policy
 from vmferry.migration.figures import LiveFigures
 from vmferry.migration.metrics import RoundRecord
 from vmferry.migration.migratable import Pending
 from vmferry.migration.params import MigrationCapabilities, MigrationParameters
-from vmferry.migration.precopy import Parts, Precopy
+from vmferry.migration.precopy import Parts, Precopy, digest_ms_per_page
 from vmferry.migration.vcpus import VCPU_STATE_ESTIMATE, VcpuMigration
 
 RAM_LEFT = 3 << 20
@@ -19,13 +22,16 @@ DEVICE_LEFT = 1 << 20
 BANDWIDTH = 100e6  # bytes/s
 
 
-def _precopy(ncpus: int) -> Precopy:
-    machine = cast(Machine, SimpleNamespace(vcpus=[object()] * ncpus, throttle_pct=0))
+def _precopy(ncpus: int, memory: GuestMemory | None = None, verify: bool = False) -> Precopy:
+    machine = cast(
+        Machine, SimpleNamespace(vcpus=[object()] * ncpus, throttle_pct=0, memory=memory)
+    )
     ram = SimpleNamespace(pending=lambda: Pending(RAM_LEFT))
     devices = SimpleNamespace(pending=lambda: Pending(DEVICE_LEFT), transferred=0)
     parts = Parts(cast(Any, ram), VcpuMigration(machine), cast(Any, devices), cast(Any, None))
     figures = LiveFigures(1 << 30)
-    return Precopy(machine, parts, figures, MigrationParameters(), MigrationCapabilities())
+    caps = MigrationCapabilities(x_verify=verify)
+    return Precopy(machine, parts, figures, MigrationParameters(), caps)
 
 
 def _round() -> RoundRecord:
@@ -42,8 +48,49 @@ def test_the_expected_downtime_counts_the_vcpus_state() -> None:
     decision = pre._decide(_round(), sync_ms=0.0)
     vcpus = 4 * VCPU_STATE_ESTIMATE
     bw = policy.switchover_bandwidth([BANDWIDTH])
-    want = policy.expected_downtime_ms(RAM_LEFT + DEVICE_LEFT + vcpus, bw)
-    assert decision.expected_downtime_ms == want
-    assert want > policy.expected_downtime_ms(RAM_LEFT + DEVICE_LEFT, bw)
-    assert pre.figures.stats.expected_downtime_ms == want
+    want = policy.PAUSE_RESUME_MS + policy.expected_downtime_ms(RAM_LEFT + DEVICE_LEFT + vcpus, bw)
+    assert decision.expected_downtime_ms == pytest.approx(want)
+    assert want > policy.PAUSE_RESUME_MS + policy.expected_downtime_ms(RAM_LEFT + DEVICE_LEFT, bw)
+    assert pre.figures.stats.expected_downtime_ms == decision.expected_downtime_ms
     assert pre.figures._device_pending == DEVICE_LEFT + vcpus
+
+
+def test_the_expected_downtime_counts_the_last_sync_and_the_fixed_cost() -> None:
+    pre = _precopy(ncpus=1)
+    slow = pre._decide(_round(), sync_ms=40.0)
+    fast = _precopy(ncpus=1)._decide(_round(), sync_ms=0.0)
+    assert slow.expected_downtime_ms == pytest.approx(fast.expected_downtime_ms + 40.0)
+    assert slow.overhead_ms == pytest.approx(40.0 + policy.PAUSE_RESUME_MS)
+
+
+def test_the_expected_downtime_counts_the_verification_of_every_resident_page() -> None:
+    """x-verify on today digests every resident page before resume: that many pages at
+    the digest cost measured on this memory are in the window; x-verify off adds none."""
+    mem = GuestMemory(8 << 20, name="test-precopy-verify")
+    try:
+        mem.view(0, 3 * PAGE_SIZE).cast("B")[:] = b"\x01" * (3 * PAGE_SIZE)
+        mem.view(5 << 20, PAGE_SIZE).cast("B")[:] = b"\x02" * PAGE_SIZE
+        resident = int(mem.resident_pages().size)
+        assert resident >= 4
+        checked = _precopy(ncpus=1, memory=mem, verify=True)
+        with_check = checked._decide(_round(), sync_ms=0.0)
+        without = _precopy(ncpus=1, memory=mem, verify=False)._decide(_round(), sync_ms=0.0)
+        cost = with_check.verify
+        assert cost.pages == resident and cost.ms_per_page > 0
+        assert with_check.expected_downtime_ms == pytest.approx(
+            without.expected_downtime_ms + resident * cost.ms_per_page
+        )
+        assert without.verify == policy.NO_VERIFY
+        # measured once per migration, not at every round
+        again = checked._decide(_round(), sync_ms=0.0)
+        assert again.verify.ms_per_page == cost.ms_per_page
+    finally:
+        mem.close()
+
+
+def test_digest_calibration_of_empty_memory_is_zero() -> None:
+    mem = GuestMemory(4 << 20, name="test-precopy-empty")
+    try:
+        assert digest_ms_per_page(mem) == 0.0
+    finally:
+        mem.close()

@@ -27,6 +27,7 @@ class LiveFigures:
         self.t0 = 0.0  # when the migration started (monotonic); 0 before
         self._window = BandwidthWindow()
         self._device_pending = 0  # device bytes left at the last sync, for expected downtime
+        self._decision: policy.Decision | None = None  # the last one: its window's costs
 
     def elapsed_ms(self) -> float:
         return (time.monotonic() - self.t0) * 1e3
@@ -61,9 +62,11 @@ class LiveFigures:
             if self._window.add(batch.bytes, now):
                 st.mbps = self._window.rate * 8 / 1e6
                 if st.status == MigrationStatus.ACTIVE:  # the switchover keeps its estimate
-                    # Device state goes in the downtime too (as the last decision saw it).
-                    st.expected_downtime_ms = policy.expected_downtime_ms(
-                        st.remaining + self._device_pending, self._window.rate
+                    # Device state goes in the downtime too (as the last decision saw it),
+                    # and the window's other costs as the policy weighed them.
+                    last = self._decision or policy.Decision("continue", "", 0.0)
+                    st.expected_downtime_ms = last.expected_at(
+                        st.remaining, self._device_pending, self._window.rate
                     )
 
     def synced(self) -> None:
@@ -96,6 +99,7 @@ class LiveFigures:
             st.convergence = decision.reason
             st.device_transferred = device_transferred
             self._device_pending = device_pending
+            self._decision = decision
 
     def throttled(self, pct: int) -> None:
         with self.lock:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Final, Literal
 
 from vmferry.errors import ConfigError
@@ -33,6 +33,10 @@ MIN_BATCH_PAGES: Final = 64  # 256 KiB: smaller sections cost more in headers th
 # pages, which went ~6.5x slower in a measured case (1.9 GiB/s against 290 MB/s). Until a
 # round of dirty pages has been measured, the stop-and-copy is assumed this much slower.
 BULK_TO_SCATTERED: Final = 8.0
+# The switchover's fixed cost besides the last dirty sync (measured by each migration):
+# kicking the vCPUs out, capturing their state, the destination's resume and its
+# confirmation, 2-10 ms together in this host's bench runs (1 vCPU). Taken at the top.
+PAUSE_RESUME_MS: Final = 10.0
 
 
 def size(nbytes: float) -> str:
@@ -82,6 +86,81 @@ def expected_downtime_ms(pending_bytes: int, bandwidth_bps: float) -> float:
     if bandwidth_bps <= 0:
         return math.inf
     return pending_bytes / bandwidth_bps * 1000
+
+
+@dataclass(frozen=True)
+class VerifyCost:
+    """What the pre-resume verification adds to the downtime window, from measured inputs.
+
+    ``pages``: pages it digests whatever is still pending (every page a DMA device can
+    reach; with x-verify strict, every resident page). ``pending``: it digests the final
+    round's pages too (x-verify on), so that part shrinks as the rounds do.
+    ``ms_per_page``: the measured digest cost of one page (calibrated at migration start).
+    """
+
+    pages: int = 0
+    pending: bool = False
+    ms_per_page: float = 0.0
+
+    @property
+    def fixed_ms(self) -> float:
+        """The part iterating cannot shrink."""
+        return max(self.pages, 0) * max(self.ms_per_page, 0.0)
+
+    def pending_ms(self, pending_bytes: int) -> float:
+        if not self.pending or pending_bytes <= 0:
+            return 0.0
+        return math.ceil(pending_bytes / PAGE_SIZE) * max(self.ms_per_page, 0.0)
+
+    def bandwidth(self, bandwidth_bps: float) -> float:
+        """Bytes/s of the final round once its pages must be digested as well as sent:
+        each byte costs its send time plus its share of a page's digest."""
+        per_byte_s = self.ms_per_page / 1e3 / PAGE_SIZE if self.pending else 0.0
+        if bandwidth_bps <= 0 or per_byte_s <= 0:
+            return bandwidth_bps
+        return 1.0 / (1.0 / bandwidth_bps + per_byte_s)
+
+
+NO_VERIFY: Final = VerifyCost()
+
+
+@dataclass(frozen=True)
+class Window:
+    """The expected downtime in its parts (ms): pause to the destination's resume."""
+
+    state_ms: float  # final RAM, device and vCPU state at the stop-copy bandwidth
+    verify_ms: float  # the pre-resume check's digests
+    fixed_ms: float  # pause, the last dirty sync, resume and its confirmation
+
+    @property
+    def total_ms(self) -> float:
+        return self.state_ms + self.verify_ms + self.fixed_ms
+
+    def describe(self) -> str:
+        """``212 ms (RAM and state 120, verify 60, fixed 32)``; the bare total when only
+        bytes count."""
+        if not self.verify_ms and not self.fixed_ms:
+            return f"{self.total_ms:.0f} ms"
+        parts = f"RAM and state {self.state_ms:.0f}"
+        if self.verify_ms:
+            parts += f", verify {self.verify_ms:.0f}"
+        return f"{self.total_ms:.0f} ms ({parts}, fixed {self.fixed_ms:.0f})"
+
+
+def window(
+    pending_bytes: int,
+    device_pending: int,
+    bandwidth_bps: float,
+    overhead_ms: float = 0.0,
+    verify: VerifyCost = NO_VERIFY,
+) -> Window:
+    """The whole downtime window the stop-copy is expected to take: the bytes at the
+    measured bandwidth, the verification's digests, the fixed costs."""
+    return Window(
+        expected_downtime_ms(pending_bytes + device_pending, bandwidth_bps),
+        verify.fixed_ms + verify.pending_ms(pending_bytes),
+        max(overhead_ms, 0.0),
+    )
 
 
 def batch_pages(max_bandwidth: int, default: int, window_s: float = RATE_WINDOW_S) -> int:
@@ -153,6 +232,17 @@ class Decision:
     action: Action
     reason: str  # one line with the numbers that decided it
     expected_downtime_ms: float
+    # The window's costs besides the bytes, as this decision weighed them: what
+    # ``expected_at`` adds while a round is still being sent.
+    overhead_ms: float = 0.0
+    verify: VerifyCost = NO_VERIFY
+
+    def expected_at(self, pending_bytes: int, device_pending: int, bandwidth_bps: float) -> float:
+        """The expected downtime with this decision's costs at another remainder and
+        bandwidth (query-migrate's live ``expected-downtime``)."""
+        return window(
+            pending_bytes, device_pending, bandwidth_bps, self.overhead_ms, self.verify
+        ).total_ms
 
 
 def _fit(
@@ -230,38 +320,46 @@ def decide(
     throttle_pct: int = 0,
     overhead_ms: float = 0.0,
     device_initial: int = 0,
+    verify: VerifyCost = NO_VERIFY,
 ) -> Decision:
     """After a sync: switch over, keep iterating, or cancel (x-switchover-timeout/policy).
 
+    The expected downtime is the whole window, pause to the destination's resume:
     ``device_pending``: device and vCPU state bytes still to send (pre-copy left plus the
-    stop-copy estimates); they count in the threshold and in the expected downtime.
-    ``device_initial``: the part of it that is devices' initial pre-copy data: while any
-    is left the VM does not switch over, however small the remainder (see _awaiting).
-    ``overhead_ms``: the switchover's cost besides the bytes (``downtime_overhead_ms``);
-    it comes out of the downtime limit and into the expected downtime."""
+    stop-copy estimates), sent at ``bandwidth_bps`` with the RAM;
+    ``overhead_ms``: the switchover's measured fixed cost (the last dirty sync, pause,
+    resume and its confirmation); ``verify``: the pre-resume check's digests.
+    What iterating cannot shrink (the fixed cost, the digests of pages checked whatever
+    is pending) comes out of the downtime limit, at most half of it (ram_budget_ms).
+    ``device_initial``: the part of ``device_pending`` that is devices' initial pre-copy
+    data: while any is left the VM does not switch over, however small the remainder
+    (see _awaiting)."""
     total = pending_bytes + device_pending
-    expected = overhead_ms + expected_downtime_ms(total, bandwidth_bps)
+    expected_window = window(pending_bytes, device_pending, bandwidth_bps, overhead_ms, verify)
+    expected = expected_window.total_ms
+    fixed = max(overhead_ms, 0.0) + verify.fixed_ms
+    # The final round's pages are digested as well as sent: they go at this rate.
+    stop_bw = verify.bandwidth(bandwidth_bps)
     limit = params.downtime_limit_ms
-    fit = _fit(pending_bytes, device_pending, bandwidth_bps, limit, overhead_ms)
-    converged = should_switch_over(
-        pending_bytes, bandwidth_bps, params, device_pending, overhead_ms
-    )
+    fit = _fit(pending_bytes, device_pending, stop_bw, limit, fixed)
+    converged = should_switch_over(pending_bytes, stop_bw, params, device_pending, fixed)
     if converged and device_initial <= 0:
-        if total <= 0:
-            return Decision("switchover", "converged: nothing pending", overhead_ms)
-        return Decision(
-            "switchover", f"converged: {fit}; expected downtime {expected:.0f} ms", expected
-        )
-    if converged:
-        why = _awaiting(device_initial)
+        what = "nothing pending" if total <= 0 else fit
+        why = f"converged: {what}; expected downtime {expected_window.describe()}"
+        d = Decision("switchover", why, expected)
     else:
-        why = non_convergence_reason(
-            pending_bytes, bandwidth_bps, dirty_rate_bps, params, device_pending, throttle_pct
-        )
-    timeout = params.switchover_timeout_ms
-    if not timeout or elapsed_ms < timeout:
-        return Decision("continue", f"{fit}; {why}", expected)
-    return _timed_out(elapsed_ms, params, fit, why, expected, device_initial)
+        if converged:
+            why = _awaiting(device_initial)
+        else:
+            why = non_convergence_reason(
+                pending_bytes, bandwidth_bps, dirty_rate_bps, params, device_pending, throttle_pct
+            )
+        timeout = params.switchover_timeout_ms
+        if not timeout or elapsed_ms < timeout:
+            d = Decision("continue", f"{fit}; {why}", expected)
+        else:
+            d = _timed_out(elapsed_ms, params, fit, why, expected, device_initial)
+    return replace(d, overhead_ms=max(overhead_ms, 0.0), verify=verify)
 
 
 def _timed_out(

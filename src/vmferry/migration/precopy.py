@@ -7,11 +7,13 @@ and the devices answer the same questions; the round never looks inside one.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
 from vmferry.machine.machine import Machine
 from vmferry.memory.dirty import DirtyBitmap
+from vmferry.memory.guest_memory import PAGE_SIZE, GuestMemory
 from vmferry.migration import policy
 from vmferry.migration.codec import ROUND, RoundMarker
 from vmferry.migration.devices import SourceDevices
@@ -23,6 +25,7 @@ from vmferry.migration.params import MigrationCapabilities, MigrationParameters
 from vmferry.migration.ram import RamStats
 from vmferry.migration.stream import StreamWriter
 from vmferry.migration.vcpus import VcpuMigration
+from vmferry.migration.verify import page_digests
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,7 @@ class Precopy:
         self.round_no = 0  # the round in flight
         self._bandwidths: list[float] = []
         self._throttle = policy.ThrottleState()
+        self._digest_ms_per_page: float | None = None  # measured once, at the first decision
 
     def start(self) -> None:
         """Dirty tracking on in every part: from here on every change is seen."""
@@ -130,12 +134,30 @@ class Precopy:
             self.params,
             device_pending=state,
             throttle_pct=self._throttle.pct,
-            overhead_ms=sync_ms,
+            # The stop-and-copy syncs once more, as long as this sync took; pausing,
+            # resuming and the destination's confirmation cost about the same each time.
+            overhead_ms=sync_ms + policy.PAUSE_RESUME_MS,
             # A device's initial data must be across first (REFERENCE §1).
             device_initial=devices.initial_bytes,
+            verify=self._verify_cost(),
         )
         self.figures.decided(pending, decision, state, self.parts.devices.transferred)
         return decision
+
+    def _verify_cost(self) -> policy.VerifyCost:
+        """What the pre-resume check will digest, at the digest rate measured here.
+
+        x-verify off: nothing. Otherwise every resident page, as the stop-and-copy
+        digests them today (x-verify strict's cost); two-phase verification (x-verify
+        on) narrows it to the final round's pages plus the pages a device can reach,
+        VerifyCost(pages=<those>, pending=True)."""
+        if not self.caps.x_verify or getattr(self.params, "verify", "strict") == "off":
+            return policy.NO_VERIFY
+        memory = self.machine.memory
+        if self._digest_ms_per_page is None:
+            self._digest_ms_per_page = digest_ms_per_page(memory)
+        pages = sum(-(-(e - s) // PAGE_SIZE) for s, e in memory.data_ranges())
+        return policy.VerifyCost(pages, ms_per_page=self._digest_ms_per_page)
 
     def _throttle_for(self, sent_bytes: int) -> None:
         pending = self.parts.ram.pending().bytes
@@ -147,4 +169,22 @@ class Precopy:
             self.figures.throttled(self._throttle.pct)
 
 
-__all__ = ["Parts", "Precopy"]
+CALIBRATION_PAGES = 4096  # 16 MiB: a few ms, long enough to be timed
+
+
+def digest_ms_per_page(memory: GuestMemory) -> float:
+    """What digesting one page costs here, as verification digests (two threads): the
+    faster of two passes over up to CALIBRATION_PAGES resident pages. The guest may run
+    meanwhile, as it competes for the cores during a migration too."""
+    resident = memory.resident_pages()[:CALIBRATION_PAGES]
+    if resident.size == 0:
+        return 0.0
+    best = math.inf
+    for _ in range(2):
+        t0 = time.perf_counter()
+        page_digests(memory, resident, seed=1, threads=2)
+        best = min(best, time.perf_counter() - t0)
+    return best * 1e3 / resident.size
+
+
+__all__ = ["Parts", "Precopy", "digest_ms_per_page"]
