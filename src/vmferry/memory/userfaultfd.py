@@ -277,6 +277,8 @@ class UserFault:
     def _range_ioctls(self, addr: int, length: int, what: str) -> int:
         """The ioctls allowed on [addr, addr+length), which must be page-aligned and lie
         inside one registered range (checked here, so the error says which ranges exist)."""
+        if self.fd < 0:
+            raise UserFaultError(f"{what} {addr:#x}+{length:#x}: the userfaultfd is closed")
         if addr % PAGE_SIZE or length % PAGE_SIZE or length <= 0:
             raise UserFaultError(
                 f"{what} {addr:#x}+{length:#x}: address and length must be whole pages"
