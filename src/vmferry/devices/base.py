@@ -10,6 +10,7 @@ stop-copy size, and implements VFIO DMA logging on top of the IOMMU's write repo
 
 from __future__ import annotations
 
+import enum
 import itertools
 import threading
 from abc import ABC, abstractmethod
@@ -49,6 +50,15 @@ DMA_LOG_PAGE_OPTION = "x-dma-log-page"
 
 class DeviceError(DeviceStreamError):
     """A device refused an operation or could not complete a transition."""
+
+
+class OutputGate(enum.Enum):
+    """What becomes of what a device sends to the outside (``x-verify-hold-output``):
+    held while the destination's post-resume audit runs, then released or dropped."""
+
+    HOLD = "hold"  # keep it from now on (the guest is about to start here)
+    RELEASE = "release"  # the audit passed: send what was kept, in order, and stop keeping
+    DROP = "drop"  # the audit failed (the VM goes back to its source): discard it all
 
 
 @dataclass(frozen=True)
@@ -107,6 +117,11 @@ class DeviceModel(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook: most models have no threads
         """Stop the device's threads (the machine is going away)."""
+
+    def gate_output(self, gate: OutputGate) -> None:  # noqa: B027 - optional hook
+        """Hold, release or drop what the device sends outside the VM (a NIC's transmit)
+        and count it in ``stats``. A device with no output of its own has nothing to do:
+        its DMA stays inside guest RAM, which the audit checks."""
 
     # ---- identity and registers (hooks)
     @property
@@ -369,4 +384,12 @@ class DmaLog:
         return out
 
 
-__all__ = ["DeviceError", "DeviceIdentity", "DeviceModel", "FsmError", "MigCap", "MigState"]
+__all__ = [
+    "DeviceError",
+    "DeviceIdentity",
+    "DeviceModel",
+    "FsmError",
+    "MigCap",
+    "MigState",
+    "OutputGate",
+]

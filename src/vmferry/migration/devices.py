@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from vmferry.devices.base import DeviceError, DeviceIdentity, DeviceModel
+from vmferry.devices.base import DeviceError, DeviceIdentity, DeviceModel, OutputGate
 from vmferry.devices.dirtylog import DmaDirtyLog, dma_dirty_log
 from vmferry.devices.fsm import MigCap, MigState
 from vmferry.devices.stream import DeviceStreamError
@@ -258,6 +258,46 @@ class DestinationDevices:
             except DeviceError as e:
                 log.warning("%s could not start (%s); resetting it", d.name, e)
                 d.reset()
+
+    # ---- after the resume, while the post-resume audit runs
+    def hold_output(self) -> None:
+        """``x-verify-hold-output``, just before the guest starts here: what the devices
+        send outside the VM (a VF's transmit) is held until the audit's verdict."""
+        for d in self.devices:
+            d.gate_output(OutputGate.HOLD)
+
+    def release_output(self) -> None:
+        """The audit passed: what was held goes out, in order, and nothing waits now."""
+        for d in self.devices:
+            d.gate_output(OutputGate.RELEASE)
+
+    def drop_output(self) -> None:
+        """The audit failed and the VM goes back to the source: the devices stop here
+        (what TX still had is drained into the hold) and nothing held ever goes out."""
+        self.stop()
+        for d in self.devices:
+            d.gate_output(OutputGate.DROP)
+
+    def stop(self) -> None:
+        """The audit failed: every device stops here, with or without a hold, before the
+        source resumes. A stopped VF takes no more frames (they wait in its port, and the
+        source's announce hands them back) and sends no more announces, so its MAC moves
+        back to the source and stays there."""
+        for d in self.devices:
+            try:
+                d.set_state(MigState.STOP)
+            except DeviceError as e:
+                log.warning("%s could not stop after a failed audit: %s", d.name, e)
+
+    def output_figures(self) -> list[dict[str, Any]]:
+        """Per device that held output: frames held, released, dropped (a rollback) and
+        pushed out over the bound (hyphenated, as the report's device figures are)."""
+        out = []
+        for d in self.devices:
+            figures = {k: v for k, v in d.stats.items() if k.startswith("output_")}
+            if figures:
+                out.append({"name": d.name} | {k.replace("_", "-"): v for k, v in figures.items()})
+        return out
 
     def close(self) -> None:
         for d in self.devices:

@@ -122,3 +122,191 @@ def test_once_the_peer_is_known_the_echo_goes_straight_to_it(
     b.transmit(port, frame(PEER, VM, 0))
     assert [addr for _, addr in b.sent] == [PEER_ADDR]
     assert copies_reaching_the_peer(a, b, 0) == 1
+
+
+# ---- x-verify-hold-output: the destination's transmit waits for the audit
+
+
+def out_to(sw: Recorded, addr: Addr) -> list[bytes]:
+    return [d.frame for d, a in sw.sent if a == addr and d.kind == wire.KIND_DATA]
+
+
+def held_switch(bound: int = 4096) -> Recorded:
+    sw = Recorded("b", PfConfig(uplink="127.0.0.1:0", buffer=bound))
+    sw.handle(wire.encode(wire.KIND_DATA, frame(VM, PEER, 0)), PEER_ADDR)  # knows the peer
+    return sw
+
+
+def test_held_output_goes_out_once_in_order_when_released() -> None:
+    b = held_switch()
+    try:
+        port = b.attach(VM, 0, lambda: None)
+        b.hold(port)
+        for n in range(3):
+            b.transmit(port, frame(PEER, VM, n))
+        assert out_to(b, PEER_ADDR) == [], "a held frame went out"
+        figures = b.release(port)
+        assert out_to(b, PEER_ADDR) == [frame(PEER, VM, n) for n in range(3)]
+        assert figures == {"held": 3, "released": 3, "dropped": 0, "overflow": 0}
+        b.transmit(port, frame(PEER, VM, 3))  # not held any more
+        assert out_to(b, PEER_ADDR)[-1] == frame(PEER, VM, 3) and port.hold is None
+        assert b.release(port)["released"] == 0  # a second release has nothing to send
+    finally:
+        b.close()
+
+
+def test_a_frame_sent_while_the_hold_drains_does_not_overtake_it() -> None:
+    b = held_switch()
+    try:
+        port = b.attach(VM, 0, lambda: None)
+        b.hold(port)
+        for n in range(2):
+            b.transmit(port, frame(PEER, VM, n))
+        lock = StepLock()
+        b._lock = lock  # type: ignore[assignment]
+        # The VF's engine transmits right after the release took the first held frame.
+        lock.after_next_release = lambda: b.transmit(port, frame(PEER, VM, 2))
+        assert b.release(port)["released"] == 3
+        assert lock.after_next_release is None, "the transmit did not slip in"
+        assert out_to(b, PEER_ADDR) == [frame(PEER, VM, n) for n in range(3)]
+    finally:
+        b.close()
+
+
+def test_a_hold_over_its_bound_drops_the_oldest_and_counts_them() -> None:
+    b = held_switch(bound=3)
+    try:
+        port = b.attach(VM, 0, lambda: None)
+        b.hold(port)
+        for n in range(5):
+            b.transmit(port, frame(PEER, VM, n))
+        figures = b.release(port)
+        assert out_to(b, PEER_ADDR) == [frame(PEER, VM, n) for n in (2, 3, 4)]
+        assert figures == {"held": 5, "released": 3, "dropped": 0, "overflow": 2}
+    finally:
+        b.close()
+
+
+def test_a_dropped_hold_sends_nothing_then_or_later() -> None:
+    b = held_switch()
+    try:
+        port = b.attach(VM, 0, lambda: None)
+        b.hold(port)
+        b.transmit(port, frame(PEER, VM, 0))
+        b.transmit(port, frame(PEER, VM, 1))
+        assert b.drop(port) == {"held": 2, "released": 0, "dropped": 2, "overflow": 0}
+        b.transmit(port, frame(PEER, VM, 2))  # TX drained after the drop: dropped too
+        assert b.release(port)["dropped"] == 3  # a release after a drop sends nothing
+        assert out_to(b, PEER_ADDR) == []
+    finally:
+        b.close()
+
+
+def test_frames_for_a_port_whose_output_is_held_still_reach_it() -> None:
+    b = held_switch()
+    try:
+        port = b.attach(VM, 0, lambda: None)
+        b.hold(port)
+        b.handle(wire.encode(wire.KIND_DATA, frame(VM, PEER, 5)), PEER_ADDR)
+        assert b.take(port, 8) == [frame(VM, PEER, 5)]
+    finally:
+        b.close()
+
+
+# ---- the MAC moves back: a rollback after the destination announced
+
+
+def deliver(src: Recorded, dst: Recorded, start: int = 0) -> int:
+    """Hand ``dst`` what ``src`` sent it from ``src.sent[start:]``, as the uplink would;
+    returns where to start next time."""
+    sent = list(src.sent)
+    for dgram, addr in sent[start:]:
+        if addr == dst.address:
+            dst.handle(
+                wire.encode(dgram.kind, dgram.frame, hops=dgram.hops, origin=dgram.origin),
+                src.address,
+            )
+    return len(sent)
+
+
+def announces(sw: Recorded, addr: Addr) -> int:
+    """The announces ``sw`` sent to ``addr`` of its own (not ones it flooded on)."""
+    return sum(
+        1
+        for d, a in sw.sent
+        if a == addr and d.kind == wire.KIND_ANNOUNCE and d.origin == sw.address
+    )
+
+
+def test_a_rollback_after_the_announce_moves_the_mac_back_to_the_source(
+    switches: tuple[Recorded, Recorded],
+) -> None:
+    a, b = switches
+    src = a.attach(VM, 0, lambda: None)
+    a.handle(wire.encode(wire.KIND_DATA, frame(VM, PEER, 0)), PEER_ADDR)
+    assert a.take(src, 8) == [frame(VM, PEER, 0)]
+    a.stand_down(src)  # the switchover: the source's VF stops
+    dst = b.attach(VM, 0, lambda: None)
+    b.reclaim(dst)  # the destination's VF runs
+    b.announce(dst, delays=(0.0,)).join()
+    from_b = deliver(b, a)
+    assert src.moved_to == b.address
+    a.handle(wire.encode(wire.KIND_DATA, frame(VM, PEER, 1)), PEER_ADDR)  # forwarded to b
+    mark = deliver(a, b)
+    assert b.take(dst, 8) == [frame(VM, PEER, 1)]
+    # The audit fails: the destination's VF stops, then the source's runs again.
+    b.stand_down(dst)
+    b.handle(wire.encode(wire.KIND_DATA, frame(VM, PEER, 2)), PEER_ADDR)  # waits in b's port
+    assert a.reclaim(src), "the source's port had moved: it must announce"
+    a.announce(src, delays=(0.0,)).join()
+    assert announces(a, PEER_ADDR) == 1 and announces(a, b.address) == 1
+    mark = deliver(a, b, mark)
+    assert dst.moved_to == a.address
+    from_b = deliver(b, a, from_b)  # b hands back what waited in its port
+    a.handle(wire.encode(wire.KIND_DATA, frame(VM, PEER, 3)), PEER_ADDR)
+    b.handle(wire.encode(wire.KIND_DATA, frame(VM, PEER, 4)), PEER_ADDR)  # a late one at b
+    deliver(b, a, from_b)
+    got = a.take(src, 8)
+    assert sorted(got) == sorted(frame(VM, PEER, n) for n in (2, 3, 4)), "each once, at a"
+    assert b.take(dst, 8) == []
+
+
+def test_a_stale_announce_from_the_rolled_back_destination_is_answered_not_obeyed(
+    switches: tuple[Recorded, Recorded],
+) -> None:
+    """A repeat of the destination's announce that crossed the source's on the wire must
+    not take the MAC from the source that runs the VM again (the two ports would then
+    forward to each other)."""
+    a, b = switches
+    src = a.attach(VM, 0, lambda: None)
+    a.handle(wire.encode(wire.KIND_DATA, frame(VM, PEER, 0)), PEER_ADDR)
+    stale = wire.encode(wire.KIND_ANNOUNCE, wire.rarp_frame(VM), origin=b.address)
+    a.handle(stale, b.address)
+    assert src.moved_to is None and src.stale_announces == 1
+    deadline = threading.Event()
+    for _ in range(200):  # the answer goes from a timer thread
+        if announces(a, PEER_ADDR):
+            break
+        deadline.wait(0.01)
+    assert announces(a, PEER_ADDR) == 1 and announces(a, b.address) == 1
+    a.handle(stale, b.address)  # within DEFEND_INTERVAL_S: ignored, not answered again
+    assert src.stale_announces == 2 and src.moved_to is None
+    assert announces(a, PEER_ADDR) == 1
+
+
+def test_announce_repeats_end_when_the_vf_stops(switches: tuple[Recorded, Recorded]) -> None:
+    a, b = switches
+    dst = b.attach(VM, 0, lambda: None)
+    first = threading.Event()
+    real = b._sendto
+
+    def sendto(data: bytes, addr: Addr) -> None:
+        real(data, addr)
+        first.set()
+
+    b._sendto = sendto  # type: ignore[method-assign]
+    thread = b.announce(dst, delays=(0.0, 0.3, 0.6))
+    assert first.wait(2), "the first announce did not go out"
+    b.stand_down(dst)  # the audit failed: the destination's VF stopped
+    thread.join(2)
+    assert not thread.is_alive() and announces(b, a.address) == 1

@@ -16,7 +16,8 @@ from vmferry.devices.nic import close_host, wire
 from vmferry.devices.nic import regs as r
 from vmferry.devices.nic.vf import VirtualFunction
 from vmferry.memory import GuestMemory
-from vmferry.migration.devices import blockers
+from vmferry.migration.devices import DestinationDevices, SourceDevices, blockers
+from vmferry.traffic.lab import close_hosts, make_hosts
 
 
 @pytest.fixture
@@ -165,3 +166,112 @@ def test_announce_moves_the_mac_and_the_buffer_follows(tmp_path: Path, memory: G
         new_home.close()
         dev.close()
         close_host(a)
+
+
+# ---- a rollback after resume, with the destination's output held
+
+
+class Moved:
+    """A VF migrated from host a to host b by its own stream (no VM): ``src`` stopped at
+    the switchover, ``dst`` loaded and started with its output held; ``peer`` on the
+    uplink has talked to the VM on a and has heard b's announce."""
+
+    def __init__(self, root: Path) -> None:
+        self.hosts = make_hosts(root)
+        self.mem = [GuestMemory(64 << 20), GuestMemory(64 << 20)]
+        self.src = h.make_vf(self.hosts[0], self.mem[0], DirtyTracking.IOMMU)
+        self.dst: VirtualFunction | None = None
+        self.peer = h.Wire(self.src)
+        h.program(self.src)
+        self.peer.send(h.frame_to(self.src, 1))  # a learns the peer
+        h.wait_for(lambda: h.stat(self.src, "rx_packets") == 1, "the first frame")
+        self.source = SourceDevices([self.src])
+        self.source.start()
+        self.src.set_state(MigState.STOP_COPY)  # the switchover
+        stream = b""
+        while chunk := self.src.read_data(1 << 16):
+            stream += chunk
+        self.dst = h.make_vf(self.hosts[1], self.mem[1], DirtyTracking.IOMMU)
+        self.dest = DestinationDevices([self.dst])
+        self.dest.begin()
+        self.dst.write_data(stream)
+        self.dest.commit()
+        self.dest.hold_output()  # just before the guest starts there
+        self.dest.start()  # RUNNING: b announces the MAC
+        moved = self.expect(wire.KIND_ANNOUNCE)  # a floods it on to the peer
+        assert moved.origin == self.dst.switch.address
+        self.peer.to = moved.origin
+
+    def expect(self, kind: int) -> wire.Datagram:
+        """The next datagram of ``kind`` the peer gets (others, e.g. repeats, skipped)."""
+        while (d := self.peer.recv()).kind != kind:
+            pass
+        return d
+
+    def echo(self, dev: VirtualFunction, n: int) -> bytes:
+        """The guest on ``dev`` answers frame ``n``."""
+        reply = PEER_MAC + dev.mac + b"\x88\xb5" + bytes([n]) * 60
+        h.transmit(dev, [reply])
+        return reply
+
+    def close(self) -> None:
+        self.peer.close()
+        for d in (self.src, self.dst):
+            if d is not None:
+                d.close()
+        for m in self.mem:
+            m.close()
+        close_hosts(self.hosts)
+
+
+PEER_MAC = bytes([2, 0x70, 0, 0, 0, 9])  # helpers.frame_to's sender
+
+
+@pytest.fixture
+def moved(tmp_path: Path) -> Iterator[Moved]:
+    m = Moved(tmp_path)
+    yield m
+    m.close()
+
+
+def test_held_output_reaches_the_peer_once_when_the_audit_passes(moved: Moved) -> None:
+    dst = moved.dst
+    assert dst is not None
+    moved.peer.send(h.frame_to(dst, 2))  # frames reach the destination during the audit
+    h.wait_for(lambda: h.stat(dst, "rx_packets") == 2, "the frame at the destination")
+    held = moved.echo(dst, 2)
+    h.wait_for(lambda: h.stat(dst, "tx_packets") == 1, "the echo transmitted")
+    assert dst.port.hold is not None and list(dst.port.hold.frames) == [held]
+    moved.dest.release_output()
+    assert moved.expect(wire.KIND_DATA).frame == held
+    after = moved.echo(dst, 3)  # no longer held: straight out
+    assert moved.expect(wire.KIND_DATA).frame == after, "the held echo came twice"
+    assert moved.dest.output_figures() == [
+        {"name": dst.name, "output-held": 1, "output-released": 1, "output-dropped": 0,
+         "output-overflow": 0}
+    ]  # fmt: skip
+    moved.source.release()
+
+
+def test_a_rollback_drops_held_output_and_the_mac_comes_back(moved: Moved) -> None:
+    dst, src = moved.dst, moved.src
+    assert dst is not None
+    moved.peer.send(h.frame_to(dst, 2))
+    h.wait_for(lambda: h.stat(dst, "rx_packets") == 2, "the frame at the destination")
+    moved.echo(dst, 2)
+    h.wait_for(lambda: h.stat(dst, "tx_packets") == 1, "the echo transmitted")
+    # The audit fails: the destination stops and drops, then the source runs again.
+    moved.dest.drop_output()
+    assert dst.state is MigState.STOP and dst.stats["output_dropped"] == 1
+    moved.source.rollback()
+    back = moved.expect(wire.KIND_ANNOUNCE)
+    assert back.origin == src.switch.address
+    h.wait_for(lambda: dst.port.moved_to == src.switch.address, "b to give the MAC up")
+    moved.peer.send(h.frame_to(src, 3))  # still sent to b: b hands it to a
+    moved.peer.to = src.switch.address
+    moved.peer.send(h.frame_to(src, 4))
+    h.wait_for(lambda: h.stat(src, "rx_packets") == 3, "both frames at the source")
+    assert h.stat(dst, "rx_packets") == 2, "the stopped destination took a frame"
+    answer = moved.echo(src, 4)
+    assert moved.expect(wire.KIND_DATA).frame == answer, "a dropped frame reached the peer"
+    assert dst.port.stale_announces == 0 and src.port.moved_to is None

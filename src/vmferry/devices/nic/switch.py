@@ -12,6 +12,12 @@ self-announce repeats its RARP) to its neighbours; a switch that hears the annou
 a MAC it holds stops owning it, forwards what its port buffered and anything that still
 arrives to the new owner, and floods the announce once more to the endpoints it learned
 (a physical switch floods a RARP to all ports), so an outside peer learns the new place.
+An announce only moves a MAC whose VF is not running here: there are never two running
+copies of a VM, so one heard while ours runs is stale (a repeat from a destination that
+was rolled back) and is answered with our own announce.
+
+With ``x-verify-hold-output`` the destination's port holds what its VF transmits while
+the post-resume audit runs (:class:`OutputHold`), then sends it on or drops it.
 """
 
 from __future__ import annotations
@@ -35,7 +41,45 @@ log = logging.getLogger(__name__)
 
 ANNOUNCE_DELAYS_S = (0.0, 0.05, 0.15)  # first announce at once, then two repeats
 ORPHAN_TTL_S = 30.0  # a detached port's buffer waits this long for an announce
+DEFEND_INTERVAL_S = 1.0  # at most one answer per port to stale announces in this time
 SOCKET_BUFFER = 8 << 20
+
+
+@dataclass
+class OutputHold:
+    """The frames a port's VF transmitted while its output is held (already tagged), in
+    order, at most ``bound``. Past the bound the *oldest* is dropped (drop-from-front):
+    nothing drains until the audit ends, so the newest frames are the ones whose senders
+    have not yet given up, and a TCP peer that gets them sees the gap at once (duplicate
+    ACKs, fast retransmit) instead of waiting for a timeout. QEMU's net queue (its
+    filter-buffer, too) and a switch's egress queue drop the newest (tail drop): they
+    drain continuously, so there the tail is what is late."""
+
+    bound: int
+    frames: deque[bytes] = field(default_factory=deque)
+    dropping: bool = False  # rolled back: what is kept and what still comes is dropped
+    held: int = 0  # frames taken in
+    released: int = 0  # sent on when the audit passed
+    dropped: int = 0  # discarded on a rollback
+    overflow: int = 0  # pushed out over the bound
+
+    def keep(self, frame: bytes) -> None:
+        self.held += 1
+        if self.dropping:
+            self.dropped += 1
+            return
+        if len(self.frames) >= self.bound:
+            self.frames.popleft()
+            self.overflow += 1
+        self.frames.append(frame)
+
+    def figures(self) -> dict[str, int]:
+        return {
+            "held": self.held,
+            "released": self.released,
+            "dropped": self.dropped,
+            "overflow": self.overflow,
+        }
 
 
 @dataclass
@@ -48,6 +92,11 @@ class Port:
     frames: deque[bytes] = field(default_factory=deque)
     wake: Callable[[], None] | None = None  # tells the VF a frame is waiting
     moved_to: Addr | None = None  # announced elsewhere: forward everything there
+    running: bool = True  # its VF runs here: an announce of its MAC from elsewhere is stale
+    epoch: int = 0  # changes when the VF starts or stops: older announce repeats end
+    hold: OutputHold | None = None  # the VF's transmit, held (x-verify-hold-output)
+    stale_announces: int = 0
+    defended_at: float | None = None
     detached_at: float | None = None
     dropped: int = 0  # over the bound
     forwarded: int = 0
@@ -104,6 +153,17 @@ class HostSwitch:
         with self._lock:
             port.wake = None
             port.detached_at = time.monotonic()
+            self._stand_down(port)
+
+    def stand_down(self, port: Port) -> None:
+        """The VF stopped running here (quiesced, or going away): its announce repeats
+        end now, and an announce of its MAC from elsewhere moves it."""
+        with self._lock:
+            self._stand_down(port)
+
+    def _stand_down(self, port: Port) -> None:
+        port.running = False
+        port.epoch += 1
 
     def take(self, port: Port, n: int) -> list[bytes]:
         """Up to ``n`` frames waiting on the port (the VF's RX engine)."""
@@ -201,9 +261,49 @@ class HostSwitch:
 
     # ---- frames out
     def transmit(self, port: Port, frame: bytes) -> None:
-        """A frame the VF sent: tagged with the port VLAN, switched."""
+        """A frame the VF sent: tagged with the port VLAN, switched (or held)."""
         self.counters["tx"] += 1
-        self._switch(wire.tag(frame, port.vlan), from_uplink=False)
+        tagged = wire.tag(frame, port.vlan)
+        with self._lock:
+            if port.hold is not None:
+                port.hold.keep(tagged)
+                return
+        self._switch(tagged, from_uplink=False)
+
+    # ---- x-verify-hold-output: the destination's transmit waits for the audit
+    def hold(self, port: Port) -> None:
+        """From now on what the port's VF transmits is kept, not sent (frames it
+        receives still reach it)."""
+        with self._lock:
+            if port.hold is None:
+                port.hold = OutputHold(self.bound)
+
+    def release(self, port: Port) -> dict[str, int]:
+        """Send what was held, in order, and stop holding; the hold's figures. A frame
+        the VF transmits meanwhile joins the end of the queue, so none overtakes."""
+        hold = port.hold
+        if hold is None:
+            return OutputHold(self.bound).figures()
+        while True:
+            with self._lock:
+                if not hold.frames or hold.dropping:
+                    port.hold = None
+                    return hold.figures()
+                frame = hold.frames.popleft()
+                hold.released += 1
+            self._switch(frame, from_uplink=False)
+
+    def drop(self, port: Port) -> dict[str, int]:
+        """Discard what was held, and anything the VF still transmits: the VM it belongs
+        to was rolled back to its source (until the VF runs here again, a new start)."""
+        with self._lock:
+            if port.hold is None:
+                port.hold = OutputHold(self.bound)
+            hold = port.hold
+            hold.dropping = True
+            hold.dropped += len(hold.frames)
+            hold.frames.clear()
+            return hold.figures()
 
     def _flood_targets(self) -> set[Addr]:
         """Everyone a frame for an unknown MAC goes to (the caller holds the lock)."""
@@ -226,41 +326,59 @@ class HostSwitch:
             log.debug("%s: send to %s failed: %s", self.name, addr, e)
 
     # ---- migration: the MAC moves
-    def announce(self, mac: bytes) -> None:
-        """This host owns ``mac`` now: tell the neighbours and everyone we learned, from a
-        timer thread so the VF's arc does not wait for the repeats."""
-        data = wire.encode(wire.KIND_ANNOUNCE, wire.rarp_frame(mac), origin=self.address)
+    def announce(
+        self, port: Port, delays: tuple[float, ...] = ANNOUNCE_DELAYS_S
+    ) -> threading.Thread:
+        """This host owns the port's MAC now: tell the neighbours and everyone we learned,
+        from a timer thread so the VF's arc does not wait for the repeats. The repeats
+        end once the VF stops or the MAC moves on: a destination that was rolled back
+        must not take the MAC back from the source that runs the VM again."""
+        data = wire.encode(wire.KIND_ANNOUNCE, wire.rarp_frame(port.mac), origin=self.address)
+        with self._lock:
+            epoch = port.epoch
 
         def send() -> None:
             t0 = time.monotonic()
-            for delay in ANNOUNCE_DELAYS_S:
+            for delay in delays:
                 time.sleep(max(0.0, t0 + delay - time.monotonic()))
+                # Sent under the lock: once stand_down has returned, no repeat goes out.
                 with self._lock:
-                    targets = set(self.neighbours) | self._endpoints
-                for addr in targets:
-                    self._sendto(data, addr)
+                    if port.epoch != epoch or not port.running or port.moved_to is not None:
+                        return
+                    for addr in set(self.neighbours) | self._endpoints:
+                        self._sendto(data, addr)
 
         self.counters["announces"] += 1
-        threading.Thread(target=send, name=f"{self.name}-announce", daemon=True).start()
+        thread = threading.Thread(target=send, name=f"{self.name}-announce", daemon=True)
+        thread.start()
+        return thread
 
     def _announced(self, dgram: wire.Datagram, sender: Addr) -> None:
         mac = wire.src_mac(dgram.frame)
         origin = dgram.origin
         if origin is None or origin == self.address:
             return
+        backlog: list[bytes] = []
+        flood: set[Addr] = set()
         with self._lock:
-            self._fdb[mac] = origin
             port = self._ports.get(mac)
-            backlog: list[bytes] = []
-            if port is not None:
-                # The MAC lives elsewhere now (our VF was migrated away; the last announce
-                # wins, as in a learning switch): hand over what waited here.
-                port.moved_to = origin
-                backlog = list(port.frames)
-                port.frames.clear()
-                port.forwarded += len(backlog)
-            refloodable = dgram.hops == 0
-            flood = self._endpoints - {sender, origin} if refloodable else set()
+            if port is not None and port.running:
+                # Ours runs here, so the announce is stale: never two running copies.
+                defend = self._stale(port)
+            else:
+                defend = False
+                self._fdb[mac] = origin
+                if port is not None:
+                    # The MAC lives elsewhere now (our VF was migrated away; the last
+                    # announce wins, as in a learning switch): hand over what waited here.
+                    port.moved_to = origin
+                    backlog = list(port.frames)
+                    port.frames.clear()
+                    port.forwarded += len(backlog)
+                if dgram.hops == 0:
+                    flood = self._endpoints - {sender, origin}
+        if defend and port is not None:
+            self.announce(port, delays=(0.0,))
         for frame in backlog:
             self._sendto(self._forward(frame), origin)
         if flood:
@@ -268,12 +386,29 @@ class HostSwitch:
             for addr in flood:
                 self._sendto(again, addr)
 
+    def _stale(self, port: Port) -> bool:
+        """An announce of a MAC whose VF runs here (the caller holds the lock): counted
+        and ignored; True if we answer it (at most once per DEFEND_INTERVAL_S, so two
+        switches that both think they own a MAC do not answer each other forever)."""
+        port.stale_announces += 1
+        now = time.monotonic()
+        if port.defended_at is not None and now - port.defended_at < DEFEND_INTERVAL_S:
+            return False
+        port.defended_at = now
+        return True
+
     def reclaim(self, port: Port) -> bool:
-        """The VF runs here again (a migration back, or a failed one rolled back after
-        an announce): this port owns its MAC; True if it had moved (announce it then)."""
+        """The VF runs here (again: a migration back, or a failed one rolled back after
+        an announce): this port owns its MAC; True if it had moved (announce it then).
+        A hold set before the VF started stays (the destination holds, then starts)."""
         with self._lock:
             moved = port.moved_to is not None
             port.moved_to = None
+            port.running = True
+            port.epoch += 1
+            port.detached_at = None
+            if port.hold is not None and port.hold.dropping:
+                port.hold = None
             self._ports[port.mac] = port
             return moved
 

@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 import numpy as np
 import numpy.typing as npt
 
-from vmferry.devices.base import DeviceError, DeviceIdentity, DeviceModel
+from vmferry.devices.base import DeviceError, DeviceIdentity, DeviceModel, OutputGate
 from vmferry.devices.fsm import MigCap, MigState
 from vmferry.devices.iommu import DirtyTracking, DmaFault, Iommu
 from vmferry.devices.nic import regs as r
@@ -292,6 +292,7 @@ class VirtualFunction(DeviceModel):
 
     def _quiesce(self, drain_tx: bool) -> None:
         """Stop taking frames and wait for the pass in flight; send what TX still holds."""
+        self.switch.stand_down(self.port)
         with self._cv:
             self._accepting = False
             self._cv.notify_all()
@@ -307,13 +308,18 @@ class VirtualFunction(DeviceModel):
             with self._cv:
                 self._accepting = True
                 self._cv.notify_all()
-            moved = self.switch.reclaim(self.port)
-            if moved or self._loaded:
-                # The MAC arrived on this host: teach the network (QEMU's self-announce).
-                self.switch.announce(self.mac)
-                self._loaded = False
+            self._own_mac()
         else:
             self._quiesce(drain_tx=cur in RUNNING_STATES)
+
+    def _own_mac(self) -> None:
+        """The VF runs here: its port owns the MAC (again, after a rollback that follows
+        the destination's announce: the source's traffic comes back to it)."""
+        moved = self.switch.reclaim(self.port)
+        if moved or self._loaded:
+            # The MAC arrived on this host: teach the network (QEMU's self-announce).
+            self.switch.announce(self.port)
+            self._loaded = False
 
     def device_reset(self) -> None:
         self._quiesce(drain_tx=False)
@@ -322,6 +328,20 @@ class VirtualFunction(DeviceModel):
             self._mediator = RxMediator()
             self._accepting = True
             self._cv.notify_all()
+        self._own_mac()  # a reset VF runs (a rollback's last resort): the VM goes on here
+
+    def gate_output(self, gate: OutputGate) -> None:
+        """The switch holds, releases or drops what this VF transmits; frames for it
+        still arrive (only its output waits for the audit)."""
+        if gate is OutputGate.HOLD:
+            self.switch.hold(self.port)
+            return
+        if gate is OutputGate.RELEASE:
+            figures = self.switch.release(self.port)
+        else:
+            figures = self.switch.drop(self.port)
+        for k, v in figures.items():
+            self.stats[f"output_{k}"] = v
 
     def config(self) -> dict[str, Any]:
         return {"mac": r.format_mac(self.mac), "vlan": self.vlan, "queues": self.queues}
