@@ -73,9 +73,11 @@ def config_records(draw: st.DrawFn) -> ConfigRecord:
         draw(st.text(max_size=32)),
         draw(st.integers(1, 255)),
         resident,
-        draw(st.booleans()),
+        draw(st.sampled_from(["on", "strict", "off"])),
         tuple(draw(st.lists(identities, max_size=3))),
         draw(st.none() | st.integers(MIN_PEER_TIMEOUT_MS, MAX_PEER_TIMEOUT_MS)),
+        draw(st.integers(0, 2**64 - 1)),
+        draw(st.booleans()),
     )
 
 
@@ -146,7 +148,26 @@ replies: st.SearchStrategy[ReplyMessage] = st.one_of(
     st.builds(Failed, st.text(), st.none() | findings),
     st.builds(Abandon, st.text(), st.booleans()),
     st.just(Alive()),
+    st.builds(codec.Audit, st.integers(1, 1 << 20)),
+    st.builds(
+        codec.Audited,
+        st.sampled_from(["passed", "failed"]),
+        st.integers(0, 2**40),
+        st.floats(0, 1e6),
+        st.lists(st.integers(0, 2**40), max_size=16),
+        st.text(max_size=20),
+    ),
 )
+
+
+@st.composite
+def audit_chunks(draw: st.DrawFn) -> tuple[codec.AuditChunk, int]:
+    npages = draw(st.integers(1, 4096))
+    first = draw(st.integers(0, npages - 1))
+    n = draw(st.integers(1, npages - first))
+    seed = draw(st.integers(0, 2**32))
+    digests = np.random.default_rng(seed).integers(0, 2**64, size=n, dtype=np.uint64)
+    return codec.AuditChunk(first, digests, first + n == npages), npages
 
 
 # ---- round trips
@@ -261,7 +282,10 @@ CONF_REFUSALS = [
     (_conf(channels=0), "field 'channels' is 0, want 1..255"),
     (_conf(channels=256), "field 'channels' is 256, want 1..255"),
     (_conf(channels=True), "field 'channels' is True, want int"),
-    (_conf(verify="yes"), "field 'verify' is 'yes', want bool"),
+    (_conf(verify="yes"), "field 'verify' is 'yes', want on, strict or off"),
+    (_conf(verify=True), "field 'verify' is True, want str"),
+    (_conf(**{"verify-seed": -1}), "field 'verify-seed' is -1, want 0.."),
+    (_conf(**{"verify-hold-output": 1}), "field 'verify-hold-output' is 1, want bool"),
     (_conf(id=7), "field 'id' is 7, want str"),
     (_conf(resident=[[0, 64 << 20]]), "resident range 0..67108864 lies outside guest RAM"),
     (_conf(resident=[[5, 5]]), "resident range 5..5 lies outside"),
@@ -326,6 +350,33 @@ def test_verify_record_refusals() -> None:
         VerifyRecord.decode(b"".join(swapped.encode()), WHERE, 16)
 
 
+@given(audit_chunks())
+def test_audit_chunk_round_trips(chunk_and_size: tuple[codec.AuditChunk, int]) -> None:
+    chunk, npages = chunk_and_size
+    assert codec.AuditChunk.decode(chunk.encode(npages), WHERE, npages) == chunk
+
+
+def test_audit_chunk_refusals() -> None:
+    chunk = codec.AuditChunk(4, np.arange(1, 5, dtype=np.uint64), True)
+    data = chunk.encode(8)
+    with pytest.raises(StreamError, match=f"{WHERE}: 4 bytes is too short"):
+        codec.AuditChunk.decode(data[:4], WHERE, 8)
+    with pytest.raises(StreamError, match=f"{WHERE} is for a guest of 8 pages, this one has 9"):
+        codec.AuditChunk.decode(data, WHERE, 9)
+    with pytest.raises(StreamError, match=f"{WHERE} has {len(data) - 1} bytes for 4 digests"):
+        codec.AuditChunk.decode(data[:-1], WHERE, 8)
+    flipped = bytearray(data)
+    flipped[-1] ^= 1
+    with pytest.raises(StreamError, match="checksum does not match"):
+        codec.AuditChunk.decode(bytes(flipped), WHERE, 8)
+    past = codec.AuditChunk(6, np.arange(1, 5, dtype=np.uint64)).encode(8)
+    with pytest.raises(StreamError, match=r"pages 6\+4 lie outside guest RAM \(8\)"):
+        codec.AuditChunk.decode(past, WHERE, 8)
+    empty = codec.AUDIT_HEAD.pack(0, 0, 8, 0)
+    with pytest.raises(StreamError, match=r"pages 0\+0 lie outside"):
+        codec.AuditChunk.decode(empty, WHERE, 8)
+
+
 def test_end_sections_carry_nothing() -> None:
     codec.check_empty(b"", WHERE)
     with pytest.raises(StreamError, match=f"{WHERE}: 1 bytes where nothing belongs"):
@@ -346,6 +397,18 @@ def test_end_sections_carry_nothing() -> None:
         ),
         (b'{"kind": "resumed", "resume_ms": "1"}', "field 'resume_ms' is '1', want int or float"),
         (b'{"kind": "failed"}', "'failed' reply: field 'error' is missing"),
+        (b'{"kind": "audit", "bytes": 0}', "'audit' reply: field 'bytes' is 0, want 1.."),
+        (b'{"kind": "audit", "bytes": 1073741824}', "field 'bytes' is 1073741824"),
+        (
+            b'{"kind": "audited", "status": "maybe", "pages_checked": 1, "audit_ms": 1,'
+            b' "mismatched_pages": [], "detail": ""}',
+            "field 'status' is 'maybe'",
+        ),
+        (
+            b'{"kind": "audited", "status": "failed", "pages_checked": 1, "audit_ms": 1,'
+            b' "mismatched_pages": [-3], "detail": ""}',
+            "field 'mismatched_pages' is not a list",
+        ),
         (b'{"kind": "failed", "error": "e", "verify": 1}', "field 'verify' is 1"),
         (b'{"kind": "abandon", "reason": "r", "cancelled": 1}', "field 'cancelled' is 1"),
         # JSON the json module refuses with other errors than JSONDecodeError

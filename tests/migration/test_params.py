@@ -7,7 +7,12 @@ from typing import Any
 import pytest
 
 from vmferry.errors import ConfigError
-from vmferry.migration.params import MigrationCapabilities, MigrationParameters, channels
+from vmferry.migration.params import (
+    MigrationCapabilities,
+    MigrationParameters,
+    channels,
+    verify_mode,
+)
 
 
 def test_defaults_are_qemus_except_bandwidth() -> None:
@@ -26,11 +31,13 @@ def test_defaults_are_qemus_except_bandwidth() -> None:
         "x-switchover-timeout": 0,
         "x-switchover-policy": "keep-going",
         "x-peer-timeout": 5000,  # vmferry's own: a silent peer is dead after 5 s
+        "x-verify": "on",  # vmferry's own: pre-resume check and an audit after resume
     }
     assert MigrationCapabilities().to_qmp() == {
         "auto-converge": False,
         "multifd": False,
         "x-verify": True,
+        "x-verify-hold-output": False,
     }
 
 
@@ -49,9 +56,12 @@ def test_qmp_round_trip() -> None:
         switchover_timeout_ms=10_000,
         switchover_policy="cancel",
         peer_timeout_ms=2000,
+        verify="strict",
     )
     assert MigrationParameters().updated(p.to_qmp()) == p
-    c = MigrationCapabilities(auto_converge=True, multifd=True, x_verify=False)
+    c = MigrationCapabilities(
+        auto_converge=True, multifd=True, x_verify=False, x_verify_hold_output=True
+    )
     assert MigrationCapabilities().updated(c.to_qmp()) == c
     assert c.to_qmp_list()[0] == {"capability": "auto-converge", "state": True}
 
@@ -109,3 +119,12 @@ def test_channels_used() -> None:
     p = MigrationParameters(multifd_channels=4)
     assert channels(p, MigrationCapabilities()) == 1
     assert channels(p, MigrationCapabilities(multifd=True)) == 4
+
+
+def test_verify_mode_is_the_parameter_unless_the_capability_turned_it_off() -> None:
+    assert verify_mode(MigrationParameters(), MigrationCapabilities()) == "on"
+    strict = MigrationParameters(verify="strict")
+    assert verify_mode(strict, MigrationCapabilities()) == "strict"
+    assert verify_mode(strict, MigrationCapabilities(x_verify=False)) == "off"
+    with pytest.raises(ConfigError, match="x-verify = 'loose': allowed values are on, strict, off"):
+        MigrationParameters(verify="loose")

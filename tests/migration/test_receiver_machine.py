@@ -34,8 +34,9 @@ from vmferry.migration.table import UnexpectedEvent
 Rs, Re, Ra = ReceiverState, ReceiverEvent, ReceiverAction
 SECTIONS = set(SECTION_EVENTS.values())
 # A source is connected: every state but before one came and the two ends.
-CONNECTED = set(Rs) - {Rs.IDLE, Rs.WAITING, Rs.RUNNING, Rs.FAILED}
-YIELDING = {Ra.AWAIT_SOURCE, Ra.READ_SECTION, Ra.SET_UP, Ra.VERIFY, Ra.AWAIT_GO}
+# (AUDITING: the guest runs here already; its own rules below.)
+CONNECTED = set(Rs) - {Rs.IDLE, Rs.WAITING, Rs.RUNNING, Rs.FAILED, Rs.AUDITING}
+YIELDING = {Ra.AWAIT_SOURCE, Ra.READ_SECTION, Ra.SET_UP, Ra.VERIFY, Ra.AWAIT_GO, Ra.AWAIT_AUDIT}
 
 
 PATHS = {t: shortest_paths(TABLES[t], Rs.IDLE) for t in Target}
@@ -111,6 +112,8 @@ def test_abandon_is_taken_in_every_state_and_changes_nothing_once_running(
         step = TABLES[target][(state, Re.ABANDON)]
         if state in FINAL:
             assert step.next is state and step.actions == ()
+        elif state is Rs.AUDITING:  # the guest runs here: a source that gives up leaves it
+            assert step.next is Rs.RUNNING and Ra.STOP_VM not in step.actions
         else:
             assert step.next is Rs.FAILED
 
@@ -139,9 +142,11 @@ def test_a_restored_file_starts_only_after_a_whole_verified_stream() -> None:
 
 def test_the_guest_starts_only_on_go_after_a_whole_verified_stream() -> None:
     into = {
-        (s, e) for (s, e), step in TABLE.items() if step.next is Rs.RUNNING and s is not Rs.RUNNING
+        (s, e)
+        for (s, e), step in TABLE.items()
+        if step.next in (Rs.RUNNING, Rs.AUDITING) and s not in (Rs.RUNNING, Rs.AUDITING)
     }
-    assert into == {(Rs.READY, Re.GO)}
+    assert into == {(Rs.READY, Re.GO), (Rs.READY, Re.GO_UNAUDITED)}
     assert {(s, e) for (s, e), st in TABLE.items() if st.next is Rs.READY} == {
         (Rs.VERIFYING, Re.VERIFY_PASSED)
     }
@@ -149,8 +154,8 @@ def test_the_guest_starts_only_on_go_after_a_whole_verified_stream() -> None:
         Rs.AFTER_DEVS,
         Rs.AFTER_VRFY,
     }
-    starts = [(s, e) for (s, e), st in TABLE.items() if Ra.START_VM in st.actions]
-    assert starts == [(Rs.READY, Re.GO)]
+    starts = {(s, e) for (s, e), st in TABLE.items() if Ra.START_VM in st.actions}
+    assert starts == {(Rs.READY, Re.GO), (Rs.READY, Re.GO_UNAUDITED)}
     for (state, event), step in TABLE.items():
         if state is Rs.RUNNING:
             assert step.next is Rs.RUNNING and not step.actions, event  # nothing closes it
@@ -168,6 +173,7 @@ def test_each_state_shows_the_destinations_status() -> None:
     assert STATUS[Rs.IDLE] == "none"
     assert STATUS[Rs.WAITING] == "setup"
     assert all(STATUS[s] == "active" for s in CONNECTED)
+    assert STATUS[Rs.AUDITING] == "active"  # not done until the audit passed
     assert STATUS[Rs.RUNNING] == "completed" and STATUS[Rs.FAILED] == "failed"
     assert set(STATUS) == set(Rs)
 
@@ -221,6 +227,30 @@ def test_a_migration_with_verification_loads_verifies_and_runs_on_go() -> None:
     assert m.started and m.status == "completed"
     assert m.step(Re.SOURCE_CLOSED) == ()  # the source hangs up after "resumed"
     assert m.step(Re.ABANDON) == () and m.started
+
+
+def test_only_a_failed_audit_stops_a_started_guest_and_it_tells_the_source() -> None:
+    stops = {(s, e) for (s, e), st in TABLE.items() if Ra.STOP_VM in st.actions}
+    assert stops == {(Rs.AUDITING, Re.AUDIT_FAILED), (Rs.AUDITING, Re.ERROR)}
+    for key in stops:
+        acts = TABLE[key].actions
+        # stopped, its held frames dropped, then the source told: it may run the VM again
+        assert acts.index(Ra.STOP_VM) < acts.index(Ra.DROP_OUTPUT) < acts.index(Ra.SEND_AUDITED)
+        assert acts.index(Ra.SEND_AUDITED) < acts.index(Ra.DISCARD)
+        assert TABLE[key].next is Rs.FAILED
+
+
+def test_an_audited_migration_runs_on_go_and_completes_when_the_audit_passed() -> None:
+    m = _at(Rs.READY)
+    assert m.step(Re.GO_UNAUDITED) == (
+        Ra.HOLD_OUTPUT,
+        Ra.START_VM,
+        Ra.SEND_RESUMED,
+        Ra.AWAIT_AUDIT,
+    )
+    assert m.started and m.status == "active" and m.phase == "the audit after resume"
+    assert Ra.RELEASE_OUTPUT in m.step(Re.AUDIT_PASSED)
+    assert m.state is Rs.RUNNING and m.status == "completed"
 
 
 def test_a_stream_without_digests_ends_after_devs() -> None:

@@ -18,6 +18,7 @@ from vmferry.errors import MigrationError
 from vmferry.migration.source_machine import (
     FINAL,
     RELEASED,
+    ROLLBACK_AFTER_RELEASE,
     STATES,
     STATUS,
     TABLES,
@@ -42,6 +43,7 @@ YIELDING = {
     Ac.END_STREAM,
     Ac.AWAIT_READY,
     Ac.AWAIT_RESUMED,
+    Ac.AWAIT_AUDITED,
 }
 
 
@@ -105,11 +107,19 @@ def test_cancelling_only_becomes_what_the_cancelling_rule_allows(target: Target)
 
 
 @pytest.mark.parametrize("target", list(Target))
-def test_a_released_vm_is_never_rolled_back_unless_the_destination_did_not_start_it(
+def test_a_released_vm_is_rolled_back_only_when_the_destination_does_not_run_it(
     target: Target,
 ) -> None:
+    """After "go": only a destination that did not start the VM, or stopped it after the
+    audit failed, gives it back; anything else leaves it paused here."""
+    assert {
+        (St.HANDING_OVER, Ev.DESTINATION_FAILED),
+        (St.AUDITING, Ev.AUDIT_FAILED),
+    } == ROLLBACK_AFTER_RELEASE
     for (state, event), step in TABLES[target].items():
-        if state in RELEASED and (state, event) != (St.HANDING_OVER, Ev.DESTINATION_FAILED):
+        if (state, event) in ROLLBACK_AFTER_RELEASE:
+            assert Ac.ROLLBACK in step.actions and step.next is St.FAILED
+        if state in RELEASED and (state, event) not in ROLLBACK_AFTER_RELEASE:
             assert Ac.ROLLBACK not in step.actions, (state, event)
             assert step.next in RELEASED or step.next is St.CONTINUED or step.next is state
         ends_here = step.next in {St.FAILED, St.CANCELLED} and state not in FINAL
@@ -149,6 +159,7 @@ def test_each_state_shows_qemus_status() -> None:
         St.STOP_COPY: "device",
         St.AWAIT_READY: "device",
         St.HANDING_OVER: "device",
+        St.AUDITING: "device",  # the source still holds the VM until the audit passed
         St.COMPLETED: "completed",
         St.SAVED: "completed",
         St.CONTINUED: "completed",
@@ -349,6 +360,29 @@ def test_a_destination_that_says_it_did_not_start_the_vm_gets_it_back() -> None:
     m = _at(Target.LIVE, St.HANDING_OVER)
     assert m.step(Ev.DESTINATION_FAILED) == (Ac.ROLLBACK, Ac.REPORT_STATUS)
     assert not m.released
+
+
+def test_an_audit_that_passes_completes_and_only_then_releases_the_devices() -> None:
+    m = _at(Target.LIVE, St.HANDING_OVER)
+    assert m.step(Ev.RESUMED_UNAUDITED) == (Ac.SEND_AUDIT, Ac.AWAIT_AUDITED)
+    assert m.state is St.AUDITING and m.status == "device" and m.released
+    assert m.phase == "the audit after resume"
+    assert m.step(Ev.CANCEL) == () and m.state is St.AUDITING  # too late to cancel
+    assert m.step(Ev.AUDIT_PASSED) == (Ac.REPORT_STATUS, Ac.RELEASE_DEVICES)
+    assert m.status == "completed"
+
+
+def test_an_audit_that_fails_rolls_the_vm_back_here() -> None:
+    m = _at(Target.LIVE, St.AUDITING)
+    assert m.step(Ev.AUDIT_FAILED) == (Ac.ROLLBACK, Ac.REPORT_STATUS)
+    assert m.state is St.FAILED and not m.released
+
+
+def test_a_destination_lost_during_the_audit_leaves_the_vm_paused_here() -> None:
+    for lost in (Ev.PEER_CLOSED, Ev.PEER_SILENT, Ev.ERROR, Ev.DESTINATION_FAILED):
+        m = _at(Target.LIVE, St.AUDITING)
+        assert m.step(lost) == (Ac.REPORT_STATUS,)
+        assert m.state is St.FAILED_AFTER_RELEASE and m.released
 
 
 def test_a_policy_that_gives_up_fails_telling_the_destination() -> None:

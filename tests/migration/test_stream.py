@@ -124,7 +124,7 @@ def test_newer_version(valid_stream: bytes) -> None:
 
     head = struct.pack("<8sII", codec.MAGIC, codec.VERSION + 1, 0)
     data = head + struct.pack("<Q", xxhash.xxh64_intdigest(head)) + valid_stream[24:]
-    with pytest.raises(StreamError, match=r"version 3 is newer than this vmferry's \(2\)"):
+    with pytest.raises(StreamError, match=r"version 4 is newer than this vmferry's \(3\)"):
         decode(data, GuestMemory(MEM))
 
 

@@ -70,7 +70,13 @@ def add_parser(sub: Any) -> None:
         metavar="MS",
         help="a destination silent this long is dead: the VM resumes here (default 5000)",
     )
-    p.add_argument("--no-verify", action="store_true", help="skip the switchover digests")
+    p.add_argument(
+        "--verify",
+        choices=["on", "strict", "off"],
+        help="on (default): check what the dirty log cannot vouch for before resume and "
+        "audit all RAM after; strict: all of it before resume; off: nothing",
+    )
+    p.add_argument("--no-verify", action="store_true", help="the same as --verify off")
     p.add_argument(
         "--tls-creds",
         metavar="DIR",
@@ -262,6 +268,7 @@ def _migrate(args: argparse.Namespace, qmp: QmpClient) -> dict[str, Any]:
         ("x-switchover-timeout", args.switchover_timeout),
         ("x-switchover-policy", args.switchover_policy),
         ("x-peer-timeout", args.peer_timeout),
+        ("x-verify", args.verify),
         # The source process resolves the path: make it absolute here.
         ("tls-creds", os.path.abspath(args.tls_creds) if args.tls_creds else None),
         ("tls-hostname", args.tls_hostname),

@@ -50,7 +50,13 @@ def open_file_target(path: str) -> int:
 
 
 def send_config(
-    machine: Machine, writers: list[StreamWriter], *, verify: bool, peer_timeout_ms: int
+    machine: Machine,
+    writers: list[StreamWriter],
+    *,
+    verify: str,
+    peer_timeout_ms: int,
+    verify_seed: int = 0,
+    hold_output: bool = False,
 ) -> None:
     """CONF on the main stream (the VM, its devices, what follows), CHAN on the others."""
     mig_id = uuid.uuid4().hex
@@ -63,6 +69,8 @@ def send_config(
         devices=tuple(d.identity for d in machine.devices),
         # The destination gives up on a silent source after as long as the source waits.
         peer_timeout_ms=peer_timeout_ms,
+        verify_seed=verify_seed,
+        hold_output=hold_output,
     )
     writers[0].section(CONF, [setup.encode()])
     for i, w in enumerate(writers[1:], start=1):

@@ -4,7 +4,10 @@ Defaults are QEMU's (``migrate-set-parameters`` / ``migrate-set-capabilities``),
 ``max-bandwidth``: QEMU limits a migration to 128 MiB/s unless told otherwise; vmferry
 sends as fast as the link allows unless told otherwise. ``x-switchover-timeout`` and
 ``x-switchover-policy`` are vmferry's own (hence the ``x-``), as is ``x-peer-timeout``
-(how long a silent peer is waited for) and the ``x-verify`` capability.
+(how long a silent peer is waited for), the ``x-verify`` parameter (on: a pre-resume
+check of what the dirty log cannot vouch for and a full audit after resume; strict: all of
+it before resume; off) and the ``x-verify`` (false: off) and ``x-verify-hold-output``
+capabilities.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from vmferry.errors import ConfigError
 
 COMPRESSIONS: Final = ("none", "zstd")  # QEMU also has zlib, qpl, uadk, qatzip
 SWITCHOVER_POLICIES: Final = ("keep-going", "force", "cancel")
+VERIFY_MODES: Final = ("on", "strict", "off")
 
 # QEMU's limits: downtime-limit ≤ 2000 s, multifd-channels 1..255, throttle values 1..99.
 MAX_DOWNTIME_LIMIT_MS: Final = 2_000_000
@@ -44,6 +48,7 @@ _PARAM_NAMES: Final = {
     "switchover_timeout_ms": "x-switchover-timeout",
     "switchover_policy": "x-switchover-policy",
     "peer_timeout_ms": "x-peer-timeout",
+    "verify": "x-verify",
 }
 _INT_RANGES: Final = {
     "downtime_limit_ms": (0, MAX_DOWNTIME_LIMIT_MS, "ms"),
@@ -58,10 +63,16 @@ _INT_RANGES: Final = {
 _CHOICES: Final = {
     "multifd_compression": COMPRESSIONS,
     "switchover_policy": SWITCHOVER_POLICIES,
+    "verify": VERIFY_MODES,
 }
 # Strings, "" when unset (as QEMU shows them): see vmferry.migration.tls.
 _STRINGS: Final = ("tls_creds", "tls_hostname", "tls_authz")
-_CAP_NAMES: Final = {"auto_converge": "auto-converge", "multifd": "multifd", "x_verify": "x-verify"}
+_CAP_NAMES: Final = {
+    "auto_converge": "auto-converge",
+    "multifd": "multifd",
+    "x_verify": "x-verify",
+    "x_verify_hold_output": "x-verify-hold-output",
+}
 
 
 def _check_int(qmp_name: str, value: object, low: int, high: int, unit: str) -> None:
@@ -106,6 +117,9 @@ class MigrationParameters:
     switchover_policy: str = "keep-going"  # what to do when the timeout passes
     # A peer silent this long is dead: the source rolls back, the destination gives up.
     peer_timeout_ms: int = 5000
+    # on: the dirty log's blind spots before resume, a full audit after; strict: all of
+    # it before resume (in the downtime); off: nothing.
+    verify: str = "on"
 
     def __post_init__(self) -> None:
         for name, (low, high, unit) in _INT_RANGES.items():
@@ -135,7 +149,9 @@ class MigrationCapabilities:
 
     auto_converge: bool = False  # QEMU's default
     multifd: bool = False  # QEMU's default
-    x_verify: bool = True  # vmferry's: compare page digests before the destination resumes
+    x_verify: bool = True  # vmferry's: false turns verification off (x-verify param: how)
+    # The host switch holds the destination VF's frames until the audit passed.
+    x_verify_hold_output: bool = False
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -153,6 +169,12 @@ class MigrationCapabilities:
     def updated(self, qmp: Mapping[str, Any]) -> MigrationCapabilities:
         """A copy with the given QMP-named capabilities changed; the others are kept."""
         return replace(self, **_renamed(qmp, _CAP_NAMES, "capability"))
+
+
+def verify_mode(params: MigrationParameters, caps: MigrationCapabilities) -> str:
+    """How a migration verifies: the x-verify parameter, unless the (older) x-verify
+    capability turned verification off."""
+    return params.verify if caps.x_verify else "off"
 
 
 def channels(params: MigrationParameters, caps: MigrationCapabilities) -> int:

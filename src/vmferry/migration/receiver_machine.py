@@ -5,7 +5,13 @@ CONF (AWAIT_CONF) and sets up RAM, devices and the extra channels (SETTING_UP); 
 ``accepted`` and loads the main stream section by section (LOADING while rounds of RAM,
 RND and DEVD come, then AFTER_CPUS, AFTER_DEVS, AFTER_VRFY: all "active"); after END it
 finishes the load and verifies (VERIFYING), says ``ready`` and waits for ``go`` (READY),
-then starts the guest and says ``resumed`` (RUNNING: "completed"). Until the guest runs,
+then starts the guest and says ``resumed`` (RUNNING: "completed"). With x-verify on the
+source audits after the resume (AUDITING, still "active": the guest runs here, the source
+keeps its copy): its digests of all RAM are compared with the digests taken here as each
+page landed; passed → RUNNING; a mismatch (or a bad audit) stops the guest here, drops
+what it sent if its output was held, tells the source (which runs the VM again) and
+discards the VM (FAILED); a source lost meanwhile leaves the guest running here,
+unaudited: the source keeps its copy paused. Until the guest runs,
 an ABRT section, an ``abandon`` line, a silent or vanished source and any failure here
 end in FAILED: the source is told on the reply path and what was loaded is discarded, so
 no guest ever starts from a stream not read to its end and verified. Once it runs,
@@ -48,6 +54,7 @@ class ReceiverState(enum.Enum):
     AFTER_VRFY = enum.auto()  # END is due
     VERIFYING = enum.auto()  # the stream is whole: load finished, digests compared
     READY = enum.auto()  # "ready" sent: waiting for the source's "go"
+    AUDITING = enum.auto()  # the guest runs here; the source's audit is compared
     RUNNING = enum.auto()  # the guest runs here
     FAILED = enum.auto()
 
@@ -69,6 +76,9 @@ class ReceiverEvent(enum.Enum):
     VERIFY_PASSED = enum.auto()  # or verification is off: nothing to compare
     VERIFY_FAILED = enum.auto()
     GO = enum.auto()
+    GO_UNAUDITED = enum.auto()  # "go", and an audit after the resume is due (x-verify on)
+    AUDIT_PASSED = enum.auto()
+    AUDIT_FAILED = enum.auto()  # a page differs from the source's
     ABANDON = enum.auto()  # the source gives up (an "abandon" line, or any notice)
     SOURCE_SILENT = enum.auto()  # nothing from the source within its x-peer-timeout
     SOURCE_CLOSED = enum.auto()  # EOF or reset: the source stopped or was killed
@@ -95,6 +105,13 @@ class ReceiverAction(enum.Enum):
     AWAIT_GO = enum.auto()
     START_VM = enum.auto()  # devices RUNNING, vCPUs run
     SEND_RESUMED = enum.auto()  # a failure to send is only logged: the guest is ours
+    HOLD_OUTPUT = enum.auto()  # x-verify-hold-output: the VF's frames held (else nothing)
+    AWAIT_AUDIT = enum.auto()  # read the source's audit chunks, compare them
+    SEND_AUDITED = enum.auto()  # the verdict (failed: after the guest was stopped)
+    RELEASE_OUTPUT = enum.auto()  # the held frames go out (if held)
+    STOP_VM = enum.auto()  # vCPUs and devices stopped: the guest runs on at the source
+    DROP_OUTPUT = enum.auto()  # the held frames are dropped (if held)
+    KEEP_UNAUDITED = enum.auto()  # the source is gone: the guest runs on here, unaudited
     STOP_HEARTBEAT = enum.auto()
     SEND_FAILED = enum.auto()  # the reason (and what a failed check found) to the source
     DISCARD = enum.auto()  # close what was built: machine, devices, memory
@@ -120,6 +137,7 @@ STATUS: Mapping[ReceiverState, MigrationStatus] = MappingProxyType(
         Rs.IDLE: MigrationStatus.NONE,
         Rs.WAITING: MigrationStatus.SETUP,
         **{s: MigrationStatus.ACTIVE for s in _CONNECTED},
+        Rs.AUDITING: MigrationStatus.ACTIVE,  # not done until the audit passed
         Rs.RUNNING: MigrationStatus.COMPLETED,
         Rs.FAILED: MigrationStatus.FAILED,
     }
@@ -137,6 +155,7 @@ PHASE: Mapping[ReceiverState, str] = MappingProxyType(
         Rs.AFTER_VRFY: "the switchover",
         Rs.VERIFYING: "the verification",
         Rs.READY: "the wait for the hand-over",
+        Rs.AUDITING: "the audit after resume",
     }
 )
 
@@ -153,6 +172,17 @@ _READING = (Rs.LOADING, Rs.AFTER_CPUS, Rs.AFTER_DEVS, Rs.AFTER_VRFY)
 _GIVE_UP = (Re.ABANDON, Re.ERROR, Re.SOURCE_SILENT, Re.SOURCE_CLOSED)
 _READ = Ra.READ_SECTION
 _FINISH = Step(Rs.VERIFYING, (Ra.FINISH_LOAD, Ra.VERIFY))
+_STOP = Step(
+    Rs.FAILED,
+    (
+        Ra.STOP_VM,
+        Ra.DROP_OUTPUT,
+        Ra.SEND_AUDITED,
+        Ra.STOP_HEARTBEAT,
+        Ra.DISCARD,
+        Ra.REPORT_STATUS,
+    ),
+)
 
 
 _Rows = dict[tuple[ReceiverState, ReceiverEvent], Step[ReceiverState, ReceiverAction]]
@@ -190,7 +220,22 @@ def _live() -> ReceiverTable:
             (Ra.START_VM, Ra.REPORT_STATUS, Ra.SEND_RESUMED, Ra.STOP_HEARTBEAT),
         ),
         (Rs.FAILED, Re.ABANDON): Step(Rs.FAILED),  # said already
+        (Rs.READY, Re.GO_UNAUDITED): Step(
+            Rs.AUDITING, (Ra.HOLD_OUTPUT, Ra.START_VM, Ra.SEND_RESUMED, Ra.AWAIT_AUDIT)
+        ),
+        (Rs.AUDITING, Re.AUDIT_PASSED): Step(
+            Rs.RUNNING,
+            (Ra.SEND_AUDITED, Ra.RELEASE_OUTPUT, Ra.STOP_HEARTBEAT, Ra.REPORT_STATUS),
+        ),
     }
+    # A mismatch, or an audit that cannot be read: the guest stops here and the source,
+    # told so, runs it again.
+    rows |= dict.fromkeys(((Rs.AUDITING, Re.AUDIT_FAILED), (Rs.AUDITING, Re.ERROR)), _STOP)
+    for event in (Re.ABANDON, Re.SOURCE_SILENT, Re.SOURCE_CLOSED):
+        rows[(Rs.AUDITING, event)] = Step(
+            Rs.RUNNING,
+            (Ra.KEEP_UNAUDITED, Ra.RELEASE_OUTPUT, Ra.STOP_HEARTBEAT, Ra.REPORT_STATUS),
+        )
     for state in _CONNECTED:
         for event in _GIVE_UP:
             rows[(state, event)] = Step(Rs.FAILED, _FAIL)
@@ -228,7 +273,7 @@ def _file() -> ReceiverTable:
 STATES: Mapping[Target, frozenset[ReceiverState]] = MappingProxyType(
     {
         Target.LIVE: frozenset(ReceiverState),
-        Target.FILE: frozenset(ReceiverState) - {Rs.WAITING, Rs.READY},
+        Target.FILE: frozenset(ReceiverState) - {Rs.WAITING, Rs.READY, Rs.AUDITING},
     }
 )
 TABLES: Mapping[Target, ReceiverTable] = MappingProxyType(
@@ -267,8 +312,8 @@ class ReceiverMachine(Walk[ReceiverState, ReceiverEvent, ReceiverAction]):
 
     @property
     def started(self) -> bool:
-        """The guest runs here: from now on nothing may close it."""
-        return self.state is Rs.RUNNING
+        """The guest was started here (in AUDITING only a failed audit may stop it)."""
+        return self.state in (Rs.RUNNING, Rs.AUDITING)
 
 
 __all__ = [

@@ -308,7 +308,7 @@ class MigrationSource:
         send_config(
             self.machine,
             self._outgoing().writers,
-            verify=self.caps.x_verify,
+            verify="strict" if self.caps.x_verify else "off",
             peer_timeout_ms=self.params.peer_timeout_ms,
         )
 

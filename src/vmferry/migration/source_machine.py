@@ -5,8 +5,14 @@ A live (tcp) migration connects, sends the CONF and waits for the destination's
 says continue (PRECOPY: "active"); on switchover pauses the VM, stops the devices and
 sends the rest, the CPU state, the digests and END (STOP_COPY: "device"); waits for
 ``ready`` (AWAIT_READY) and answers ``go``, which releases the VM: from then on it never
-runs here again (HANDING_OVER), until ``resumed`` (COMPLETED). A file: target has no
-destination to ask: after END the VM stays paused here, resumable (SAVED), and ``cont``
+runs here again (HANDING_OVER), until ``resumed`` (COMPLETED). With x-verify on the
+destination resumed after a check of only what the dirty log cannot vouch for: the source
+digests all of its (frozen) RAM and sends the digests (AUDITING: still "device", the
+source holds the VM's state); the audit passed completes it; a mismatch — the destination
+says it stopped its VM — rolls the VM back here (FAILED), the one rollback after "go";
+a destination lost during the audit may be running the VM (FAILED_AFTER_RELEASE).
+A file: target has no destination to ask: after END the VM stays paused here,
+resumable (SAVED), and ``cont``
 runs it again (CONTINUED). Before the release every failure rolls the VM back and a
 cancel is accepted in every state: the machine is "cancelling" until the step in flight
 ends, then "cancelled". The destination is told why the source gives up only while the
@@ -47,6 +53,7 @@ class SourceState(enum.Enum):
     STOP_COPY = enum.auto()  # VM paused: the rest, CPU and device state, END
     AWAIT_READY = enum.auto()  # END sent, the destination loads and verifies
     HANDING_OVER = enum.auto()  # "go" sent: released, waiting for "resumed"
+    AUDITING = enum.auto()  # it runs there; the audit's digests out, its verdict due
     COMPLETED = enum.auto()
     SAVED = enum.auto()  # a file is whole; the VM is paused here and may run again
     CONTINUED = enum.auto()  # a saved VM runs here again (cont)
@@ -67,7 +74,10 @@ class SourceEvent(enum.Enum):
     ROUND_GIVE_UP = enum.auto()  # the policy says it will not converge
     STREAM_ENDED = enum.auto()  # END (and each CEND) is written
     READY = enum.auto()  # the destination loaded and verified everything
-    RESUMED = enum.auto()  # the destination runs the VM
+    RESUMED = enum.auto()  # the destination runs the VM (nothing left to check)
+    RESUMED_UNAUDITED = enum.auto()  # it runs the VM; the audit after resume is due
+    AUDIT_PASSED = enum.auto()  # the destination's verdict on the audit
+    AUDIT_FAILED = enum.auto()  # a mismatch: the destination stopped its VM
     DESTINATION_FAILED = enum.auto()  # a "failed" line: the destination gave up first
     PEER_SILENT = enum.auto()  # no word from the destination within the bound
     PEER_CLOSED = enum.auto()  # the connection broke: a section may be half written
@@ -96,6 +106,8 @@ class SourceAction(enum.Enum):
     SEND_GO = enum.auto()
     STOP_DIRTY_TRACKING = enum.auto()
     AWAIT_RESUMED = enum.auto()
+    SEND_AUDIT = enum.auto()  # digest all resident RAM (frozen here), send it in chunks
+    AWAIT_AUDITED = enum.auto()  # the destination's verdict
     RELEASE_DEVICES = enum.auto()  # devices let go of the VM's state (STOP, kept)
     RESUME_HERE = enum.auto()  # devices back to RUNNING, the VM runs again
     INTERRUPT = enum.auto()  # wake a wait for the destination; sends stop at a batch
@@ -116,6 +128,8 @@ STATUS: Mapping[SourceState, MigrationStatus] = MappingProxyType(
         St.STOP_COPY: MigrationStatus.DEVICE,
         St.AWAIT_READY: MigrationStatus.DEVICE,
         St.HANDING_OVER: MigrationStatus.DEVICE,
+        # Not "completed": until the audit passed the source must not be let go.
+        St.AUDITING: MigrationStatus.DEVICE,
         St.COMPLETED: MigrationStatus.COMPLETED,
         St.SAVED: MigrationStatus.COMPLETED,
         St.CONTINUED: MigrationStatus.COMPLETED,
@@ -137,12 +151,18 @@ PHASE: Mapping[SourceState, str] = MappingProxyType(
         St.STOP_COPY: "the switchover",
         St.AWAIT_READY: "the switchover",
         St.HANDING_OVER: "the hand-over",
+        St.AUDITING: "the audit after resume",
     }
 )
 
 #: The VM belongs to the destination (or to the file): it must not run here on its own.
 RELEASED: frozenset[SourceState] = frozenset(
-    {St.HANDING_OVER, St.COMPLETED, St.SAVED, St.FAILED_AFTER_RELEASE}
+    {St.HANDING_OVER, St.AUDITING, St.COMPLETED, St.SAVED, St.FAILED_AFTER_RELEASE}
+)
+#: The one way back after "go": the audit found a mismatch and the destination said it
+#: stopped its VM.
+ROLLBACK_AFTER_RELEASE: frozenset[tuple[SourceState, SourceEvent]] = frozenset(
+    {(St.HANDING_OVER, SourceEvent.DESTINATION_FAILED), (St.AUDITING, SourceEvent.AUDIT_FAILED)}
 )
 FINAL: frozenset[SourceState] = frozenset(
     {St.COMPLETED, St.SAVED, St.CONTINUED, St.CANCELLED, St.FAILED, St.FAILED_AFTER_RELEASE}
@@ -158,6 +178,7 @@ STATES: Mapping[Target, frozenset[SourceState]] = MappingProxyType(
             St.AWAIT_ACCEPTED,
             St.AWAIT_READY,
             St.HANDING_OVER,
+            St.AUDITING,
             St.COMPLETED,
             St.CANCELLING,
             St.CANCELLING_AFTER_END,
@@ -211,7 +232,7 @@ def _common(target: Target) -> _Rows:
         (Ev.CONNECTED, Ev.HALTED, *_LOCAL, *_ROUND_ENDED),
         Step(St.CANCELLED, _FAIL),
     )
-    for state in (*FINAL, St.HANDING_OVER, *_CANCELLING):
+    for state in (*FINAL, St.HANDING_OVER, St.AUDITING, *_CANCELLING):
         rows[(state, Ev.CANCEL)] = Step(state)  # too late, or said already
     return {k: v for k, v in rows.items() if k[0] in STATES[target]}
 
@@ -228,6 +249,12 @@ def _live() -> SourceTable:
             St.HANDING_OVER, (Ac.SEND_GO, Ac.STOP_DIRTY_TRACKING, Ac.AWAIT_RESUMED)
         ),
         (St.HANDING_OVER, Ev.RESUMED): Step(St.COMPLETED, (Ac.REPORT_STATUS, Ac.RELEASE_DEVICES)),
+        (St.HANDING_OVER, Ev.RESUMED_UNAUDITED): Step(
+            St.AUDITING, (Ac.SEND_AUDIT, Ac.AWAIT_AUDITED)
+        ),
+        (St.AUDITING, Ev.AUDIT_PASSED): Step(St.COMPLETED, (Ac.REPORT_STATUS, Ac.RELEASE_DEVICES)),
+        # The destination stopped its VM: it runs here again, the guest finishes here.
+        (St.AUDITING, Ev.AUDIT_FAILED): Step(St.FAILED, _FAIL),
         # It did not start the guest (it gave up waiting for "go"): the VM is only here.
         (St.HANDING_OVER, Ev.DESTINATION_FAILED): Step(St.FAILED, _FAIL),
         (St.PRECOPY, Ev.ROUND_GIVE_UP): Step(St.FAILED, _ABORT),
@@ -248,6 +275,12 @@ def _live() -> SourceTable:
     rows |= _rows(St.AWAIT_READY, _PEER_LOST, Step(St.FAILED, _FAIL))
     lost = (Ev.PEER_SILENT, Ev.PEER_CLOSED, Ev.ERROR)
     rows |= _rows(St.HANDING_OVER, lost, Step(St.FAILED_AFTER_RELEASE, (Ac.REPORT_STATUS,)))
+    # Lost during the audit (or a "failed" that does not say it stopped): it may run there.
+    rows |= _rows(
+        St.AUDITING,
+        (*lost, Ev.DESTINATION_FAILED),
+        Step(St.FAILED_AFTER_RELEASE, (Ac.REPORT_STATUS,)),
+    )
     at_boundary = (Ev.HALTED, *_LOCAL, *_ROUND_ENDED, Ev.ACCEPTED)
     rows |= _rows(St.CANCELLING, at_boundary, Step(St.CANCELLED, _ABORT))
     rows |= _rows(St.CANCELLING, _PEER_LOST, Step(St.CANCELLED, _FAIL))
@@ -335,6 +368,7 @@ __all__ = [
     "FINAL",
     "PHASE",
     "RELEASED",
+    "ROLLBACK_AFTER_RELEASE",
     "STATES",
     "STATUS",
     "TABLES",

@@ -19,6 +19,7 @@ from vmferry.migration.params import (
     MAX_SWITCHOVER_TIMEOUT_MS,
     MIN_PEER_TIMEOUT_MS,
     SWITCHOVER_POLICIES,
+    VERIFY_MODES,
 )
 from vmferry.qmp.argtypes import Arg, Array, Bool, Int, Str, Struct
 from vmferry.qmp.backend import QmpError
@@ -26,7 +27,12 @@ from vmferry.qmp.backend import QmpError
 Json = Any  # a decoded JSON value; the checks in argtypes narrow it
 
 #: Capabilities `migrate-set-capabilities` knows, in the order query lists them.
-MIGRATION_CAPABILITIES: tuple[str, ...] = ("auto-converge", "multifd", "x-verify")
+MIGRATION_CAPABILITIES: tuple[str, ...] = (
+    "auto-converge",
+    "multifd",
+    "x-verify",
+    "x-verify-hold-output",
+)
 
 _PERCENT = Int(1, 99, "percent")
 
@@ -52,6 +58,8 @@ MIGRATION_PARAMETERS: Mapping[str, Arg] = {
     "x-switchover-policy": Arg(Str(SWITCHOVER_POLICIES)),
     # vmferry's own: how long a silent peer is waited for before the migration fails.
     "x-peer-timeout": Arg(Int(MIN_PEER_TIMEOUT_MS, MAX_PEER_TIMEOUT_MS, "milliseconds")),
+    # vmferry's own: on (pre-resume check + audit after resume), strict (all before), off.
+    "x-verify": Arg(Str(VERIFY_MODES)),
 }
 
 

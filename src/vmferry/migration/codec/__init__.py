@@ -11,6 +11,7 @@ and the field. ``replies``: the reply path, one JSON object per line, each a
 from vmferry.errors import MigrationError, StreamError
 from vmferry.migration.codec.layout import (
     ABRT,
+    AUDIT_HEAD,
     CEND,
     CHAN,
     CONF,
@@ -23,6 +24,7 @@ from vmferry.migration.codec.layout import (
     FLAG_ZSTD,
     KNOWN_FLAGS,
     MAGIC,
+    MAX_AUDIT_PAGES,
     MAX_PAYLOAD,
     PHASE_PRECOPY,
     PHASE_STOP_COPY,
@@ -47,6 +49,8 @@ from vmferry.migration.codec.replies import (
     Abandon,
     Accepted,
     Alive,
+    Audit,
+    Audited,
     Failed,
     Go,
     Ready,
@@ -59,6 +63,7 @@ from vmferry.migration.codec.replies import (
 from vmferry.migration.codec.sections import (
     DEVICE_FIELDS,
     AbandonNotice,
+    AuditChunk,
     ChannelRecord,
     ConfigRecord,
     CpuStateRecord,
@@ -70,6 +75,7 @@ from vmferry.migration.codec.sections import (
 
 __all__ = [
     "ABRT",
+    "AUDIT_HEAD",
     "CEND",
     "CHAN",
     "CONF",
@@ -83,6 +89,7 @@ __all__ = [
     "FLAG_ZSTD",
     "KNOWN_FLAGS",
     "MAGIC",
+    "MAX_AUDIT_PAGES",
     "MAX_PAYLOAD",
     "PHASE_PRECOPY",
     "PHASE_STOP_COPY",
@@ -103,6 +110,9 @@ __all__ = [
     "AbandonNotice",
     "Accepted",
     "Alive",
+    "Audit",
+    "AuditChunk",
+    "Audited",
     "ChannelRecord",
     "ConfigRecord",
     "CpuStateRecord",

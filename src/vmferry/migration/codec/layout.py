@@ -23,7 +23,9 @@ from vmferry.errors import StreamError
 MAGIC = b"VMFERRY\n"
 # 2: one CONF schema for live migration and save files (flat, every key present), and
 # one DEVS schema (identity and figures per device) in both.
-VERSION = 2
+# 3: CONF's verify is a mode (on | strict | off) with the digest seed and hold-output;
+# the audit after resume (AUDIT_HEAD chunks on the reply path).
+VERSION = 3
 STREAM_HEADER = struct.Struct("<8sII")
 STREAM_HEADER_SIZE = STREAM_HEADER.size + 8
 SECTION_HEADER = struct.Struct("<4sIQII")
@@ -85,6 +87,9 @@ DEVD_HEAD = struct.Struct("<II")  # device index, phase
 PHASE_PRECOPY, PHASE_STOP_COPY = 0, 1
 # VRFY payload: head, then page numbers (<i8) and their digests (<u8).
 VRFY_HEAD = struct.Struct("<QQQ")  # key seed, page count, cpu digest
+# An audit chunk (reply path, after resume): head, then `count` digests (<u8), dense.
+AUDIT_HEAD = struct.Struct("<QQQQ")  # first page, count, guest RAM's pages, xxh64(digests)
+MAX_AUDIT_PAGES = 1 << 18  # 1 GiB of RAM per chunk: 2 MiB of digests
 
 
 def section_name(tag: bytes) -> str:

@@ -11,6 +11,7 @@ from typing import Any, ClassVar, Self
 
 from vmferry.errors import MigrationError, StreamError
 from vmferry.migration.codec.fields import count, figure, get, is_a, load_json
+from vmferry.migration.codec.layout import AUDIT_HEAD, MAX_AUDIT_PAGES
 
 # The most page numbers a failed check reports (verify.MAX_MISMATCHES_REPORTED is 16).
 MAX_FINDINGS_PAGES = 1024
@@ -123,24 +124,53 @@ class Abandon:
 
 
 @dataclass(frozen=True)
+class Audit:
+    """The source's: an audit chunk (sections.AuditChunk) of ``bytes`` bytes follows this
+    line on the reply path, binary."""
+
+    KIND: ClassVar[str] = "audit"
+    bytes: int
+
+
+@dataclass(frozen=True)
+class Audited:
+    """The destination's verdict on the audit after resume. ``failed``: it has stopped
+    its VM (vCPUs and devices) and discards it, so the source may run the VM again."""
+
+    KIND: ClassVar[str] = "audited"
+    status: str  # passed | failed
+    pages_checked: int
+    audit_ms: float
+    mismatched_pages: list[int]
+    detail: str = ""
+
+
+@dataclass(frozen=True)
 class Alive:
     """The destination's heartbeat."""
 
     KIND: ClassVar[str] = "alive"
 
 
-ReplyMessage = Accepted | Ready | Go | Resumed | Failed | Abandon | Alive
+ReplyMessage = Accepted | Ready | Go | Resumed | Failed | Abandon | Alive | Audit | Audited
 _REPLIES: dict[str, type[ReplyMessage]] = {
-    c.KIND: c for c in (Accepted, Ready, Go, Resumed, Failed, Abandon, Alive)
+    c.KIND: c for c in (Accepted, Ready, Go, Resumed, Failed, Abandon, Alive, Audit, Audited)
 }
+# The most bytes an ``audit`` line may announce: one chunk's head and digests.
+MAX_AUDIT_BYTES = AUDIT_HEAD.size + 8 * MAX_AUDIT_PAGES
 # Each field's JSON type; absent from a message: None (Failed.verify only). Figures
 # (milliseconds) are checked apart: finite, not negative.
 _REPLY_FIELDS: dict[str, dict[str, type | tuple[type, ...]]] = {
     "ready": {"pages_checked": int, "verify": str},
     "failed": {"error": str},
     "abandon": {"reason": str, "cancelled": bool},
+    "audited": {"status": str, "detail": str},
 }
-_REPLY_FIGURES: dict[str, tuple[str, ...]] = {"ready": ("verify_ms",), "resumed": ("resume_ms",)}
+_REPLY_FIGURES: dict[str, tuple[str, ...]] = {
+    "ready": ("verify_ms",),
+    "resumed": ("resume_ms",),
+    "audited": ("audit_ms",),
+}
 
 
 def encode_reply(msg: ReplyMessage) -> bytes:
@@ -171,6 +201,14 @@ def _reply_values(cls: type[ReplyMessage], obj: dict[str, Any], where: str) -> d
     values.update({k: get(obj, k, t, where) for k, t in _REPLY_FIELDS.get(kind, {}).items()})
     if cls is Ready:
         count(obj, "pages_checked", where)
+    if cls is Audit:
+        values["bytes"] = count(obj, "bytes", where, 1, MAX_AUDIT_BYTES)
+    if cls is Audited:
+        if values["status"] not in ("passed", "failed"):
+            raise StreamError(f"{where}: field 'status' is {values['status'][:20]!r}")
+        found = VerifyFindings.of({**obj, "cpu_state": ""}, where)
+        values["pages_checked"] = found.pages_checked
+        values["mismatched_pages"] = found.mismatched_pages
     if cls is Failed and obj.get("verify") is not None:
         found = obj["verify"]
         if not isinstance(found, dict):

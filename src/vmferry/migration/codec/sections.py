@@ -8,6 +8,7 @@ from typing import Any, Self
 
 import numpy as np
 import numpy.typing as npt
+import xxhash
 
 from vmferry.devices.base import DeviceIdentity
 from vmferry.errors import StreamError, VmferryError
@@ -15,8 +16,8 @@ from vmferry.machine.config import MachineConfig
 from vmferry.machine.state import MachineState, VcpuState
 from vmferry.memory.guest_memory import MAX_RAM
 from vmferry.migration.codec.fields import count, dump_json, get, is_a, load_json, load_object
-from vmferry.migration.codec.layout import VRFY_HEAD
-from vmferry.migration.params import MAX_PEER_TIMEOUT_MS, MIN_PEER_TIMEOUT_MS
+from vmferry.migration.codec.layout import AUDIT_HEAD, MAX_AUDIT_PAGES, VRFY_HEAD
+from vmferry.migration.params import MAX_PEER_TIMEOUT_MS, MIN_PEER_TIMEOUT_MS, VERIFY_MODES
 
 
 @dataclass(frozen=True)
@@ -27,9 +28,13 @@ class ConfigRecord:
     mig_id: str = ""
     channels: int = 1
     resident: tuple[tuple[int, int], ...] = ()  # RAM ranges that hold data (pre-faulted)
-    verify: bool = False
+    verify: str = "off"  # x-verify: on | strict | off
     devices: tuple[DeviceIdentity, ...] = ()
     peer_timeout_ms: int | None = None  # the source's x-peer-timeout (live only)
+    # The page-digest keys' seed: known from the start, the destination digests pages as
+    # they land (x-verify on).
+    verify_seed: int = 0
+    hold_output: bool = False  # x-verify-hold-output: the VF's frames held until the audit
 
     def encode(self) -> bytes:
         return dump_json(
@@ -41,6 +46,8 @@ class ConfigRecord:
                 "verify": self.verify,
                 "devices": [d.to_dict() for d in self.devices],
                 "peer-timeout-ms": self.peer_timeout_ms,
+                "verify-seed": self.verify_seed,
+                "verify-hold-output": self.hold_output,
             }
         )
 
@@ -60,14 +67,19 @@ class ConfigRecord:
         timeout = get(obj, "peer-timeout-ms", (int, type(None)), where)
         if timeout is not None:
             count(obj, "peer-timeout-ms", where, MIN_PEER_TIMEOUT_MS, MAX_PEER_TIMEOUT_MS)
+        verify = get(obj, "verify", str, where)
+        if verify not in VERIFY_MODES:
+            raise StreamError(f"{where}: field 'verify' is {verify[:20]!r}, want on, strict or off")
         return cls(
             config,
             get(obj, "id", str, where),
             count(obj, "channels", where, 1, 255),
             _resident(get(obj, "resident", list, where), config.memory, where),
-            get(obj, "verify", bool, where),
+            verify,
             _identities(get(obj, "devices", list, where), where),
             timeout,
+            count(obj, "verify-seed", where, 0, (1 << 64) - 1),
+            get(obj, "verify-hold-output", bool, where),
         )
 
 
@@ -259,6 +271,51 @@ class VerifyRecord:
         if count and (pages.min() < 0 or pages.max() >= npages_ram or (np.diff(pages) <= 0).any()):
             raise StreamError(f"{where} lists pages outside guest RAM or out of order")
         return cls(seed, pages.astype(np.int64), digests.astype(np.uint64), cpu)
+
+
+@dataclass(frozen=True)
+class AuditChunk:
+    """The audit after resume (x-verify on): the source's digests of pages [first,
+    first + count), every page of that range in order (a hole's is 0, as a zero page's
+    is), with an xxh64 of the digests; it goes on the reply path after ``resumed``, each
+    chunk behind an ``audit`` line that gives its length (replies.Audit)."""
+
+    first: int
+    digests: npt.NDArray[np.uint64]
+    last: bool = False  # the chunk that reaches the end of guest RAM
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, AuditChunk)
+            and (self.first, self.last) == (other.first, other.last)
+            and np.array_equal(self.digests, other.digests)
+        )
+
+    __hash__ = None  # type: ignore[assignment]  # arrays: compared, never hashed
+
+    def encode(self, npages_ram: int) -> bytes:
+        body = self.digests.astype("<u8").tobytes()
+        head = AUDIT_HEAD.pack(
+            self.first, self.digests.size, npages_ram, xxhash.xxh64_intdigest(body)
+        )
+        return head + body
+
+    @classmethod
+    def decode(cls, payload: bytes, where: str, npages_ram: int) -> Self:
+        if len(payload) < AUDIT_HEAD.size:
+            raise StreamError(f"{where}: {len(payload)} bytes is too short for its head")
+        first, n, ram, check = AUDIT_HEAD.unpack_from(payload)
+        if ram != npages_ram:
+            raise StreamError(f"{where} is for a guest of {ram} pages, this one has {npages_ram}")
+        if not (0 < n <= MAX_AUDIT_PAGES and first + n <= npages_ram):
+            raise StreamError(f"{where}: pages {first}+{n} lie outside guest RAM ({npages_ram})")
+        if len(payload) != AUDIT_HEAD.size + 8 * n:
+            raise StreamError(f"{where} has {len(payload)} bytes for {n} digests")
+        body = payload[AUDIT_HEAD.size :]
+        if xxhash.xxh64_intdigest(body) != check:
+            raise StreamError(f"{where}: the digests' checksum does not match (corrupt)")
+        digests = np.frombuffer(body, dtype="<u8").astype(np.uint64)
+        return cls(first, digests, first + n == npages_ram)
 
 
 @dataclass(frozen=True)
