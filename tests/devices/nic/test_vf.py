@@ -15,6 +15,7 @@ from vmferry.devices.iommu import DirtyTracking
 from vmferry.devices.nic import close_host, wire
 from vmferry.devices.nic import regs as r
 from vmferry.devices.nic.vf import VirtualFunction
+from vmferry.errors import ConfigError
 from vmferry.memory import GuestMemory
 from vmferry.migration.devices import DestinationDevices, SourceDevices, blockers
 from vmferry.traffic.lab import close_hosts, make_hosts
@@ -275,3 +276,26 @@ def test_a_rollback_drops_held_output_and_the_mac_comes_back(moved: Moved) -> No
     answer = moved.echo(src, 4)
     assert moved.expect(wire.KIND_DATA).frame == answer, "a dropped frame reached the peer"
     assert dst.port.stale_announces == 0 and src.port.moved_to is None
+
+
+def test_a_dma_window_limits_what_the_vf_can_reach(tmp_path: Path, memory: GuestMemory) -> None:
+    host = h.make_host(tmp_path / "host")
+    dev = h.make_vf(host, memory, DirtyTracking.IOMMU, ",x-dma-window=1M:3M")
+    w = h.Wire(dev)
+    try:
+        pages = dev.iommu.mapped_pages()
+        assert pages[0] == (1 << 20) >> 12 and pages[-1] == ((3 << 20) >> 12) - 1
+        assert dev.identity.config["dma-window"] == [1 << 20, 3 << 20]
+        h.program(dev)  # rings at 1M, RX buffers at 2M: inside
+        w.send(h.frame_to(dev, 1))
+        h.wait_for(lambda: h.stat(dev, "rx_packets") == 1, "a frame into the window")
+        h.transmit(dev, [h.frame_to(dev, 2)])  # TX buffers at 3M: outside
+        h.wait_for(lambda: dev.mmio_read(r.REG_ERROR_CODE, 4) == r.ERR_DMA_FAULT, "a DMA fault")
+    finally:
+        w.close()
+        dev.close()
+        close_host(host)
+    for bad in ("3M:1M", "1M", "1M:x", "100M:200M", "1000:8192"):
+        with pytest.raises(ConfigError, match="x-dma-window"):
+            h.make_vf(host, memory, DirtyTracking.IOMMU, f",x-dma-window={bad}")
+    close_host(host)

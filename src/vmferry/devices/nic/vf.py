@@ -29,8 +29,13 @@ from vmferry.devices.nic.rings import Ring, RxMediator
 from vmferry.devices.nic.switch import host_switch
 from vmferry.devices.stream import PIECE_FINAL, PIECE_INITIAL
 from vmferry.errors import ConfigError
+from vmferry.memory.guest_memory import PAGE_SIZE
+from vmferry.sizes import parse_size
 
 BATCH = 64  # descriptors per ring per pass: the lock is held for one pass
+# ``x-dma-window=START:END``: the VF's IOMMU domain maps only these GPAs (tests: pages no
+# device can reach, which only the post-resume audit checks).
+DMA_WINDOW_OPTION = "x-dma-window"
 RUNNING_STATES = (MigState.RUNNING, MigState.PRE_COPY)
 STATUS = struct.Struct("<Q")
 
@@ -39,7 +44,9 @@ class VirtualFunction(DeviceModel):
     model: ClassVar[str] = "vf"
     version: ClassVar[int] = 1
     caps: ClassVar[MigCap] = MigCap.STOP_COPY | MigCap.P2P | MigCap.PRE_COPY
-    model_options: ClassVar[frozenset[str]] = frozenset({"pf", "index", "migration"})
+    model_options: ClassVar[frozenset[str]] = frozenset(
+        {"pf", "index", "migration", DMA_WINDOW_OPTION}
+    )
     tracking_modes: ClassVar[frozenset[DirtyTracking]] = frozenset(DirtyTracking)
 
     def __init__(self, name: str, iommu: Iommu, options: dict[str, str]) -> None:
@@ -51,6 +58,8 @@ class VirtualFunction(DeviceModel):
             raise ConfigError(f"vf: index={options['index']} is not a number") from None
         if options.get("migration", "on") not in ("on", "off"):
             raise ConfigError(f"vf: migration={options['migration']}: use on or off")
+        window = options.get(DMA_WINDOW_OPTION)
+        self.window = None if window is None else _map_window(iommu, window)
         self.host = current_host()
         _, vf = HostConfig(self.host).claim(self.pf, self.index, os.getpid())
         self.name = f"{name} ({self.pf} VF {self.index})"
@@ -344,7 +353,11 @@ class VirtualFunction(DeviceModel):
             self.stats[f"output_{k}"] = v
 
     def config(self) -> dict[str, Any]:
-        return {"mac": r.format_mac(self.mac), "vlan": self.vlan, "queues": self.queues}
+        cfg: dict[str, Any] = {"mac": r.format_mac(self.mac), "vlan": self.vlan}
+        cfg["queues"] = self.queues
+        if self.window is not None:
+            cfg["dma-window"] = list(self.window)
+        return cfg
 
     def mediated_dirty_pages(self) -> npt.NDArray[np.int64]:
         with self._cv:  # no DMA moves a head while the mediator reads them
@@ -404,3 +417,25 @@ class VirtualFunction(DeviceModel):
             self.stats_regs, self.rx, self.tx = stats, rx, tx
             self._mediator = RxMediator()
             self._loaded = True
+
+
+def _map_window(iommu: Iommu, text: str) -> tuple[int, int]:
+    """Map only [START, END) of RAM (identity), as a guest behind a vIOMMU maps only its
+    rings and buffers: DMA anywhere else faults, and those pages are nobody's to write."""
+    start_s, sep, end_s = text.partition(":")
+    why = f"vf: {DMA_WINDOW_OPTION}={text}: use START:END (page-aligned sizes, START < END)"
+    try:
+        start, end = parse_size(start_s), parse_size(end_s)
+    except ConfigError:
+        raise ConfigError(why) from None
+    if not sep or start >= end or start % PAGE_SIZE or end % PAGE_SIZE:
+        raise ConfigError(why)
+    for m in iommu.mappings:
+        iommu.unmap(m.iova, m.size)
+    for region in iommu.memory.regions:
+        lo, hi = max(start, region.gpa), min(end, region.gpa + region.size)
+        if lo < hi:
+            iommu.map(lo, hi - lo, lo)
+    if not iommu.mappings:
+        raise ConfigError(f"vf: {DMA_WINDOW_OPTION}={text} holds no RAM")
+    return start, end
