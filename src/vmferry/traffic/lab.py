@@ -13,14 +13,15 @@ import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from vmferry.devices.nic import HostConfig, close_host, on_host
+from vmferry.devices.nic import HostConfig, close_host, host_switch, on_host
 from vmferry.devices.nic.regs import parse_mac
 from vmferry.devices.nic.switch import Port
 from vmferry.devices.nic.vf import VirtualFunction
 from vmferry.machine import Machine, MachineConfig
 from vmferry.migration.destination import IncomingResult
-from vmferry.migration.params import MigrationParameters
+from vmferry.migration.params import MigrationCapabilities, MigrationParameters
 from vmferry.migration.source import MigrationSource
 from vmferry.testing.harness import InProcessDestination, migrate
 from vmferry.traffic.peer import TrafficPeer, TrafficReport
@@ -68,6 +69,10 @@ class Outcome:
     forwarded: int  # frames the source switch handed to the destination
     guest_exit: int | None = None
     notes: list[str] = field(default_factory=list)
+    # The destination port's output hold (x-verify-hold-output): held, released, dropped,
+    # overflow; None if nothing was held.
+    hold: dict[str, int] | None = None
+    answered_after: int = 0  # echoes of frames sent after the migration had ended
 
     def result(self, out: io.BytesIO) -> str | None:
         for line in reversed(out.getvalue().decode(errors="replace").splitlines()):
@@ -92,10 +97,14 @@ def migrate_under_traffic(
     after_s: float = 1.0,
     memory: int = 64 << 20,
     params: MigrationParameters | None = None,
+    caps: MigrationCapabilities | None = None,
     device_options: str = "",
+    migrate_options: dict[str, Any] | None = None,
 ) -> Outcome:
     """Boot netecho on hosts[0] with the VF, send traffic, migrate to hosts[1] while it
-    flows, keep it flowing ``after_s``, then stop the peer and the guest."""
+    flows, keep it flowing ``after_s``, then stop the peer and the guest (on whichever
+    host runs it: the source after a rollback). ``migrate_options`` go to the harness's
+    ``migrate`` (e.g. a testing hook)."""
     src_dir, dst_dir = hosts[0], hosts[1]
     spec = f"vf,pf={PF},index=0,dirty={mode}{device_options}"
     cfg = MachineConfig(memory=memory, image="netecho", cmdline="idle=30", devices=(spec,))
@@ -113,7 +122,15 @@ def migrate_under_traffic(
             m.start()
             peer.start()
             time.sleep(before_s)
-            run = migrate(m, destination=destination, params=params, timeout_s=120)
+            run = migrate(
+                m,
+                destination=destination,
+                params=params,
+                caps=caps,
+                timeout_s=120,
+                **(migrate_options or {}),
+            )
+            ended = time.monotonic()
             dest = run.result
             time.sleep(after_s)
             report = peer.stop()
@@ -122,7 +139,9 @@ def migrate_under_traffic(
             ex = running.wait(10)
             if ex is not None:
                 exit_code = ex.code
-            ports = [src_port] + ([_port(dest.machine)] if dest is not None else [])
+            # The destination's port outlives a VM it rolled back (the switch keeps it).
+            ports = [src_port] + [p for p in host_switch(dst_dir, PF).ports() if p.mac == mac]
+            last_hold = ports[-1].last_hold if len(ports) > 1 else None
             return Outcome(
                 run.source,
                 dest,
@@ -134,6 +153,8 @@ def migrate_under_traffic(
                 buffered=src_port.high_water,
                 forwarded=src_port.forwarded,
                 guest_exit=exit_code,
+                hold=None if last_hold is None else last_hold.figures(),
+                answered_after=peer.echoed_since(ended),
             )
     finally:
         m.close()

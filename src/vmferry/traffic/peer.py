@@ -129,6 +129,12 @@ class TrafficPeer:
             time.sleep(0.1)
         return self._result
 
+    def echoed_since(self, t: float) -> int:
+        """Echoes of the frames sent at or after ``t`` (``time.monotonic()``): whether
+        the VM answered after some moment (a rollback), counted by sequence number."""
+        with self._lock:
+            return sum(1 for seq in self._echo_at if self._sent_at[seq] >= t)
+
     def _sendto(self, data: bytes) -> None:
         with contextlib.suppress(OSError):
             self.sock.sendto(data, self.target)

@@ -95,6 +95,7 @@ class Port:
     running: bool = True  # its VF runs here: an announce of its MAC from elsewhere is stale
     epoch: int = 0  # changes when the VF starts or stops: older announce repeats end
     hold: OutputHold | None = None  # the VF's transmit, held (x-verify-hold-output)
+    last_hold: OutputHold | None = None  # the latest hold, kept for its figures
     stale_announces: int = 0
     defended_at: float | None = None
     detached_at: float | None = None
@@ -276,7 +277,7 @@ class HostSwitch:
         receives still reach it)."""
         with self._lock:
             if port.hold is None:
-                port.hold = OutputHold(self.bound)
+                port.hold = port.last_hold = OutputHold(self.bound)
 
     def release(self, port: Port) -> dict[str, int]:
         """Send what was held, in order, and stop holding; the hold's figures. A frame
@@ -298,7 +299,7 @@ class HostSwitch:
         to was rolled back to its source (until the VF runs here again, a new start)."""
         with self._lock:
             if port.hold is None:
-                port.hold = OutputHold(self.bound)
+                port.hold = port.last_hold = OutputHold(self.bound)
             hold = port.hold
             hold.dropping = True
             hold.dropped += len(hold.frames)
