@@ -206,37 +206,57 @@ def test_a_python_server_serves_a_stream_of_faults_quickly(
 
 GIL_PROBE = textwrap.dedent(
     """
-    import ctypes, sys
-    from vmferry.memory.guest_memory import GuestMemory
-    from vmferry.memory.userfaultfd import UserFault
+    import ctypes, json, subprocess, sys
     import numpy as np
     sys.path.insert(0, {root!r})
     from tests.memory.page_server import PageServer
+    from vmferry.memory.guest_memory import GuestMemory
+    from vmferry.memory.userfaultfd import UserFault
+    if sys.argv[1] == "server":  # the child: serve the parent's faults with its own bytes
+        fd, ranges = int(sys.argv[2]), [tuple(r) for r in json.loads(sys.argv[3])]
+        child = UserFault.adopt(fd, ranges)
+        if child.wait(10):
+            page = int(child.read_faults().pages()[0])
+            child.copy_from(page, bytes([9]) * 4096)
+        sys.exit(0)
     mem = GuestMemory(4 << 20)
     uf = UserFault()
     uf.register_memory(mem, 0, 4 << 20)
-    PageServer(uf, mem.host_addr, np.full(4 << 20, 7, np.uint8)).start()
-    if sys.argv[1] == "gil":
-        value = int(mem.bytes[12345])  # numpy indexing holds the GIL through the fault
+    if sys.argv[1] == "outside":
+        subprocess.Popen(
+            [sys.executable, __file__, "server", str(uf.fd), json.dumps(uf.ranges)],
+            pass_fds=[uf.fd],
+        )
     else:
+        PageServer(uf, mem.host_addr, np.full(4 << 20, 7, np.uint8)).start()
+    if sys.argv[1] == "nogil":
         out = ctypes.create_string_buffer(1)
         ctypes.memmove(out, mem.host_addr + 12345, 1)
         value = out.raw[0]
+    else:
+        value = int(mem.bytes[12345])  # numpy indexing holds the GIL through the fault
     print("value", value, flush=True)
     """
 )
 
 
+def _gil_probe(script: Path, mode: str) -> bytes:
+    p = subprocess.run(
+        [sys.executable, str(script), mode], capture_output=True, timeout=30, cwd=ROOT
+    )
+    assert p.returncode == 0, p.stderr.decode()
+    return p.stdout.strip()
+
+
 @pytest.mark.slow
 def test_a_fault_taken_with_the_gil_held_deadlocks_a_python_server(tmp_path: Path) -> None:
-    """ARCHITECTURE.md's warning, shown: the same read served in 1 s without the GIL and
-    never with it (the child is killed at the timeout, so the test run cannot hang)."""
+    """ARCHITECTURE.md's warning, shown: the same read is served at once without the GIL
+    and never with it (the child is killed at the timeout, so the test run cannot hang);
+    served from another process (the fd passed over), it works even with the GIL held."""
     script = tmp_path / "gil_probe.py"
     script.write_text(GIL_PROBE.format(root=str(ROOT)))
-    ok = subprocess.run(
-        [sys.executable, str(script), "nogil"], capture_output=True, timeout=30, cwd=ROOT
-    )
-    assert ok.returncode == 0 and ok.stdout.strip() == b"value 7", ok.stderr.decode()
+    assert _gil_probe(script, "nogil") == b"value 7"
+    assert _gil_probe(script, "outside") == b"value 9"
     with pytest.raises(subprocess.TimeoutExpired):
         subprocess.run([sys.executable, str(script), "gil"], capture_output=True, timeout=3)
 

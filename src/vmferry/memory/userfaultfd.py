@@ -237,6 +237,12 @@ def _open_fd(flags: int) -> int:
         os.close(dev)
 
 
+def _zero_source() -> tuple[mmap.mmap, int]:
+    """Zeros to COPY where a range has no ZEROPAGE: anonymous, never written, so free."""
+    zero = mmap.mmap(-1, ZERO_CHUNK, mmap.MAP_PRIVATE, mmap.PROT_READ | mmap.PROT_WRITE)
+    return zero, ctypes.addressof(ctypes.c_char.from_buffer(zero))
+
+
 class UserFault:
     """One userfaultfd (non-blocking, close-on-exec) with the ranges it registered.
 
@@ -253,9 +259,7 @@ class UserFault:
         flags = os.O_CLOEXEC | os.O_NONBLOCK | (UFFD_USER_MODE_ONLY if user_mode_only else 0)
         self.fd = _open_fd(flags)
         self._ranges: list[tuple[int, int, int]] = []  # (start, end, ioctls bitmap)
-        # Zero source for shmem: anonymous, never written, so it costs no memory.
-        self._zero = mmap.mmap(-1, ZERO_CHUNK, mmap.MAP_PRIVATE, mmap.PROT_READ | mmap.PROT_WRITE)
-        self._zero_addr = ctypes.addressof(ctypes.c_char.from_buffer(self._zero))
+        self._zero, self._zero_addr = _zero_source()
         api = UffdioApi(api=UFFD_API, features=features, ioctls=0)
         try:
             self._ioctl(UFFDIO_API, api, f"UFFDIO_API (features {features:#x})")
@@ -264,6 +268,23 @@ class UserFault:
             raise
         self.features = int(api.features)
         self.api_ioctls = int(api.ioctls)
+
+    @property
+    def ranges(self) -> list[tuple[int, int, int]]:
+        """Registered ranges as (start, end, ioctls): what :meth:`adopt` needs."""
+        return list(self._ranges)
+
+    @classmethod
+    def adopt(cls, fd: int, ranges: list[tuple[int, int, int]]) -> UserFault:
+        """A userfaultfd another process opened and registered, received by fd: a fault
+        server outside the VMM, so no fault can ever wait on this process's GIL. Its COPY
+        reads ``src`` here and writes into the registering process's memory."""
+        self = cls.__new__(cls)
+        self.fd = fd
+        self._ranges = list(ranges)
+        self._zero, self._zero_addr = _zero_source()
+        self.features = self.api_ioctls = 0  # negotiated by the owner
+        return self
 
     # ---- plumbing
     def _ioctl(self, request: int, arg: ctypes.Structure, what: str) -> None:
