@@ -160,6 +160,42 @@ def test_addresses_outside_the_registered_range_are_refused(
         uf.register(4096, PAGE_SIZE)  # nothing is mapped at page 1
 
 
+def test_a_read_through_another_mapping_fills_the_hole_and_the_copy_is_refused(
+    ram: tuple[GuestMemory, UserFault],
+) -> None:
+    """Missing mode on shmem is per mapping: a device process's own mapping of the memfd
+    reads a hole as zeros without a fault, and the page is then "already there" for the
+    served copy (its data lost). Post-copy must route every device access through a page
+    request, never through an unregistered mapping."""
+    mem, uf = ram
+    alias = mmap.mmap(mem.fd, mem.size, mmap.MAP_SHARED)
+    try:
+        assert alias[BASE : BASE + 8] == bytes(8)
+        assert not uf.wait(0.1), "a read through the alias raised a fault"
+        assert uf.copy_from(mem.host_addr + BASE, b"\x01" * PAGE_SIZE) == 0
+    finally:
+        alias.close()
+
+
+def test_a_punched_page_is_missing_again(ram: tuple[GuestMemory, UserFault]) -> None:
+    """At the switch, pages the source dirtied after sending them are punched out of the
+    destination's memfd, so the guest's next touch fetches the fresh copy."""
+    mem, uf = ram
+    page = mem.host_addr + BASE + 3 * PAGE_SIZE
+    assert uf.copy_from(page, b"\x02" * PAGE_SIZE) == PAGE_SIZE
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+    keep_size_punch_hole = 0x01 | 0x02
+    assert libc.fallocate(mem.fd, keep_size_punch_hole, BASE + 3 * PAGE_SIZE, PAGE_SIZE) == 0
+    t = Toucher(page)
+    t.start()
+    assert uf.wait(5), "the punched page did not fault"
+    assert uf.read_faults().pages().tolist() == [page]
+    assert uf.copy_from(page, b"\x03" * PAGE_SIZE) == PAGE_SIZE
+    t.join(5)
+    assert t.out.raw == b"\x03" * 16
+
+
 def test_fault_records_decode_as_arrays_and_other_events_are_refused() -> None:
     msgs = np.zeros(3, dtype=u.UFFD_MSG)
     msgs["event"] = u.UFFD_EVENT_PAGEFAULT
