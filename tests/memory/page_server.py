@@ -29,6 +29,7 @@ class PageServer:
         self.already = 0  # faulting pages found already there
         self.service_s: list[float] = []
         self.read_at: list[float] = []
+        self.ptids: set[int] = set()  # threads that faulted (vCPU threads, for blocktime)
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._loop, name="uffd-server", daemon=True)
 
@@ -51,6 +52,7 @@ class PageServer:
                 batch = self.uf.read_faults()
                 t_read = time.perf_counter()
                 self.read_at.append(t_read)
+                self.ptids.update(batch.ptid.tolist())
                 for page in batch.pages().tolist():
                     off = page - self.base
                     if not 0 <= off < self.source.size:
