@@ -162,6 +162,13 @@ def test_announce_moves_the_mac_and_the_buffer_follows(tmp_path: Path, memory: G
         peer.send(h.frame_to(dev, 43))  # late frames follow the MAC too
         assert wire.decode(new_home.recvfrom(65536)[0]).frame == h.frame_to(dev, 43)
         assert dev.port.moved_to == there
+        # A rollback whose last resort is a reset: the VF runs here, so it takes its MAC
+        # back and tells the peer.
+        dev.reset()
+        assert dev.port.moved_to is None and dev.port.running
+        while (back := peer.recv()).kind != wire.KIND_ANNOUNCE:
+            pass
+        assert back.origin == dev.switch.address
     finally:
         peer.close()
         new_home.close()
