@@ -197,7 +197,8 @@ def test_a_dropped_hold_sends_nothing_then_or_later() -> None:
         assert b.drop(port) == {"held": 2, "released": 0, "dropped": 2, "overflow": 0}
         b.transmit(port, frame(PEER, VM, 2))  # TX drained after the drop: dropped too
         assert b.release(port)["dropped"] == 3  # a release after a drop sends nothing
-        assert out_to(b, PEER_ADDR) == []
+        b.transmit(port, frame(PEER, VM, 3))  # nor does it end the drop
+        assert out_to(b, PEER_ADDR) == [] and b.drop(port)["dropped"] == 4
     finally:
         b.close()
 

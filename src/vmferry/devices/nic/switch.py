@@ -287,7 +287,9 @@ class HostSwitch:
             return OutputHold(self.bound).figures()
         while True:
             with self._lock:
-                if not hold.frames or hold.dropping:
+                if hold.dropping:  # a drop is final: nothing of it goes out
+                    return hold.figures()
+                if not hold.frames:
                     port.hold = None
                     return hold.figures()
                 frame = hold.frames.popleft()
