@@ -5,6 +5,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import Any, cast
 
+import numpy as np
 import pytest
 
 from vmferry.machine.machine import Machine
@@ -22,16 +23,24 @@ DEVICE_LEFT = 1 << 20
 BANDWIDTH = 100e6  # bytes/s
 
 
-def _precopy(ncpus: int, memory: GuestMemory | None = None, verify: bool = False) -> Precopy:
+def _precopy(
+    ncpus: int,
+    memory: GuestMemory | None = None,
+    verify: str = "off",
+    devices: list[Any] | None = None,
+) -> Precopy:
     machine = cast(
-        Machine, SimpleNamespace(vcpus=[object()] * ncpus, throttle_pct=0, memory=memory)
+        Machine,
+        SimpleNamespace(
+            vcpus=[object()] * ncpus, throttle_pct=0, memory=memory, devices=devices or []
+        ),
     )
     ram = SimpleNamespace(pending=lambda: Pending(RAM_LEFT))
-    devices = SimpleNamespace(pending=lambda: Pending(DEVICE_LEFT), transferred=0)
-    parts = Parts(cast(Any, ram), VcpuMigration(machine), cast(Any, devices), cast(Any, None))
+    state = SimpleNamespace(pending=lambda: Pending(DEVICE_LEFT), transferred=0)
+    parts = Parts(cast(Any, ram), VcpuMigration(machine), cast(Any, state), cast(Any, None))
     figures = LiveFigures(1 << 30)
-    caps = MigrationCapabilities(x_verify=verify)
-    return Precopy(machine, parts, figures, MigrationParameters(), caps)
+    params = MigrationParameters(verify=verify)
+    return Precopy(machine, parts, figures, params, MigrationCapabilities())
 
 
 def _round() -> RoundRecord:
@@ -63,20 +72,25 @@ def test_the_expected_downtime_counts_the_last_sync_and_the_fixed_cost() -> None
     assert slow.overhead_ms == pytest.approx(40.0 + policy.PAUSE_RESUME_MS)
 
 
-def test_the_expected_downtime_counts_the_verification_of_every_resident_page() -> None:
-    """x-verify on today digests every resident page before resume: that many pages at
-    the digest cost measured on this memory are in the window; x-verify off adds none."""
+def _memory() -> GuestMemory:
     mem = GuestMemory(8 << 20, name="test-precopy-verify")
+    mem.view(0, 3 * PAGE_SIZE).cast("B")[:] = b"\x01" * (3 * PAGE_SIZE)
+    mem.view(5 << 20, PAGE_SIZE).cast("B")[:] = b"\x02" * PAGE_SIZE
+    return mem
+
+
+def test_strict_verification_counts_every_resident_page() -> None:
+    """x-verify strict digests every resident page before resume: that many pages at
+    the digest cost measured on this memory are in the window; x-verify off adds none."""
+    mem = _memory()
     try:
-        mem.view(0, 3 * PAGE_SIZE).cast("B")[:] = b"\x01" * (3 * PAGE_SIZE)
-        mem.view(5 << 20, PAGE_SIZE).cast("B")[:] = b"\x02" * PAGE_SIZE
         resident = int(mem.resident_pages().size)
         assert resident >= 4
-        checked = _precopy(ncpus=1, memory=mem, verify=True)
+        checked = _precopy(ncpus=1, memory=mem, verify="strict")
         with_check = checked._decide(_round(), sync_ms=0.0)
-        without = _precopy(ncpus=1, memory=mem, verify=False)._decide(_round(), sync_ms=0.0)
+        without = _precopy(ncpus=1, memory=mem, verify="off")._decide(_round(), sync_ms=0.0)
         cost = with_check.verify
-        assert cost.pages == resident and cost.ms_per_page > 0
+        assert cost.pages == resident and not cost.pending and cost.ms_per_page > 0
         assert with_check.expected_downtime_ms == pytest.approx(
             without.expected_downtime_ms + resident * cost.ms_per_page
         )
@@ -84,6 +98,27 @@ def test_the_expected_downtime_counts_the_verification_of_every_resident_page() 
         # measured once per migration, not at every round
         again = checked._decide(_round(), sync_ms=0.0)
         assert again.verify.ms_per_page == cost.ms_per_page
+    finally:
+        mem.close()
+
+
+def test_verification_on_counts_the_final_round_and_what_devices_reach() -> None:
+    """x-verify on: the pending pages (the final round's) shrink with the rounds; the
+    resident pages an IOMMU maps are checked whatever is pending (holes are not)."""
+    mem = _memory()
+    try:
+        on = _precopy(ncpus=1, memory=mem, verify="on")._decide(_round(), sync_ms=0.0)
+        assert on.verify.pages == 0 and on.verify.pending
+        pending_pages = (RAM_LEFT + PAGE_SIZE - 1) // PAGE_SIZE
+        off = _precopy(ncpus=1, memory=mem, verify="off")._decide(_round(), sync_ms=0.0)
+        assert on.expected_downtime_ms == pytest.approx(
+            off.expected_downtime_ms + pending_pages * on.verify.ms_per_page
+        )
+        # a device maps pages 0-9 (0-2 hold data) and page 1280 (5 MiB, holds data)
+        iommu = SimpleNamespace(mapped_pages=lambda: np.array([*range(10), 1280], np.int64))
+        dev = SimpleNamespace(iommu=iommu)
+        with_dev = _precopy(ncpus=1, memory=mem, verify="on", devices=[dev])
+        assert with_dev._decide(_round(), sync_ms=0.0).verify.pages == 4
     finally:
         mem.close()
 

@@ -11,6 +11,8 @@ import math
 import time
 from dataclasses import dataclass
 
+import numpy as np
+
 from vmferry.machine.machine import Machine
 from vmferry.memory.dirty import DirtyBitmap
 from vmferry.memory.guest_memory import PAGE_SIZE, GuestMemory
@@ -21,7 +23,7 @@ from vmferry.migration.figures import LiveFigures
 from vmferry.migration.metrics import RoundRecord
 from vmferry.migration.migratable import Migratable
 from vmferry.migration.multifd import MultifdRam
-from vmferry.migration.params import MigrationCapabilities, MigrationParameters
+from vmferry.migration.params import MigrationCapabilities, MigrationParameters, verify_mode
 from vmferry.migration.ram import RamStats
 from vmferry.migration.stream import StreamWriter
 from vmferry.migration.vcpus import VcpuMigration
@@ -145,19 +147,22 @@ class Precopy:
         return decision
 
     def _verify_cost(self) -> policy.VerifyCost:
-        """What the pre-resume check will digest, at the digest rate measured here.
-
-        x-verify off: nothing. Otherwise every resident page, as the stop-and-copy
-        digests them today (x-verify strict's cost); two-phase verification (x-verify
-        on) narrows it to the final round's pages plus the pages a device can reach,
-        VerifyCost(pages=<those>, pending=True)."""
-        if not self.caps.x_verify or getattr(self.params, "verify", "strict") == "off":
+        """What the pre-resume check will digest (x-verify), at the digest rate measured
+        here: strict, every resident page; on, the final round's pages (the pending ones,
+        shrinking with the rounds) and the resident pages a device can reach; off,
+        nothing."""
+        mode = verify_mode(self.params, self.caps)
+        if mode == "off":
             return policy.NO_VERIFY
         memory = self.machine.memory
         if self._digest_ms_per_page is None:
             self._digest_ms_per_page = digest_ms_per_page(memory)
-        pages = sum(-(-(e - s) // PAGE_SIZE) for s, e in memory.data_ranges())
-        return policy.VerifyCost(pages, ms_per_page=self._digest_ms_per_page)
+        if mode == "strict":
+            pages = sum(-(-(e - s) // PAGE_SIZE) for s, e in memory.data_ranges())
+            return policy.VerifyCost(pages, ms_per_page=self._digest_ms_per_page)
+        return policy.VerifyCost(
+            _reachable_resident(self.machine), pending=True, ms_per_page=self._digest_ms_per_page
+        )
 
     def _throttle_for(self, sent_bytes: int) -> None:
         pending = self.parts.ram.pending().bytes
@@ -167,6 +172,16 @@ class Precopy:
         if self._throttle.pct != self.machine.throttle_pct:
             self.machine.set_throttle(self._throttle.pct)
             self.figures.throttled(self._throttle.pct)
+
+
+def _reachable_resident(machine: Machine) -> int:
+    """Resident pages some device's IOMMU maps: DMA bypasses the dirty log, so x-verify
+    on checks them before resume whatever the rounds sent."""
+    maps = [d.iommu.mapped_pages() for d in machine.devices]
+    if not maps:
+        return 0
+    reachable = np.unique(np.concatenate(maps))
+    return int(np.intersect1d(reachable, machine.memory.resident_pages(), assume_unique=True).size)
 
 
 CALIBRATION_PAGES = 4096  # 16 MiB: a few ms, long enough to be timed
