@@ -3,24 +3,23 @@
 1. RAM throughput. A 2 GiB guest, booted but never run (paused), its RAM above 16 MiB
    filled from the host with incompressible data, is migrated by ``MigrationSource`` (in
    this process) to a ``vmferry run --incoming tcp:`` process, over 1 and 2 channels. Its
-   rate (round 0's bytes ÷ round 0's time, from the migration's own statistics; and all
-   bytes ÷ the whole migration) is set against raw loopback TCP between two processes
-   carrying the same number of bytes over as many streams (``vmferry.bench.rawtcp``).
+   round 0 rate (round 0's bytes ÷ round 0's time, from the migration's own statistics)
+   is set against raw loopback TCP between two processes carrying the same number of
+   bytes over as many streams into populated memory (``vmferry.bench.rawtcp``).
 
-2. vmferry against QEMU, on the same multiboot image (memtouch), the same RAM size, one
-   vCPU (QEMU starts only vCPU 0 of a multiboot image), the same guest parameters, over
-   loopback with no bandwidth cap, the same downtime limit and the same channel count. Both
-   destinations are separate processes waiting on a port; both sources are driven over
-   QMP; both guests must print on the destination the RESULT an undisturbed run prints.
-   The migration starts at the same point of guest time: a fixed delay after the guest's
-   first serial line (QEMU spends ~2.7 s in its firmware before that line).
+2. vmferry against QEMU 7.2, on the same multiboot image (memtouch), the same RAM size
+   (1, 4, 8 GiB), all of it filled with the same incompressible data (``bench.fill``),
+   one vCPU (QEMU starts only vCPU 0 of a multiboot image), the same guest parameters,
+   over loopback with no bandwidth cap, the same downtime limit and the same channel
+   count; vmferry with verification on. Both destinations are separate processes
+   waiting on a port; both sources are driven over QMP; both guests must print on the
+   destination the RESULT an undisturbed run prints. Each case runs each VMM ``repeats``
+   times in ABBA order; the tables give medians and ranges (``migrate_results``).
 
-What "idle" means here: RAM filled from the host with the same bytes for both VMMs (a
-file in /dev/shm that QEMU maps as its RAM and vmferry reads into its RAM), the guest
-booted, then stopped over QMP before the migration. A *running* idle guest is not
-comparable: memtouch idles by writing to vmferry's halt port, which parks the vCPU under
-vmferry but is an unassigned port under QEMU, so there the vCPU spins and takes one of the
-host's cores from the migration.
+What "idle" means here: the guest booted, then stopped over QMP before the migration. A
+*running* idle guest is not comparable: memtouch idles by writing to vmferry's halt port,
+which parks the vCPU under vmferry but is an unassigned port under QEMU, so there the
+vCPU spins and takes one of the host's cores from the migration.
 
 The vmferry source is ``python -m vmferry.bench.migrate source``: ``vmferry run IMAGE
 --qmp`` plus the host-side fill, and it writes the migration report to a file before it
@@ -41,22 +40,23 @@ import platform
 import re
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from vmferry.bench import fill as bench_fill
 from vmferry.bench import qemu as q
+from vmferry.bench.migrate_results import CaseResult, ThroughputResult, VmmRun, independence
 from vmferry.bench.rawtcp import measure as raw_tcp
 from vmferry.bench.vmm import WSS_BASE, fill_random
-from vmferry.errors import VmferryError
+from vmferry.errors import ConfigError, VmferryError
 from vmferry.machine import Machine, MachineConfig
 from vmferry.machine.images import resolve_image
 from vmferry.migration.params import MigrationCapabilities, MigrationParameters
@@ -70,10 +70,11 @@ RESULT_RE = re.compile(rb"^RESULT ([0-9a-f]{16})$", re.MULTILINE)
 BANNER = b"memtouch: vcpus="
 VMFERRY = [sys.executable, "-m", "vmferry.cli.main"]
 DOWNTIME_LIMIT_MS = 300
-FILL_START = 32 << 20  # host-made data from here up; the guest's image and wss lie below
+CHANNELS = 2
 START_TIMEOUT_S = 30.0
 GUEST_END_TIMEOUT_S = 120.0
 POLL_S = 0.05
+REFERENCE_MEMORY = 2 * GIB  # RESULT does not depend on the RAM size: the reference is small
 
 
 # ---- what to run ----------------------------------------------------------------------------
@@ -81,33 +82,50 @@ POLL_S = 0.05
 
 @dataclass(frozen=True)
 class Workload:
-    name: str
-    cmdline: str  # memtouch's parameters
-    delay_s: float  # from the guest's first serial line to the migration (covers the fill)
-    host_fill: bool = False  # RAM above FILL_START filled from the host
+    key: str  # as --workloads names it
+    title: str
+    cmdline: str  # memtouch's parameters; {rounds} is rounds_for(memory)
+    delay_s: float  # from the guest's first serial line to the migration (covers its fill)
     stop_first: bool = False  # stopped over QMP before the migration: an idle guest
     min_memory: int = 0
+    # The guest must outlast the migration, which takes longer the larger the guest; it
+    # should not go on much longer, since the bench waits for its RESULT: base + per GiB.
+    rounds: tuple[float, float] = (3, 0)
+
+    def rounds_for(self, memory: int) -> int:
+        base, per_gib = self.rounds
+        return int(base + per_gib * memory / GIB)
+
+    def cmdline_for(self, memory: int) -> str:
+        return self.cmdline.format(rounds=self.rounds_for(memory))
 
 
 IDLE = Workload(
-    "idle: RAM filled from the host, guest stopped",
+    "idle",
+    "idle: guest stopped",
     # a guest that would idle for ~3 s of its own time: it only has to print RESULT after
-    "wss=1M rate=1 rounds=3 seed=3",
+    "wss=1M rate=1 rounds={rounds} seed=3",
     delay_s=0.2,
-    host_fill=True,
     stop_first=True,
 )
-DIRTY_FAST = Workload(
-    "dirtying: 512 MiB wss, unlimited rate",
-    "wss=512M rounds=80 seed=5",
-    delay_s=1.5,  # the fill of 512 MiB takes < 1.2 s on both
+WSS256 = Workload(
+    "wss256",
+    "256 MiB working set rewritten unpaced",
+    # 65-80 ms a round undisturbed on this host, several times slower under dirty logging
+    "wss=256M rounds={rounds} seed=5",
+    delay_s=1.0,  # its first fill of 256 MiB takes < 0.6 s on both
+    rounds=(60, 20),  # 80 at 1 GiB, 220 at 8 GiB
 )
-DIRTY_RATE = Workload(
-    "dirtying: 1 GiB wss at 512 MB/s",
-    "wss=1G rate=512 rounds=8 seed=7",
-    delay_s=2.5,  # the fill of 1 GiB takes 2.1 s at 512 MB/s
-    min_memory=2 * GIB,
+WSS1G = Workload(
+    "wss1g-512",
+    "1 GiB working set at 512 MB/s",
+    "wss=1G rate=512 rounds={rounds} seed=7",  # 2.1 s a round
+    delay_s=2.5,  # the first fill of 1 GiB takes 2.1 s at 512 MB/s
+    min_memory=2 * GIB,  # 1 GiB from 16 MiB up does not fit in a 1 GiB guest
+    rounds=(6, 0.75),  # 9 at 4 GiB, 12 at 8 GiB
 )
+WORKLOADS = {w.key: w for w in (IDLE, WSS256, WSS1G)}
+SIZES_GIB = (1, 4, 8)
 
 
 @dataclass(frozen=True)
@@ -117,123 +135,91 @@ class Case:
 
     @property
     def label(self) -> str:
-        return f"{self.memory // GIB} GiB, {self.workload.name}"
+        return f"{self.memory // GIB} GiB, {self.workload.key}"
 
 
 @dataclass(frozen=True)
 class MigratePlan:
-    ram_memory: int
+    sizes: tuple[int, ...]  # GiB
+    workloads: tuple[str, ...]  # keys of WORKLOADS
+    repeats: int  # per VMM per case, in ABBA order
+    ram_memory: int  # part 1
     ram_channels: tuple[int, ...]
-    repeat: int  # part 1: best of this many, for vmferry and raw TCP alike
-    cases: tuple[Case, ...]
-    channels: int  # part 2: the same for both VMMs
-    timeout_s: float  # a migration not done by then is cancelled: "not converged"
-    case_repeat: int  # part 2: QEMU and vmferry this many times each, the fastest kept
+    ram_repeat: int
+    throughput: bool = True  # run part 1
+    channels: int = CHANNELS
+    downtime_limit_ms: int = DOWNTIME_LIMIT_MS
+
+    @property
+    def cases(self) -> tuple[Case, ...]:
+        """Every size × workload that fits in a guest of that size, smallest first."""
+        return tuple(
+            Case(g * GIB, WORKLOADS[k])
+            for g in self.sizes
+            for k in self.workloads
+            if WORKLOADS[k].min_memory <= g * GIB
+        )
+
+    def timeout_s(self, memory: int) -> float:
+        """A migration not done by then is cancelled: "not converged"."""
+        return 20.0 + 5.0 * memory / GIB
 
 
-def _cases(sizes: tuple[int, ...]) -> tuple[Case, ...]:
-    return tuple(
-        Case(m, w) for m in sizes for w in (IDLE, DIRTY_FAST, DIRTY_RATE) if w.min_memory <= m
+def parse_sizes(text: str) -> tuple[int, ...]:
+    """``1,4,8`` → (1, 4, 8): guest sizes in GiB, each once, in order."""
+    try:
+        sizes = tuple(sorted({int(part) for part in text.split(",") if part.strip()}))
+    except ValueError:
+        raise ConfigError(
+            f"--sizes {text!r}: want GiB counts separated by commas, e.g. 1,4,8"
+        ) from None
+    if not sizes or any(s < 1 or s > 64 for s in sizes):
+        raise ConfigError(f"--sizes {text!r}: each size must be 1 to 64 GiB")
+    return sizes
+
+
+def parse_workloads(text: str) -> tuple[str, ...]:
+    """``idle,wss256`` → those keys, in WORKLOADS' order."""
+    asked = {part.strip() for part in text.split(",") if part.strip()}
+    unknown = sorted(asked - WORKLOADS.keys())
+    if unknown or not asked:
+        raise ConfigError(
+            f"--workloads {text!r}: unknown {', '.join(unknown) or '(none given)'}; "
+            f"choose from {', '.join(WORKLOADS)}"
+        )
+    return tuple(k for k in WORKLOADS if k in asked)
+
+
+def make_plan(
+    quick: bool = False,
+    sizes: tuple[int, ...] | None = None,
+    workloads: tuple[str, ...] | None = None,
+    repeats: int | None = None,
+    throughput: bool = True,
+) -> MigratePlan:
+    """The full run (1, 4, 8 GiB × all workloads, 2 repeats), or --quick (1 GiB, one
+    repeat); --sizes, --workloads and --repeats override either."""
+    if repeats is not None and not 1 <= repeats <= 20:
+        raise ConfigError(f"--repeats {repeats}: must be 1 to 20")
+    base_sizes = (1,) if quick else SIZES_GIB
+    return MigratePlan(
+        sizes=sizes or base_sizes,
+        workloads=workloads or tuple(WORKLOADS),
+        repeats=repeats or (1 if quick else 2),
+        ram_memory=(1 if quick else 2) * GIB,
+        ram_channels=(1, 2),
+        ram_repeat=1 if quick else 2,
+        throughput=throughput,
     )
 
 
-FULL = MigratePlan(2 * GIB, (1, 2), 2, _cases((GIB, 4 * GIB)), 2, 30.0, 2)
-QUICK = MigratePlan(GIB, (1, 2), 1, _cases((GIB,)), 2, 20.0, 1)
-
-# What runs in part 2: QEMU, vmferry as it comes (x-verify on: page digests compared
-# before the destination resumes), and vmferry without that check, which QEMU does not do.
-VARIANTS = ("qemu", "vmferry", "vmferry-noverify")
-
-
-# ---- results --------------------------------------------------------------------------------
-
-
-@dataclass
-class ThroughputResult:
-    channels: int
-    round0_bytes: int
-    round0_rate: float  # bytes/s, best of the repeats
-    end_to_end_bytes: int
-    end_to_end_rate: float  # all bytes ÷ total-time
-    total_ms: float
-    downtime_ms: float
-    raw_bytes: int
-    raw_rate: float  # bytes/s over as many streams as channels
-    raw_one_stream_rate: float
-
-    @property
-    def round0_ratio(self) -> float:
-        return self.round0_rate / self.raw_rate
-
-    @property
-    def end_to_end_ratio(self) -> float:
-        return self.end_to_end_rate / self.raw_rate
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            **asdict(self),
-            "round0_ratio": self.round0_ratio,
-            "end_to_end_ratio": self.end_to_end_ratio,
-        }
-
-
-@dataclass
-class VmmRun:
-    """One migration by one VMM. Times in ms as each VMM reports them; -1 = none."""
-
-    vmm: str
-    status: str
-    total_ms: float
-    downtime_ms: float
-    result_ok: bool
-    result: str = ""
-    stop_to_resume_ms: float = -1.0  # QEMU only: source STOP event → destination RESUME
-    rounds: int = 0
-    transferred: int = 0
-    setup_ms: float = -1.0  # as reported (vmferry: until the destination accepted)
-    breakdown: dict[str, float] = field(default_factory=dict)  # vmferry's downtime parts
-    round0_rate: float = -1.0  # vmferry: bytes/s of its first round
-    error: str = ""
-
-
-@dataclass
-class CaseResult:
-    case: str
-    memory: int
-    workload: str
-    cmdline: str
-    reference: str
-    vmferry: VmmRun  # the fastest completed run of each (total time)
-    qemu: VmmRun
-    vmferry_noverify: VmmRun
-    runs: list[VmmRun] = field(default_factory=list)  # all of them, in the order run
-
-    @property
-    def ok(self) -> bool:
-        return self.vmferry.status == "completed" and self.qemu.status == "completed"
-
-    @property
-    def total_ratio(self) -> float:
-        return _ratio(self.vmferry.total_ms, self.qemu.total_ms) if self.ok else math.nan
-
-    @property
-    def downtime_ratio(self) -> float:
-        return _ratio(self.vmferry.downtime_ms, self.qemu.downtime_ms) if self.ok else math.nan
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            **asdict(self),
-            "total_ratio": _json_num(self.total_ratio),
-            "downtime_ratio": _json_num(self.downtime_ratio),
-        }
-
-
-def _ratio(a: float, b: float) -> float:
-    return a / b if a >= 0 and b > 0 else math.nan
-
-
-def _json_num(x: float) -> float | None:
-    return x if math.isfinite(x) else None
+def abba(repeats: int) -> list[str]:
+    """The order the VMMs run in a case: QEMU, vmferry, vmferry, QEMU, …"""
+    out: list[str] = []
+    for i in range(repeats):
+        pair = ["qemu", "vmferry"]
+        out += pair if i % 2 == 0 else pair[::-1]
+    return out
 
 
 # ---- helpers --------------------------------------------------------------------------------
@@ -360,35 +346,32 @@ def bench_throughput(
         fill_random(m.memory, WSS_BASE)
         m.start(paused=True)
         m.pause()
-        raw_best: dict[int, tuple[float, int]] = {}
+        raw: dict[int, list[float]] = {}
         for streams in sorted({1, *plan.ram_channels}):
-            progress(f"throughput: raw loopback TCP, {streams} stream(s), best of {plan.repeat}")
-            runs = [raw_tcp(m.memory.view(0, m.memory.size), streams) for _ in range(plan.repeat)]
-            raw_best[streams] = (max(r.rate for r in runs), runs[0].nbytes)
+            progress(f"throughput: raw loopback TCP, {streams} stream(s), {plan.ram_repeat}×")
+            raw[streams] = [
+                raw_tcp(m.memory.view(0, m.memory.size), streams).rate
+                for _ in range(plan.ram_repeat)
+            ]
         for channels in plan.ram_channels:
-            progress(f"throughput: vmferry migration, {channels} channel(s), best of {plan.repeat}")
-            best: dict[str, Any] = {}
-            for _ in range(plan.repeat):
-                st = _migrate_in_process(m, channels, workdir, plan.timeout_s)
+            progress(f"throughput: vmferry migration, {channels} channel(s), {plan.ram_repeat}×")
+            rates, ends, nbytes = [], [], 0
+            for _ in range(plan.ram_repeat):
+                st = _migrate_in_process(m, channels, workdir, plan.timeout_s(size))
                 r0 = st.rounds[0]
-                rate0 = r0.bytes / r0.duration_s
-                if not best or rate0 > best["round0_rate"]:
-                    best = {
-                        "round0_bytes": r0.bytes,
-                        "round0_rate": rate0,
-                        "end_to_end_bytes": st.transferred,
-                        "end_to_end_rate": st.transferred / (st.total_ms / 1e3),
-                        "total_ms": st.total_ms,
-                        "downtime_ms": st.downtime_ms,
-                    }
-            raw_rate, raw_bytes = raw_best[channels]
+                nbytes = r0.bytes
+                rates.append(r0.bytes / r0.duration_s)
+                ends.append(st.transferred / (st.total_ms / 1e3))
             out.append(
                 ThroughputResult(
                     channels=channels,
-                    raw_bytes=raw_bytes,
-                    raw_rate=raw_rate,
-                    raw_one_stream_rate=raw_best[1][0],
-                    **best,
+                    round0_bytes=nbytes,
+                    round0_rate=statistics.median(rates),
+                    round0_rates=rates,
+                    end_to_end_rate=statistics.median(ends),
+                    raw_rate=statistics.median(raw[channels]),
+                    raw_rates=raw[channels],
+                    raw_one_stream_rate=statistics.median(raw[1]),
                 )
             )
     return out
@@ -416,31 +399,14 @@ def _migrate_in_process(m: Machine, channels: int, workdir: Path, timeout: float
 # ---- 2) vmferry against QEMU -----------------------------------------------------------------
 
 
-def make_fill_file(path: Path, size: int, progress: Progress) -> None:
-    """RAM image for the host-filled guests: zero below FILL_START, then the same
-    incompressible data ``fill_random`` makes (one random block XORed per 64 MiB chunk)."""
-    progress(f"vs QEMU: writing the {size // GIB} GiB RAM fill {path}")
-    path.unlink(missing_ok=True)
-    mm = np.memmap(path, dtype=np.uint64, mode="w+", shape=(size // 8,))
-    try:
-        chunk = 64 << 20
-        block = np.frombuffer(np.random.default_rng(11).bytes(chunk), dtype=np.uint64)
-        for i, off in enumerate(range(FILL_START, size, chunk)):
-            n = min(chunk, size - off) // 8
-            key = np.uint64((0x9E3779B97F4A7C15 * (i + 1)) & (2**64 - 1))
-            np.bitwise_xor(block[:n], key, out=mm[off // 8 : off // 8 + n])
-        mm.flush()
-    finally:
-        del mm
-
-
 def reference_result(workload: Workload, memory: int, workdir: Path) -> str:
-    """RESULT of an undisturbed run. It depends on the parameters but not on ``rate`` (see
-    memtouch.c), so the reference runs unpaced."""
-    cmdline = re.sub(r"\brate=\d+", "rate=0", workload.cmdline)
+    """RESULT of an undisturbed run. It depends on the parameters but not on ``rate`` nor
+    the RAM size (see memtouch.c), so the reference runs unpaced in a small guest."""
+    cmdline = re.sub(r"\brate=\d+", "rate=0", workload.cmdline_for(memory))
     serial = workdir / "reference.serial"
     serial.unlink(missing_ok=True)
-    argv = [*VMFERRY, "run", "memtouch", "--memory", f"{memory >> 20}M", "--serial", str(serial)]
+    size = min(memory, max(REFERENCE_MEMORY, workload.min_memory))
+    argv = [*VMFERRY, "run", "memtouch", "--memory", f"{size >> 20}M", "--serial", str(serial)]
     argv += ["--timeout", str(int(GUEST_END_TIMEOUT_S)), "--", *cmdline.split()]
     p = subprocess.run(argv, capture_output=True, timeout=GUEST_END_TIMEOUT_S + 30)
     if p.returncode != 0:
@@ -451,9 +417,19 @@ def reference_result(workload: Workload, memory: int, workdir: Path) -> str:
     return res
 
 
-def run_vmferry(
-    case: Case, plan: MigratePlan, fill: Path | None, workdir: Path, *, verify: bool = True
-) -> VmmRun:
+def _report_verify(rep: dict[str, Any]) -> dict[str, Any]:
+    v = rep.get("verify")
+    return dict(v) if isinstance(v, dict) else {}
+
+
+def _verify_parameter(qmp: QmpClient) -> dict[str, Any]:
+    """x-verify "on" where the source knows the parameter (two-phase verification); the
+    capability alone (on by default) otherwise."""
+    known = qmp.execute("query-migrate-parameters")
+    return {"x-verify": "on"} if isinstance(known, dict) and "x-verify" in known else {}
+
+
+def run_vmferry(case: Case, plan: MigratePlan, workdir: Path) -> VmmRun:
     w = case.workload
     port = free_port()
     src_serial, dst_serial = workdir / "vmferry-src.serial", workdir / "vmferry-dst.serial"
@@ -462,14 +438,13 @@ def run_vmferry(
         p.unlink(missing_ok=True)
     argv = [*VMFERRY[:2], "vmferry.bench.migrate", "source", "--memory", str(case.memory)]
     argv += ["--serial", str(src_serial), "--qmp", str(qmp_path), "--report", str(report)]
-    if fill is not None:
-        argv += ["--fill", str(fill)]
-    argv += ["--", *w.cmdline.split()]
+    argv += ["--fill", "--", *w.cmdline_for(case.memory).split()]
+    timeout = plan.timeout_s(case.memory)
     with _vmferry_destination(port, dst_serial) as dst, _Proc(argv) as src:
         _wait_for(
             "the vmferry source's QMP socket",
             lambda: qmp_path.exists() or src.proc.poll() is not None,
-            START_TIMEOUT_S,
+            START_TIMEOUT_S + case.memory / GIB * 5,  # it fills RAM first
         )
         if src.proc.poll() is not None:
             raise VmferryError(f"the vmferry source exited: {src.stderr()}")
@@ -479,15 +454,16 @@ def run_vmferry(
                 "migrate-set-parameters",
                 **{
                     "multifd-channels": plan.channels,
-                    "downtime-limit": DOWNTIME_LIMIT_MS,
+                    "downtime-limit": plan.downtime_limit_ms,
                     "max-bandwidth": 0,  # vmferry's "unlimited"
+                    **_verify_parameter(qmp),
                 },
             )
             qmp.execute(
                 "migrate-set-capabilities",
                 capabilities=[
                     {"capability": "multifd", "state": plan.channels > 1},
-                    {"capability": "x-verify", "state": verify},
+                    {"capability": "x-verify", "state": True},
                 ],
             )
             _wait_for("the guest's first line", lambda: _has(src_serial, BANNER), START_TIMEOUT_S)
@@ -495,12 +471,12 @@ def run_vmferry(
             if w.stop_first:
                 qmp.execute("stop")
             qmp.execute("migrate", uri=f"tcp:127.0.0.1:{port}")
-            deadline = time.monotonic() + plan.timeout_s
+            deadline = time.monotonic() + timeout
             try:
                 while status not in q.DONE:
                     if time.monotonic() > deadline:
                         qmp.execute("migrate_cancel")
-                        error = f"not converged within {plan.timeout_s:.0f} s"
+                        error = f"not converged within {timeout:.0f} s"
                         deadline = math.inf
                     time.sleep(POLL_S)
                     status = str(qmp.execute("query-migrate").get("status", "?"))
@@ -515,16 +491,17 @@ def run_vmferry(
             raise VmferryError(f"no migration report from the vmferry source: {e}") from None
         status = str(rep.get("status", status))
         run = VmmRun(
-            "vmferry" if verify else "vmferry-noverify",
+            "vmferry",
             status,
             float(rep.get("total-time", -1)),
             float(rep.get("downtime", -1)) if status == "completed" else -1.0,
-            False,
             rounds=len(rep.get("rounds", [])),
             transferred=int(rep.get("ram", {}).get("transferred", 0)),
             setup_ms=float(rep.get("setup-time", -1)),
             round0_rate=_round0_rate(rep),
+            expected_downtime_ms=float(rep.get("expected-downtime", -1)),
             breakdown={k: float(v) for k, v in rep.get("downtime-breakdown", {}).items()},
+            verify=_report_verify(rep),
             error="; ".join(x for x in (error, str(rep.get("error-desc", ""))) if x),
         )
         if status != "completed":
@@ -546,21 +523,26 @@ def _round0_rate(rep: dict[str, Any]) -> float:
     return float(rounds[0]["bytes"]) / float(rounds[0]["duration"])
 
 
-def _zero_below_fill(fill: Path) -> None:
-    """QEMU maps the fill file shared, so its last guest wrote below FILL_START: clear it."""
-    with open(fill, "r+b") as f:
-        f.write(bytes(FILL_START))
-
-
-def run_qemu(case: Case, plan: MigratePlan, fill: Path | None, workdir: Path) -> VmmRun:
-    w = case.workload
-    if fill is not None:
-        _zero_below_fill(fill)
+def run_qemu(case: Case, plan: MigratePlan, workdir: Path, progress: Progress) -> VmmRun:
     image = resolve_image("memtouch").with_suffix(".elf32")
+    shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else workdir
+    fill = shm / f"vmferry-bench-fill-{os.getpid()}-{case.memory >> 20}M"
+    # Written for each QEMU run and removed after it: QEMU's guest writes into it (it is
+    # its RAM), and while vmferry runs it would be a third copy of the guest's RAM.
+    progress(f"vs QEMU: {case.label}: writing the RAM fill {fill}")
+    try:
+        bench_fill.write_fill_file(fill, case.memory)
+        return _run_qemu(case, plan, workdir, image, fill)
+    finally:
+        fill.unlink(missing_ok=True)
+
+
+def _run_qemu(case: Case, plan: MigratePlan, workdir: Path, image: Path, fill: Path) -> VmmRun:
+    w = case.workload
     src_g = q.QemuGuest(
         image,
         case.memory,
-        w.cmdline,
+        w.cmdline_for(case.memory),
         workdir / "qemu-src.serial",
         workdir / "qemu-src.qmp",
         ram_file=fill,
@@ -568,7 +550,7 @@ def run_qemu(case: Case, plan: MigratePlan, fill: Path | None, workdir: Path) ->
     dst_g = q.QemuGuest(
         image,
         case.memory,
-        w.cmdline,
+        w.cmdline_for(case.memory),
         workdir / "qemu-dst.serial",
         workdir / "qemu-dst.qmp",
         incoming=True,
@@ -576,7 +558,7 @@ def run_qemu(case: Case, plan: MigratePlan, fill: Path | None, workdir: Path) ->
     port = free_port()
     with q.QemuProcess(dst_g) as dst, q.QemuProcess(src_g) as src:
         for vm in (dst, src):
-            q.configure(vm, plan.channels, DOWNTIME_LIMIT_MS)
+            q.configure(vm, plan.channels, plan.downtime_limit_ms)
         dst.execute("migrate-incoming", uri=f"tcp:127.0.0.1:{port}")
         _wait_for(
             "the guest's first line under QEMU",
@@ -586,17 +568,17 @@ def run_qemu(case: Case, plan: MigratePlan, fill: Path | None, workdir: Path) ->
         time.sleep(w.delay_s)
         if w.stop_first:
             src.execute("stop")
-        mig = q.migrate(src, dst, port, plan.timeout_s, running=not w.stop_first)
+        mig = q.migrate(src, dst, port, plan.timeout_s(case.memory), running=not w.stop_first)
         run = VmmRun(
             "qemu",
             mig.status,
             mig.total_ms,
             mig.downtime_ms,
-            False,
             stop_to_resume_ms=mig.stop_to_resume_ms,
             rounds=int(mig.info.get("ram", {}).get("dirty-sync-count", 0)),
             transferred=int(mig.info.get("ram", {}).get("transferred", 0)),
             setup_ms=mig.setup_ms,
+            round0_rate=mig.round0_rate,
             error=mig.error,
         )
         if mig.status == "completed":
@@ -616,80 +598,60 @@ def run_qemu(case: Case, plan: MigratePlan, fill: Path | None, workdir: Path) ->
     return run
 
 
-def _one_run(
-    variant: str, case: Case, plan: MigratePlan, fill: Path | None, workdir: Path
-) -> VmmRun:
+def _one_run(vmm: str, case: Case, plan: MigratePlan, workdir: Path, progress: Progress) -> VmmRun:
     try:
-        if variant == "qemu":
-            return run_qemu(case, plan, fill, workdir)
-        return run_vmferry(case, plan, fill, workdir, verify=variant == "vmferry")
+        if vmm == "qemu":
+            return run_qemu(case, plan, workdir, progress)
+        return run_vmferry(case, plan, workdir)
     except VmferryError as e:
-        return VmmRun(variant, "error", -1.0, -1.0, False, error=str(e))
-
-
-def _best(runs: list[VmmRun], variant: str) -> VmmRun:
-    """The fastest good run (completed, right RESULT); else the first of that variant."""
-    mine = [r for r in runs if r.vmm == variant]
-    good = [r for r in mine if r.status == "completed" and r.result_ok]
-    return min(good, key=lambda r: r.total_ms) if good else mine[0]
+        return VmmRun(vmm, "error", -1.0, -1.0, error=str(e))
 
 
 def bench_vs_qemu(plan: MigratePlan, workdir: Path, progress: Progress) -> list[CaseResult]:
     q.qemu_binary()
     out = []
     refs: dict[str, str] = {}
-    fills: dict[int, Path] = {}
-    shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else workdir
-    try:
-        for case in plan.cases:
-            w = case.workload
-            if w.cmdline not in refs:
-                progress(f"vs QEMU: reference RESULT for {w.cmdline}")
-                refs[w.cmdline] = reference_result(w, case.memory, workdir)
-            fill: Path | None = None
-            if w.host_fill:
-                if case.memory not in fills:
-                    for old in fills.values():
-                        old.unlink(missing_ok=True)
-                    fills.clear()
-                    path = shm / f"vmferry-bench-fill-{os.getpid()}-{case.memory >> 20}M"
-                    make_fill_file(path, case.memory, progress)
-                    fills[case.memory] = path
-                fill = fills[case.memory]
-            runs: list[VmmRun] = []
-            for i in range(plan.case_repeat):
-                # ABBA: the second round runs in the opposite order, so neither VMM is
-                # always the one that runs right after a memory-hungry other.
-                order = VARIANTS if i % 2 == 0 else VARIANTS[::-1]
-                for variant in order:
-                    if variant == "vmferry-noverify" and i > 0:
-                        continue  # once is enough to see what the check costs
-                    progress(f"vs QEMU: {case.label}: {variant} ({i + 1}/{plan.case_repeat})")
-                    r = _one_run(variant, case, plan, fill, workdir)
-                    r.result_ok = bool(r.result) and r.result == refs[w.cmdline]
-                    if r.status == "completed" and not r.result_ok and not r.error:
-                        r.error = f"RESULT {r.result or 'missing'} != reference {refs[w.cmdline]}"
-                    runs.append(r)
-            out.append(
-                CaseResult(
-                    case.label,
-                    case.memory,
-                    w.name,
-                    w.cmdline,
-                    refs[w.cmdline],
-                    _best(runs, "vmferry"),
-                    _best(runs, "qemu"),
-                    _best(runs, "vmferry-noverify"),
-                    runs,
-                )
+    for case in plan.cases:
+        w = case.workload
+        cmdline = w.cmdline_for(case.memory)
+        result = CaseResult(case.memory, w.key, w.title, cmdline, "", plan.downtime_limit_ms)
+        out.append(result)
+        available = bench_fill.available_memory()
+        if not bench_fill.fits(case.memory, available):
+            result.skipped = (
+                f"needs 2 × {case.memory // GIB} GiB + {bench_fill.MARGIN // GIB} GiB free, "
+                f"{available / GIB:.1f} GiB available"
             )
-    finally:
-        for p in fills.values():
-            p.unlink(missing_ok=True)
+            progress(f"vs QEMU: {case.label}: {result.skipped}")
+            continue
+        if cmdline not in refs:
+            progress(f"vs QEMU: reference RESULT for {cmdline}")
+            refs[cmdline] = reference_result(w, case.memory, workdir)
+        result.reference = refs[cmdline]
+        for i, vmm in enumerate(abba(plan.repeats)):
+            progress(f"vs QEMU: {case.label}: {vmm} (run {i + 1} of {2 * plan.repeats})")
+            r = _one_run(vmm, case, plan, workdir, progress)
+            r.order = i
+            r.result_ok = bool(r.result) and r.result == result.reference
+            if r.status == "completed" and not r.result_ok and not r.error:
+                r.error = f"RESULT {r.result or 'missing'} != reference {result.reference}"
+            progress(
+                f"vs QEMU: {case.label}: {vmm}: {r.status}, total {r.total_ms:,.0f} ms, "
+                f"downtime {r.downtime_ms:,.0f} ms{'' if r.good else ' — ' + (r.error or 'bad')}"
+            )
+            result.runs.append(r)
     return out
 
 
 # ---- the whole run ------------------------------------------------------------------------
+
+
+def host_load() -> dict[str, Any]:
+    """How busy the host is: load averages and available memory, at a moment."""
+    load: list[float] = []
+    with contextlib.suppress(OSError, ValueError):
+        load = [float(v) for v in Path("/proc/loadavg").read_text().split()[:3]]
+    return {"loadavg": load, "mem_available_gib": round(bench_fill.available_memory() / GIB, 1)}
 
 
 def host_info() -> dict[str, Any]:
@@ -721,12 +683,25 @@ class MigrateResults:
     fresh_memory_rate: float  # bytes/s: first touch of memory no process has held lately
     throughput: list[ThroughputResult]
     cases: list[CaseResult]
+    load: dict[str, Any] = field(default_factory=dict)  # at the start and at the end
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "fresh_memory_rate": self.fresh_memory_rate,
+            "load": self.load,
             "throughput": [t.to_dict() for t in self.throughput],
             "vs_qemu": [c.to_dict() for c in self.cases],
+            "independence": [
+                {
+                    "workload": i.workload,
+                    "small": i.small,
+                    "large": i.large,
+                    "small_ms": i.small_ms,
+                    "large_ms": i.large_ms,
+                    "ratio": i.ratio if math.isfinite(i.ratio) else None,
+                }
+                for i in independence(self.cases)
+            ],
         }
 
 
@@ -755,133 +730,23 @@ def _workdir() -> Iterator[Path]:
 
 
 def run_all(plan: MigratePlan, progress: Progress) -> MigrateResults:
+    load = {"start": host_load()}
+    progress(f"host load at the start: {load['start']}")
     fresh = fresh_memory_rate()
     progress(f"fresh memory is populated at {fresh / MB:,.0f} MB/s on this host")
     with _workdir() as d:
-        return MigrateResults(
-            fresh, bench_throughput(plan, d, progress), bench_vs_qemu(plan, d, progress)
-        )
-
-
-# ---- presentation ---------------------------------------------------------------------------
-
-
-def _mbs(rate: float) -> str:
-    return f"{rate / MB:,.0f}"
-
-
-def _ms(value: float) -> str:
-    return "-" if value < 0 or not math.isfinite(value) else f"{value:,.0f}"
-
-
-def _x(ratio: float) -> str:
-    return "-" if not math.isfinite(ratio) else f"{ratio:.2f}"
-
-
-def _mark(ok: bool) -> str:
-    return "yes" if ok else "NO"
-
-
-THROUGHPUT_COLUMNS = (
-    "channels",
-    "vmferry round 0 MB/s",
-    "vmferry end-to-end MB/s",
-    "raw TCP MB/s (same streams)",
-    "raw TCP 1 stream MB/s",
-    "round 0 / raw",
-    "end-to-end / raw",
-    "≥ 0.9?",
-)
-QEMU_COLUMNS = (
-    "guest",
-    "workload",
-    "vmferry total ms",
-    "QEMU total ms",
-    "total ratio",
-    "≤ 0.5?",
-    "vmferry downtime ms",
-    "QEMU downtime ms",
-    "downtime ratio",
-    "≤ 1?",
-    "vmferry x-verify off: total / downtime ms",
-    "QEMU STOP→RESUME ms",
-    "RESULT ok (vmferry / off / QEMU)",
-    "notes",
-)
-
-
-def throughput_rows(results: list[ThroughputResult]) -> list[list[str]]:
-    return [
-        [
-            str(t.channels),
-            _mbs(t.round0_rate),
-            _mbs(t.end_to_end_rate),
-            _mbs(t.raw_rate),
-            _mbs(t.raw_one_stream_rate),
-            _x(t.round0_ratio),
-            _x(t.end_to_end_ratio),
-            _mark(t.round0_ratio >= 0.9),
-        ]
-        for t in results
-    ]
-
-
-def _notes(c: CaseResult) -> str:
-    v, qm = c.vmferry, c.qemu
-    parts = []
-    if v.breakdown:
-        b = v.breakdown
-        parts.append(
-            "vmferry downtime: "
-            + ", ".join(
-                f"{k} {b.get(k, 0.0):.0f}" for k in ("final-ram", "cpu-state", "verify", "resume")
-            )
-            + " ms"
-        )
-    parts.append(f"setup: vmferry {_ms(v.setup_ms)} ms, QEMU {_ms(qm.setup_ms)} ms")
-    if v.round0_rate > 0:
-        parts.append(f"vmferry round 0 at {_mbs(v.round0_rate)} MB/s")
-    parts.append(f"rounds: vmferry {v.rounds}, QEMU dirty syncs {qm.rounds}")
-    parts.append(f"sent: vmferry {v.transferred / MB:,.0f} MB, QEMU {qm.transferred / MB:,.0f} MB")
-    for r in c.runs:
-        if r.error:
-            parts.append(f"{r.vmm}: {r.error}")
-    return "; ".join(parts)
-
-
-def qemu_rows(results: list[CaseResult]) -> list[list[str]]:
-    return [
-        [
-            f"{c.memory // GIB} GiB",
-            c.workload,
-            _ms(c.vmferry.total_ms),
-            _ms(c.qemu.total_ms),
-            _x(c.total_ratio),
-            _mark(c.total_ratio <= 0.5),
-            _ms(c.vmferry.downtime_ms),
-            _ms(c.qemu.downtime_ms),
-            _x(c.downtime_ratio),
-            _mark(c.downtime_ratio <= 1.0),
-            f"{_ms(c.vmferry_noverify.total_ms)} / {_ms(c.vmferry_noverify.downtime_ms)}",
-            _ms(c.qemu.stop_to_resume_ms),
-            " / ".join(_mark(r.result_ok) for r in (c.vmferry, c.vmferry_noverify, c.qemu)),
-            _notes(c),
-        ]
-        for c in results
-    ]
-
-
-def markdown_table(columns: tuple[str, ...], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
+        throughput = bench_throughput(plan, d, progress) if plan.throughput else []
+        cases = bench_vs_qemu(plan, d, progress)
+    load["end"] = host_load()
+    progress(f"host load at the end: {load['end']}")
+    return MigrateResults(fresh, throughput, cases, load)
 
 
 # ---- the vmferry source process (python -m vmferry.bench.migrate source …) -----------------
 
 
 def _source_main(argv: list[str]) -> int:
-    """``vmferry run memtouch --qmp`` with RAM filled from a file first; writes the
+    """``vmferry run memtouch --qmp`` with RAM filled from the host first; writes the
     migration report to --report before it exits."""
     from vmferry.controller import VmController
     from vmferry.migration import report as mig_report
@@ -896,21 +761,14 @@ def _source_main(argv: list[str]) -> int:
     p.add_argument("--serial", required=True)
     p.add_argument("--qmp", required=True)
     p.add_argument("--report", required=True)
-    p.add_argument("--fill", help="copy RAM from FILL_START up from this file")
+    p.add_argument("--fill", action="store_true", help="fill RAM from 32 MiB up (bench.fill)")
     p.add_argument("--timeout", type=float, default=300.0)
     args = p.parse_args(argv)
     config = MachineConfig(memory=args.memory, image="memtouch", cmdline=" ".join(guest))
+    outcome = ""
     with open(args.serial, "ab") as serial, Machine.boot(config, serial=serial) as m:
         if args.fill:
-            view = m.memory.view(0, m.memory.size).cast("B")
-            with open(args.fill, "rb", buffering=0) as f:
-                f.seek(FILL_START)
-                pos = FILL_START
-                while pos < m.memory.size:
-                    n = f.readinto(view[pos : min(m.memory.size, pos + (256 << 20))])
-                    if not n:
-                        raise VmferryError(f"{args.fill} is shorter than the guest's RAM")
-                    pos += n
+            bench_fill.fill_memory(m.memory)
         controller = VmController(m)
         server = QmpServer(args.qmp, controller)
         controller.emit = server.emit
@@ -918,7 +776,6 @@ def _source_main(argv: list[str]) -> int:
             server.start()
             m.start()
             deadline = time.monotonic() + args.timeout
-            outcome = ""
             while not outcome and time.monotonic() < deadline:
                 outcome = controller.wait_for(0.05)
             mig = controller.migration

@@ -204,6 +204,7 @@ class QemuMigration:
     start_to_resume_ms: float  # `migrate` issued → destination RESUME event
     info: dict[str, Any] = field(default_factory=dict)
     error: str = ""
+    round0_rate: float = -1.0  # bytes/s: see round0_rate()
 
 
 def configure(vm: QemuProcess, channels: int, downtime_limit_ms: int) -> None:
@@ -220,6 +221,25 @@ def configure(vm: QemuProcess, channels: int, downtime_limit_ms: int) -> None:
     if channels > 1:
         params["multifd-channels"] = channels
     vm.execute("migrate-set-parameters", **params)
+
+
+def round0_rate(polls: list[dict[str, Any]]) -> float:
+    """Bytes/s of QEMU's round 0, from its ``query-migrate`` answers polled while it ran.
+
+    QEMU syncs the dirty log once at the start (dirty-sync-count 1) and again when its
+    first pass over RAM has ended: the last poll before the second sync saw only round 0's
+    bytes, ``ram.transferred`` over ``total-time`` − ``setup-time``. -1 when no poll fell
+    in round 0 (it took less than one poll interval)."""
+    best = -1.0
+    for info in polls:
+        ram = info.get("ram", {})
+        if info.get("status") != "active" or int(ram.get("dirty-sync-count", 0)) >= 2:
+            continue
+        took_ms = float(info.get("total-time", 0)) - float(info.get("setup-time", 0))
+        nbytes = float(ram.get("transferred", 0))
+        if took_ms > 0 and nbytes > 0:
+            best = nbytes / (took_ms / 1e3)  # the latest such poll: most of round 0
+    return best
 
 
 def migrate(
@@ -241,9 +261,11 @@ def migrate(
     src.execute("migrate", uri=f"tcp:127.0.0.1:{port}")
     deadline = time.monotonic() + timeout_s
     info: dict[str, Any] = {}
+    polls: list[dict[str, Any]] = []
     error = ""
     while True:
         info = src.execute("query-migrate")
+        polls.append(info)
         if info.get("status") in DONE:
             break
         if time.monotonic() > deadline:
@@ -282,4 +304,5 @@ def migrate(
         stop_to_resume,
         start_to_resume,
         info,
+        round0_rate=round0_rate(polls),
     )
