@@ -156,6 +156,8 @@ def test_report_vmferry_sections() -> None:
         "first-mismatches": [],
         "cpu-state": "passed",
         "detail": "",
+        "mode": "off",
+        "phases": {},
     }
     assert r["parameters"]["downtime-limit"] == 300
     assert r["capabilities"]["auto-converge"] is True
@@ -274,3 +276,16 @@ def test_report_and_summary_agree_on_verify_not_reached() -> None:
 )
 def test_verify_status(migration: str, status: str, x_verify: bool, expected: str) -> None:
     assert verify_status(migration, status, x_verify) == expected
+
+
+def test_report_gives_each_verification_phase() -> None:
+    stats = completed_stats()
+    stats.verify.mode = "on"
+    stats.verify.phases = {
+        "pre-resume": {"pages": 120, "ms": 1.5, "status": "passed"},
+        "audit": {"pages": 262_144, "ms": 80.0, "source_ms": 60.0, "status": "passed"},
+    }
+    r = report_dict(stats, MigrationParameters(), MigrationCapabilities())
+    assert r["verify"]["mode"] == "on"
+    assert r["verify"]["phases"]["audit"] == stats.verify.phases["audit"]
+    assert r["parameters"]["x-verify"] == "on"

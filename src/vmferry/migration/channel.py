@@ -120,6 +120,32 @@ class ReplyPath:
         with self._send_lock:
             self.sock.sendall(line)
 
+    def send_with(self, msg: ReplyMessage, body: bytes) -> None:
+        """A line that announces binary data, and the data (the audit's chunks)."""
+        line = encode_reply(msg)
+        with self._send_lock:
+            self.sock.sendall(line)
+            self.sock.sendall(body)
+
+    def receive_body(self, n: int, timeout: float, waiting_for: str) -> bytes:
+        """The ``n`` bytes that follow a line announcing them."""
+        deadline = time.monotonic() + timeout
+        while len(self._buf) < n:
+            if not self._readable(max(deadline - time.monotonic(), 0.0)):
+                raise PeerSilent(f"no {waiting_for} from {self.peer} within {timeout:.0f} s")
+            try:
+                chunk = self.sock.recv(min(n - len(self._buf), 1 << 20))
+            except BlockingIOError:
+                continue
+            except OSError as e:
+                raise PeerClosed(f"connection lost reading {waiting_for}: {e}") from e
+            if not chunk:
+                raise PeerClosed(f"{self.peer} closed the connection in {waiting_for}")
+            self._buf += chunk
+        body = bytes(self._buf[:n])
+        del self._buf[:n]
+        return body
+
     def _readable(self, timeout: float) -> bool:
         pending = getattr(self.sock, "pending", None)  # bytes a TLS layer already decrypted
         if pending is not None and pending():

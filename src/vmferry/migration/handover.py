@@ -8,16 +8,32 @@ source table's event.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from vmferry.errors import MigrationError
 from vmferry.migration.channel import ReplyPath
-from vmferry.migration.codec import Accepted, Failed, Go, Ready, ReplyMessage, Resumed
+from vmferry.migration.codec import (
+    Accepted,
+    Audit,
+    AuditChunk,
+    Audited,
+    Failed,
+    Go,
+    Ready,
+    ReplyMessage,
+    Resumed,
+)
 from vmferry.migration.liveness import PeerWatch
 
 SETUP_TIMEOUT_S = 30.0
 READY_TIMEOUT_S = 120.0  # destination loads the last data and verifies
 RESUMED_TIMEOUT_S = 30.0
+AUDITED_TIMEOUT_S = 120.0  # the destination compares as chunks come: its verdict is quick
+LOST_IN_AUDIT = (
+    "; the VM stays paused here (postmigrate) because the destination may be running it "
+    "(it was lost during the audit after resume)"
+)
 
 
 class DestinationRefused(MigrationError):
@@ -69,6 +85,29 @@ class Handover:
             raise DestinationRefused(f"the destination refused the VM: {msg.error}")
         return msg.resume_ms if isinstance(msg, Resumed) else 0.0
 
+    def send_audit(self, chunks: Iterable[tuple[AuditChunk, float]], npages: int) -> float:
+        """Every chunk of the audit, each behind the line that gives its length; the ms
+        the source's digests took."""
+        digest_ms = 0.0
+        try:
+            for chunk, ms in chunks:
+                digest_ms += ms
+                body = chunk.encode(npages)
+                self.reply.send_with(Audit(len(body)), body)
+        except OSError as e:
+            raise StillReleased(f"could not send the audit: {e}{LOST_IN_AUDIT}") from e
+        return digest_ms
+
+    def await_audited(self) -> Audited:
+        """The destination's verdict; lost or out of turn, it may be running the VM."""
+        try:
+            msg = self.watch.next(AUDITED_TIMEOUT_S, "the audit's verdict")
+        except MigrationError as e:
+            raise StillReleased(f"{e}{LOST_IN_AUDIT}") from e
+        if not isinstance(msg, Audited):
+            raise StillReleased(f"the destination sent {msg.KIND!r}{LOST_IN_AUDIT}")
+        return msg
+
 
 def _refused(what: str, msg: ReplyMessage) -> MigrationError:
     """Why the destination said no: its error, or what it sent instead of the answer."""
@@ -78,6 +117,7 @@ def _refused(what: str, msg: ReplyMessage) -> MigrationError:
 
 
 __all__ = [
+    "AUDITED_TIMEOUT_S",
     "READY_TIMEOUT_S",
     "RESUMED_TIMEOUT_S",
     "SETUP_TIMEOUT_S",

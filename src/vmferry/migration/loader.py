@@ -7,7 +7,6 @@ anything unexpected is a StreamError that names the section and what was wrong.
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -22,6 +21,7 @@ from vmferry.machine.machine import Machine
 from vmferry.machine.state import MachineState
 from vmferry.memory.dirty import DirtyBitmap
 from vmferry.memory.guest_memory import GuestMemory
+from vmferry.memory.populate import Populator
 from vmferry.migration.channel_readers import ChannelReaders
 from vmferry.migration.codec import (
     CONF,
@@ -35,6 +35,7 @@ from vmferry.migration.codec import (
     check_empty,
 )
 from vmferry.migration.devices import DestinationDevices
+from vmferry.migration.landing import LandingDigests
 from vmferry.migration.metrics import VerifyResult
 from vmferry.migration.ram import RamReceiver, RamStats
 from vmferry.migration.receiver_machine import (
@@ -88,6 +89,7 @@ class LoadedStream:
     written: DirtyBitmap | None = None
     rounds: int = 0
     device_models: list[DeviceModel] = field(default_factory=list)  # committed, stopped
+    landing: LandingDigests | None = None  # x-verify on: each page's digest as it landed
     # The rest of the step that finished the load, for the driver (VERIFY, in both tables).
     then: tuple[ReceiverAction, ...] = ()
 
@@ -131,6 +133,9 @@ class SectionLoop:
         n = 1 + len(channels)
         # Each receiver refuses pages of another channel's blocks: channels share `written`.
         self.receivers = [RamReceiver(memory, self.written, i, n) for i in range(n)]
+        self.landing = LandingDigests(memory, head.verify_seed) if head.verify == "on" else None
+        for rx in self.receivers:
+            rx.on_landed = None if self.landing is None else self.landing.landed
         self.cpu: CpuStateRecord | None = None
         self.summary = DeviceSummary()
         self.verify: VerifyRecord | None = None
@@ -210,6 +215,7 @@ class SectionLoop:
         """END's (empty) payload, the channels joined, every device checking its state."""
         check_empty(self._payload(), self._where)
         self.channels.join()
+        self.memory.stop_populating()  # all that was sent has landed
         if self.devices is not None:
             self.devices.commit()  # RESUMING → STOP: each device checks its state
 
@@ -227,6 +233,7 @@ class SectionLoop:
             self.written,
             self.rounds,
             [] if self.devices is None else self.devices.devices,
+            self.landing,
             then,
         )
 
@@ -288,8 +295,13 @@ def check_loaded(loaded: LoadedStream, machine: Machine) -> VerifyResult:
     if rec is None:
         return VerifyResult(status="off", cpu_state="off")
     assert loaded.written is not None
-    # Digests of RAM as it is now, not as it arrived: whatever wrote it since is caught too.
-    bad = mismatched_pages(loaded.memory, rec, loaded.written)
+    if loaded.landing is not None:
+        # x-verify on: the pages the dirty log cannot vouch for, against what landed (the
+        # rest is audited after the resume).
+        bad = [int(p) for p in loaded.landing.differing(rec.pages, rec.digests)[:16]]
+    else:
+        # Digests of RAM as it is now, not as it arrived: whatever wrote it since is caught.
+        bad = mismatched_pages(loaded.memory, rec, loaded.written)
     cpu_ok = cpu_digest(machine.save_state()) == rec.cpu
     result = VerifyResult(
         status="passed" if not bad and cpu_ok else "failed",
@@ -307,21 +319,11 @@ def check_loaded(loaded: LoadedStream, machine: Machine) -> VerifyResult:
     return result
 
 
-def populate(memory: GuestMemory, ranges: Sequence[tuple[int, int]]) -> threading.Thread:
-    """Pre-fault the RAM the source said holds data, in the background (fresh memory takes
-    many times longer to receive into)."""
-
-    def run() -> None:
-        try:
-            for a, b in ranges:
-                memory.populate_range(a, b - a)
-        except OSError as e:
-            # Only a head start: pages not populated here fault in as data arrives.
-            log.warning("pre-faulting guest RAM stopped: %s", e)
-
-    t = threading.Thread(target=run, name="populate", daemon=True)
-    t.start()
-    return t
+def populate(memory: GuestMemory, ranges: Sequence[tuple[int, int]]) -> Populator:
+    """Pre-fault the RAM the source said holds data, on a thread, ahead of the receivers
+    (fresh memory takes many times longer to receive into); it stops at the end of the
+    load, or when RAM is discarded (memory/populate.py)."""
+    return memory.populate_ahead(ranges)
 
 
 def open_devices(

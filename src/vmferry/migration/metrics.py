@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 
 @dataclass
@@ -43,6 +44,10 @@ class VerifyResult:
     mismatched_pages: list[int] = field(default_factory=list)  # first few, RAM page numbers
     cpu_state: str = "off"  # off | passed | failed
     detail: str = ""
+    mode: str = "off"  # x-verify: on | strict | off
+    # "pre-resume": {pages, ms, status}; "audit": {pages, ms, source_ms, status}; a phase
+    # that did not run is absent.
+    phases: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass
@@ -80,7 +85,11 @@ class MigrationStats:
             self,
             rounds=list(self.rounds),
             downtime=replace(self.downtime),
-            verify=replace(self.verify, mismatched_pages=list(self.verify.mismatched_pages)),
+            verify=replace(
+                self.verify,
+                mismatched_pages=list(self.verify.mismatched_pages),
+                phases={k: dict(v) for k, v in self.verify.phases.items()},
+            ),
             devices=[dict(d) for d in self.devices],
         )
 

@@ -23,7 +23,7 @@ from vmferry.migration.multifd import MultifdRam, RamChannels
 from vmferry.migration.params import MigrationCapabilities, MigrationParameters
 from vmferry.migration.precopy import Parts, Precopy
 from vmferry.migration.stream import StreamWriter
-from vmferry.migration.switchover import EventSink, StopCopy
+from vmferry.migration.switchover import AfterFinalSync, EventSink, StopCopy
 from vmferry.migration.vcpus import VcpuMigration
 
 
@@ -100,6 +100,8 @@ def assemble(
     verify_seed: int,
     digest_pool: ThreadPoolExecutor,
     on_event: EventSink,
+    verify_mode: str = "strict",
+    after_final_sync: AfterFinalSync | None = None,
 ) -> Outgoing:
     ram, vcpus, devices = migrating
     channels = RamChannels(
@@ -118,9 +120,11 @@ def assemble(
         machine,
         parts,
         figures,
-        verify_seed=verify_seed if caps.x_verify else None,
+        verify_seed=verify_seed if verify_mode != "off" else None,
         digest_pool=digest_pool,
         on_event=on_event,
+        verify_mode=verify_mode,
+        after_final_sync=after_final_sync,
     )
     precopy = Precopy(machine, parts, figures, params, caps)
     return Outgoing(writers, channels, parts, precopy, stop_copy)

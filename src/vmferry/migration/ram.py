@@ -291,6 +291,12 @@ class RamReceiver:
         self.written = written if written is not None else DirtyBitmap(memory.npages)
         self.stats = RamStats()
         self._zstd = zstandard.ZstdDecompressor()
+        # Told of every section's runs once its pages are in memory: (first, npages,
+        # is_zero) arrays (x-verify on digests pages as they land: landing.py).
+        self.on_landed: (
+            Callable[[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.bool_]], None]
+            | None
+        ) = None
 
     def load(self, reader: StreamReader, hdr: SectionHeader, h: xxhash.xxh3_64) -> None:
         if hdr.flags & FLAG_ZSTD:
@@ -356,6 +362,7 @@ class RamReceiver:
                 f"has {length - RAM_HEAD.size - table_len}"
             )
         d_first, d_n = first[~is_zero], npages[~is_zero]
+        self.memory.ensure_populated(d_first, d_n)  # allocated ahead, not in the socket read
         allp = self.memory.pages()
         if table_only and isinstance(src, _StreamPayload):
             src.hashing = False
@@ -371,6 +378,8 @@ class RamReceiver:
             bits = self.written.words[z >> 6] >> (z & 63).astype(np.uint64)
             allp[z[(bits & np.uint64(1)).astype(bool)]] = 0
         self.written.set_runs(d_first, d_n)
+        if self.on_landed is not None:
+            self.on_landed(first, npages, is_zero)
         self.stats.add(
             RamStats(normal=int(d_n.sum()), zero=z.size, bytes=hdr.length + SECTION_HEADER_SIZE)
         )

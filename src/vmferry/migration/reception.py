@@ -24,6 +24,16 @@ from typing import BinaryIO, Protocol
 from vmferry.errors import MigrationError
 from vmferry.machine.machine import Machine
 from vmferry.memory.guest_memory import GuestMemory
+from vmferry.migration.audit import AuditComparison
+from vmferry.migration.audit_side import (
+    await_audit,
+    drop_output,
+    hold_output,
+    keep_unaudited,
+    release_output,
+    send_audited,
+    stop_vm,
+)
 from vmferry.migration.channel import MigrationUri, ReplyPath
 from vmferry.migration.codec import (
     Abandon,
@@ -124,6 +134,7 @@ class Reception:
         self.cause: BaseException | None = None  # what failed, as it was raised
         self.error: BaseException | None = None  # and as the destination reports it
         self.times: dict[str, float] = {}
+        self.audit: AuditComparison | None = None  # x-verify on, after the resume
 
     # ---- the walk
     def run(self) -> IncomingResult:
@@ -144,9 +155,10 @@ class Reception:
             try:
                 event = self._perform_all(self.walk.step(event))
             except BaseException as e:
-                if self.running or self.walk.finished:
+                auditing = self.walk.state is Rs.AUDITING
+                if self.walk.finished or (self.running and not auditing):
                     raise  # nothing after the start raises; never close a running guest
-                if self.walk.started:  # the guest's start failed: no row, same remedy
+                if self.walk.started and not self.running:  # its start failed: no row
                     self._fail(e)
                     self._perform_all(_FAILED_START)
                     return
@@ -311,6 +323,14 @@ class Reception:
         self.memory = self.devices = None
         self.verify = check_loaded(self.loaded, self.machine)
         self.times["verified"] = time.monotonic()
+        self.verify.mode = self.head.verify
+        if self.head.verify != "off":
+            ms = (self.times["verified"] - self.times["loaded"]) * 1e3
+            self.verify.phases["pre-resume"] = {
+                "pages": self.verify.pages_checked,
+                "ms": round(ms, 3),
+                "status": self.verify.status,
+            }
         if self.verify.status == "failed":
             self.failed_check = self.verify
             self._fail(MigrationError(f"verification failed: {self.verify.detail}"))
@@ -333,7 +353,7 @@ class Reception:
             raise abandoned(msg)
         if not isinstance(msg, Go):
             raise MigrationError(f"the source did not hand over: it sent {msg!r}")
-        return Re.GO
+        return Re.GO_UNAUDITED if self.head.verify == "on" else Re.GO
 
     def _start_vm(self) -> None:
         assert self.machine is not None
@@ -351,6 +371,28 @@ class Reception:
             # The source was released by "go": the guest is this one now, whatever
             # became of the connection.
             log.warning("could not confirm the resume to the source: %s", e)
+
+    # ---- the audit after resume (x-verify on): audit_side.py
+    def _hold_output(self) -> None:
+        hold_output(self)
+
+    def _await_audit(self) -> ReceiverEvent:
+        return await_audit(self)
+
+    def _send_audited(self) -> None:
+        send_audited(self)
+
+    def _release_output(self) -> None:
+        release_output(self)
+
+    def _stop_vm(self) -> None:
+        stop_vm(self)
+
+    def _drop_output(self) -> None:
+        drop_output(self)
+
+    def _keep_unaudited(self) -> None:
+        keep_unaudited(self)
 
     # ---- the end of a failed one
     def _stop_heartbeat(self) -> None:
@@ -396,6 +438,13 @@ class Reception:
                 Ra.START_VM: _start_vm,
                 Ra.SEND_RESUMED: _send_resumed,
                 Ra.STOP_HEARTBEAT: _stop_heartbeat,
+                Ra.HOLD_OUTPUT: _hold_output,
+                Ra.AWAIT_AUDIT: _await_audit,
+                Ra.SEND_AUDITED: _send_audited,
+                Ra.RELEASE_OUTPUT: _release_output,
+                Ra.STOP_VM: _stop_vm,
+                Ra.DROP_OUTPUT: _drop_output,
+                Ra.KEEP_UNAUDITED: _keep_unaudited,
                 Ra.SEND_FAILED: _send_failed,
                 Ra.DISCARD: _discard,
             }

@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from vmferry.errors import MigrationCancelled, MigrationError, VmferryError
 from vmferry.machine.machine import Machine
 from vmferry.migration import tls
+from vmferry.migration.audit import source_chunks
 from vmferry.migration.channel import parse_uri
 from vmferry.migration.codec import AbandonNotice, Ready
 from vmferry.migration.connector import Connector, TcpConnector
@@ -40,7 +41,7 @@ from vmferry.migration.outgoing import (
     open_file_target,
     send_config,
 )
-from vmferry.migration.params import MigrationCapabilities, MigrationParameters
+from vmferry.migration.params import MigrationCapabilities, MigrationParameters, verify_mode
 from vmferry.migration.precopy import Precopy
 from vmferry.migration.source_loop import Perform, SourceLoop
 from vmferry.migration.source_machine import (
@@ -53,7 +54,7 @@ from vmferry.migration.source_machine import (
 )
 from vmferry.migration.status import MigrationStatus
 from vmferry.migration.stream import StreamWriter
-from vmferry.migration.switchover import EventSink, StopCopy
+from vmferry.migration.switchover import AfterFinalSync, EventSink, StopCopy
 from vmferry.migration.tlssocket import stream_sink
 from vmferry.migration.transport import FdSink
 from vmferry.migration.vcpus import VcpuMigration
@@ -75,7 +76,9 @@ class MigrationSource:
         *,
         on_event: EventSink | None = None,
         connector: Connector | None = None,
+        after_final_sync: AfterFinalSync | None = None,
     ) -> None:
+        """``after_final_sync``: test-only (vmferry.testing), see switchover.AfterFinalSync."""
         self.machine = machine
         self.uri = parse_uri(uri)
         live = self.uri.scheme == "tcp"
@@ -85,6 +88,10 @@ class MigrationSource:
         self.params = params
         self.caps = caps
         self.on_event = on_event or (lambda name, data: None)
+        self.after_final_sync = after_final_sync
+        # A file is checked where it is restored, before anything runs: never "on".
+        mode = verify_mode(params, caps)
+        self.verify_mode = "strict" if mode == "on" and not live else mode
         # The migration's threads write the figures, QMP reads them; steps of the walk
         # hold the same lock (a cancel comes from another thread).
         self.figures = LiveFigures(machine.memory.size)
@@ -105,6 +112,8 @@ class MigrationSource:
         self.done = threading.Event()
         self._cancel_reason = "cancelled by the user"
         self._seed = secrets.randbits(63)
+        self._audit_t0 = 0.0
+        self._audit_source_ms = 0.0
         self._thread: threading.Thread | None = None
         self._digest_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="digest")
         self._perform = self._actions()
@@ -237,6 +246,8 @@ class MigrationSource:
             Ac.SEND_GO: self._send_go,
             Ac.STOP_DIRTY_TRACKING: self._stop_tracking,
             Ac.AWAIT_RESUMED: self._await_resumed,
+            Ac.SEND_AUDIT: self._send_audit,
+            Ac.AWAIT_AUDITED: self._await_audited,
             Ac.RELEASE_DEVICES: self.devices.release,
             Ac.RESUME_HERE: self._run_here,
             Ac.INTERRUPT: self._interrupt,
@@ -292,7 +303,11 @@ class MigrationSource:
             verify_seed=self._seed,
             digest_pool=self._digest_pool,
             on_event=self.on_event,
+            verify_mode=self.verify_mode,
+            after_final_sync=self.after_final_sync,
         )
+        with self._lock:
+            self.stats.verify.mode = self.verify_mode
         return Ev.CONNECTED
 
     def _open(self) -> list[StreamWriter]:
@@ -308,8 +323,10 @@ class MigrationSource:
         send_config(
             self.machine,
             self._outgoing().writers,
-            verify="strict" if self.caps.x_verify else "off",
+            verify=self.verify_mode,
             peer_timeout_ms=self.params.peer_timeout_ms,
+            verify_seed=self._seed,
+            hold_output=self.caps.x_verify_hold_output,
         )
 
     def _watch_peer(self) -> None:
@@ -369,7 +386,32 @@ class MigrationSource:
 
     def _await_resumed(self) -> SourceEvent:
         self._switchover().resumed(self._hand().await_resumed())
-        return Ev.RESUMED
+        return Ev.RESUMED_UNAUDITED if self.verify_mode == "on" else Ev.RESUMED
+
+    def _send_audit(self) -> None:
+        """All resident RAM (frozen: the VM never runs here unless the audit fails)."""
+        self._audit_t0 = time.monotonic()
+        mem = self.machine.memory
+        self._audit_source_ms = self._hand().send_audit(source_chunks(mem, self._seed), mem.npages)
+
+    def _await_audited(self) -> SourceEvent:
+        msg = self._hand().await_audited()
+        phase = {
+            "pages": msg.pages_checked,
+            "ms": round((time.monotonic() - self._audit_t0) * 1e3, 3),
+            "source_ms": round(self._audit_source_ms, 3),
+            "status": msg.status,
+        }
+        with self._lock:
+            self.stats.verify.phases["audit"] = phase
+        if msg.status == "passed":
+            return Ev.AUDIT_PASSED
+        shown = ", ".join(str(p) for p in msg.mismatched_pages[:8]) or "none named"
+        self.figures.verify_failed(
+            {**vars(msg), "cpu_state": self.stats.verify.cpu_state, "detail": msg.detail}
+        )
+        self.figures.failed(f"verification failed after resume; rolled back: pages {shown}")
+        return Ev.AUDIT_FAILED
 
     def _run_here(self) -> None:
         # Devices were stopped at the switchover: back to RUNNING (a reset if one cannot).
@@ -399,8 +441,16 @@ class MigrationSource:
             self._out.stop_copy.roll_back()
 
     def _apply_verify(self, msg: Ready) -> None:
-        if self.caps.x_verify:
-            self.figures.verify_passed(msg.pages_checked)
+        if self.verify_mode == "off":
+            return
+        self.figures.verify_passed(msg.pages_checked)
+        phase = {
+            "pages": msg.pages_checked,
+            "ms": round(self._switchover().pre_resume_ms, 3),
+            "status": msg.verify,
+        }
+        with self._lock:
+            self.stats.verify.phases["pre-resume"] = phase
 
 
 __all__ = ["EventSink", "MigrationSource", "check_file_target"]

@@ -32,9 +32,12 @@ from vmferry.migration.figures import LiveFigures
 from vmferry.migration.metrics import DowntimeBreakdown, RoundRecord
 from vmferry.migration.precopy import Parts
 from vmferry.migration.stream import StreamWriter
-from vmferry.migration.verify import cpu_digest, page_digests
+from vmferry.migration.verify import cpu_digest, page_digests, pre_resume_set
 
 EventSink = Callable[[str, dict[str, Any]], None]
+# Test-only (vmferry.testing): called with the source machine after the last dirty sync
+# and the final round's send, to write behind the tracking's back.
+AfterFinalSync = Callable[[Machine], None]
 
 
 class StopCopy:
@@ -49,9 +52,15 @@ class StopCopy:
         verify_seed: int | None,
         digest_pool: ThreadPoolExecutor,
         on_event: EventSink,
+        verify_mode: str = "strict",
+        after_final_sync: AfterFinalSync | None = None,
     ) -> None:
-        """``verify_seed``: digests go in the stream (x-verify), seeded so; None: none."""
+        """``verify_seed``: digests go in the stream (x-verify), seeded so; None: none.
+        ``verify_mode`` on: only what the dirty log cannot vouch for (the audit after
+        resume does the rest); strict: every resident page."""
         self.machine = machine
+        self.mode = verify_mode
+        self.after_final_sync = after_final_sync
         self.parts = parts
         self.figures = figures
         self.seed = verify_seed
@@ -63,6 +72,8 @@ class StopCopy:
         self._device_bytes = 0
         self._digests: Future[npt.NDArray[np.uint64]] | None = None
         self._resident = np.zeros(0, dtype=np.int64)
+        self._checked = self._resident  # the pages the VRFY section digests
+        self.pre_resume_ms = 0.0  # the source's share of the pre-resume check
 
     @property
     def downtime(self) -> DowntimeBreakdown:
@@ -93,13 +104,18 @@ class StopCopy:
         """The last sync and the pages it found; the stop-and-copy is a round too (the
         destination counts what the source does)."""
         p, mem = self.parts, self.machine.memory
-        self._resident = mem.resident_pages()
-        if self.seed is not None:
+        self._resident = self._checked = mem.resident_pages()
+        if self.seed is not None and self.mode == "strict":
             self._digests = self.digest_pool.submit(page_digests, mem, self._resident, self.seed, 2)
         # The last pre-copy sync's set is still scheduled (it was never sent): DMA dirty
         # bits were read-and-cleared then, so they are carried over, not read again.
         p.collect_dirty(mem.npages, self.figures)
+        if self.seed is not None and self.mode == "on":
+            self._checked = pre_resume_set(self._final_pages(), self._reachable(), self._resident)
+            self._digests = self.digest_pool.submit(page_digests, mem, self._checked, self.seed, 2)
         p.ram.save_final(p.main)
+        if self.after_final_sync is not None:
+            self.after_final_sync(self.machine)
         final = p.ram.last
         p.main.section(ROUND, [RoundMarker(index, final.normal + final.zero, True).encode()])
         self._t_ram = time.monotonic()
@@ -124,6 +140,18 @@ class StopCopy:
             self.downtime.final_ram_ms = (self._t_ram - self._t_devices) * 1e3
         self.figures.round_ended(record, p.device_figures())
 
+    def _final_pages(self) -> npt.NDArray[np.int64]:
+        # What the final save will send, looked at and put back.
+        ram = self.parts.ram.ram
+        scheduled = ram.take_scheduled()
+        ram.schedule(scheduled)
+        return scheduled.pages()
+
+    def _reachable(self) -> npt.NDArray[np.int64]:
+        """Every page a device can reach through its IOMMU (all RAM by default)."""
+        maps = [d.iommu.mapped_pages() for d in self.machine.devices]
+        return np.unique(np.concatenate(maps)) if maps else np.zeros(0, dtype=np.int64)
+
     def send_cpu_and_devices(self) -> None:
         p = self.parts
         p.vcpus.save_final(p.main)
@@ -138,9 +166,7 @@ class StopCopy:
             return
         state = self.parts.vcpus.saved
         assert state is not None, "the CPU state goes before the digests"
-        rec = VerifyRecord(
-            self.seed or 0, self._resident, self._digests.result(), cpu_digest(state)
-        )
+        rec = VerifyRecord(self.seed or 0, self._checked, self._digests.result(), cpu_digest(state))
         self.parts.main.section(VRFY, rec.encode())
 
     def end_stream(self, writers: list[StreamWriter]) -> None:
@@ -148,6 +174,7 @@ class StopCopy:
         for w in writers[1:]:
             w.section(CEND, [])
         verify_ms = (time.monotonic() - self._t_cpus) * 1e3 if self._digests is not None else 0.0
+        self.pre_resume_ms = verify_ms
         with self.figures.lock:
             self.downtime.verify_ms = verify_ms
 
@@ -160,13 +187,19 @@ class StopCopy:
             if self._digests is not None:
                 v = self.figures.stats.verify
                 v.status = v.cpu_state = "deferred"
-                v.pages_checked = int(self._resident.size)
+                v.pages_checked = int(self._checked.size)
                 v.detail = "the file carries the digests; they are checked on restore"
 
     def verified(self, destination_ms: float) -> None:
         """The destination's load and check, before it said ready."""
+        self.pre_resume_ms += destination_ms
         with self.figures.lock:
             self.downtime.verify_ms += destination_ms
+
+    @property
+    def checked_pages(self) -> int:
+        """How many pages the VRFY section digested."""
+        return int(self._checked.size)
 
     def resumed(self, resume_ms: float) -> None:
         with self.figures.lock:

@@ -88,3 +88,21 @@ def mismatched_pages(
         nonzero = extra[np.any(memory.pages()[extra], axis=1)]
         bad = np.union1d(bad, nonzero)
     return [int(p) for p in bad[:MAX_MISMATCHES_REPORTED]]
+
+
+def pre_resume_pages(final_pages: int, reachable_pages: int) -> int:
+    """How many pages x-verify on digests inside the downtime (at most): the final
+    round's and every page a device can reach (the policy's downtime estimate counts it).
+    With a DMA device whose IOMMU maps all RAM that is all resident RAM."""
+    return final_pages + reachable_pages
+
+
+def pre_resume_set(
+    final: npt.NDArray[np.int64],
+    reachable: npt.NDArray[np.int64],
+    resident: npt.NDArray[np.int64],
+) -> npt.NDArray[np.int64]:
+    """What the CPU's dirty log cannot vouch for, checked before resume: the final
+    round's pages, and the resident pages a device can reach (DMA bypasses the log; a
+    hole is zero on both sides, and the audit checks it)."""
+    return np.union1d(final, np.intersect1d(reachable, resident, assume_unique=True))

@@ -159,12 +159,15 @@ def migrate(
     on_event: EventSink | None = None,
     during: Callable[[MigrationSource], None] | None = None,
     timeout_s: float = TIMEOUT_S,
+    after_final_sync: Callable[[Machine], None] | None = None,
 ) -> MigrationRun:
     """Migrate the running ``machine`` to ``destination`` (a plain one if None, on
     ``link`` if given) and wait until both sides have ended, each within ``timeout_s``.
 
     ``during`` runs on this thread once the source has started (to act on the guest or
-    the source while it migrates, or to cancel it). A failed migration is a
+    the source while it migrates, or to cancel it). ``after_final_sync`` (test-only) is
+    called with the source machine after its last dirty sync and final send, to write
+    through the VMM's own mapping behind the tracking's back. A failed migration is a
     ``MigrationRun`` too, with the source's status and the destination's error; a
     migration that outlives ``timeout_s`` is cancelled, and everything is closed before
     the ``TimeoutError`` (or whatever ``during`` raised) reaches the caller.
@@ -182,6 +185,7 @@ def migrate(
             caps or MigrationCapabilities(),
             on_event=on_event,
             connector=dest.connector,
+            after_final_sync=after_final_sync,
         )
         t0 = time.monotonic()
         src.start()
