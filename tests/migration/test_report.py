@@ -289,3 +289,12 @@ def test_report_gives_each_verification_phase() -> None:
     assert r["verify"]["mode"] == "on"
     assert r["verify"]["phases"]["audit"] == stats.verify.phases["audit"]
     assert r["parameters"]["x-verify"] == "on"
+
+
+def test_query_migrate_names_the_verification_phase_while_the_source_is_held() -> None:
+    stats = completed_stats()
+    stats.status = "device"
+    stats.verify.phase = "audit"  # the VM runs at the destination; the source waits
+    assert query_migrate_dict(stats)["x-verify-phase"] == "audit"
+    stats.verify.phase = ""
+    assert "x-verify-phase" not in query_migrate_dict(stats)

@@ -48,6 +48,10 @@ class VerifyResult:
     # "pre-resume": {pages, ms, status}; "audit": {pages, ms, source_ms, status}; a phase
     # that did not run is absent.
     phases: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Where the verification is (query-migrate's x-verify-phase): "" before the
+    # switchover, then pre-resume, audit (x-verify on: the VM runs at the destination and
+    # the source is held until it passed), then passed or failed.
+    phase: str = ""
 
 
 @dataclass

@@ -80,6 +80,8 @@ def query_migrate_dict(stats: MigrationStats) -> dict[str, Any]:
         out["vfio"] = {"transferred": stats.device_transferred}
         if stats.throttle_pct and stats.status in _RUNNING:
             out["cpu-throttle-percentage"] = stats.throttle_pct
+    if stats.verify.phase:
+        out["x-verify-phase"] = stats.verify.phase
     if stats.error:
         out["error-desc"] = stats.error
     return out

@@ -354,6 +354,12 @@ class MigrationSource:
     def _pause(self) -> None:
         self._checkpoint()
         self._switchover().pause()
+        self._verify_phase("pre-resume")
+
+    def _verify_phase(self, phase: str) -> None:
+        if self.verify_mode != "off":
+            with self._lock:
+                self.stats.verify.phase = phase
 
     def _end_stream(self) -> SourceEvent:
         sc = self._switchover()
@@ -370,6 +376,7 @@ class MigrationSource:
         except DestinationRefused as e:
             if e.verify is not None:
                 self.figures.verify_failed(e.verify)
+                self._verify_phase("failed")
             raise
         self._switchover().verified(msg.verify_ms)
         self._apply_verify(msg)
@@ -391,6 +398,7 @@ class MigrationSource:
     def _send_audit(self) -> None:
         """All resident RAM (frozen: the VM never runs here unless the audit fails)."""
         self._audit_t0 = time.monotonic()
+        self._verify_phase("audit")
         mem = self.machine.memory
         self._audit_source_ms = self._hand().send_audit(source_chunks(mem, self._seed), mem.npages)
 
@@ -404,6 +412,7 @@ class MigrationSource:
         }
         with self._lock:
             self.stats.verify.phases["audit"] = phase
+            self.stats.verify.phase = msg.status
         if msg.status == "passed":
             return Ev.AUDIT_PASSED
         shown = ", ".join(str(p) for p in msg.mismatched_pages[:8]) or "none named"
@@ -451,6 +460,8 @@ class MigrationSource:
         }
         with self._lock:
             self.stats.verify.phases["pre-resume"] = phase
+            if self.verify_mode == "strict":
+                self.stats.verify.phase = msg.verify
 
 
 __all__ = ["EventSink", "MigrationSource", "check_file_target"]
