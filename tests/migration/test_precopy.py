@@ -123,9 +123,6 @@ def test_verification_on_counts_the_final_round_and_what_devices_reach() -> None
         mem.close()
 
 
-def test_digest_calibration_of_empty_memory_is_zero() -> None:
-    mem = GuestMemory(4 << 20, name="test-precopy-empty")
-    try:
-        assert digest_ms_per_page(mem) == 0.0
-    finally:
-        mem.close()
+def test_digest_calibration_measures_a_positive_cost() -> None:
+    cost = digest_ms_per_page()
+    assert 0 < cost < 1.0  # well under a millisecond a page on any host this runs on

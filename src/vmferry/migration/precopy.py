@@ -156,7 +156,7 @@ class Precopy:
             return policy.NO_VERIFY
         memory = self.machine.memory
         if self._digest_ms_per_page is None:
-            self._digest_ms_per_page = digest_ms_per_page(memory)
+            self._digest_ms_per_page = digest_ms_per_page()
         if mode == "strict":
             pages = sum(-(-(e - s) // PAGE_SIZE) for s, e in memory.data_ranges())
             return policy.VerifyCost(pages, ms_per_page=self._digest_ms_per_page)
@@ -187,19 +187,23 @@ def _reachable_resident(machine: Machine) -> int:
 CALIBRATION_PAGES = 4096  # 16 MiB: a few ms, long enough to be timed
 
 
-def digest_ms_per_page(memory: GuestMemory) -> float:
+def digest_ms_per_page() -> float:
     """What digesting one page costs here, as verification digests (two threads): the
-    faster of two passes over up to CALIBRATION_PAGES resident pages. The guest may run
-    meanwhile, as it competes for the cores during a migration too."""
-    resident = memory.resident_pages()[:CALIBRATION_PAGES]
-    if resident.size == 0:
-        return 0.0
-    best = math.inf
-    for _ in range(2):
-        t0 = time.perf_counter()
-        page_digests(memory, resident, seed=1, threads=2)
-        best = min(best, time.perf_counter() - t0)
-    return best * 1e3 / resident.size
+    faster of two passes over CALIBRATION_PAGES pages of a scratch memfd of the guest
+    RAM's kind. Scratch memory, because finding resident guest pages costs O(RAM) (SEEK_DATA
+    walks tmpfs). The guest may run meanwhile, as it competes for the cores then too."""
+    scratch = GuestMemory(CALIBRATION_PAGES * PAGE_SIZE, name="vmferry-digest-calibration")
+    try:
+        scratch.bytes[:] = np.random.default_rng(1).integers(0, 256, scratch.size, dtype=np.uint8)
+        pages = np.arange(CALIBRATION_PAGES, dtype=np.int64)
+        best = math.inf
+        for _ in range(2):
+            t0 = time.perf_counter()
+            page_digests(scratch, pages, seed=1, threads=2)
+            best = min(best, time.perf_counter() - t0)
+        return best * 1e3 / CALIBRATION_PAGES
+    finally:
+        scratch.close()
 
 
 __all__ = ["Parts", "Precopy", "digest_ms_per_page"]
