@@ -291,18 +291,29 @@ def test_corrupt_checksummed_ram_is_refused(
     assert_source_intact(guest)
 
 
+@pytest.mark.parametrize("mode", ["strict", "on"])
 def test_corrupt_live_page_is_caught_by_verification(
-    guest: Guest, dest: Destination, monkeypatch: pytest.MonkeyPatch
+    guest: Guest, dest: Destination, monkeypatch: pytest.MonkeyPatch, mode: str
 ) -> None:
     """A pre-copy page's data is outside the checksum (the guest may change it while it is
-    sent); a page that is never sent again must then fail the switchover digests."""
+    sent); a page that is never sent again must then fail the digests: before resume
+    (strict), or in the audit after it (on: the destination stops, the source resumes)."""
     tamper = Tamper(codec.FLAG_LIVE, page=IMAGE_PAGE)
     tamper_with_source(monkeypatch, tamper)
-    err = failed(start_migration(guest, dest.uri))
+    err = failed(start_migration(guest, dest.uri, MigrationParameters(verify=mode)))
     assert tamper.done
-    want = f"verification failed: guest RAM differs from the source's in pages {IMAGE_PAGE}"
-    assert str(dest.failure()) == want
-    assert err == f"the destination refused the VM: {want}"
+    differs = f"guest RAM differs from the source's in pages {IMAGE_PAGE}"
+    if mode == "strict":
+        want = f"verification failed: {differs}"
+        assert str(dest.failure()) == want
+        assert err == f"the destination refused the VM: {want}"
+    else:
+        want = (
+            f"verification failed after resume: {differs}; the guest was stopped here and "
+            "runs on at the source"
+        )
+        assert str(dest.failure()) == want
+        assert err == f"verification failed after resume; rolled back: pages {IMAGE_PAGE}"
     assert_source_intact(guest)
 
 

@@ -18,7 +18,7 @@ import numpy.typing as npt
 
 from vmferry.memory.dirty import expand_runs
 from vmferry.memory.guest_memory import GuestMemory
-from vmferry.migration.verify import page_keys
+from vmferry.migration.verify import digest_rows, page_keys
 
 GATHER_BELOW_RUN = 8  # shorter runs on average: one gather for the section, not a view each
 
@@ -42,10 +42,10 @@ class LandingDigests:
         d_first, d_n = first[~is_zero], npages[~is_zero]
         if d_first.size and d_n.mean() < GATHER_BELOW_RUN:
             idx = expand_runs(d_first, d_n)
-            out[idx] = allp[idx] @ keys
+            out[idx] = digest_rows(allp[idx], keys)
         else:
             for s, n in zip(d_first.tolist(), d_n.tolist(), strict=True):
-                out[s : s + n] = allp[s : s + n] @ keys
+                out[s : s + n] = digest_rows(allp[s : s + n], keys)
         z = expand_runs(first[is_zero], npages[is_zero])
         if z.size:
             out[z] = 0

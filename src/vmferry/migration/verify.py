@@ -34,6 +34,15 @@ def page_keys(seed: int) -> npt.NDArray[np.uint64]:
     return keys | np.uint64(1)
 
 
+def digest_rows(
+    rows: npt.NDArray[np.uint64], keys: npt.NDArray[np.uint64]
+) -> npt.NDArray[np.uint64]:
+    """Each row's (page's) digest. einsum's integer dot runs about twice as fast as
+    matmul's here, with the same wrap-around mod 2**64."""
+    out: npt.NDArray[np.uint64] = np.einsum("ij,j->i", rows, keys)
+    return out
+
+
 def page_digests(
     memory: GuestMemory, pages: npt.NDArray[np.int64], seed: int, threads: int = 2
 ) -> npt.NDArray[np.uint64]:
@@ -46,9 +55,9 @@ def page_digests(
         chunk = pages[i : i + CHUNK_PAGES]
         lo, hi = int(chunk[0]), int(chunk[-1]) + 1
         if hi - lo == chunk.size:  # contiguous: a view
-            out[i : i + chunk.size] = allp[lo:hi] @ keys
+            out[i : i + chunk.size] = digest_rows(allp[lo:hi], keys)
         else:
-            out[i : i + chunk.size] = allp[chunk] @ keys
+            out[i : i + chunk.size] = digest_rows(allp[chunk], keys)
 
     with ThreadPoolExecutor(max_workers=threads) as pool:
         list(pool.map(work, range(0, pages.size, CHUNK_PAGES)))
