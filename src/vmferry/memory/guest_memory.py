@@ -15,12 +15,14 @@ import errno
 import mmap
 import os
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 
 from vmferry.errors import ConfigError, VmferryError
+from vmferry.memory.populate import DEFAULT_AHEAD, Populator
 
 PAGE_SIZE = 4096
 PAGE_SHIFT = 12
@@ -75,8 +77,12 @@ class GuestMemory:
                 os.close(fd)
                 raise VmferryError(f"cannot size guest memory to {size} bytes: {e}") from e
         self.fd = fd
-        self._populate_lock = threading.Lock()
+        # madvise calls in flight (several threads populate at once); close waits for them.
+        self._populating = threading.Condition()
+        self._in_flight = 0
         self._closing = False
+        self.populated = False  # every page allocated (populate ran): nothing to pre-fault
+        self.populator: Populator | None = None
         self._map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         # One exported buffer for the life of the mapping; everything else views into it.
         self.bytes: npt.NDArray[np.uint8] = np.frombuffer(self._map, dtype=np.uint8)
@@ -91,10 +97,12 @@ class GuestMemory:
         return cls(size, fd=fd)
 
     def close(self) -> None:
+        self.stop_populating()
         # Wait for a populate chunk in progress: madvise on an unmapped range would fail,
         # and on a range mapped again by someone else would touch their memory.
-        with self._populate_lock:
+        with self._populating:
             self._closing = True
+            self._populating.wait_for(lambda: self._in_flight == 0)
         if self.fd >= 0:
             del self.bytes
             # A view may still be alive somewhere; the mapping then goes when it does.
@@ -134,26 +142,58 @@ class GuestMemory:
     # ---- residency
     def populate(self) -> None:
         """Allocate every page now: receiving into fresh memory is many times slower."""
-        self.populate_range(0, self.size)
+        if self.populate_range(0, self.size):
+            self.populated = True
 
-    def populate_range(self, offset: int, length: int) -> None:
+    def populate_range(self, offset: int, length: int) -> bool:
         """MADV_POPULATE_WRITE through ctypes: unlike mmap.madvise it releases the GIL, so a
-        destination can pre-fault RAM on a thread while its other threads receive."""
+        destination can pre-fault RAM on threads while its other threads receive. False
+        if it stopped short: RAM is closing, or the kernel lacks MADV_POPULATE_WRITE
+        (pages then fault in as they are written)."""
         start = offset & ~(PAGE_SIZE - 1)
         end = min(offset + length, self.size)
         for pos in range(start, end, POPULATE_CHUNK):
             n = min(POPULATE_CHUNK, end - pos)
-            with self._populate_lock:
+            with self._populating:
                 if self._closing:
-                    return
+                    return False
+                self._in_flight += 1
+            try:
                 failed = _libc.madvise(
                     ctypes.c_void_p(self.host_addr + pos), n, MADV_POPULATE_WRITE
                 )
+                err = ctypes.get_errno() if failed else 0
+            finally:
+                with self._populating:
+                    self._in_flight -= 1
+                    self._populating.notify_all()
             if failed:
-                err = ctypes.get_errno()
                 if err in (errno.EINVAL, errno.EOPNOTSUPP):
-                    return  # an older kernel: pages fault in as they are written
+                    return False  # an older kernel: pages fault in as they are written
                 raise OSError(err, f"madvise(MADV_POPULATE_WRITE) of guest RAM: {os.strerror(err)}")
+        return True
+
+    def populate_ahead(
+        self, ranges: Sequence[tuple[int, int]], *, ahead: int | None = DEFAULT_AHEAD
+    ) -> Populator:
+        """Pre-fault ``ranges`` (what the source said holds data) on a thread, ahead of
+        the receivers, who call ``ensure_populated`` before each batch (populate.py).
+        Nothing to do on RAM that is populated already (--prealloc)."""
+        self.stop_populating()
+        todo = () if self.populated else ranges
+        self.populator = Populator(self.size, todo, self.populate_range, ahead=ahead).start()
+        return self.populator
+
+    def ensure_populated(self, first: npt.NDArray[np.int64], npages: npt.NDArray[np.int64]) -> None:
+        """Before runs of pages are written: their part of the pre-faulting plan done (a
+        lookup once it is). Raises populate.PopulateError if RAM cannot be allocated."""
+        if self.populator is not None:
+            self.populator.ensure(first, npages)
+
+    def stop_populating(self) -> None:
+        """The pre-faulting thread stopped (the load ended or failed), if there is one."""
+        if self.populator is not None:
+            self.populator.stop()
 
     def data_ranges(self) -> list[tuple[int, int]]:
         """Populated RAM as [start, end) offsets (tmpfs SEEK_DATA/SEEK_HOLE); holes read 0."""
