@@ -10,7 +10,6 @@ from hypothesis import strategies as st
 
 from vmferry.migration.params import MigrationParameters
 from vmferry.migration.policy import (
-    BULK_TO_SCATTERED,
     MIN_BATCH_PAGES,
     RateLimiter,
     ThrottleState,
@@ -176,7 +175,7 @@ def test_reason_shrinking_gives_an_estimate() -> None:
 
 
 def test_reason_no_bandwidth() -> None:
-    assert "no bandwidth" in non_convergence_reason(MIB, 0.0, 0.0, P)
+    assert "no round of dirty pages measured yet" in non_convergence_reason(MIB, 0.0, 0.0, P)
     assert decide(0, MIB, 0.0, 0.0, P).expected_downtime_ms == math.inf
 
 
@@ -273,8 +272,8 @@ GIB = 1 << 30
 
 def test_switchover_bandwidth_is_that_of_the_dirty_page_rounds() -> None:
     assert switchover_bandwidth([]) == 0.0
-    # Round 0 alone: its bulk copy is not what scattered dirty pages get.
-    assert switchover_bandwidth([1.9 * GIB]) == pytest.approx(1.9 * GIB / BULK_TO_SCATTERED)
+    # Round 0 alone: its bulk copy is not what scattered dirty pages get; nothing measured.
+    assert switchover_bandwidth([1.9 * GIB]) == 0.0
     assert switchover_bandwidth([1.9 * GIB, 290e6]) == 290e6
     # The lower of the last two dirty-page rounds; round 0 never counts once they exist.
     assert switchover_bandwidth([1.9 * GIB, 290e6, 400e6]) == 290e6

@@ -40,7 +40,9 @@ def _precopy(
     parts = Parts(cast(Any, ram), VcpuMigration(machine), cast(Any, state), cast(Any, None))
     figures = LiveFigures(1 << 30)
     params = MigrationParameters(verify=verify)
-    return Precopy(machine, parts, figures, params, MigrationCapabilities())
+    pre = Precopy(machine, parts, figures, params, MigrationCapabilities())
+    pre._bandwidths.append(10 * BANDWIDTH)  # round 0 went by: the next round is one of dirty pages
+    return pre
 
 
 def _round() -> RoundRecord:
@@ -56,7 +58,8 @@ def test_the_expected_downtime_counts_the_vcpus_state() -> None:
     pre = _precopy(ncpus=4)
     decision = pre._decide(_round(), sync_ms=0.0)
     vcpus = 4 * VCPU_STATE_ESTIMATE
-    bw = policy.switchover_bandwidth([BANDWIDTH])
+    bw = policy.switchover_bandwidth([10 * BANDWIDTH, BANDWIDTH])
+    assert bw == BANDWIDTH
     want = policy.PAUSE_RESUME_MS + policy.expected_downtime_ms(RAM_LEFT + DEVICE_LEFT + vcpus, bw)
     assert decision.expected_downtime_ms == pytest.approx(want)
     assert want > policy.PAUSE_RESUME_MS + policy.expected_downtime_ms(RAM_LEFT + DEVICE_LEFT, bw)
@@ -121,6 +124,16 @@ def test_verification_on_counts_the_final_round_and_what_devices_reach() -> None
         assert with_dev._decide(_round(), sync_ms=0.0).verify.pages == 4
     finally:
         mem.close()
+
+
+def test_after_round_0_alone_nothing_is_measured_yet() -> None:
+    """Round 0's bulk rate says nothing of the stop-and-copy's: with RAM pending the
+    migration goes on to a round of dirty pages, and says why."""
+    pre = _precopy(ncpus=1)
+    pre._bandwidths.clear()
+    d = pre._decide(_round(), sync_ms=0.0)
+    assert d.action == "continue" and "no round of dirty pages measured yet" in d.reason
+    assert d.expected_downtime_ms == float("inf")
 
 
 def test_digest_calibration_measures_a_positive_cost() -> None:

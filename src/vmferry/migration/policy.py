@@ -29,10 +29,6 @@ STRIKES_TO_THROTTLE: Final = 2
 RATE_WINDOW_S: Final = 0.1
 PAGE_SIZE: Final = 4096
 MIN_BATCH_PAGES: Final = 64  # 256 KiB: smaller sections cost more in headers than they pace
-# Round 0 copies RAM in long runs; later rounds and the stop-and-copy send scattered dirty
-# pages, which went ~6.5x slower in a measured case (1.9 GiB/s against 290 MB/s). Until a
-# round of dirty pages has been measured, the stop-and-copy is assumed this much slower.
-BULK_TO_SCATTERED: Final = 8.0
 # The switchover's fixed cost besides the last dirty sync (measured by each migration):
 # kicking the vCPUs out, capturing their state, the destination's resume and its
 # confirmation, 2-10 ms together in this host's bench runs (1 vCPU). Taken at the top.
@@ -64,12 +60,11 @@ def switchover_threshold(bandwidth_bps: float, downtime_limit_ms: float) -> int:
 def switchover_bandwidth(round_bandwidths: Sequence[float]) -> float:
     """The bandwidth the stop-and-copy can count on, from the pre-copy rounds so far
     (round 0 first): that of the dirty-page rounds, the lower of the last two (one fast
-    round is not a trend); after round 0 alone, its bulk rate cut by BULK_TO_SCATTERED."""
-    if not round_bandwidths:
-        return 0.0
-    if len(round_bandwidths) == 1:
-        return round_bandwidths[0] / BULK_TO_SCATTERED
-    return min(round_bandwidths[1:][-2:])
+    round is not a trend). Round 0 copies RAM in long runs; the stop-and-copy sends
+    scattered dirty pages, which went ~6.5x slower in a measured case (1.9 GiB/s against
+    290 MB/s): after round 0 alone nothing is measured yet (0), so only a remainder of
+    nothing switches over then."""
+    return min(round_bandwidths[1:][-2:], default=0.0)
 
 
 def ram_budget_ms(limit_ms: float, overhead_ms: float) -> float:
@@ -285,7 +280,7 @@ def non_convergence_reason(
     """Why pending does not (yet) fit in the threshold, in words with the numbers."""
     threshold = switchover_threshold(bandwidth_bps, params.downtime_limit_ms)
     if bandwidth_bps <= 0:
-        return "no bandwidth measured yet"
+        return "no round of dirty pages measured yet (round 0's bulk rate is not the stop-copy's)"
     if device_pending > threshold:
         # Iterating cannot shrink a device's stop-copy size: only limit or bandwidth can.
         return (
