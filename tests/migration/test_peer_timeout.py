@@ -32,6 +32,7 @@ from tests.migration.live import (
 from vmferry.migration.codec import Ready
 from vmferry.migration.params import MigrationParameters
 from vmferry.migration.source import MigrationSource
+from vmferry.migration.source_verify import SourceVerification
 from vmferry.qmp.client import QmpClient
 
 pytestmark = [pytest.mark.kvm, pytest.mark.slow]
@@ -171,13 +172,13 @@ def test_destination_that_gave_up_waiting_for_go_leaves_the_vm_here(
     """The source stalls between "ready" and "go" longer than the bound: the destination
     gives up (and says so) without starting the guest, and the source, once it goes on,
     keeps its VM: never none running."""
-    real = MigrationSource._apply_verify
+    real = SourceVerification.ready
 
-    def stalled(self: MigrationSource, msg: Ready) -> None:
-        real(self, msg)
+    def stalled(self: SourceVerification, msg: Ready, pre_resume_ms: float) -> None:
+        real(self, msg, pre_resume_ms)
         time.sleep(PEER_TIMEOUT_MS / 1e3 + 1.5)
 
-    monkeypatch.setattr(MigrationSource, "_apply_verify", stalled)
+    monkeypatch.setattr(SourceVerification, "ready", stalled)
     dest = Destination()
     try:
         events = Events()

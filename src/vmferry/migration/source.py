@@ -23,9 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 from vmferry.errors import MigrationCancelled, MigrationError, VmferryError
 from vmferry.machine.machine import Machine
 from vmferry.migration import tls
-from vmferry.migration.audit import source_chunks
 from vmferry.migration.channel import parse_uri
-from vmferry.migration.codec import AbandonNotice, Ready
+from vmferry.migration.codec import AbandonNotice
 from vmferry.migration.connector import Connector, TcpConnector
 from vmferry.migration.devices import SourceDevices, blockers
 from vmferry.migration.failure import Circumstances, GuestEnded, describe
@@ -52,6 +51,7 @@ from vmferry.migration.source_machine import (
     Target,
     round_ended,
 )
+from vmferry.migration.source_verify import SourceVerification
 from vmferry.migration.status import MigrationStatus
 from vmferry.migration.stream import StreamWriter
 from vmferry.migration.switchover import AfterFinalSync, EventSink, StopCopy
@@ -96,6 +96,7 @@ class MigrationSource:
         # hold the same lock (a cancel comes from another thread).
         self.figures = LiveFigures(machine.memory.size)
         self.stats = self.figures.stats
+        self.verification = SourceVerification(self.verify_mode, self.figures)
         self._lock = self.figures.lock
         self._emit_lock = threading.RLock()  # statuses are announced in the order taken
         self._reported: MigrationStatus | None = None
@@ -112,8 +113,6 @@ class MigrationSource:
         self.done = threading.Event()
         self._cancel_reason = "cancelled by the user"
         self._seed = secrets.randbits(63)
-        self._audit_t0 = 0.0
-        self._audit_source_ms = 0.0
         self._thread: threading.Thread | None = None
         self._digest_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="digest")
         self._perform = self._actions()
@@ -246,8 +245,10 @@ class MigrationSource:
             Ac.SEND_GO: self._send_go,
             Ac.STOP_DIRTY_TRACKING: self._stop_tracking,
             Ac.AWAIT_RESUMED: self._await_resumed,
-            Ac.SEND_AUDIT: self._send_audit,
-            Ac.AWAIT_AUDITED: self._await_audited,
+            Ac.SEND_AUDIT: lambda: self.verification.send_audit(
+                self._hand(), self.machine, self._seed
+            ),
+            Ac.AWAIT_AUDITED: lambda: self.verification.audited(self._hand()),
             Ac.RELEASE_DEVICES: self.devices.release,
             Ac.RESUME_HERE: self._run_here,
             Ac.INTERRUPT: self._interrupt,
@@ -306,8 +307,6 @@ class MigrationSource:
             verify_mode=self.verify_mode,
             after_final_sync=self.after_final_sync,
         )
-        with self._lock:
-            self.stats.verify.mode = self.verify_mode
         return Ev.CONNECTED
 
     def _open(self) -> list[StreamWriter]:
@@ -354,12 +353,7 @@ class MigrationSource:
     def _pause(self) -> None:
         self._checkpoint()
         self._switchover().pause()
-        self._verify_phase("pre-resume")
-
-    def _verify_phase(self, phase: str) -> None:
-        if self.verify_mode != "off":
-            with self._lock:
-                self.stats.verify.phase = phase
+        self.verification.phase("pre-resume")
 
     def _end_stream(self) -> SourceEvent:
         sc = self._switchover()
@@ -376,10 +370,11 @@ class MigrationSource:
         except DestinationRefused as e:
             if e.verify is not None:
                 self.figures.verify_failed(e.verify)
-                self._verify_phase("failed")
+                self.verification.phase("failed")
             raise
-        self._switchover().verified(msg.verify_ms)
-        self._apply_verify(msg)
+        sc = self._switchover()
+        sc.verified(msg.verify_ms)
+        self.verification.ready(msg, sc.pre_resume_ms)
         return Ev.READY
 
     def _send_go(self) -> None:
@@ -393,34 +388,7 @@ class MigrationSource:
 
     def _await_resumed(self) -> SourceEvent:
         self._switchover().resumed(self._hand().await_resumed())
-        return Ev.RESUMED_UNAUDITED if self.verify_mode == "on" else Ev.RESUMED
-
-    def _send_audit(self) -> None:
-        """All resident RAM (frozen: the VM never runs here unless the audit fails)."""
-        self._audit_t0 = time.monotonic()
-        self._verify_phase("audit")
-        mem = self.machine.memory
-        self._audit_source_ms = self._hand().send_audit(source_chunks(mem, self._seed), mem.npages)
-
-    def _await_audited(self) -> SourceEvent:
-        msg = self._hand().await_audited()
-        phase = {
-            "pages": msg.pages_checked,
-            "ms": round((time.monotonic() - self._audit_t0) * 1e3, 3),
-            "source_ms": round(self._audit_source_ms, 3),
-            "status": msg.status,
-        }
-        with self._lock:
-            self.stats.verify.phases["audit"] = phase
-            self.stats.verify.phase = msg.status
-        if msg.status == "passed":
-            return Ev.AUDIT_PASSED
-        shown = ", ".join(str(p) for p in msg.mismatched_pages[:8]) or "none named"
-        self.figures.verify_failed(
-            {**vars(msg), "cpu_state": self.stats.verify.cpu_state, "detail": msg.detail}
-        )
-        self.figures.failed(f"verification failed after resume; rolled back: pages {shown}")
-        return Ev.AUDIT_FAILED
+        return self.verification.resumed_event()
 
     def _run_here(self) -> None:
         # Devices were stopped at the switchover: back to RUNNING (a reset if one cannot).
@@ -448,20 +416,6 @@ class MigrationSource:
             log.warning("could not turn the dirty log off after a failed migration: %s", e)
         if self._out is not None:
             self._out.stop_copy.roll_back()
-
-    def _apply_verify(self, msg: Ready) -> None:
-        if self.verify_mode == "off":
-            return
-        self.figures.verify_passed(msg.pages_checked)
-        phase = {
-            "pages": msg.pages_checked,
-            "ms": round(self._switchover().pre_resume_ms, 3),
-            "status": msg.verify,
-        }
-        with self._lock:
-            self.stats.verify.phases["pre-resume"] = phase
-            if self.verify_mode == "strict":
-                self.stats.verify.phase = msg.verify
 
 
 __all__ = ["EventSink", "MigrationSource", "check_file_target"]

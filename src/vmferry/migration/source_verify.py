@@ -1,0 +1,83 @@
+"""The source's side of verification: which mode, where it is (query-migrate's
+x-verify-phase), each phase's figures, and the audit after resume (x-verify on).
+
+The audit runs once the destination said ``resumed``: RAM here is frozen (the VM never
+runs here again unless the audit fails), so its digests are those of what was sent. A
+verdict of ``failed`` means the destination stopped its guest: the table rolls back.
+"""
+
+from __future__ import annotations
+
+import time
+
+from vmferry.machine.machine import Machine
+from vmferry.migration.audit import source_chunks
+from vmferry.migration.codec import Ready
+from vmferry.migration.figures import LiveFigures
+from vmferry.migration.handover import Handover
+from vmferry.migration.source_machine import SourceEvent
+
+Ev = SourceEvent
+
+
+class SourceVerification:
+    """One migration's verification, as the source sees it."""
+
+    def __init__(self, mode: str, figures: LiveFigures) -> None:
+        self.mode = mode  # on | strict | off (a file target is never "on")
+        self.figures = figures
+        self._t0 = 0.0
+        self._source_ms = 0.0
+        with figures.lock:
+            figures.stats.verify.mode = mode
+
+    def phase(self, phase: str) -> None:
+        if self.mode != "off":
+            with self.figures.lock:
+                self.figures.stats.verify.phase = phase
+
+    def ready(self, msg: Ready, pre_resume_ms: float) -> None:
+        """The destination's pre-resume check passed (``pre_resume_ms``: both sides')."""
+        if self.mode == "off":
+            return
+        self.figures.verify_passed(msg.pages_checked)
+        phase = {"pages": msg.pages_checked, "ms": round(pre_resume_ms, 3), "status": msg.verify}
+        with self.figures.lock:
+            v = self.figures.stats.verify
+            v.phases["pre-resume"] = phase
+            if self.mode == "strict":
+                v.phase = msg.verify
+
+    def resumed_event(self) -> SourceEvent:
+        return Ev.RESUMED_UNAUDITED if self.mode == "on" else Ev.RESUMED
+
+    def send_audit(self, hand: Handover, machine: Machine, seed: int) -> None:
+        """All resident RAM, digested on two threads and sent chunk by chunk."""
+        self._t0 = time.monotonic()
+        self.phase("audit")
+        mem = machine.memory
+        self._source_ms = hand.send_audit(source_chunks(mem, seed), mem.npages)
+
+    def audited(self, hand: Handover) -> SourceEvent:
+        """The destination's verdict, as the table's event; a failure in words."""
+        msg = hand.await_audited()
+        phase = {
+            "pages": msg.pages_checked,
+            "ms": round((time.monotonic() - self._t0) * 1e3, 3),
+            "source_ms": round(self._source_ms, 3),
+            "status": msg.status,
+        }
+        with self.figures.lock:
+            v = self.figures.stats.verify
+            v.phases["audit"] = phase
+            v.phase = msg.status
+            cpu = v.cpu_state
+        if msg.status == "passed":
+            return Ev.AUDIT_PASSED
+        shown = ", ".join(str(p) for p in msg.mismatched_pages[:8]) or "none named"
+        self.figures.verify_failed({**vars(msg), "cpu_state": cpu})
+        self.figures.failed(f"verification failed after resume; rolled back: pages {shown}")
+        return Ev.AUDIT_FAILED
+
+
+__all__ = ["SourceVerification"]
