@@ -1,0 +1,291 @@
+"""The destination's side of post-copy: vCPU faults become page requests, pages land.
+
+Guest RAM (a memfd) is registered with userfaultfd in missing mode before the VM resumes.
+One thread polls the userfaultfd: each fault on a page neither present nor already asked
+for becomes a ``PageRequest`` to the source; the faulting thread's wait is timed
+(blocktime.py). One thread per page channel reads runs (urgent replies and the background
+push, in the order the source sent them) into a 64 KiB staging buffer and lands them with
+UFFDIO_COPY, then marks them present. A device's DMA does not fault: it asks through
+``fetch`` (iommu_gate.py) and waits for the pages like a vCPU would.
+
+Data lands only through COPY: a read(2) or a populate into registered RAM would fill the
+hole with zeros (or fault inside the kernel on this thread), and the page's COPY would then
+be refused as already there. And nothing here touches guest RAM with the GIL held.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+import time
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from vmferry.errors import MigrationError, VmferryError
+from vmferry.memory.dirty import DirtyBitmap, IntArray, page_runs
+from vmferry.memory.guest_memory import PAGE_SHIFT, PAGE_SIZE, GuestMemory
+from vmferry.memory.userfaultfd import FaultBatch, UserFault
+from vmferry.migration.postcopy.blocktime import Blocktime
+from vmferry.migration.postcopy.page_requests import (
+    MAX_REQUEST_PAGES,
+    MAX_RUN_PAGES,
+    RUN,
+    PageRequest,
+    RunKind,
+    decode_run,
+    encode_request,
+)
+from vmferry.migration.postcopy.pages import (
+    Bits,
+    PresentPages,
+    Runs,
+    clip_runs,
+    range_bits,
+    runs_where,
+)
+from vmferry.migration.transport import Sink, Source, StreamEndsEarly
+
+POLL_S = 0.05  # how often the fault thread looks at its stop flag
+
+
+class FaultServerError(MigrationError):
+    """Post-copy on the destination failed (the cause names the fault, the run, the page)."""
+
+
+def bits_at(bitmap: DirtyBitmap, pages: IntArray) -> Bits:
+    """Whether each of ``pages`` is set (gathered from its word, vectorised)."""
+    words = bitmap.words[pages >> 6]
+    bits: Bits = ((words >> (pages & 63).astype(np.uint64)) & np.uint64(1)).astype(bool)
+    return bits
+
+
+@dataclass
+class Landing:
+    """What has arrived: pages COPY filled, pages found already there, runs by kind."""
+
+    filled: int = 0
+    already: int = 0
+    urgent_runs: int = 0
+    background_runs: int = 0
+    received: int = 0  # pages in runs read from the source (filled + already)
+
+
+class FaultServer:
+    """Serves one guest's missing RAM from a source over ``requests`` and ``pages``."""
+
+    def __init__(
+        self,
+        uf: UserFault,
+        memory: GuestMemory,
+        requests: Sink,
+        pages: Sequence[Source],
+        *,
+        present: PresentPages | None = None,
+        vcpus: Collection[int] = (),
+    ) -> None:
+        self.uf, self.memory = uf, memory
+        self._requests, self._channels = requests, list(pages)
+        self.present = present or PresentPages(memory.npages)
+        self._asked = PresentPages(memory.npages)  # requested, not landed yet
+        self.blocktime = Blocktime.of(vcpus)
+        self.landing = Landing()
+        self.requests_sent = 0
+        self.end_total: int | None = None  # pages the source says it sent, once it ends
+        self.error: BaseException | None = None
+        self._cond = threading.Condition()
+        self._send_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._fault_loop, name="pc-faults", daemon=True)]
+        self._threads += [
+            threading.Thread(target=self._receive_loop, args=(c,), name=f"pc-land{i}", daemon=True)
+            for i, c in enumerate(self._channels)
+        ]
+
+    def start(self) -> FaultServer:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop polling for faults (receivers end with their channels, closed by the owner)."""
+        self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
+        if self._threads[0].ident is not None:
+            self._threads[0].join(5)
+
+    def join(self, timeout: float) -> None:
+        """Wait for every thread, receivers included (after the owner closed the channels):
+        guest RAM may be unmapped only once no COPY into it can be in progress."""
+        for t in self._threads:
+            if t.ident is not None:
+                t.join(timeout)
+
+    @property
+    def complete(self) -> bool:
+        """The source has ended and everything it sent has landed."""
+        return self.end_total is not None and self.landing.received >= self.end_total
+
+    def _fail(self, e: BaseException) -> None:
+        with self._cond:
+            if self.error is None:
+                self.error = e
+            self._cond.notify_all()
+        self._stop.set()
+
+    # ---- faults
+    def _fault_loop(self) -> None:
+        try:
+            while not self._stop.is_set():
+                if self.uf.wait(POLL_S):
+                    batch = self.uf.read_faults()
+                    if len(batch):
+                        self._on_faults(batch, time.monotonic())
+        except BaseException as e:  # the owner reads .error; waiters are woken with it
+            self._fail(e)
+
+    def _on_faults(self, batch: FaultBatch, t: float) -> None:
+        offsets = batch.address.astype(np.int64) - self.memory.host_addr
+        bad = (offsets < 0) | (offsets >= self.memory.size)
+        if bad.any():
+            raise FaultServerError(
+                f"fault at host address {int(batch.address[bad][0]):#x} is outside guest RAM "
+                f"({self.memory.host_addr:#x}+{self.memory.size:#x})"
+            )
+        pages = offsets >> PAGE_SHIFT
+        with self._cond:
+            for tid, page in zip(batch.ptid.tolist(), pages.tolist(), strict=True):
+                self.blocktime.blocked(tid, page, t)  # one entry per fault event, not per page
+            distinct = np.unique(pages)
+            here = bits_at(self.present.bitmap, distinct)
+            need = distinct[~here & ~bits_at(self._asked.bitmap, distinct)]
+            runs = page_runs(need)
+            self._asked.mark(runs)
+            for p in distinct[here].tolist():  # landed after the fault was queued:
+                self.blocktime.landed(p, 1, t)  # its COPY woke the thread already
+        self._send_requests(runs)
+
+    def _send_requests(self, runs: Runs) -> None:
+        starts, lengths = clip_runs(runs, MAX_REQUEST_PAGES)
+        if starts.size == 0:
+            return
+        records = [
+            encode_request(PageRequest(a << PAGE_SHIFT, n))
+            for a, n in zip(starts.tolist(), lengths.tolist(), strict=True)
+        ]
+        with self._send_lock:
+            self._requests.write(records)
+            self.requests_sent += len(records)
+
+    # ---- device waiters
+    def request(self, ram_offset: int, length: int) -> int:
+        """Ask for the pages of RAM [ram_offset, +length) that are neither present nor
+        asked for already; returns how many were asked for."""
+        first, count = _page_span(ram_offset, length, self.memory.size)
+        with self._cond:
+            bits = ~range_bits(self.present.bitmap, first, count)
+            bits &= ~range_bits(self._asked.bitmap, first, count)
+            runs = runs_where(bits, first)
+            self._asked.mark(runs)
+        self._send_requests(runs)
+        return int(runs[1].sum())
+
+    def fetch(self, ram_offset: int, length: int, timeout: float) -> bool:
+        """``request`` then ``wait_present``: a waiter that is no vCPU (a device's DMA)."""
+        self.request(ram_offset, length)
+        return self.wait_present(ram_offset, length, timeout)
+
+    def wait_present(self, ram_offset: int, length: int, timeout: float) -> bool:
+        """Wait until every page of RAM [ram_offset, +length) is present; False on timeout.
+        Raises the server's error if it failed meanwhile (nothing would ever land)."""
+        first, count = _page_span(ram_offset, length, self.memory.size)
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not self.present.holds(first, count):
+                if self.error is not None:
+                    raise FaultServerError(f"post-copy failed: {self.error}") from self.error
+                left = deadline - time.monotonic()
+                if left <= 0 or self._stop.is_set():
+                    return False
+                self._cond.wait(left)
+        return True
+
+    def wait_complete(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not self.complete and self.error is None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+        if self.error is not None:
+            raise FaultServerError(f"post-copy failed: {self.error}") from self.error
+        return True
+
+    # ---- landing
+    def _receive_loop(self, channel: Source) -> None:
+        staging = bytearray(MAX_RUN_PAGES * PAGE_SIZE)
+        addr = ctypes.addressof((ctypes.c_char * len(staging)).from_buffer(staging))
+        head = bytearray(RUN.size)
+        ended = False  # this channel carried END: its closing is the expected end
+        try:
+            while True:
+                channel.readinto(memoryview(head))
+                run = decode_run(head, self.memory.size)
+                if run.kind is RunKind.END:
+                    self._ended(run.npages)
+                    ended = True
+                    continue
+                channel.readinto(memoryview(staging)[: run.data_bytes])
+                dst = self.memory.host_addr + run.ram_offset
+                filled = self.uf.copy(dst, addr, run.data_bytes)
+                self._landed(run.first_page, run.npages, filled // PAGE_SIZE, run.kind)
+        except StreamEndsEarly as e:
+            if not (ended or self.complete):
+                self._fail(FaultServerError(f"the source closed a page channel early: {e}"))
+        except VmferryError as e:
+            self._fail(e)
+        except OSError as e:
+            if not (ended or self.complete):
+                self._fail(FaultServerError(f"page channel failed: {e}"))
+
+    def _landed(self, first: int, npages: int, filled: int, kind: RunKind) -> None:
+        t = time.monotonic()
+        with self._cond:
+            self.present.mark_range(first, npages)
+            lg = self.landing
+            lg.filled += filled
+            lg.already += npages - filled
+            lg.received += npages
+            if kind is RunKind.URGENT:
+                lg.urgent_runs += 1
+            else:
+                lg.background_runs += 1
+            self.blocktime.landed(first, npages, t)
+            self._check_end()
+            self._cond.notify_all()
+
+    def _ended(self, total: int) -> None:
+        with self._cond:
+            self.end_total = total
+            self._check_end()
+            self._cond.notify_all()
+
+    def _check_end(self) -> None:
+        if self.complete and not self.present.complete and self.error is None:
+            missing = self.present.npages - self.present.count()
+            self.error = FaultServerError(
+                f"the source ended after {self.end_total} pages, but {missing} pages of "
+                "guest RAM never arrived"
+            )
+
+
+def _page_span(ram_offset: int, length: int, ram_size: int) -> tuple[int, int]:
+    if ram_offset < 0 or length <= 0 or ram_offset + length > ram_size:
+        raise FaultServerError(
+            f"RAM {ram_offset:#x}+{length:#x} is outside guest RAM (0x0-{ram_size:#x})"
+        )
+    first = ram_offset >> PAGE_SHIFT
+    return first, ((ram_offset + length - 1) >> PAGE_SHIFT) - first + 1
