@@ -74,6 +74,7 @@ CHANNELS = 2
 START_TIMEOUT_S = 30.0
 GUEST_END_TIMEOUT_S = 120.0
 POLL_S = 0.05
+GUEST_MARGIN_S = 3.0  # the guest's head start over the migration's timeout
 REFERENCE_MEMORY = 2 * GIB  # RESULT does not depend on the RAM size: the reference is small
 
 
@@ -84,20 +85,25 @@ REFERENCE_MEMORY = 2 * GIB  # RESULT does not depend on the RAM size: the refere
 class Workload:
     key: str  # as --workloads names it
     title: str
-    cmdline: str  # memtouch's parameters; {rounds} is rounds_for(memory)
+    cmdline: str  # memtouch's parameters; {rounds} is rounds_for(…)
     delay_s: float  # from the guest's first serial line to the migration (covers its fill)
     stop_first: bool = False  # stopped over QMP before the migration: an idle guest
     min_memory: int = 0
-    # The guest must outlast the migration, which takes longer the larger the guest; it
-    # should not go on much longer, since the bench waits for its RESULT: base + per GiB.
-    rounds: tuple[float, float] = (3, 0)
+    # The fastest a round can go (s); None: the rounds are fixed (`rounds`). A running
+    # guest must outlast the longest migration the bench allows: during QEMU's long
+    # round 0 it runs at full speed (QEMU re-protects a page only as it sends it), and a
+    # guest that ends first ends QEMU's source with it.
+    round_s: float | None = None
+    rounds: int = 3
 
-    def rounds_for(self, memory: int) -> int:
-        base, per_gib = self.rounds
-        return int(base + per_gib * memory / GIB)
+    def rounds_for(self, lasting_s: float) -> int:
+        """Rounds for a guest that goes on for at least ``lasting_s``."""
+        if self.round_s is None:
+            return self.rounds
+        return math.ceil((lasting_s + self.delay_s) / self.round_s)
 
-    def cmdline_for(self, memory: int) -> str:
-        return self.cmdline.format(rounds=self.rounds_for(memory))
+    def cmdline_for(self, lasting_s: float) -> str:
+        return self.cmdline.format(rounds=self.rounds_for(lasting_s))
 
 
 IDLE = Workload(
@@ -111,18 +117,17 @@ IDLE = Workload(
 WSS256 = Workload(
     "wss256",
     "256 MiB working set rewritten unpaced",
-    # 65-80 ms a round undisturbed on this host, several times slower under dirty logging
     "wss=256M rounds={rounds} seed=5",
     delay_s=1.0,  # its first fill of 256 MiB takes < 0.6 s on both
-    rounds=(60, 20),  # 80 at 1 GiB, 220 at 8 GiB
+    round_s=0.06,  # 60-80 ms a round undisturbed on this host
 )
 WSS1G = Workload(
     "wss1g-512",
     "1 GiB working set at 512 MB/s",
-    "wss=1G rate=512 rounds={rounds} seed=7",  # 2.1 s a round
+    "wss=1G rate=512 rounds={rounds} seed=7",
     delay_s=2.5,  # the first fill of 1 GiB takes 2.1 s at 512 MB/s
     min_memory=2 * GIB,  # 1 GiB from 16 MiB up does not fit in a 1 GiB guest
-    rounds=(6, 0.75),  # 9 at 4 GiB, 12 at 8 GiB
+    round_s=GIB / 512e6,  # 2.1 s: paced
 )
 WORKLOADS = {w.key: w for w in (IDLE, WSS256, WSS1G)}
 SIZES_GIB = (1, 4, 8)
@@ -162,7 +167,12 @@ class MigratePlan:
 
     def timeout_s(self, memory: int) -> float:
         """A migration not done by then is cancelled: "not converged"."""
-        return 20.0 + 5.0 * memory / GIB
+        return 15.0 + 4.5 * memory / GIB
+
+    def cmdline(self, case: Case) -> str:
+        """The guest's parameters: the same for both VMMs; a running guest lasts past
+        the timeout (and a few seconds of set-up)."""
+        return case.workload.cmdline_for(self.timeout_s(case.memory) + GUEST_MARGIN_S)
 
 
 def parse_sizes(text: str) -> tuple[int, ...]:
@@ -399,10 +409,10 @@ def _migrate_in_process(m: Machine, channels: int, workdir: Path, timeout: float
 # ---- 2) vmferry against QEMU -----------------------------------------------------------------
 
 
-def reference_result(workload: Workload, memory: int, workdir: Path) -> str:
+def reference_result(workload: Workload, cmdline: str, memory: int, workdir: Path) -> str:
     """RESULT of an undisturbed run. It depends on the parameters but not on ``rate`` nor
     the RAM size (see memtouch.c), so the reference runs unpaced in a small guest."""
-    cmdline = re.sub(r"\brate=\d+", "rate=0", workload.cmdline_for(memory))
+    cmdline = re.sub(r"\brate=\d+", "rate=0", cmdline)
     serial = workdir / "reference.serial"
     serial.unlink(missing_ok=True)
     size = min(memory, max(REFERENCE_MEMORY, workload.min_memory))
@@ -438,7 +448,7 @@ def run_vmferry(case: Case, plan: MigratePlan, workdir: Path) -> VmmRun:
         p.unlink(missing_ok=True)
     argv = [*VMFERRY[:2], "vmferry.bench.migrate", "source", "--memory", str(case.memory)]
     argv += ["--serial", str(src_serial), "--qmp", str(qmp_path), "--report", str(report)]
-    argv += ["--fill", "--", *w.cmdline_for(case.memory).split()]
+    argv += ["--fill", "--", *plan.cmdline(case).split()]
     timeout = plan.timeout_s(case.memory)
     with _vmferry_destination(port, dst_serial) as dst, _Proc(argv) as src:
         _wait_for(
@@ -542,7 +552,7 @@ def _run_qemu(case: Case, plan: MigratePlan, workdir: Path, image: Path, fill: P
     src_g = q.QemuGuest(
         image,
         case.memory,
-        w.cmdline_for(case.memory),
+        plan.cmdline(case),
         workdir / "qemu-src.serial",
         workdir / "qemu-src.qmp",
         ram_file=fill,
@@ -550,7 +560,7 @@ def _run_qemu(case: Case, plan: MigratePlan, workdir: Path, image: Path, fill: P
     dst_g = q.QemuGuest(
         image,
         case.memory,
-        w.cmdline_for(case.memory),
+        plan.cmdline(case),
         workdir / "qemu-dst.serial",
         workdir / "qemu-dst.qmp",
         incoming=True,
@@ -568,7 +578,15 @@ def _run_qemu(case: Case, plan: MigratePlan, workdir: Path, image: Path, fill: P
         time.sleep(w.delay_s)
         if w.stop_first:
             src.execute("stop")
-        mig = q.migrate(src, dst, port, plan.timeout_s(case.memory), running=not w.stop_first)
+        try:
+            mig = q.migrate(src, dst, port, plan.timeout_s(case.memory), running=not w.stop_first)
+        except (OSError, QmpProtocolError) as e:
+            code = src.proc.poll()
+            why = " (1: the guest ended first)" if code == 1 else ""
+            raise VmferryError(
+                f"QEMU's source went away during the migration ({e}; exit status "
+                f"{code}{why}): {src.log()[-300:]}"
+            ) from None
         run = VmmRun(
             "qemu",
             mig.status,
@@ -603,8 +621,8 @@ def _one_run(vmm: str, case: Case, plan: MigratePlan, workdir: Path, progress: P
         if vmm == "qemu":
             return run_qemu(case, plan, workdir, progress)
         return run_vmferry(case, plan, workdir)
-    except VmferryError as e:
-        return VmmRun(vmm, "error", -1.0, -1.0, error=str(e))
+    except (VmferryError, OSError, QmpProtocolError) as e:
+        return VmmRun(vmm, "error", -1.0, -1.0, error=str(e) or type(e).__name__)
 
 
 def bench_vs_qemu(plan: MigratePlan, workdir: Path, progress: Progress) -> list[CaseResult]:
@@ -613,7 +631,7 @@ def bench_vs_qemu(plan: MigratePlan, workdir: Path, progress: Progress) -> list[
     refs: dict[str, str] = {}
     for case in plan.cases:
         w = case.workload
-        cmdline = w.cmdline_for(case.memory)
+        cmdline = plan.cmdline(case)
         result = CaseResult(case.memory, w.key, w.title, cmdline, "", plan.downtime_limit_ms)
         out.append(result)
         available = bench_fill.available_memory()
@@ -626,7 +644,7 @@ def bench_vs_qemu(plan: MigratePlan, workdir: Path, progress: Progress) -> list[
             continue
         if cmdline not in refs:
             progress(f"vs QEMU: reference RESULT for {cmdline}")
-            refs[cmdline] = reference_result(w, case.memory, workdir)
+            refs[cmdline] = reference_result(w, cmdline, case.memory, workdir)
         result.reference = refs[cmdline]
         for i, vmm in enumerate(abba(plan.repeats)):
             progress(f"vs QEMU: {case.label}: {vmm} (run {i + 1} of {2 * plan.repeats})")
