@@ -58,7 +58,7 @@ class DmaPageGate:
             left = max(0.0, deadline - time.monotonic())
             if not self.pages.wait_present(off, n, left):
                 raise DmaPageTimeout(
-                    f"{what}: RAM {off:#x}+{n:#x} not present after {self.timeout_s:.1f} s "
+                    f"{what}: RAM {off:#x}+{n:#x} not present after {self.timeout_s:g} s "
                     "of post-copy (the page request went unanswered)"
                 )
         if asked:
