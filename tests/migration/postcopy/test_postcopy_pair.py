@@ -127,3 +127,15 @@ def test_a_source_closing_early_is_an_error_not_a_hang(pair: Pair) -> None:
     src.shutdown(2)
     with pytest.raises(FaultServerError, match="closed a page channel early"):
         fs.wait_complete(5)
+
+
+def test_a_broken_return_path_fails_the_request_and_every_waiter(pair: Pair) -> None:
+    _, fs, dst = connect(pair)
+    fs.start()
+    pair.sockets[0].close()  # the source is gone: the destination's writes break
+    pair.sockets.remove(pair.sockets[0])
+    with pytest.raises(FaultServerError, match="sending page requests to the source failed"):
+        fs.request(0, PAGE_SIZE)
+    with pytest.raises(FaultServerError, match="post-copy failed: sending page requests"):
+        fs.wait_present(PAGE_SIZE, PAGE_SIZE, 5)
+    assert dst.fileno() >= 0

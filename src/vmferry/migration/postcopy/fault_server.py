@@ -175,9 +175,14 @@ class FaultServer:
             encode_request(PageRequest(a << PAGE_SHIFT, n))
             for a, n in zip(starts.tolist(), lengths.tolist(), strict=True)
         ]
-        with self._send_lock:
-            self._requests.write(records)
-            self.requests_sent += len(records)
+        try:
+            with self._send_lock:
+                self._requests.write(records)
+                self.requests_sent += len(records)
+        except (OSError, VmferryError) as e:
+            err = FaultServerError(f"sending page requests to the source failed: {e}")
+            self._fail(err)  # every waiter learns it, not only this caller
+            raise err from e
 
     # ---- device waiters
     def request(self, ram_offset: int, length: int) -> int:

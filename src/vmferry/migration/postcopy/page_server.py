@@ -1,9 +1,9 @@
 """The source's side of post-copy: serve page requests first, push everything else.
 
-After the switch the source's RAM is frozen. Three threads share one ``SentPages``: a
-reader decodes the destination's requests (a bad one stops post-copy with one clear
-error); an urgent sender answers each request with the pages of it not sent yet; a
-background sender pushes every page not yet sent, in runs of at most 64 KiB, stepping aside
+After the switch the source's RAM is frozen. Two threads share one ``SentPages``: one
+reads the destination's requests (a bad one stops post-copy with one clear error) and
+answers each with the pages of it not sent yet; the other pushes every page not yet sent,
+in runs of at most 64 KiB, stepping aside
 while a request is being answered and carrying on just after the last requested page
 (the guest is likely to want its neighbours next). The sent record is taken under one
 lock before any byte goes out, so no page is ever sent twice.
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -29,7 +28,6 @@ from vmferry.memory.guest_memory import PAGE_SHIFT, PAGE_SIZE
 from vmferry.migration.postcopy.page_requests import (
     MAX_RUN_PAGES,
     REQUEST,
-    PageRequest,
     PageRun,
     RunKind,
     decode_request,
@@ -98,19 +96,14 @@ class PageServer:
         self.max_bandwidth = max_bandwidth
         self.served = Served()
         self.error: BaseException | None = None
-        self._queue: deque[PageRequest] = deque()
         self._cond = threading.Condition()
-        self._answering = False  # the urgent sender holds a request
+        self._answering = False  # a request is being answered: the push waits
         self._cursor = 0  # where the background push goes next
         self._stopping = False
         self.pushed_all = threading.Event()
         self._threads = [
             threading.Thread(target=self._guard, args=(f,), name=n, daemon=True)
-            for f, n in (
-                (self._read_requests, "pc-requests"),
-                (self._answer, "pc-urgent"),
-                (self._push, "pc-background"),
-            )
+            for f, n in ((self._push, "pc-background"), (self._answer_requests, "pc-requests"))
         ]
 
     def start(self) -> PageServer:
@@ -119,13 +112,13 @@ class PageServer:
         return self
 
     def stop(self) -> None:
-        """Stop answering (the request reader ends when its channel is closed)."""
+        """Stop pushing; the request reader ends at its next request or when its channel
+        is closed (``join`` waits for it)."""
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
-        for t in self._threads[1:]:
-            if t.ident is not None:
-                t.join(5)
+        if self._threads[0].ident is not None:
+            self._threads[0].join(5)
 
     def join(self, timeout: float) -> None:
         """Wait for every thread, the request reader included (its channel closed)."""
@@ -153,27 +146,19 @@ class PageServer:
             self.pushed_all.set()
 
     # ---- requests
-    def _read_requests(self) -> None:
+    def _answer_requests(self) -> None:
+        """Read each request and answer it on this thread: a hand-off to another thread
+        would wait for the GIL behind the busy push (up to the 5 ms switch interval)."""
         raw = bytearray(REQUEST.size)
-        pages = self.ram.size
         while True:
             try:
                 self._requests.readinto(memoryview(raw))
             except (StreamEndsEarly, OSError, ValueError):
                 return  # the destination closed the return path: it needs nothing more
-            req = decode_request(raw, pages)  # PageRequestError: post-copy stops
+            req = decode_request(raw, self.ram.size)  # PageRequestError: post-copy stops
             with self._cond:
-                self._queue.append(req)
-                self._cond.notify_all()
-
-    def _answer(self) -> None:
-        while True:
-            with self._cond:
-                while not self._queue and not self._stopping:
-                    self._cond.wait()
                 if self._stopping:
                     return
-                req = self._queue.popleft()
                 self._answering = True
                 runs = self.sent.take(req.first_page, req.npages, MAX_RUN_PAGES)
                 self._cursor = req.first_page + req.npages
@@ -195,7 +180,7 @@ class PageServer:
         while True:
             self._pace(t0)
             with self._cond:
-                while (self._queue or self._answering) and not self._stopping:
+                while self._answering and not self._stopping:
                     self._cond.wait()  # requests first
                 if self._stopping:
                     return
