@@ -52,6 +52,10 @@ def test_touches_and_dma_read_the_source_and_every_page_lands_once(
     vcpus = tuple(t.native_id or 0 for t in touchers)
     # The push takes ~0.5 s at 16 MB/s, so most touches find their page missing.
     ps, fs, _ = connect(pair, channels=channels, vcpus=vcpus, max_bandwidth=16e6)
+    landed = np.zeros(SIZE, np.uint8)
+    fs.on_landed = lambda first, data: landed.__setitem__(  # as the audit's digests would
+        slice(first * PAGE_SIZE, first * PAGE_SIZE + len(data)), np.frombuffer(data, np.uint8)
+    )
     fs.start()
     ps.start()
     dma = GatedDma(Iommu(pair.dest, DirtyTracking.NONE), gate := DmaPageGate(fs, timeout_s=10))
@@ -70,6 +74,7 @@ def test_touches_and_dma_read_the_source_and_every_page_lands_once(
     want = pair.source.bytes.copy()
     want[6 * MiB : 6 * MiB + PAGE_SIZE] = written
     assert np.array_equal(pair.dest.bytes, want), "a DMA write lost, or a page landed twice"
+    assert np.array_equal(landed, pair.source.bytes), "the hook saw each run as sent"
     assert fs.landing.filled == NPAGES and fs.landing.already == 0
     assert ps.served.pages == NPAGES and fs.present.complete
     assert ps.served.requests >= 1 and fs.requests_sent >= ps.served.requests
@@ -80,6 +85,12 @@ def test_touches_and_dma_read_the_source_and_every_page_lands_once(
     assert set(fs.blocktime.per_thread_s) == set(vcpus), "each toucher waited"
     assert sum(fs.blocktime.vcpu_blocktime_s()) == pytest.approx(sum(waits))
     assert fs.blocktime.all_blocked_s <= min(fs.blocktime.vcpu_blocktime_s()) + 1e-9
+    assert ps.figures() == {"postcopy-requests": ps.served.requests, "postcopy-bytes": SIZE}
+    fig = fs.figures()
+    assert fig["postcopy-requests"] == fs.requests_sent
+    assert fig["postcopy-vcpu-blocktime"] == [
+        round(s * 1e3) for s in fs.blocktime.vcpu_blocktime_s()
+    ]
     p50, p99 = np.percentile(np.array(waits) * 1e3, [50, 99])
     print(f"\n{len(waits)} fault waits: p50 {p50:.2f} ms p99 {p99:.2f} ms; channels {channels}")
 

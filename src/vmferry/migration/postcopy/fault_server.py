@@ -18,7 +18,7 @@ from __future__ import annotations
 import ctypes
 import threading
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,6 +48,9 @@ from vmferry.migration.postcopy.pages import (
 from vmferry.migration.transport import Sink, Source, StreamEndsEarly
 
 POLL_S = 0.05  # how often the fault thread looks at its stop flag
+# Called with (first page, the run's data) once a run has landed: the staging copy, which
+# (unlike guest RAM) any thread may read with the GIL held: the audit digests it there.
+LandedHook = Callable[[int, memoryview], None]
 
 
 class FaultServerError(MigrationError):
@@ -84,8 +87,10 @@ class FaultServer:
         *,
         present: PresentPages | None = None,
         vcpus: Collection[int] = (),
+        on_landed: LandedHook | None = None,
     ) -> None:
         self.uf, self.memory = uf, memory
+        self.on_landed = on_landed
         self._requests, self._channels = requests, list(pages)
         self.present = present or PresentPages(memory.npages)
         self._asked = PresentPages(memory.npages)  # requested, not landed yet
@@ -122,6 +127,16 @@ class FaultServer:
         for t in self._threads:
             if t.ident is not None:
                 t.join(timeout)
+
+    def figures(self) -> dict[str, int | list[int]]:
+        """The destination's query-migrate figures, with QEMU's names and units (ms)."""
+        with self._cond:
+            bt = self.blocktime
+            return {
+                "postcopy-blocktime": round(bt.all_blocked_s * 1e3),
+                "postcopy-vcpu-blocktime": [round(s * 1e3) for s in bt.vcpu_blocktime_s()],
+                "postcopy-requests": self.requests_sent,
+            }
 
     @property
     def complete(self) -> bool:
@@ -246,6 +261,8 @@ class FaultServer:
                 channel.readinto(memoryview(staging)[: run.data_bytes])
                 dst = self.memory.host_addr + run.ram_offset
                 filled = self.uf.copy(dst, addr, run.data_bytes)
+                if self.on_landed is not None:
+                    self.on_landed(run.first_page, memoryview(staging)[: run.data_bytes])
                 self._landed(run.first_page, run.npages, filled // PAGE_SIZE, run.kind)
         except StreamEndsEarly as e:
             if not (ended or self.complete):

@@ -126,6 +126,14 @@ class PageServer:
             if t.ident is not None:
                 t.join(timeout)
 
+    def figures(self) -> dict[str, int]:
+        """The source's query-migrate figures, with QEMU's names: ``ram.postcopy-requests``
+        (page requests received) and ``ram.postcopy-bytes`` (page bytes sent since the
+        switch, urgent and background)."""
+        with self._cond:
+            s = self.served
+            return {"postcopy-requests": s.requests, "postcopy-bytes": s.pages * PAGE_SIZE}
+
     def wait_pushed(self, timeout: float) -> bool:
         """Whether every page has gone out (END sent) within ``timeout``; the error if the
         server failed."""
