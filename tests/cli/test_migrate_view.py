@@ -94,6 +94,28 @@ def test_summary_of_a_failed_migration_says_verification_was_not_reached() -> No
     assert row(summary(off), "verification") == "off"  # --no-verify: it really was off
 
 
+def test_summary_of_an_audited_migration_gives_both_phases() -> None:
+    rep = {
+        "status": "completed",
+        "verify": {
+            "status": "passed",
+            "pages-checked": 210,
+            "mode": "on",
+            "phases": {
+                "pre-resume": {"pages": 210, "ms": 9.66, "status": "passed"},
+                "audit": {"pages": 262_144, "ms": 243.9, "source_ms": 210.6, "status": "passed"},
+            },
+        },
+        "capabilities": {"x-verify": True},
+    }
+    assert row(summary(rep), "verification") == (
+        "passed (210 pages before resume in 9.7 ms, 262144 audited after resume in 243.9 ms)"
+    )
+    off = {"status": "failed", "verify": {"status": "off"}, "capabilities": {"x-verify": True}}
+    off["parameters"] = {"x-verify": "off"}
+    assert row(summary(off), "verification") == "off"  # --verify off: it really was off
+
+
 def test_downtime_parts_add_up_to_the_total_after_a_failed_switchover() -> None:
     rep = {
         "status": "failed",

@@ -97,6 +97,10 @@ def test_untracked_dma_is_caught_by_verification_and_the_source_runs_on() -> Non
         assert o.source.stats.status == "failed"
         assert "verification failed" in o.source.stats.error
         assert "pages" in o.source.stats.error
+        # x-verify on: caught before resume (a device reaches every page: all are checked
+        # then), not by the audit after it: the destination never ran the guest.
+        assert o.source.stats.verify.mode == "on" and o.source.stats.verify.phase == "failed"
+        assert "after resume" not in o.source.stats.error
         assert o.dest is None and "verification failed" in str(o.dest_error)
         assert o.source_machine.wait(60) is not None
         assert o.result(o.source_out) == reference()

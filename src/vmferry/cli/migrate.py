@@ -307,12 +307,20 @@ def _migrate(args: argparse.Namespace, qmp: QmpClient) -> dict[str, Any]:
 def _verification(rep: dict[str, Any]) -> str:
     v = rep.get("verify", {})
     x_verify = bool(rep.get("capabilities", {}).get("x-verify", False))
+    x_verify = x_verify and rep.get("parameters", {}).get("x-verify", "on") != "off"
     status = verify_status(str(rep.get("status", "")), str(v.get("status", "off")), x_verify)
     if status == "failed":
         bad = v.get("first-mismatches", [])
         where = f" in pages {', '.join(str(p) for p in bad)}" if bad else ""
         cpu = "; vCPU state differs" if v.get("cpu-state") == "failed" else ""
         return f"failed{where}{cpu} ({v.get('pages-checked', 0)} pages checked)"
+    audit = v.get("phases", {}).get("audit")
+    if status == "passed" and audit:
+        pre = v["phases"].get("pre-resume", {})
+        return (
+            f"passed ({pre.get('pages', 0)} pages before resume in {pre.get('ms', 0):.1f} ms, "
+            f"{audit.get('pages', 0)} audited after resume in {audit.get('ms', 0):.1f} ms)"
+        )
     if status == "passed":
         return f"passed ({v.get('pages-checked', 0)} pages checked)"
     if status == "deferred":

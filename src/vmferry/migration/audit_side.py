@@ -15,7 +15,6 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from vmferry.devices.base import DeviceError, MigState
 from vmferry.errors import MigrationError
 from vmferry.migration.audit import AuditComparison
 from vmferry.migration.channel import PeerSilent
@@ -31,27 +30,26 @@ log = logging.getLogger(__name__)
 Re = ReceiverEvent
 
 
-def _output_hook(r: Reception, name: str) -> None:
-    """DestinationDevices.hold_output/release_output/drop_output, when asked for."""
+def _held(r: Reception) -> DestinationDevices | None:
+    """The devices, when x-verify-hold-output asked them to hold what they send."""
     if r.machine is None or not r.head.hold_output:
-        return
-    hook = getattr(DestinationDevices(r.machine.devices), name, None)
-    if hook is None:  # the device hooks (H2) are not in this build
-        log.warning("x-verify-hold-output: the devices have no %s", name)
-        return
-    hook()
+        return None
+    return DestinationDevices(r.machine.devices)
 
 
 def hold_output(r: Reception) -> None:
-    _output_hook(r, "hold_output")
+    if (devices := _held(r)) is not None:
+        devices.hold_output()
 
 
 def release_output(r: Reception) -> None:
-    _output_hook(r, "release_output")
+    if (devices := _held(r)) is not None:
+        devices.release_output()
 
 
 def drop_output(r: Reception) -> None:
-    _output_hook(r, "drop_output")
+    if (devices := _held(r)) is not None:
+        devices.drop_output()
 
 
 def await_audit(r: Reception) -> ReceiverEvent:
@@ -119,11 +117,7 @@ def stop_vm(r: Reception) -> None:
     if m is None:
         return
     m.pause()
-    for d in m.devices:
-        try:
-            d.set_state(MigState.STOP)
-        except DeviceError as e:
-            log.warning("%s could not stop after the failed audit: %s", d.name, e)
+    DestinationDevices(m.devices).stop()
     r.running = False
 
 

@@ -14,7 +14,7 @@ import os
 from typing import Any, Final
 
 from vmferry.migration.metrics import DowntimeBreakdown, MigrationStats, RoundRecord, VerifyResult
-from vmferry.migration.params import MigrationCapabilities, MigrationParameters
+from vmferry.migration.params import MigrationCapabilities, MigrationParameters, verify_mode
 
 PAGE_SIZE: Final = 4096
 # States in which QEMU's query-migrate fills in times and ram (fill_source_migration_info).
@@ -151,7 +151,7 @@ def report_dict(
         "vfio": {"transferred": stats.device_transferred},
         "devices": stats.devices,
         "verify": {
-            "status": verify_status(stats.status, v.status, caps.x_verify),
+            "status": verify_status(stats.status, v.status, verify_mode(params, caps) != "off"),
             "pages-checked": v.pages_checked,
             "first-mismatches": list(v.mismatched_pages),
             "cpu-state": v.cpu_state,
