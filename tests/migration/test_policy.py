@@ -270,14 +270,37 @@ def test_rate_limiter_books_every_channels_bytes() -> None:
 GIB = 1 << 30
 
 
-def test_switchover_bandwidth_is_that_of_the_dirty_page_rounds() -> None:
-    assert switchover_bandwidth([]) == 0.0
-    # Round 0 alone: its bulk copy is not what scattered dirty pages get; nothing measured.
-    assert switchover_bandwidth([1.9 * GIB]) == 0.0
-    assert switchover_bandwidth([1.9 * GIB, 290e6]) == 290e6
-    # The lower of the last two dirty-page rounds; round 0 never counts once they exist.
-    assert switchover_bandwidth([1.9 * GIB, 290e6, 400e6]) == 290e6
-    assert switchover_bandwidth([10e6, 290e6, 400e6, 350e6]) == 350e6
+@pytest.mark.parametrize(
+    ("rounds", "ram_pending", "want"),
+    [
+        ([], 0, 0.0),
+        ([], MIB, 0.0),
+        # round 0 alone: its bulk copy is not what scattered dirty pages get
+        ([1.9 * GIB], MIB, 0.0),
+        # ... but with no RAM left, only state is sent, in bulk as round 0 was
+        ([1.9 * GIB], 0, 1.9 * GIB),
+        ([1.9 * GIB, 290e6], MIB, 290e6),
+        # the lower of the last two dirty-page rounds; round 0 never counts once they exist
+        ([1.9 * GIB, 290e6, 400e6], MIB, 290e6),
+        ([10e6, 290e6, 400e6, 350e6], MIB, 350e6),
+        # a round that sent nothing measured nothing
+        ([1.9 * GIB, 0.0], MIB, 0.0),
+        ([1.9 * GIB, 0.0], 0, 1.9 * GIB),
+        ([1.9 * GIB, 290e6, 0.0], 0, 290e6),
+    ],
+)
+def test_switchover_bandwidth_is_that_of_the_dirty_page_rounds(
+    rounds: list[float], ram_pending: int, want: float
+) -> None:
+    assert switchover_bandwidth(rounds, ram_pending) == pytest.approx(want)
+
+
+def test_a_paused_guest_switches_over_after_round_0() -> None:
+    """Nothing dirty after round 0, only the vCPUs' state left: it goes at round 0's
+    rate, and the migration does not iterate for ever on a rate nothing can measure."""
+    state = 4 * 4096
+    d = decide(1000, 0, switchover_bandwidth([1.9 * GIB], 0), 0, P, device_pending=state)
+    assert d.action == "switchover", d.reason
 
 
 def test_round_0_bulk_rate_does_not_switch_over_a_scattered_remainder() -> None:
@@ -286,9 +309,11 @@ def test_round_0_bulk_rate_does_not_switch_over_a_scattered_remainder() -> None:
     pages is measured first, and its rate decides."""
     pending = 77_000_000
     assert decide(1000, pending, 1.9 * GIB, 50e6, P).action == "switchover"  # the old rule
-    d = decide(1000, pending, switchover_bandwidth([1.9 * GIB]), 50e6, P)
+    d = decide(1000, pending, switchover_bandwidth([1.9 * GIB], pending), 50e6, P)
     assert d.action == "continue", d.reason
-    d = decide(2000, pending, switchover_bandwidth([1.9 * GIB, 290e6]), 50e6, P, overhead_ms=9)
+    d = decide(
+        2000, pending, switchover_bandwidth([1.9 * GIB, 290e6], pending), 50e6, P, overhead_ms=9
+    )
     assert d.action == "switchover", d.reason
     assert d.expected_downtime_ms == pytest.approx(9 + pending / 290e6 * 1000)
     assert "bandwidth 277 MiB/s × 291 ms of 300" in d.reason

@@ -58,7 +58,7 @@ def test_the_expected_downtime_counts_the_vcpus_state() -> None:
     pre = _precopy(ncpus=4)
     decision = pre._decide(_round(), sync_ms=0.0)
     vcpus = 4 * VCPU_STATE_ESTIMATE
-    bw = policy.switchover_bandwidth([10 * BANDWIDTH, BANDWIDTH])
+    bw = policy.switchover_bandwidth([10 * BANDWIDTH, BANDWIDTH], RAM_LEFT)
     assert bw == BANDWIDTH
     want = policy.PAUSE_RESUME_MS + policy.expected_downtime_ms(RAM_LEFT + DEVICE_LEFT + vcpus, bw)
     assert decision.expected_downtime_ms == pytest.approx(want)

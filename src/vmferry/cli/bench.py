@@ -50,7 +50,7 @@ def add_parser(sub: Any) -> None:
         "unpaced, a 1 GiB working set at 512 MB/s; each VMM twice per case in ABBA order "
         "(medians and ranges). Needs qemu-system-x86_64, KVM and 2 × the largest guest + "
         "2 GiB of free memory (a case that does not fit is skipped and says so); the full "
-        "run takes about 20 minutes, --quick about 2.",
+        "run takes about 25 minutes, --quick about 3.",
     )
     mig.add_argument("--json", metavar="FILE", help="also write the results to FILE as JSON")
     mig.add_argument("--markdown", metavar="FILE", help="also write the tables to FILE as Markdown")

@@ -57,14 +57,22 @@ def switchover_threshold(bandwidth_bps: float, downtime_limit_ms: float) -> int:
     return int(max(bandwidth_bps, 0.0) * max(downtime_limit_ms, 0.0) / 1000)
 
 
-def switchover_bandwidth(round_bandwidths: Sequence[float]) -> float:
-    """The bandwidth the stop-and-copy can count on, from the pre-copy rounds so far
-    (round 0 first): that of the dirty-page rounds, the lower of the last two (one fast
-    round is not a trend). Round 0 copies RAM in long runs; the stop-and-copy sends
-    scattered dirty pages, which went ~6.5x slower in a measured case (1.9 GiB/s against
-    290 MB/s): after round 0 alone nothing is measured yet (0), so only a remainder of
-    nothing switches over then."""
-    return min(round_bandwidths[1:][-2:], default=0.0)
+def switchover_bandwidth(round_bandwidths: Sequence[float], ram_pending: int) -> float:
+    """The bandwidth the stop-and-copy can count on, measured by the pre-copy rounds so
+    far (round 0 first): that of the dirty-page rounds that sent something, the lower of
+    the last two (one fast round is not a trend).
+
+    Round 0 copies RAM in long runs; the stop-and-copy sends scattered dirty pages, which
+    went ~6.5x slower in a measured case (1.9 GiB/s against 290 MB/s). So with RAM
+    pending and no dirty-page round measured, the rate is unknown (0: a round of dirty
+    pages goes first and measures it). With no RAM pending, what is left is state sent in
+    bulk, as round 0 sent RAM: round 0's rate."""
+    measured = [b for b in round_bandwidths[1:] if b > 0]
+    if measured:
+        return min(measured[-2:])
+    if ram_pending <= 0 and round_bandwidths:
+        return max(round_bandwidths[0], 0.0)
+    return 0.0
 
 
 def ram_budget_ms(limit_ms: float, overhead_ms: float) -> float:

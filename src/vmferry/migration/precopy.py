@@ -131,7 +131,7 @@ class Precopy:
             pending,
             # The stop-and-copy sends scattered dirty pages: judge it by the rounds that
             # did, not by round 0's bulk copy.
-            policy.switchover_bandwidth(self._bandwidths),
+            policy.switchover_bandwidth(self._bandwidths, pending),
             record.dirty_rate,
             self.params,
             device_pending=state,
