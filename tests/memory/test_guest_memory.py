@@ -48,3 +48,17 @@ def test_another_mapping_of_the_fd_sees_the_same_bytes() -> None:
 def test_bad_sizes_are_refused() -> None:
     with pytest.raises(ConfigError, match="multiple of 2 MiB"):
         GuestMemory(3 << 20 | 1)
+
+
+def test_data_ranges_of_full_empty_and_partial_ram_agree_with_the_walk() -> None:
+    m = GuestMemory(8 << 20)
+    try:
+        assert m.data_ranges() == [] and m.resident_pages().size == 0
+        m.write_gpa(0x5000, b"\x01")
+        m.write_gpa(0x7FF000, b"\x02")  # the last page
+        assert m.data_ranges() == [(0x5000, 0x6000), (0x7FF000, 0x800000)]
+        m.populate()
+        assert m.data_ranges() == [(0, 8 << 20)]
+        assert m.resident_pages().tolist() == list(range(2048))
+    finally:
+        m.close()

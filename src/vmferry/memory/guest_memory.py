@@ -196,7 +196,16 @@ class GuestMemory:
             self.populator.stop()
 
     def data_ranges(self) -> list[tuple[int, int]]:
-        """Populated RAM as [start, end) offsets (tmpfs SEEK_DATA/SEEK_HOLE); holes read 0."""
+        """Populated RAM as [start, end) offsets (tmpfs SEEK_DATA/SEEK_HOLE); holes read 0.
+
+        The walk costs ~80 ns a page (170 ms at 8 GiB, and a migration's set-up needs it
+        twice), so RAM with every page allocated, or none, is answered from its block
+        count (a page of a tmpfs file is allocated, resident or swapped, or a hole)."""
+        allocated = os.fstat(self.fd).st_blocks * 512
+        if allocated == 0:
+            return []
+        if allocated >= self.size:
+            return [(0, self.size)]
         out: list[tuple[int, int]] = []
         pos = 0
         while pos < self.size:
