@@ -24,6 +24,7 @@ from vmferry.migration.postcopy.fault_server import FaultServerError
 from vmferry.migration.postcopy.iommu_gate import DmaPageGate, GatedDma
 from vmferry.migration.postcopy.page_requests import REQUEST, REQUEST_MAGIC, RUN, RUN_MAGIC
 from vmferry.migration.postcopy.page_server import PageServerError
+from vmferry.migration.transport import FdSink, FdSource
 
 pytestmark = pytest.mark.skipif(
     (why := uffd_unavailable()) is not None, reason=f"no userfaultfd here: {why}"
@@ -150,3 +151,36 @@ def test_a_broken_return_path_fails_the_request_and_every_waiter(pair: Pair) -> 
     with pytest.raises(FaultServerError, match="post-copy failed: sending page requests"):
         fs.wait_present(PAGE_SIZE, PAGE_SIZE, 5)
     assert dst.fileno() >= 0
+
+
+def test_an_end_with_pages_still_missing_is_an_error(pair: Pair) -> None:
+    _, fs, _ = connect(pair)
+    fs.present.mark_range(0, NPAGES - 3)  # as pre-copy left it
+    fs.start()
+    pair.sockets[0].sendall(RUN.pack(RUN_MAGIC, 0, 0, 3))  # "I sent nothing more"
+    with pytest.raises(FaultServerError, match="after 0 pages, but 3 pages of guest RAM never"):
+        fs.wait_complete(5)
+
+
+def test_two_sinks_over_one_socket_keep_records_whole(pair: Pair) -> None:
+    """Two FdSinks on one fd are one channel to the server: a run is never split by
+    another (records interleaved on one socket were the first bug of this test suite)."""
+    rng = np.random.default_rng(11)
+    touchers = [Toucher(pair.dest, rng.integers(0, SIZE - 64, 30).tolist()) for _ in range(2)]
+    pair.threads += touchers
+    ps, fs, _ = connect(pair, max_bandwidth=32e6)
+    main_src = pair.sockets[0].fileno()
+    ps2 = type(ps)(
+        pair.source.bytes,
+        FdSource(main_src, owned=False),
+        FdSink(main_src, owned=False),
+        FdSink(main_src, owned=False),
+        max_bandwidth=32e6,
+    )
+    pair.page_server = ps2
+    fs.start()
+    for t in touchers:
+        t.start()
+    ps2.start()
+    assert fs.wait_complete(20) and fs.landing.filled == NPAGES
+    assert np.array_equal(pair.dest.bytes, pair.source.bytes)

@@ -102,6 +102,8 @@ class FaultServer:
         self._cond = threading.Condition()
         self._send_lock = threading.Lock()
         self._stop = threading.Event()
+        self._done = threading.Event()  # complete, or failed
+        self._present_waiters = 0
         self._threads = [threading.Thread(target=self._fault_loop, name="pc-faults", daemon=True)]
         self._threads += [
             threading.Thread(target=self._receive_loop, args=(c,), name=f"pc-land{i}", daemon=True)
@@ -148,6 +150,7 @@ class FaultServer:
             if self.error is None:
                 self.error = e
             self._cond.notify_all()
+        self._done.set()
         self._stop.set()
 
     # ---- faults
@@ -223,26 +226,26 @@ class FaultServer:
         first, count = _page_span(ram_offset, length, self.memory.size)
         deadline = time.monotonic() + timeout
         with self._cond:
-            while not self.present.holds(first, count):
-                if self.error is not None:
-                    raise FaultServerError(f"post-copy failed: {self.error}") from self.error
-                left = deadline - time.monotonic()
-                if left <= 0 or self._stop.is_set():
-                    return False
-                self._cond.wait(left)
+            self._present_waiters += 1
+            try:
+                while not self.present.holds(first, count):
+                    if self.error is not None:
+                        raise FaultServerError(f"post-copy failed: {self.error}") from self.error
+                    left = deadline - time.monotonic()
+                    if left <= 0 or self._stop.is_set():
+                        return False
+                    self._cond.wait(left)
+            finally:
+                self._present_waiters -= 1
         return True
 
     def wait_complete(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while not self.complete and self.error is None:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._cond.wait(left)
+        """Whether every page the source sent has landed within ``timeout``; the server's
+        error if it failed."""
+        self._done.wait(timeout)
         if self.error is not None:
             raise FaultServerError(f"post-copy failed: {self.error}") from self.error
-        return True
+        return self.complete
 
     # ---- landing
     def _receive_loop(self, channel: Source) -> None:
@@ -287,7 +290,8 @@ class FaultServer:
                 lg.background_runs += 1
             self.blocktime.landed(first, npages, t)
             self._check_end()
-            self._cond.notify_all()
+            if self._present_waiters:  # DMAs waiting; nobody to wake on most runs
+                self._cond.notify_all()
 
     def _ended(self, total: int) -> None:
         with self._cond:
@@ -296,12 +300,15 @@ class FaultServer:
             self._cond.notify_all()
 
     def _check_end(self) -> None:
-        if self.complete and not self.present.complete and self.error is None:
+        if not self.complete:
+            return
+        if not self.present.complete and self.error is None:
             missing = self.present.npages - self.present.count()
             self.error = FaultServerError(
                 f"the source ended after {self.end_total} pages, but {missing} pages of "
                 "guest RAM never arrived"
             )
+        self._done.set()  # a waiter on completion wakes once, not at every run
 
 
 def _page_span(ram_offset: int, length: int, ram_size: int) -> tuple[int, int]:

@@ -91,6 +91,9 @@ class PageServer:
         self._background = self._urgent
         if background is not None and not _same_endpoint(urgent, background):
             self._background = _Channel(background)
+        # On one socket the push steps aside while a request is answered (a lock alone
+        # would let it take the socket back first); on two, both go at once.
+        self._shared = self._background is self._urgent
         # QEMU's max-postcopy-bandwidth: a cap on the background push only (bytes/s);
         # requests are never held back by it.
         self.max_bandwidth = max_bandwidth
@@ -188,8 +191,8 @@ class PageServer:
         while True:
             self._pace(t0)
             with self._cond:
-                while self._answering and not self._stopping:
-                    self._cond.wait()  # requests first
+                while self._answering and self._shared and not self._stopping:
+                    self._cond.wait()  # one socket: the answer goes out first
                 if self._stopping:
                     return
                 runs = self.sent.take_next(self._cursor, MAX_RUN_PAGES)
