@@ -14,7 +14,14 @@ import pytest
 
 from tests.migration.ramload import load_ram
 from vmferry.memory import DirtyBitmap, GuestMemory
-from vmferry.memory.populate import BLOCK_SHIFT, PopulateError, Populator, merged, plan_pieces
+from vmferry.memory.populate import (
+    BLOCK_SHIFT,
+    PopulateError,
+    Populator,
+    merged,
+    plan_pieces,
+    populates_ahead,
+)
 from vmferry.migration import codec
 from vmferry.migration.channel import CHANNEL_BLOCK_SHIFT, split_by_channel
 from vmferry.migration.ram import RamReceiver, RamSender
@@ -152,7 +159,7 @@ def test_stop_ends_the_thread_after_the_call_in_progress() -> None:
 
 def test_closing_guest_memory_stops_its_populator() -> None:
     m = GuestMemory(64 * MIB)
-    p = m.populate_ahead([(0, 64 * MIB)], ahead=2 * MIB)
+    p = m.populate_ahead([(0, 64 * MIB)], cpus=2, ahead=2 * MIB)
     wait_for(lambda: p.done_blocks() >= 1, "the populator started")
     m.close()
     assert p._thread is not None and not p._thread.is_alive()
@@ -206,7 +213,7 @@ def test_real_memory_is_populated_as_asked_and_prealloc_skips_it() -> None:
     m = GuestMemory(32 * MIB)
     try:
         asked = [(2 * MIB, 6 * MIB + 4096), (20 * MIB, 21 * MIB)]
-        p = m.populate_ahead(asked, ahead=None)
+        p = m.populate_ahead(asked, cpus=2, ahead=None)
         wait_for(lambda: p.finished, "the populator finished")
         m.stop_populating()
         assert m.data_ranges() == asked
@@ -215,7 +222,7 @@ def test_real_memory_is_populated_as_asked_and_prealloc_skips_it() -> None:
     pre = GuestMemory(8 * MIB)
     try:
         pre.populate()
-        assert pre.populate_ahead([(0, 8 * MIB)]).finished  # nothing to do
+        assert pre.populate_ahead([(0, 8 * MIB)], cpus=2).finished  # nothing to do
     finally:
         pre.close()
 
@@ -238,7 +245,7 @@ def test_ram_received_while_it_populates_is_intact(channels: int) -> None:
             RamSender(w, src, batch_pages=1024).send(part)
             for tag in (codec.CPUS, codec.DEVS, codec.END):
                 w.section(tag, [b"{}"] if tag != codec.END else [])
-        dst.populate_ahead(resident, ahead=4 * MIB)  # racing the receivers
+        dst.populate_ahead(resident, cpus=2, ahead=4 * MIB)  # racing the receivers
         written = DirtyBitmap(dst.npages)
         rxs = [RamReceiver(dst, written, i, channels) for i in range(channels)]
         errors: list[BaseException] = []
@@ -268,3 +275,17 @@ def test_ram_received_while_it_populates_is_intact(channels: int) -> None:
 
 def test_block_matches_a_channel_block() -> None:
     assert BLOCK_PAGES == 1 << CHANNEL_BLOCK_SHIFT  # one channel's receiver per block
+
+
+def test_a_thread_ahead_only_when_the_receivers_leave_it_a_cpu() -> None:
+    assert populates_ahead(1, 2) and populates_ahead(2, 16)
+    assert not populates_ahead(2, 2) and not populates_ahead(4, 2)
+    m = GuestMemory(8 * MIB)
+    try:
+        assert m.populate_ahead([(0, 8 * MIB)], receivers=2, cpus=2).finished  # no plan
+        assert m.data_ranges() == []  # nothing pre-faulted: pages fault in as they land
+        p = m.populate_ahead([(0, 8 * MIB)], receivers=1, cpus=2, ahead=None)
+        wait_for(lambda: p.finished, "the populator finished")
+        assert m.data_ranges() == [(0, 8 * MIB)]
+    finally:
+        m.close()

@@ -22,7 +22,7 @@ import numpy as np
 import numpy.typing as npt
 
 from vmferry.errors import ConfigError, VmferryError
-from vmferry.memory.populate import DEFAULT_AHEAD, Populator
+from vmferry.memory.populate import DEFAULT_AHEAD, Populator, populates_ahead
 
 PAGE_SIZE = 4096
 PAGE_SHIFT = 12
@@ -174,13 +174,22 @@ class GuestMemory:
         return True
 
     def populate_ahead(
-        self, ranges: Sequence[tuple[int, int]], *, ahead: int | None = DEFAULT_AHEAD
+        self,
+        ranges: Sequence[tuple[int, int]],
+        *,
+        receivers: int = 1,
+        cpus: int | None = None,
+        ahead: int | None = DEFAULT_AHEAD,
     ) -> Populator:
         """Pre-fault ``ranges`` (what the source said holds data) on a thread, ahead of
-        the receivers, who call ``ensure_populated`` before each batch (populate.py).
-        Nothing to do on RAM that is populated already (--prealloc)."""
+        ``receivers`` receiving threads, who call ``ensure_populated`` before each batch
+        (populate.py) — if that pays with this many CPUs (``cpus``: this process's);
+        otherwise pages fault in as they are received. Nothing to do on RAM that is
+        populated already (--prealloc)."""
         self.stop_populating()
-        todo = () if self.populated else ranges
+        if cpus is None:
+            cpus = len(os.sched_getaffinity(0))
+        todo = () if self.populated or not populates_ahead(receivers, cpus) else ranges
         self.populator = Populator(self.size, todo, self.populate_range, ahead=ahead).start()
         return self.populator
 

@@ -38,6 +38,14 @@ NONE, TODO, BUSY, DONE = 0, 1, 2, 3
 PopulateFn = Callable[[int, int], bool]
 
 
+def populates_ahead(receivers: int, cpus: int) -> bool:
+    """Whether a thread populating ahead pays: only when the receiving threads leave it a
+    CPU. Measured on a 2-core host (docs/benchmarks.md): with one receiving thread it made
+    round 0 faster; with two it only shared their cores (and the kernel's allocation
+    locks), and receiving straight into fresh memory was faster and took less CPU."""
+    return receivers < cpus
+
+
 class PopulateError(VmferryError):
     """Guest RAM could not be allocated on this host (the migration cannot land)."""
 

@@ -319,11 +319,14 @@ def check_loaded(loaded: LoadedStream, machine: Machine) -> VerifyResult:
     return result
 
 
-def populate(memory: GuestMemory, ranges: Sequence[tuple[int, int]]) -> Populator:
+def populate(
+    memory: GuestMemory, ranges: Sequence[tuple[int, int]], receivers: int = 1
+) -> Populator:
     """Pre-fault the RAM the source said holds data, on a thread, ahead of the receivers
-    (fresh memory takes many times longer to receive into); it stops at the end of the
-    load, or when RAM is discarded (memory/populate.py)."""
-    return memory.populate_ahead(ranges)
+    (``receivers`` threads: with too few CPUs left it does not pay, and pages fault in as
+    they land); it stops at the end of the load, or when RAM is discarded
+    (memory/populate.py)."""
+    return memory.populate_ahead(ranges, receivers=receivers)
 
 
 def open_devices(

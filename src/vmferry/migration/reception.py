@@ -282,7 +282,7 @@ class Reception:
             self.socks.append(s)
             self.channels.append(conn.channel(s, i, self.timeout_s))
         self.memory = self.incoming.memory_for(head.config.memory)
-        populate(self.memory, head.resident)  # no-op on pre-allocated RAM
+        populate(self.memory, head.resident, head.channels)  # no-op on pre-allocated RAM
         self.devices = open_devices(head, self.memory, self.incoming.device_versions)
         return Re.SET_UP
 
