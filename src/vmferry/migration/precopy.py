@@ -27,7 +27,7 @@ from vmferry.migration.params import MigrationCapabilities, MigrationParameters,
 from vmferry.migration.ram import RamStats
 from vmferry.migration.stream import StreamWriter
 from vmferry.migration.vcpus import VcpuMigration
-from vmferry.migration.verify import page_digests
+from vmferry.migration.verify import page_digests, pre_resume_pages
 
 
 @dataclass(frozen=True)
@@ -160,9 +160,11 @@ class Precopy:
         if mode == "strict":
             pages = sum(-(-(e - s) // PAGE_SIZE) for s, e in memory.data_ranges())
             return policy.VerifyCost(pages, ms_per_page=self._digest_ms_per_page)
-        return policy.VerifyCost(
-            _reachable_resident(self.machine), pending=True, ms_per_page=self._digest_ms_per_page
-        )
+        # The final round's pages are the pending ones when it comes (pending=True): the
+        # policy counts them as they shrink; what a device reaches is checked regardless.
+        reachable = _reachable_resident(self.machine)
+        fixed_pages = pre_resume_pages(final_pages=0, reachable_pages=reachable)
+        return policy.VerifyCost(fixed_pages, pending=True, ms_per_page=self._digest_ms_per_page)
 
     def _throttle_for(self, sent_bytes: int) -> None:
         pending = self.parts.ram.pending().bytes
