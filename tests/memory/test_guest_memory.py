@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 
 from vmferry.errors import ConfigError, VmferryError
@@ -60,5 +61,23 @@ def test_data_ranges_of_full_empty_and_partial_ram_agree_with_the_walk() -> None
         m.populate()
         assert m.data_ranges() == [(0, 8 << 20)]
         assert m.resident_pages().tolist() == list(range(2048))
+    finally:
+        m.close()
+
+
+def test_data_ranges_from_page_residency_match_the_tmpfs_walk() -> None:
+    m = GuestMemory(16 << 20)
+    try:
+        rng = np.random.default_rng(7)
+        for p in rng.choice(4096, size=300, replace=False).tolist():
+            m.write_gpa(p * 4096 + 8, b"x")
+        m.write_gpa(4095 * 4096, b"y")  # the last page
+        other = GuestMemory.from_fd(os.dup(m.fd), m.size)  # written through another mapping
+        other.write_gpa(5 << 20, b"z" * 8192)
+        other.close()
+        walked = m._walk_data_ranges()
+        assert m.data_ranges() == walked
+        expect = np.concatenate([np.arange(s >> 12, e >> 12) for s, e in walked])
+        assert np.array_equal(m.resident_pages(), expect)
     finally:
         m.close()
