@@ -145,7 +145,22 @@ class SectionLoop:
 
     def run(self, actions: tuple[ReceiverAction, ...] = (Ra.READ_SECTION,)) -> LoadedStream:
         """Carry out ``actions`` (what the step into LOADING asked for) and every step
-        after them, until the load is finished."""
+        after them, until the load is finished; the landing digests are all taken then
+        (or their worker stopped, if the load failed: the memory may be closed next)."""
+        try:
+            loaded = self._run(actions)
+        except BaseException:
+            if self.landing is not None:
+                self.landing.close()
+            raise
+        if self.landing is not None:
+            try:
+                self.landing.drain()
+            finally:
+                self.landing.close()
+        return loaded
+
+    def _run(self, actions: tuple[ReceiverAction, ...]) -> LoadedStream:
         while True:
             event: ReceiverEvent | None = None
             for i, action in enumerate(actions):
