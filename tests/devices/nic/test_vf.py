@@ -127,6 +127,31 @@ def test_mediator_reports_posted_buffers_before_the_device_writes(
         close_host(host)
 
 
+def test_mediator_reports_every_buffer_written_when_the_ring_goes_round(
+    tmp_path: Path, memory: GuestMemory
+) -> None:
+    """More frames between two syncs than the ring has slots (a slow sync on a loaded
+    host): each buffer written since the last report is in the next, not only those
+    between the old head and the tail."""
+    host = h.make_host(tmp_path / "host")
+    dev = h.make_vf(host, memory, DirtyTracking.MEDIATED)
+    w = h.Wire(dev)
+    try:
+        h.program(dev)
+        dev.mediated_dirty_pages()  # tracking begins
+        for batch in range(2):  # 20 frames through a 16-slot ring, reposted in between
+            for i in range(10):
+                w.send(h.frame_to(dev, 10 * batch + i))
+            h.wait_for(lambda b=batch: h.stat(dev, "rx_packets") == 10 * (b + 1), "10 frames")
+            h.repost(dev)
+        buffers = {(h.RX_BUFS + h.BUF * s) >> 12 for s in range(h.RING)}
+        assert buffers <= set(dev.mediated_dirty_pages().tolist())
+    finally:
+        w.close()
+        dev.close()
+        close_host(host)
+
+
 def test_a_vf_without_migration_support_is_a_blocker_naming_it(
     tmp_path: Path, memory: GuestMemory
 ) -> None:

@@ -106,27 +106,34 @@ def gpa_pages_to_ram(iommu: Iommu, gpas: npt.NDArray[np.uint64]) -> npt.NDArray[
     return np.unique(np.concatenate(out)) if out else np.zeros(0, np.int64)
 
 
+# Buffers fetched between two reports that the mediator lists one by one; past this it
+# reports every page the VF can reach instead (correct, as ``none`` is), so a VF that runs
+# on after a failed migration, its reports ended, keeps no growing list.
+FETCH_LIMIT = 1 << 16
+
+
 class RxMediator:
     """``mediated`` tracking: pages RX DMA wrote or may write since the last report.
 
-    Each report covers, per RX ring, the slots from the head at the last report to the
-    current tail (the caller holds the device's lock, so no DMA moves the head meanwhile)
-    — buffers written since then and buffers still posted (the device may
-    write them any time, even right after this report) — plus every ring's descriptor
-    pages, which the device writes back. Slots dropped by a queue reset are kept until
-    the next report.
+    Each report covers, per RX ring, the buffers that were posted at the last report
+    (the device may have written them right after it), every buffer fetched at a
+    doorbell since (however often the ring went round meanwhile), and those posted now
+    (the device may write them any time, even right after this report) — plus every
+    ring's descriptor pages, which the device writes back. The caller holds the device's
+    lock, so no DMA moves a head meanwhile. The first report covers every slot: anything
+    the ring ever had posted may have been written since tracking began.
     """
 
     def __init__(self) -> None:
-        self._marks: dict[int, int] = {}
-        self._carried: list[npt.NDArray[np.uint64]] = []
+        self._posted: dict[int, npt.NDArray[np.uint64]] = {}  # per queue, at the last report
+        self._fetched: list[npt.NDArray[np.uint64]] = []
+        self._fetched_slots = 0
+        self._tracking = False  # a first report was taken: doorbells are recorded
+        self._overflow = False
 
-    def _spans(self, ring: Ring, start: int | None, buf_size: int) -> npt.NDArray[np.uint64]:
-        # No mark yet (the first report since tracking began): every slot the ring ever
-        # had posted may have been written since, so all of them count.
-        slots = (
-            np.arange(ring.len, dtype=np.int64) if start is None else ring.slots(start, ring.tail)
-        )
+    @staticmethod
+    def _spans(ring: Ring, slots: npt.NDArray[np.int64], buf_size: int) -> npt.NDArray[np.uint64]:
+        """Addresses in every 4 KiB page of the buffers posted in ``slots``."""
         if not slots.size or not ring.posted.size:
             return np.zeros(0, np.uint64)
         addrs = ring.posted[slots]
@@ -136,24 +143,45 @@ class RxMediator:
         spans = np.minimum(addrs[:, None] + steps[None, :], ends[:, None])
         return np.asarray(spans.ravel(), dtype=np.uint64)
 
+    def fetched(self, ring: Ring, slots: npt.NDArray[np.int64], buf_size: int) -> None:
+        """The doorbell fetched ``slots``: their buffers may be written before the next
+        report, and posted again by then (a ring can go round between two reports)."""
+        if not self._tracking or self._overflow or not slots.size:
+            return
+        self._fetched_slots += int(slots.size)
+        if self._fetched_slots > FETCH_LIMIT:
+            self._overflow, self._fetched = True, []
+            return
+        self._fetched.append(self._spans(ring, slots, buf_size))
+
     def queue_reset(self, q: int, ring: Ring, buf_size: int) -> None:
-        self._carried.append(self._spans(ring, self._marks.get(q), buf_size))
-        self._marks[q] = 0
+        """A queue is disabled: what it had posted may have been written; keep it."""
+        if self._tracking and not self._overflow:
+            self._fetched.append(self._spans(ring, ring.slots(ring.head, ring.tail), buf_size))
 
     def report(
         self, iommu: Iommu, rx: list[Ring], tx: list[Ring], buf_size: int
     ) -> npt.NDArray[np.int64]:
-        parts = self._carried
-        self._carried = []
+        parts, self._fetched, self._fetched_slots = self._fetched, [], 0
+        overflow, self._overflow = self._overflow, False
+        first, self._tracking = not self._tracking, True
         for q, ring in enumerate(rx):
-            if ring.len:
-                parts.append(self._spans(ring, self._marks.get(q), buf_size))
-                self._marks[q] = ring.head
+            if not ring.len:
+                continue
+            if first:
+                parts.append(self._spans(ring, np.arange(ring.len, dtype=np.int64), buf_size))
+            elif q in self._posted:
+                parts.append(self._posted[q])
+            now = self._spans(ring, ring.slots(ring.head, ring.tail), buf_size)
+            parts.append(now)
+            self._posted[q] = now
         for ring in rx + tx:
             if ring.valid():
                 n = ring.len * 16
                 parts.append(np.arange(ring.base, ring.base + n, 4096, dtype=np.uint64))
                 parts.append(np.array([ring.base + n - 1], dtype=np.uint64))
+        if overflow:  # too many doorbells to list: everything the VF can reach
+            return iommu.mapped_pages()
         if not parts:
             return np.zeros(0, np.int64)
         return gpa_pages_to_ram(iommu, np.concatenate(parts))

@@ -194,7 +194,8 @@ class VirtualFunction(DeviceModel):
                 ring.tail = value
             else:
                 try:
-                    ring.fetch(self.iommu, value)  # the doorbell: descriptors fetched
+                    slots = ring.fetch(self.iommu, value)  # the doorbell: descriptors fetched
+                    self._mediator.fetched(ring, slots, self._buf_size())
                 except DmaFault:
                     self.error_code = r.ERR_DMA_FAULT
 
