@@ -1,6 +1,10 @@
 """netecho under traffic, live-migrated between two hosts in every DMA dirty-tracking
 mode: the VM arrives intact, and the connection survives — no frame corrupted or
-duplicated, none lost unless a switch buffer overflowed (and then counted)."""
+duplicated, none lost unless a switch buffer overflowed (and then counted). A rollback
+after the post-resume audit: the MAC moves back and the source answers again; with
+x-verify-hold-output what the destination sent during the audit reaches the peer once
+(audit passed) or never (rolled back). Frames are counted by sequence number and the
+guest's RESULT, never by timing."""
 
 from __future__ import annotations
 
@@ -12,13 +16,17 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import RESULT_RE, ROOT, vmferry
 from vmferry.devices.nic import HostConfig
+from vmferry.devices.nic.vf import VirtualFunction
+from vmferry.machine import Machine
+from vmferry.migration.devices import DestinationDevices
+from vmferry.migration.params import MigrationCapabilities
 from vmferry.traffic.lab import Outcome, close_hosts, make_hosts, migrate_under_traffic
 
 pytestmark = [pytest.mark.kvm, pytest.mark.slow]
@@ -92,6 +100,108 @@ def test_a_vf_without_migration_support_blocks_the_migration(hosts: list[Path]) 
     assert st.status == "failed"
     assert "migration blocked: vf0 (pf0 VF 0) does not support migration" in st.error
     assert o.traffic.lost == 0 and o.traffic.echoed == o.traffic.sent, o.traffic.summary()
+
+
+# ---- a rollback after the post-resume audit, and x-verify-hold-output
+
+# netecho's rings and buffers are at 16 MiB: RAM above 32 MiB is no device's, so the
+# pre-resume check leaves it to the audit.
+WINDOW = ",x-dma-window=16M:32M"
+MISSED_GPA = 48 << 20  # a page no device can reach and netecho never touches
+
+
+def miss_a_write(source: Machine) -> None:
+    """After the source's last dirty sync and final send: a write through the VMM's own
+    mapping of guest RAM, which the dirty log never sees."""
+    source.memory.write_gpa(MISSED_GPA, b"a write the dirty tracking missed")
+
+
+HOLD = MigrationCapabilities(x_verify_hold_output=True)
+MISS = {"after_final_sync": miss_a_write}
+
+
+def source_uplink(hosts: list[Path]) -> str:
+    return HostConfig(hosts[0]).read().pf("pf0").uplink
+
+
+def check_rolled_back(o: Outcome, hosts: list[Path]) -> None:
+    """The audit failed after resume: the guest goes on at the source, which answers the
+    peer again, and no frame the peer got was corrupted."""
+    st = o.source.stats
+    assert st.status == "failed", st.status
+    assert "verification failed after resume; rolled back" in st.error, st.error
+    assert st.verify.phases["audit"]["status"] == "failed"
+    assert o.dest is None, "the destination kept a VM that failed its audit"
+    t = o.traffic
+    assert t.corrupted == 0, t.summary()
+    # The peer followed the MAC there and back.
+    assert [m[1] for m in t.moves][-1:] == [source_uplink(hosts)] and len(t.moves) >= 2, t.moves
+    # Frames sent after the migration had ended (~1000 at 1000/s): the source answers.
+    assert o.answered_after > 100, f"{o.answered_after} answered after; {t.summary()}"
+    assert t.guest is not None and t.guest["bad"] == 0, "netecho did not answer the STOP"
+    assert o.guest_exit == 0 and o.result(o.source_out) is not None
+    assert o.result(o.dest_out) is None, "the destination ran the guest to its end"
+
+
+def test_a_rollback_after_the_audit_under_traffic_corrupts_nothing(hosts: list[Path]) -> None:
+    o = migrate_under_traffic(hosts, "iommu", device_options=WINDOW, migrate_options=MISS)
+    check_rolled_back(o, hosts)
+    assert o.hold is None, "output was held without x-verify-hold-output"
+    # Duplicates may come: both copies started from the state of the switchover, so an
+    # echo the destination sent during the audit the source can send again. Holding the
+    # destination's output is what prevents that (below).
+
+
+def test_held_output_never_reaches_the_peer_on_a_rollback(hosts: list[Path]) -> None:
+    # The guest answers something during a short audit only if frames were waiting: up to
+    # three tries until one held a frame, each checked in full.
+    for _ in range(3):
+        o = migrate_under_traffic(
+            hosts, "iommu", caps=HOLD, device_options=WINDOW, migrate_options=MISS
+        )
+        check_rolled_back(o, hosts)
+        assert o.hold is not None, "x-verify-hold-output held nothing at all"
+        assert o.hold["released"] == 0 and o.hold["dropped"] == o.hold["held"], o.hold
+        assert o.traffic.duplicated == 0, o.traffic.summary()
+        # The peer's echoes are exactly those the source's guest answered: none of the
+        # destination's reached it (for frames the source never received).
+        assert o.result(o.source_out) == o.traffic.expected_result, o.traffic.summary()
+        if o.hold["held"]:
+            break
+    assert o.hold is not None and o.hold["held"] > 0, "three rollbacks, nothing held"
+
+
+def release_after(n: int) -> Callable[[DestinationDevices], None]:
+    """DestinationDevices.release_output once each VF's hold has ``n`` frames (at most
+    5 s): an audit long enough that the guest answers during it, whatever the host."""
+    real = DestinationDevices.release_output
+
+    def release(self: DestinationDevices) -> None:
+        vfs = [d for d in self.devices if isinstance(d, VirtualFunction)]
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not all(
+            vf.port.hold is not None and vf.port.hold.held >= n for vf in vfs
+        ):
+            time.sleep(0.002)
+        real(self)
+
+    return release
+
+
+def test_held_output_reaches_the_peer_once_when_the_audit_passes(
+    hosts: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(DestinationDevices, "release_output", release_after(20))
+    o = migrate_under_traffic(hosts, "iommu", caps=HOLD, device_options=WINDOW)
+    st = o.source.stats
+    assert st.status == "completed", st.error
+    assert st.verify.phases["audit"]["status"] == "passed"
+    check_service(o)
+    assert o.dropped == 0
+    assert o.hold is not None and o.hold["held"] >= 20, o.hold
+    assert o.hold == {**o.hold, "released": o.hold["held"], "dropped": 0, "overflow": 0}
+    # Every echo the guest sent reached the peer (the held ones too), none twice.
+    assert o.result(o.dest_out) == o.traffic.expected_result, o.traffic.summary()
 
 
 # ---- two hosts in network namespaces, the peer in a third
