@@ -5,6 +5,8 @@ destination stops, the source runs the guest on to its reference RESULT."""
 
 from __future__ import annotations
 
+import socket
+
 import numpy as np
 import pytest
 
@@ -16,7 +18,11 @@ from tests.migration.live import (
     result_in,
 )
 from vmferry.machine import Machine
+from vmferry.migration import reception
+from vmferry.migration.channel import PeerClosed
 from vmferry.migration.params import MigrationCapabilities, MigrationParameters
+from vmferry.migration.receiver_machine import ReceiverEvent
+from vmferry.migration.reception import Reception
 from vmferry.testing.harness import InProcessDestination, MigrationRun, migrate
 
 pytestmark = [pytest.mark.kvm, pytest.mark.slow]
@@ -127,6 +133,39 @@ def test_mode_off_checks_nothing_a_missed_write_goes_unseen() -> None:
         assert st.status == "completed", st.error
         assert st.verify.status == "off" and st.verify.phases == {}
         assert inject.page is not None
+        _finish_on_destination(run)
+    finally:
+        if run is not None:
+            run.close()
+        guest.close()
+
+
+def test_a_destination_lost_during_the_audit_leaves_the_vm_paused_here(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The connection breaks while the source waits for the audit's verdict: the source
+    cannot know whether the VM runs there, so it keeps its copy paused (failed after the
+    release); the destination, whose source is gone, runs the guest on unaudited."""
+
+    def cut(r: Reception) -> ReceiverEvent:
+        assert r.conn is not None
+        r.conn.sock.shutdown(socket.SHUT_RDWR)
+        raise PeerClosed("the test cut the connection during the audit")
+
+    monkeypatch.setattr(reception, "await_audit", cut)
+    guest = Guest(WORKLOAD)
+    run: MigrationRun | None = None
+    try:
+        run = _migrate(guest, "on")
+        st = run.stats
+        assert st.status == "failed" and run.source.released
+        assert st.error.endswith(
+            "the VM stays paused here (postmigrate) because the destination may be running "
+            "it (it was lost during the audit after resume)"
+        ), st.error
+        assert guest.machine.paused and guest.machine.exit is None
+        assert run.result is not None, run.error
+        assert run.result.verify.phases["audit"]["status"] == "unfinished"
         _finish_on_destination(run)
     finally:
         if run is not None:
