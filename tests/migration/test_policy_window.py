@@ -143,6 +143,17 @@ def test_the_live_figure_uses_the_decisions_costs() -> None:
     assert w.verify_ms == pytest.approx((GIB_PAGES + 10 * MIB // PAGE_SIZE) * HALF_US)
 
 
+def test_the_checks_setup_is_in_the_fixed_part() -> None:
+    """Finding what to check is paid whatever is pending: it comes out of the limit and
+    into the expected downtime."""
+    cost = VerifyCost(0, True, AS_SLOW_AS_SENDING, setup_ms=40.0)
+    assert cost.fixed_ms == 40.0
+    d = decide(1000, 100 * MIB, BW, 0.0, P, overhead_ms=10.0, verify=cost)
+    assert d.action == "switchover" and d.expected_downtime_ms == pytest.approx(250.0)
+    assert "stop-copy bandwidth 500 MiB/s × 250 ms of 300" in d.reason
+    assert decide(1000, 130 * MIB, BW, 0.0, P, overhead_ms=10.0, verify=cost).action == "continue"
+
+
 def test_verify_cost_parts() -> None:
     assert NO_VERIFY.fixed_ms == 0.0 and NO_VERIFY.pending_ms(100 * MIB) == 0.0
     assert NO_VERIFY.bandwidth(BW) == BW

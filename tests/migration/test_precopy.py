@@ -94,13 +94,14 @@ def test_strict_verification_counts_every_resident_page() -> None:
         without = _precopy(ncpus=1, memory=mem, verify="off")._decide(_round(), sync_ms=0.0)
         cost = with_check.verify
         assert cost.pages == resident and not cost.pending and cost.ms_per_page > 0
+        assert cost.setup_ms > 0  # finding the resident pages is timed too
         assert with_check.expected_downtime_ms == pytest.approx(
-            without.expected_downtime_ms + resident * cost.ms_per_page
+            without.expected_downtime_ms + resident * cost.ms_per_page + cost.setup_ms
         )
         assert without.verify == policy.NO_VERIFY
         # measured once per migration, not at every round
         again = checked._decide(_round(), sync_ms=0.0)
-        assert again.verify.ms_per_page == cost.ms_per_page
+        assert again.verify == cost
     finally:
         mem.close()
 
@@ -115,7 +116,7 @@ def test_verification_on_counts_the_final_round_and_what_devices_reach() -> None
         pending_pages = (RAM_LEFT + PAGE_SIZE - 1) // PAGE_SIZE
         off = _precopy(ncpus=1, memory=mem, verify="off")._decide(_round(), sync_ms=0.0)
         assert on.expected_downtime_ms == pytest.approx(
-            off.expected_downtime_ms + pending_pages * on.verify.ms_per_page
+            off.expected_downtime_ms + pending_pages * on.verify.ms_per_page + on.verify.setup_ms
         )
         # a device maps pages 0-9 (0-2 hold data) and page 1280 (5 MiB, holds data)
         iommu = SimpleNamespace(mapped_pages=lambda: np.array([*range(10), 1280], np.int64))

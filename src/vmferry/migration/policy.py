@@ -99,16 +99,19 @@ class VerifyCost:
     reach; with x-verify strict, every resident page). ``pending``: it digests the final
     round's pages too (x-verify on), so that part shrinks as the rounds do.
     ``ms_per_page``: the measured digest cost of one page (calibrated at migration start).
+    ``setup_ms``: the measured cost of finding what to check (the resident pages, the set
+    of pages to digest), paid inside the window whatever is pending.
     """
 
     pages: int = 0
     pending: bool = False
     ms_per_page: float = 0.0
+    setup_ms: float = 0.0
 
     @property
     def fixed_ms(self) -> float:
         """The part iterating cannot shrink."""
-        return max(self.pages, 0) * max(self.ms_per_page, 0.0)
+        return max(self.pages, 0) * max(self.ms_per_page, 0.0) + max(self.setup_ms, 0.0)
 
     def pending_ms(self, pending_bytes: int) -> float:
         if not self.pending or pending_bytes <= 0:

@@ -27,7 +27,7 @@ from vmferry.migration.params import MigrationCapabilities, MigrationParameters,
 from vmferry.migration.ram import RamStats
 from vmferry.migration.stream import StreamWriter
 from vmferry.migration.vcpus import VcpuMigration
-from vmferry.migration.verify import page_digests, pre_resume_pages
+from vmferry.migration.verify import page_digests, pre_resume_pages, pre_resume_set
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,7 @@ class Precopy:
         self.round_no = 0  # the round in flight
         self._bandwidths: list[float] = []
         self._throttle = policy.ThrottleState()
-        self._digest_ms_per_page: float | None = None  # measured once, at the first decision
+        self._check: CheckCost | None = None  # measured once, at the first decision
 
     def start(self) -> None:
         """Dirty tracking on in every part: from here on every change is seen."""
@@ -147,24 +147,24 @@ class Precopy:
         return decision
 
     def _verify_cost(self) -> policy.VerifyCost:
-        """What the pre-resume check will digest (x-verify), at the digest rate measured
-        here: strict, every resident page; on, the final round's pages (the pending ones,
-        shrinking with the rounds) and the resident pages a device can reach; off,
-        nothing."""
+        """What the pre-resume check will cost (x-verify), measured here at the first
+        decision: strict digests every resident page; on, the final round's pages (the
+        pending ones, shrinking with the rounds) and the resident pages a device can
+        reach; both first find what to check, as the stop-and-copy does; off: nothing."""
         mode = verify_mode(self.params, self.caps)
         if mode == "off":
             return policy.NO_VERIFY
-        memory = self.machine.memory
-        if self._digest_ms_per_page is None:
-            self._digest_ms_per_page = digest_ms_per_page()
+        if self._check is None:
+            self._check = measure_check(self.machine)
+        c = self._check
         if mode == "strict":
-            pages = sum(-(-(e - s) // PAGE_SIZE) for s, e in memory.data_ranges())
-            return policy.VerifyCost(pages, ms_per_page=self._digest_ms_per_page)
+            return policy.VerifyCost(c.resident, ms_per_page=c.ms_per_page, setup_ms=c.scan_ms)
         # The final round's pages are the pending ones when it comes (pending=True): the
         # policy counts them as they shrink; what a device reaches is checked regardless.
-        reachable = _reachable_resident(self.machine)
-        fixed_pages = pre_resume_pages(final_pages=0, reachable_pages=reachable)
-        return policy.VerifyCost(fixed_pages, pending=True, ms_per_page=self._digest_ms_per_page)
+        fixed_pages = pre_resume_pages(final_pages=0, reachable_pages=c.reachable)
+        return policy.VerifyCost(
+            fixed_pages, pending=True, ms_per_page=c.ms_per_page, setup_ms=c.scan_ms + c.set_ms
+        )
 
     def _throttle_for(self, sent_bytes: int) -> None:
         pending = self.parts.ram.pending().bytes
@@ -176,14 +176,36 @@ class Precopy:
             self.figures.throttled(self._throttle.pct)
 
 
-def _reachable_resident(machine: Machine) -> int:
-    """Resident pages some device's IOMMU maps: DMA bypasses the dirty log, so x-verify
-    on checks them before resume whatever the rounds sent."""
+@dataclass(frozen=True)
+class CheckCost:
+    """What the pre-resume check's inputs measured on this VM: page counts and costs."""
+
+    resident: int  # pages holding data
+    reachable: int  # of those, pages some device's IOMMU maps
+    ms_per_page: float  # one page's digest
+    scan_ms: float  # finding the resident pages (tmpfs SEEK_DATA: O(RAM))
+    set_ms: float  # building x-verify on's set of pages from them
+
+
+def measure_check(machine: Machine) -> CheckCost:
+    """Time what the stop-and-copy does to set up the check, on this VM's RAM now:
+    the resident pages, then x-verify on's set (with no final pages: those the policy
+    counts as they shrink). DMA bypasses the dirty log, so the pages a device can reach
+    are checked whatever the rounds sent."""
+    t0 = time.perf_counter()
+    resident = machine.memory.resident_pages()
+    t1 = time.perf_counter()
     maps = [d.iommu.mapped_pages() for d in machine.devices]
-    if not maps:
-        return 0
-    reachable = np.unique(np.concatenate(maps))
-    return int(np.intersect1d(reachable, machine.memory.resident_pages(), assume_unique=True).size)
+    reachable = np.unique(np.concatenate(maps)) if maps else np.zeros(0, dtype=np.int64)
+    checked = pre_resume_set(np.zeros(0, dtype=np.int64), reachable, resident)
+    t2 = time.perf_counter()
+    return CheckCost(
+        int(resident.size),
+        int(checked.size),
+        digest_ms_per_page(),
+        (t1 - t0) * 1e3,
+        (t2 - t1) * 1e3,
+    )
 
 
 CALIBRATION_PAGES = 4096  # 16 MiB: a few ms, long enough to be timed
@@ -208,4 +230,4 @@ def digest_ms_per_page() -> float:
         scratch.close()
 
 
-__all__ = ["Parts", "Precopy", "digest_ms_per_page"]
+__all__ = ["CheckCost", "Parts", "Precopy", "digest_ms_per_page", "measure_check"]
