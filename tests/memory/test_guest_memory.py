@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from vmferry.errors import ConfigError, VmferryError
-from vmferry.memory import GuestMemory
+from vmferry.memory import DirtyBitmap, GuestMemory
 from vmferry.memory.guest_memory import HIGH_RAM_BASE, LOW_RAM_LIMIT
 
 
@@ -55,12 +55,14 @@ def test_data_ranges_of_full_empty_and_partial_ram_agree_with_the_walk() -> None
     m = GuestMemory(8 << 20)
     try:
         assert m.data_ranges() == [] and m.resident_pages().size == 0
+        assert m.resident_bitmap().count() == 0
         m.write_gpa(0x5000, b"\x01")
         m.write_gpa(0x7FF000, b"\x02")  # the last page
         assert m.data_ranges() == [(0x5000, 0x6000), (0x7FF000, 0x800000)]
         m.populate()
         assert m.data_ranges() == [(0, 8 << 20)]
         assert m.resident_pages().tolist() == list(range(2048))
+        assert m.resident_bitmap().count() == 2048
     finally:
         m.close()
 
@@ -79,5 +81,6 @@ def test_data_ranges_from_page_residency_match_the_tmpfs_walk() -> None:
         assert m.data_ranges() == walked
         expect = np.concatenate([np.arange(s >> 12, e >> 12) for s, e in walked])
         assert np.array_equal(m.resident_pages(), expect)
+        assert np.array_equal(m.resident_bitmap().words, DirtyBitmap.from_pages(4096, expect).words)
     finally:
         m.close()
