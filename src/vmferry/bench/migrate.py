@@ -502,6 +502,9 @@ def run_vmferry(case: Case, plan: MigratePlan, workdir: Path) -> VmmRun:
         except (OSError, ValueError) as e:
             raise VmferryError(f"no migration report from the vmferry source: {e}") from None
         status = str(rep.get("status", status))
+        if error and status == "completed":
+            # Past the switchover a migration no longer cancels: it was converged.
+            error = f"completed after the bench's cancel at {timeout:.0f} s (too late to cancel)"
         run = VmmRun(
             "vmferry",
             status,
