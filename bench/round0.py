@@ -115,7 +115,7 @@ class Sampler:
         return {
             "host_busy_pct": round(200 * busy),
             "ours_pct": round(sum(threads.values())),
-            "cpu_s": round(sum(threads.values()) / 100 * dt, 2),
+            "cpu_s": round(sum(threads.values()) / 100 * dt, 2),  # of the threads listed
             "load": round(os.getloadavg()[0], 1),
             "threads": {k: round(v) for k, v in threads.items()},
         }
@@ -189,22 +189,13 @@ def round0(mode: str, gib: int, channels: int, *, prealloc: bool, verify: str) -
 
 
 def raw(gib: int, streams: int) -> dict[str, object]:
-    """Raw TCP's rate, and the CPU both ends spent (this process and the waited-for
-    receiver) per GB, to set against a migration's."""
     buf = GuestMemory(gib * GIB)
     try:
         pages = buf.pages()
         pages[8192:] = 1  # populated and non-zero; rawtcp does not look at the bytes
         view = buf.view(32 << 20, gib * GIB - (32 << 20))
-        t0 = os.times()
         res = rawtcp.measure(view, streams)
-        t1 = os.times()
-        cpu = sum(b - a for a, b in zip(t0[:4], t1[:4], strict=True))
-        return {
-            "mbs": round(view.nbytes / res.seconds / 1e6),
-            "cpu_s_per_gb": round(cpu / (view.nbytes / 1e9), 2),
-            "load": round(os.getloadavg()[0], 1),
-        }
+        return {"mbs": round(view.nbytes / res.seconds / 1e6), "load": round(os.getloadavg()[0], 1)}
     finally:
         buf.close()
 
