@@ -155,6 +155,7 @@ def test_stop_ends_the_thread_after_the_call_in_progress() -> None:
     assert p._thread is not None and not p._thread.is_alive()
     assert len(rec.calls) == 1  # the burst it was in, nothing after
     p.ensure(*pages((200 * MIB, MIB)))  # after stop: a receiver is not held up
+    assert len(rec.calls) == 1  # nor does it populate anything itself
 
 
 def test_closing_guest_memory_stops_its_populator() -> None:

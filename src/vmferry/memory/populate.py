@@ -233,6 +233,7 @@ class Populator:
         """Stop (the migration ended or failed): the thread ends after its burst."""
         with self._cond:
             self._stopping = True
+            self.finished = True  # a receiver after this writes into whatever is there
             self._cond.notify_all()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
