@@ -222,9 +222,11 @@ class GuestMemory:
         held = self._held_pages()
         if held is None:
             return self._walk_data_ranges()
-        edges = np.diff(np.concatenate(([0], held.view(np.int8), [0])))
-        starts = np.flatnonzero(edges == 1) << PAGE_SHIFT
-        ends = np.flatnonzero(edges == -1) << PAGE_SHIFT
+        # Stretches of equal residency (only the flips are found: the vector is long).
+        bounds = np.concatenate(([0], np.flatnonzero(held[1:] != held[:-1]) + 1, [held.size]))
+        data = held[bounds[:-1]]
+        starts = bounds[:-1][data] << PAGE_SHIFT
+        ends = bounds[1:][data] << PAGE_SHIFT
         return list(zip(starts.tolist(), ends.tolist(), strict=True))
 
     def _held_pages(self) -> npt.NDArray[np.bool_] | None:
