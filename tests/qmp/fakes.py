@@ -26,6 +26,7 @@ class FakeVm:
             "x-switchover-timeout": 0,
             "x-switchover-policy": "keep-going",
             "x-peer-timeout": 5000,
+            "x-verify": "on",
         }
         self.capabilities = dict.fromkeys(MIGRATION_CAPABILITIES, False)
 

@@ -125,6 +125,7 @@ def test_migration_parameters(server: QmpServer, vm: FakeVm) -> None:
         "x-switchover-timeout": 1500,
         "x-switchover-policy": "cancel",
         "x-peer-timeout": 600_000,
+        "x-verify": "strict",
     }
 
     async def body(qmp: QMPClient) -> None:
@@ -150,6 +151,7 @@ def test_migration_capabilities(server: QmpServer, vm: FakeVm) -> None:
         {"capability": "auto-converge", "state": False},
         {"capability": "multifd", "state": True},
         {"capability": "x-verify", "state": True},
+        {"capability": "x-verify-hold-output", "state": False},
     ]
     assert ("migrate_set_capabilities", {"caps": {"multifd": True, "x-verify": True}}) in vm.calls
 
