@@ -104,14 +104,17 @@ class StopCopy:
         """The last sync and the pages it found; the stop-and-copy is a round too (the
         destination counts what the source does)."""
         p, mem = self.parts, self.machine.memory
-        self._resident = self._checked = mem.resident_pages()
         if self.seed is not None and self.mode == "strict":
+            self._resident = self._checked = mem.resident_pages()
             self._digests = self.digest_pool.submit(page_digests, mem, self._resident, self.seed, 2)
         # The last pre-copy sync's set is still scheduled (it was never sent): DMA dirty
         # bits were read-and-cleared then, so they are carried over, not read again.
         p.collect_dirty(mem.npages, self.figures)
         if self.seed is not None and self.mode == "on":
-            self._checked = pre_resume_set(self._final_pages(), self._reachable(), self._resident)
+            reachable = self._reachable()
+            # The resident pages (O(RAM) to find) only matter where a device reaches.
+            resident = mem.resident_pages() if reachable.size else reachable
+            self._checked = pre_resume_set(self._final_pages(), reachable, resident)
             self._digests = self.digest_pool.submit(page_digests, mem, self._checked, self.seed, 2)
         p.ram.save_final(p.main)
         if self.after_final_sync is not None:
