@@ -26,8 +26,7 @@ class RamMigration:
     def start_dirty_tracking(self) -> None:
         self.machine.set_dirty_logging(True)
         # Round 0: all RAM that holds data (holes are zero on the destination already).
-        self._scheduled.clear()
-        self._scheduled.set_pages(self.machine.memory.resident_pages())
+        self._scheduled = self.machine.memory.resident_bitmap()
 
     def stop_dirty_tracking(self) -> None:
         self.machine.set_dirty_logging(False)
