@@ -170,3 +170,22 @@ def test_merge_at_leaves_out_pages_past_the_end(first: int, npages: int) -> None
     want = list(range(first, min(first + npages, 100)))
     assert b.pages().tolist() == want and b.count() == len(want)
     assert int(b.words[-1]) >> (100 % 64) == 0  # the spare bits stay clear
+
+
+@given(
+    st.integers(1, 3000).flatmap(
+        lambda n: st.tuples(
+            st.just(n),
+            st.sets(st.integers(0, n - 1)),
+            st.lists(st.integers(0, n - 1), max_size=200),
+        )
+    )
+)
+def test_test_says_which_pages_are_set_in_the_order_asked(
+    args: tuple[int, set[int], list[int]],
+) -> None:
+    npages, set_, asked = args
+    b = DirtyBitmap.from_pages(npages, np.array(sorted(set_), dtype=np.int64))
+    got = b.test(np.array(asked, dtype=np.int64))
+    assert got.dtype == np.bool_
+    assert got.tolist() == [p in set_ for p in asked]

@@ -33,6 +33,7 @@ from vmferry.devices.stream import (
     SavingStream,
     framed_size,
 )
+from vmferry.memory.dirty import bits_set
 from vmferry.sizes import parse_size
 
 # What QEMU assumes when a device cannot say how big its stop-copy data is: never
@@ -371,9 +372,8 @@ class DmaLog:
                     continue
                 covered += hi - lo
                 src = np.arange((lo - a) // ps, (hi - a) // ps, dtype=np.int64)
-                set_ = (bits[src >> 6] >> (src & 63).astype(np.uint64)) & np.uint64(1)
                 dst = (src * ps + a - iova) // ps
-                on = dst[set_.astype(bool)].astype(np.uint64)
+                on = dst[bits_set(bits, src)].astype(np.uint64)
                 np.bitwise_or.at(out, on >> np.uint64(6), np.uint64(1) << (on & np.uint64(63)))
                 clear = src.astype(np.uint64)
                 np.bitwise_and.at(

@@ -123,6 +123,10 @@ class DirtyBitmap:
         dst = self.words[w0 : w0 + src.size]
         np.bitwise_or(dst, src[: dst.size], out=dst)
 
+    def test(self, pages: npt.NDArray[np.integer]) -> npt.NDArray[np.bool_]:
+        """Whether each of ``pages`` is set, in their order (gathered, vectorised)."""
+        return bits_set(self.words, pages)
+
     def count(self, first_word: int = 0, end_word: int | None = None) -> int:
         return int(np.bitwise_count(self.words[first_word:end_word]).sum())
 
@@ -159,6 +163,14 @@ class DirtyBitmap:
             np.copyto(part.words, self.words, where=owner == c)
             parts.append(part)
         return parts
+
+
+def bits_set(words: Words, pages: npt.NDArray[np.integer]) -> npt.NDArray[np.bool_]:
+    """Whether each of ``pages`` is set in ``words`` (KVM's layout: bit ``p & 63`` of word
+    ``p >> 6``); for bitmaps that are bare word arrays, as a device's DMA log."""
+    p = np.asarray(pages, dtype=np.int64)
+    bits = (words[p >> 6] >> (p & 63).astype(np.uint64)) & np.uint64(1)
+    return bits.astype(bool)
 
 
 def _byte_tables() -> tuple[IntArray, IntArray]:

@@ -25,6 +25,7 @@ from vmferry.migration.migratable import Migratable
 from vmferry.migration.multifd import MultifdRam
 from vmferry.migration.params import MigrationCapabilities, MigrationParameters, verify_mode
 from vmferry.migration.ram import RamStats
+from vmferry.migration.reachable import reachable_pages
 from vmferry.migration.stream import StreamWriter
 from vmferry.migration.vcpus import VcpuMigration
 from vmferry.migration.verify import page_digests, pre_resume_pages, pre_resume_set
@@ -195,8 +196,7 @@ def measure_check(machine: Machine) -> CheckCost:
     t0 = time.perf_counter()
     resident = machine.memory.resident_pages()
     t1 = time.perf_counter()
-    maps = [d.iommu.mapped_pages() for d in machine.devices]
-    reachable = np.unique(np.concatenate(maps)) if maps else np.zeros(0, dtype=np.int64)
+    reachable = reachable_pages(machine)
     checked = pre_resume_set(np.zeros(0, dtype=np.int64), reachable, resident)
     t2 = time.perf_counter()
     return CheckCost(

@@ -375,8 +375,7 @@ class RamReceiver:
                 src.read(self.memory.view(s * PAGE_SIZE, n * PAGE_SIZE))
         z = expand_runs(first[is_zero], npages[is_zero])
         if z.size:
-            bits = self.written.words[z >> 6] >> (z & 63).astype(np.uint64)
-            allp[z[(bits & np.uint64(1)).astype(bool)]] = 0
+            allp[z[self.written.test(z)]] = 0
         self.written.set_runs(d_first, d_n)
         if self.on_landed is not None:
             self.on_landed(first, npages, is_zero)

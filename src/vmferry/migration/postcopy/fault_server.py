@@ -59,9 +59,7 @@ class FaultServerError(MigrationError):
 
 def bits_at(bitmap: DirtyBitmap, pages: IntArray) -> Bits:
     """Whether each of ``pages`` is set (gathered from its word, vectorised)."""
-    words = bitmap.words[pages >> 6]
-    bits: Bits = ((words >> (pages & 63).astype(np.uint64)) & np.uint64(1)).astype(bool)
-    return bits
+    return bitmap.test(pages)
 
 
 @dataclass
