@@ -170,7 +170,8 @@ def bits_set(words: Words, pages: npt.NDArray[np.integer]) -> npt.NDArray[np.boo
     ``p >> 6``); for bitmaps that are bare word arrays, as a device's DMA log."""
     p = np.asarray(pages, dtype=np.int64)
     bits = (words[p >> 6] >> (p & 63).astype(np.uint64)) & np.uint64(1)
-    return bits.astype(bool)
+    out: npt.NDArray[np.bool_] = bits.astype(bool)
+    return out
 
 
 def _byte_tables() -> tuple[IntArray, IntArray]:
