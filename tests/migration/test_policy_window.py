@@ -9,7 +9,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from vmferry.migration.params import MigrationParameters
-from vmferry.migration.policy import NO_VERIFY, PAGE_SIZE, VerifyCost, decide, window
+from vmferry.migration.policy import (
+    NO_VERIFY,
+    PAGE_SIZE,
+    VerifyCost,
+    decide,
+    verify_cost,
+    window,
+)
 
 MIB = 1 << 20
 P = MigrationParameters()  # downtime-limit 300 ms
@@ -193,3 +200,45 @@ def test_a_converged_switchover_expects_to_hold_the_limit(
     d = decide(0, pending, bw, 0.0, params, device, overhead_ms=overhead, verify=verify)
     if d.action == "switchover" and overhead + verify.fixed_ms <= limit / 2:
         assert d.expected_downtime_ms <= limit * (1 + 1e-9) + 1e-6, d.reason
+
+
+# mode, resident, mapped, reachable (resident of mapped) → pages, pending, setup ms
+# (digest 0.001 ms a page, resident scan 30 ms, on's set 5 ms)
+COST_CASES = [
+    pytest.param("off", 1000, 500, 400, 0, False, 0.0, id="off: nothing"),
+    pytest.param("strict", 1000, 0, 0, 1000, False, 30.0, id="strict: all resident, scanned"),
+    pytest.param("strict", 1000, 500, 400, 1000, False, 30.0, id="strict with a device"),
+    # since ce8df36 the switchover finds resident pages only where a device maps some
+    pytest.param("on", 1000, 0, 0, 0, True, 0.0, id="on, no device: no scan"),
+    pytest.param("on", 1000, 500, 400, 400, True, 35.0, id="on, a device: scan and set"),
+    pytest.param("on", 1000, 500, 0, 0, True, 35.0, id="on, device maps only holes"),
+]
+
+
+@pytest.mark.parametrize(
+    ("mode", "resident", "mapped", "reachable", "pages", "pending", "setup"), COST_CASES
+)
+def test_the_check_costs_what_the_switchover_will_do(
+    mode: str,
+    resident: int,
+    mapped: int,
+    reachable: int,
+    pages: int,
+    pending: bool,
+    setup: float,
+) -> None:
+    cost = verify_cost(mode, resident, mapped, reachable, 0.001, scan_ms=30.0, set_ms=5.0)
+    if mode == "off":
+        assert cost == NO_VERIFY
+        return
+    assert (cost.pages, cost.pending) == (pages, pending)
+    assert cost.setup_ms == pytest.approx(setup)
+    assert cost.ms_per_page == 0.001
+    assert cost.fixed_ms == pytest.approx(pages * 0.001 + setup)
+
+
+def test_the_check_follows_the_counts_of_each_decision() -> None:
+    """Recounted at each decision: more resident RAM, a bigger strict check."""
+    small = verify_cost("strict", 1000, 0, 0, 0.001, scan_ms=30.0)
+    grown = verify_cost("strict", 5000, 0, 0, 0.001, scan_ms=30.0)
+    assert grown.fixed_ms - small.fixed_ms == pytest.approx(4000 * 0.001)

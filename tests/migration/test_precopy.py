@@ -99,9 +99,11 @@ def test_strict_verification_counts_every_resident_page() -> None:
             without.expected_downtime_ms + resident * cost.ms_per_page + cost.setup_ms
         )
         assert without.verify == policy.NO_VERIFY
-        # measured once per migration, not at every round
-        again = checked._decide(_round(), sync_ms=0.0)
-        assert again.verify == cost
+        # the pages are counted again at every decision; the costs are measured once
+        mem.view(7 << 20, PAGE_SIZE).cast("B")[:] = b"\x03" * PAGE_SIZE
+        again = checked._decide(_round(), sync_ms=0.0).verify
+        assert again.pages == resident + 1
+        assert (again.ms_per_page, again.setup_ms) == (cost.ms_per_page, cost.setup_ms)
     finally:
         mem.close()
 
@@ -113,6 +115,8 @@ def test_verification_on_counts_the_final_round_and_what_devices_reach() -> None
     try:
         on = _precopy(ncpus=1, memory=mem, verify="on")._decide(_round(), sync_ms=0.0)
         assert on.verify.pages == 0 and on.verify.pending
+        # no device reaches a page: the switchover does not look for resident pages
+        assert on.verify.setup_ms == 0
         pending_pages = (RAM_LEFT + PAGE_SIZE - 1) // PAGE_SIZE
         off = _precopy(ncpus=1, memory=mem, verify="off")._decide(_round(), sync_ms=0.0)
         assert on.expected_downtime_ms == pytest.approx(
@@ -122,7 +126,8 @@ def test_verification_on_counts_the_final_round_and_what_devices_reach() -> None
         iommu = SimpleNamespace(mapped_pages=lambda: np.array([*range(10), 1280], np.int64))
         dev = SimpleNamespace(iommu=iommu)
         with_dev = _precopy(ncpus=1, memory=mem, verify="on", devices=[dev])
-        assert with_dev._decide(_round(), sync_ms=0.0).verify.pages == 4
+        cost = with_dev._decide(_round(), sync_ms=0.0).verify
+        assert cost.pages == 4 and cost.setup_ms > 0  # now the scan is in the window
     finally:
         mem.close()
 

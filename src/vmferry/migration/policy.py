@@ -130,6 +130,32 @@ class VerifyCost:
 NO_VERIFY: Final = VerifyCost()
 
 
+def verify_cost(
+    mode: str,
+    resident: int,
+    mapped: int,
+    reachable: int,
+    ms_per_page: float,
+    scan_ms: float = 0.0,
+    set_ms: float = 0.0,
+) -> VerifyCost:
+    """The pre-resume check's cost as the stop-and-copy will pay it (switchover's
+    send_final_round), from this decision's counts and the migration's measured costs.
+
+    ``resident``: pages holding data; ``mapped``: pages some device's IOMMU maps;
+    ``reachable``: those of them resident; ``scan_ms``: finding the resident pages
+    (O(RAM)); ``set_ms``: building x-verify on's set from them. strict digests every
+    resident page, after the scan; on digests the final round's pages (the pending ones,
+    shrinking with the rounds) and the reachable ones, and scans only where a device maps
+    some; off: nothing."""
+    if mode == "off":
+        return NO_VERIFY
+    if mode == "strict":
+        return VerifyCost(resident, ms_per_page=ms_per_page, setup_ms=scan_ms)
+    setup = scan_ms + set_ms if mapped > 0 else 0.0
+    return VerifyCost(reachable if mapped > 0 else 0, True, ms_per_page, setup)
+
+
 @dataclass(frozen=True)
 class Window:
     """The expected downtime in its parts (ms): pause to the destination's resume."""
