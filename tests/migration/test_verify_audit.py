@@ -99,6 +99,9 @@ def test_mode_on_checks_few_pages_before_resume_and_audits_all_after() -> None:
         assert 0 < pre["pages"] < resident  # the final round only: no device here
         assert audit["pages"] == guest.machine.memory.npages and audit["source_ms"] > 0
         assert run.result is not None and run.result.verify.phases["audit"]["status"] == "passed"
+        # passed once the audit passed, with its pages (both sides)
+        assert st.verify.status == run.result.verify.status == "passed"
+        assert st.verify.pages_checked == run.result.verify.pages_checked == audit["pages"]
         _finish_on_destination(run)
     finally:
         if run is not None:
@@ -166,6 +169,7 @@ def test_a_destination_lost_during_the_audit_leaves_the_vm_paused_here(
         assert guest.machine.paused and guest.machine.exit is None
         assert run.result is not None, run.error
         assert run.result.verify.phases["audit"]["status"] == "unfinished"
+        assert st.verify.status == run.result.verify.status == "unaudited"
         _finish_on_destination(run)
     finally:
         if run is not None:

@@ -76,6 +76,7 @@ def await_audit(r: Reception) -> ReceiverEvent:
     status = "passed" if comp.passed else "failed"
     r.verify.phases["audit"] = {"pages": comp.next_page, "ms": round(ms, 3), "status": status}
     if comp.passed:
+        r.verify.status, r.verify.pages_checked = "passed", comp.next_page
         return Re.AUDIT_PASSED
     r.verify.status = "failed"
     r.verify.mismatched_pages = list(comp.mismatched)
@@ -125,6 +126,7 @@ def keep_unaudited(r: Reception) -> None:
     """The source went away during the audit: the guest is this one, unaudited."""
     log.warning("the source was lost during the audit (%s): the guest runs on here", r.error)
     if r.verify is not None:
+        r.verify.status = "unaudited"
         r.verify.phases["audit"] = {"pages": 0, "ms": 0.0, "status": "unfinished"}
         r.verify.detail = f"not audited: {r.error}"
     r.error = r.cause = None

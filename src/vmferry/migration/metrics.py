@@ -39,7 +39,9 @@ class DowntimeBreakdown:
 
 @dataclass
 class VerifyResult:
-    status: str = "off"  # off | passed | failed
+    # off | passed | failed; x-verify on: pending from the pre-resume check until the
+    # audit passed, unaudited if it could not finish
+    status: str = "off"
     pages_checked: int = 0
     mismatched_pages: list[int] = field(default_factory=list)  # first few, RAM page numbers
     cpu_state: str = "off"  # off | passed | failed

@@ -335,6 +335,8 @@ class Reception:
             self.failed_check = self.verify
             self._fail(MigrationError(f"verification failed: {self.verify.detail}"))
             return Re.VERIFY_FAILED
+        if self.head.verify == "on":
+            self.verify.status = "pending"  # until the audit after resume passed
         return Re.VERIFY_PASSED
 
     # ---- the hand-over
@@ -342,7 +344,8 @@ class Reception:
         assert self.conn is not None and self.verify is not None
         t = self.times
         ms = (t["verified"] - t["loaded"]) * 1e3
-        self.conn.reply.send(Ready(ms, self.verify.pages_checked, self.verify.status))
+        check = self.verify.phases.get("pre-resume", {}).get("status", self.verify.status)
+        self.conn.reply.send(Ready(ms, self.verify.pages_checked, str(check)))
 
     def _await_go(self) -> ReceiverEvent:
         # The source answers at once; one that does not has stopped. Giving up is safe:

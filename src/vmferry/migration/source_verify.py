@@ -4,6 +4,10 @@ x-verify-phase), each phase's figures, and the audit after resume (x-verify on).
 The audit runs once the destination said ``resumed``: RAM here is frozen (the VM never
 runs here again unless the audit fails), so its digests are those of what was sent. A
 verdict of ``failed`` means the destination stopped its guest: the table rolls back.
+
+Status (query-migrate's verify.status): x-verify on is "pending" from the pre-resume
+check until the audit passed ("passed", its pages then the pages checked), "failed" if it
+did not, "unaudited" if the destination was lost before its verdict came.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from vmferry.machine.machine import Machine
 from vmferry.migration.audit import source_chunks
 from vmferry.migration.codec import Ready
 from vmferry.migration.figures import LiveFigures
-from vmferry.migration.handover import Handover
+from vmferry.migration.handover import Handover, StillReleased
 from vmferry.migration.source_machine import SourceEvent
 
 Ev = SourceEvent
@@ -44,6 +48,8 @@ class SourceVerification:
         phase = {"pages": msg.pages_checked, "ms": round(pre_resume_ms, 3), "status": msg.verify}
         with self.figures.lock:
             v = self.figures.stats.verify
+            if self.mode == "on":
+                v.status = "pending"  # what the dirty log vouches for is not yet audited
             v.phases["pre-resume"] = phase
             if self.mode == "strict":
                 v.phase = msg.verify
@@ -56,11 +62,19 @@ class SourceVerification:
         self._t0 = time.monotonic()
         self.phase("audit")
         mem = machine.memory
-        self._source_ms = hand.send_audit(source_chunks(mem, seed), mem.npages)
+        try:
+            self._source_ms = hand.send_audit(source_chunks(mem, seed), mem.npages)
+        except StillReleased:
+            self._unaudited()
+            raise
 
     def audited(self, hand: Handover) -> SourceEvent:
         """The destination's verdict, as the table's event; a failure in words."""
-        msg = hand.await_audited()
+        try:
+            msg = hand.await_audited()
+        except StillReleased:
+            self._unaudited()
+            raise
         phase = {
             "pages": msg.pages_checked,
             "ms": round((time.monotonic() - self._t0) * 1e3, 3),
@@ -72,12 +86,26 @@ class SourceVerification:
             v.phases["audit"] = phase
             v.phase = msg.status
             cpu = v.cpu_state
+            if msg.status == "passed":
+                v.status, v.pages_checked = "passed", msg.pages_checked
         if msg.status == "passed":
             return Ev.AUDIT_PASSED
         shown = ", ".join(str(p) for p in msg.mismatched_pages[:8]) or "none named"
         self.figures.verify_failed({**vars(msg), "cpu_state": cpu})
         self.figures.failed(f"verification failed after resume; rolled back: pages {shown}")
         return Ev.AUDIT_FAILED
+
+    def _unaudited(self) -> None:
+        """The destination was lost before its verdict: what it runs was not audited."""
+        with self.figures.lock:
+            v = self.figures.stats.verify
+            v.status = v.phase = "unaudited"
+            v.phases["audit"] = {
+                "pages": 0,
+                "ms": round((time.monotonic() - self._t0) * 1e3, 3),
+                "source_ms": round(self._source_ms, 3),
+                "status": "unfinished",
+            }
 
 
 __all__ = ["SourceVerification"]
