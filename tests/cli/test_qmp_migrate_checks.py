@@ -130,3 +130,23 @@ def test_migrate_to_a_file_in_a_missing_directory_is_refused_up_front(
         # Refused before anything started: no migration, the VM runs on untouched.
         assert qmp.execute("query-migrate") == {}
         assert qmp.execute("query-status")["status"] == "running"
+
+
+def test_hold_output_without_the_audit_is_refused_at_migrate(
+    source: tuple[str, subprocess.Popen[bytes]],
+) -> None:
+    """x-verify-hold-output holds the destination's frames during the post-resume audit;
+    with x-verify strict or off there is none: migrate refuses, in one line naming both,
+    and the VM runs on here."""
+    path, _ = source
+    with QmpClient(path) as qmp:
+        hold = [{"capability": "x-verify-hold-output", "state": True}]
+        qmp.execute("migrate-set-capabilities", capabilities=hold)
+        qmp.execute("migrate-set-parameters", **{"x-verify": "strict"})
+        with pytest.raises(QmpError, match=r"x-verify-hold-output .*x-verify = strict"):
+            qmp.execute("migrate", uri="tcp:127.0.0.1:1")
+        assert qmp.execute("query-status")["status"] == "running"
+    bad = vmferry("migrate", "--qmp", path, "tcp:127.0.0.1:1", "--verify", "off")
+    assert bad.returncode == 125, bad.stderr
+    line = _one_line(bad.stderr)
+    assert "x-verify-hold-output" in line and "x-verify = off" in line

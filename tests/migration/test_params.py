@@ -11,6 +11,7 @@ from vmferry.migration.params import (
     MigrationCapabilities,
     MigrationParameters,
     channels,
+    check_verify_options,
     verify_mode,
 )
 
@@ -128,3 +129,28 @@ def test_verify_mode_is_the_parameter_unless_the_capability_turned_it_off() -> N
     assert verify_mode(strict, MigrationCapabilities(x_verify=False)) == "off"
     with pytest.raises(ConfigError, match="x-verify = 'loose': allowed values are on, strict, off"):
         MigrationParameters(verify="loose")
+
+
+@pytest.mark.parametrize(
+    ("verify", "x_verify", "hold", "refused"),
+    [
+        ("on", True, True, None),
+        ("strict", True, True, "x-verify = strict"),
+        ("off", True, True, "x-verify = off"),
+        ("on", False, True, "x-verify = off"),  # the older capability turned it off
+        ("strict", True, False, None),
+        ("off", False, False, None),
+    ],
+)
+def test_hold_output_needs_the_audit_of_x_verify_on(
+    verify: str, x_verify: bool, hold: bool, refused: str | None
+) -> None:
+    params = MigrationParameters(verify=verify)
+    caps = MigrationCapabilities(x_verify=x_verify, x_verify_hold_output=hold)
+    if refused is None:
+        check_verify_options(params, caps)
+        return
+    with pytest.raises(ConfigError) as e:
+        check_verify_options(params, caps)
+    msg = str(e.value)
+    assert "x-verify-hold-output" in msg and refused in msg and "\n" not in msg

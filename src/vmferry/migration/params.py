@@ -177,6 +177,17 @@ def verify_mode(params: MigrationParameters, caps: MigrationCapabilities) -> str
     return params.verify if caps.x_verify else "off"
 
 
+def check_verify_options(params: MigrationParameters, caps: MigrationCapabilities) -> None:
+    """Refuse x-verify-hold-output where nothing would release what it holds: the frames
+    are held during the post-resume audit, which only x-verify on runs."""
+    mode = verify_mode(params, caps)
+    if caps.x_verify_hold_output and mode != "on":
+        raise ConfigError(
+            f"x-verify-hold-output needs x-verify on, but x-verify = {mode}: only on audits "
+            f"after resume (the time output is held); set x-verify on or the capability off"
+        )
+
+
 def channels(params: MigrationParameters, caps: MigrationCapabilities) -> int:
     """How many channels a migration really opens: multifd-channels only with multifd."""
     return params.multifd_channels if caps.multifd else 1

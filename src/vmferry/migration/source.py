@@ -40,7 +40,12 @@ from vmferry.migration.outgoing import (
     open_file_target,
     send_config,
 )
-from vmferry.migration.params import MigrationCapabilities, MigrationParameters, verify_mode
+from vmferry.migration.params import (
+    MigrationCapabilities,
+    MigrationParameters,
+    check_verify_options,
+    verify_mode,
+)
 from vmferry.migration.precopy import Precopy
 from vmferry.migration.source_loop import Perform, SourceLoop
 from vmferry.migration.source_machine import (
@@ -90,6 +95,7 @@ class MigrationSource:
         self.on_event = on_event or (lambda name, data: None)
         self.after_final_sync = after_final_sync
         # A file is checked where it is restored, before anything runs: never "on".
+        check_verify_options(params, caps)
         mode = verify_mode(params, caps)
         self.verify_mode = "strict" if mode == "on" and not live else mode
         # The migration's threads write the figures, QMP reads them; steps of the walk
