@@ -17,6 +17,15 @@ from typing import Final, Literal
 
 from vmferry.errors import ConfigError
 from vmferry.migration.params import MigrationParameters
+from vmferry.migration.policy_window import (
+    NO_VERIFY,
+    PAGE_SIZE,
+    VerifyCost,
+    Window,
+    expected_downtime_ms,
+    verify_cost,
+    window,
+)
 
 Action = Literal["continue", "switchover", "cancel"]
 
@@ -27,7 +36,6 @@ THROTTLE_TRIGGER_PCT: Final = 50
 STRIKES_TO_THROTTLE: Final = 2
 # QEMU's rate limiter budgets max-bandwidth in 100 ms windows.
 RATE_WINDOW_S: Final = 0.1
-PAGE_SIZE: Final = 4096
 MIN_BATCH_PAGES: Final = 64  # 256 KiB: smaller sections cost more in headers than they pace
 # The switchover's fixed cost besides the last dirty sync (measured by each migration):
 # kicking the vCPUs out, capturing their state, the destination's resume and its
@@ -80,119 +88,6 @@ def ram_budget_ms(limit_ms: float, overhead_ms: float) -> float:
     shrink by iterating, so they take at most half the limit: holding out for a remainder
     of almost nothing would only prolong the migration."""
     return max(limit_ms - max(overhead_ms, 0.0), limit_ms / 2)
-
-
-def expected_downtime_ms(pending_bytes: int, bandwidth_bps: float) -> float:
-    """How long sending what is pending would take; infinite with no bandwidth."""
-    if pending_bytes <= 0:
-        return 0.0
-    if bandwidth_bps <= 0:
-        return math.inf
-    return pending_bytes / bandwidth_bps * 1000
-
-
-@dataclass(frozen=True)
-class VerifyCost:
-    """What the pre-resume verification adds to the downtime window, from measured inputs.
-
-    ``pages``: pages it digests whatever is still pending (every page a DMA device can
-    reach; with x-verify strict, every resident page). ``pending``: it digests the final
-    round's pages too (x-verify on), so that part shrinks as the rounds do.
-    ``ms_per_page``: the measured digest cost of one page (calibrated at migration start).
-    ``setup_ms``: the measured cost of finding what to check (the resident pages, the set
-    of pages to digest), paid inside the window whatever is pending.
-    """
-
-    pages: int = 0
-    pending: bool = False
-    ms_per_page: float = 0.0
-    setup_ms: float = 0.0
-
-    @property
-    def fixed_ms(self) -> float:
-        """The part iterating cannot shrink."""
-        return max(self.pages, 0) * max(self.ms_per_page, 0.0) + max(self.setup_ms, 0.0)
-
-    def pending_ms(self, pending_bytes: int) -> float:
-        if not self.pending or pending_bytes <= 0:
-            return 0.0
-        return math.ceil(pending_bytes / PAGE_SIZE) * max(self.ms_per_page, 0.0)
-
-    def bandwidth(self, bandwidth_bps: float) -> float:
-        """Bytes/s of the final round once its pages must be digested as well as sent:
-        each byte costs its send time plus its share of a page's digest."""
-        per_byte_s = self.ms_per_page / 1e3 / PAGE_SIZE if self.pending else 0.0
-        if bandwidth_bps <= 0 or per_byte_s <= 0:
-            return bandwidth_bps
-        return 1.0 / (1.0 / bandwidth_bps + per_byte_s)
-
-
-NO_VERIFY: Final = VerifyCost()
-
-
-def verify_cost(
-    mode: str,
-    resident: int,
-    mapped: int,
-    reachable: int,
-    ms_per_page: float,
-    scan_ms: float = 0.0,
-    set_ms: float = 0.0,
-) -> VerifyCost:
-    """The pre-resume check's cost as the stop-and-copy will pay it (switchover's
-    send_final_round), from this decision's counts and the migration's measured costs.
-
-    ``resident``: pages holding data; ``mapped``: pages some device's IOMMU maps;
-    ``reachable``: those of them resident; ``scan_ms``: finding the resident pages
-    (O(RAM)); ``set_ms``: building x-verify on's set from them. strict digests every
-    resident page, after the scan; on digests the final round's pages (the pending ones,
-    shrinking with the rounds) and the reachable ones, and scans only where a device maps
-    some; off: nothing."""
-    if mode == "off":
-        return NO_VERIFY
-    if mode == "strict":
-        return VerifyCost(resident, ms_per_page=ms_per_page, setup_ms=scan_ms)
-    setup = scan_ms + set_ms if mapped > 0 else 0.0
-    return VerifyCost(reachable if mapped > 0 else 0, True, ms_per_page, setup)
-
-
-@dataclass(frozen=True)
-class Window:
-    """The expected downtime in its parts (ms): pause to the destination's resume."""
-
-    state_ms: float  # final RAM, device and vCPU state at the stop-copy bandwidth
-    verify_ms: float  # the pre-resume check's digests
-    fixed_ms: float  # pause, the last dirty sync, resume and its confirmation
-
-    @property
-    def total_ms(self) -> float:
-        return self.state_ms + self.verify_ms + self.fixed_ms
-
-    def describe(self) -> str:
-        """``212 ms (RAM and state 120, verify 60, fixed 32)``; the bare total when only
-        bytes count."""
-        if not self.verify_ms and not self.fixed_ms:
-            return f"{self.total_ms:.0f} ms"
-        parts = f"RAM and state {self.state_ms:.0f}"
-        if self.verify_ms:
-            parts += f", verify {self.verify_ms:.0f}"
-        return f"{self.total_ms:.0f} ms ({parts}, fixed {self.fixed_ms:.0f})"
-
-
-def window(
-    pending_bytes: int,
-    device_pending: int,
-    bandwidth_bps: float,
-    overhead_ms: float = 0.0,
-    verify: VerifyCost = NO_VERIFY,
-) -> Window:
-    """The whole downtime window the stop-copy is expected to take: the bytes at the
-    measured bandwidth, the verification's digests, the fixed costs."""
-    return Window(
-        expected_downtime_ms(pending_bytes + device_pending, bandwidth_bps),
-        verify.fixed_ms + verify.pending_ms(pending_bytes),
-        max(overhead_ms, 0.0),
-    )
 
 
 def batch_pages(max_bandwidth: int, default: int, window_s: float = RATE_WINDOW_S) -> int:
@@ -458,3 +353,28 @@ class RateLimiter:
             self._busy_until = start + nbytes / self.max_bandwidth
             # Sending may run ahead of the rate by at most one window.
             return max(0.0, self._busy_until - self.window_s - now)
+
+
+__all__ = [
+    "NO_VERIFY",
+    "PAGE_SIZE",
+    "Decision",
+    "RateLimiter",
+    "ThrottleState",
+    "VerifyCost",
+    "Window",
+    "bandwidth_estimate",
+    "batch_pages",
+    "decide",
+    "expected_downtime_ms",
+    "next_throttle",
+    "non_convergence_reason",
+    "ram_budget_ms",
+    "rate",
+    "should_switch_over",
+    "size",
+    "switchover_bandwidth",
+    "switchover_threshold",
+    "verify_cost",
+    "window",
+]
