@@ -247,7 +247,11 @@ def test_reply_lines_keep_their_wire_names() -> None:
         "verify_ms": 1.5,
         "pages_checked": 7,
         "verify": "passed",
+        "drain_ms": 0.0,
     }
+    ready = Ready(1.5, 7, "passed", 0.25)  # drain_ms: optional on the wire (0 when absent)
+    assert decode_reply(encode_reply(ready).rstrip(b"\n")) == ready
+    assert decode_reply(b'{"kind": "ready", "verify_ms": 1, "pages_checked": 7, "verify": "off"}')
     assert json.loads(encode_reply(Failed("no"))) == {"kind": "failed", "error": "no"}
 
 

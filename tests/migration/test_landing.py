@@ -3,10 +3,12 @@ same as the source's of the same content, a zero page's and a never-written page
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 
-from vmferry.errors import StreamError
+from vmferry.errors import MigrationError, StreamError
 from vmferry.memory.guest_memory import GuestMemory
 from vmferry.migration.audit import AuditComparison, source_chunks
 from vmferry.migration.landing import LandingDigests
@@ -62,6 +64,57 @@ def test_chunks_must_come_in_order() -> None:
         with pytest.raises(StreamError, match="page 1024 is out of order: page 0 is due"):
             comp.take(chunks[1])
         assert not comp.take(chunks[0]) and comp.take(chunks[1]) and comp.passed
+    finally:
+        landing.close()
+        mem.close()
+
+
+def test_a_receiver_waits_while_the_worker_is_a_backlog_behind(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The worker may fall behind by max_backlog data pages: the next landing waits for
+    it, so the drain after END stays bounded (zero runs do not count)."""
+    mem = GuestMemory(NPAGES * 4096)
+    landing = LandingDigests(mem, seed=1)
+    go = threading.Event()
+    real = landing.digest
+
+    def slow(*runs: np.ndarray) -> None:
+        go.wait(10)
+        real(*runs)
+
+    monkeypatch.setattr(landing, "digest", slow)
+    landing.max_backlog = 100
+    try:
+        landing.landed(*_runs((0, 80, False), (500, 1000, True)))  # 80 data pages queued
+        blocked = threading.Thread(target=landing.landed, args=_runs((100, 30, False)))
+        blocked.start()
+        blocked.join(0.2)
+        assert blocked.is_alive()  # 80 + 30 > 100: it waits for the worker
+        go.set()
+        blocked.join(5)
+        assert not blocked.is_alive() and landing.waited_s > 0.1
+        mem.pages()[200:700] = 1
+        landing.landed(*_runs((200, 500, False)))  # alone past the bound: it goes
+        landing.drain()
+        assert landing.digests[200:700].all()
+    finally:
+        landing.close()
+        mem.close()
+
+
+def test_a_failed_landing_digest_is_a_migration_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    mem = GuestMemory(NPAGES * 4096)
+    landing = LandingDigests(mem, seed=1)
+
+    def broken(*runs: np.ndarray) -> None:
+        raise ValueError("index 9999 is out of bounds")
+
+    monkeypatch.setattr(landing, "digest", broken)
+    try:
+        landing.landed(*_runs((0, 8, False)))
+        with pytest.raises(MigrationError, match=r"^digesting the landed pages failed: index 9999"):
+            landing.drain()
     finally:
         landing.close()
         mem.close()

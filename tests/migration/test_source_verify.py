@@ -37,7 +37,7 @@ def test_mode_on_is_pending_until_the_audit_passed() -> None:
     sv, figures = _after_ready("on")
     v = figures.stats.verify
     assert v.status == "pending" and v.pages_checked == 120
-    assert v.phases["pre-resume"] == {"pages": 120, "ms": 2.0, "status": "passed"}
+    assert v.phases["pre-resume"] == {"pages": 120, "ms": 2.0, "drain_ms": 0.0, "status": "passed"}
     event = sv.audited(FakeHand(Audited("passed", 262_144, 80.0, [], "")))  # type: ignore[arg-type]
     assert event is SourceEvent.AUDIT_PASSED
     assert v.status == "passed" and v.pages_checked == 262_144 and v.phase == "passed"

@@ -7,6 +7,7 @@ anything unexpected is a StreamError that names the section and what was wrong.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -92,6 +93,7 @@ class LoadedStream:
     landing: LandingDigests | None = None  # x-verify on: each page's digest as it landed
     # The rest of the step that finished the load, for the driver (VERIFY, in both tables).
     then: tuple[ReceiverAction, ...] = ()
+    drain_ms: float = 0.0  # after END, waiting for the landing digests (in the downtime)
 
 
 #: What the section loop carries out; any other action ends it (the driver's to perform).
@@ -154,10 +156,12 @@ class SectionLoop:
                 self.landing.close()
             raise
         if self.landing is not None:
+            t0 = time.monotonic()
             try:
                 self.landing.drain()
             finally:
                 self.landing.close()
+            loaded.drain_ms = (time.monotonic() - t0) * 1e3
         return loaded
 
     def _run(self, actions: tuple[ReceiverAction, ...]) -> LoadedStream:

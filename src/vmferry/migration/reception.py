@@ -312,7 +312,8 @@ class Reception:
         """Build the machine (it owns RAM and devices from now) and compare what arrived
         with the source's digests."""
         assert self.loaded is not None and self.memory is not None and self.devices is not None
-        self.times["loaded"] = time.monotonic()
+        # The landing digests' drain after END is the check's (it is in the downtime).
+        self.times["loaded"] = time.monotonic() - self.loaded.drain_ms / 1e3
         self.machine = Machine.from_state(
             self.loaded.state,
             self.memory,
@@ -329,6 +330,7 @@ class Reception:
             self.verify.phases["pre-resume"] = {
                 "pages": self.verify.pages_checked,
                 "ms": round(ms, 3),
+                "drain_ms": round(self.loaded.drain_ms, 3),
                 "status": self.verify.status,
             }
         if self.verify.status == "failed":
@@ -345,7 +347,8 @@ class Reception:
         t = self.times
         ms = (t["verified"] - t["loaded"]) * 1e3
         check = self.verify.phases.get("pre-resume", {}).get("status", self.verify.status)
-        self.conn.reply.send(Ready(ms, self.verify.pages_checked, str(check)))
+        drain_ms = self.loaded.drain_ms if self.loaded is not None else 0.0
+        self.conn.reply.send(Ready(ms, self.verify.pages_checked, str(check), drain_ms))
 
     def _await_go(self) -> ReceiverEvent:
         # The source answers at once; one that does not has stopped. Giving up is safe:

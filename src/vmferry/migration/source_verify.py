@@ -45,7 +45,12 @@ class SourceVerification:
         if self.mode == "off":
             return
         self.figures.verify_passed(msg.pages_checked)
-        phase = {"pages": msg.pages_checked, "ms": round(pre_resume_ms, 3), "status": msg.verify}
+        phase = {
+            "pages": msg.pages_checked,
+            "ms": round(pre_resume_ms, 3),
+            "drain_ms": round(msg.drain_ms, 3),  # the destination's landing digests, of ms
+            "status": msg.verify,
+        }
         with self.figures.lock:
             v = self.figures.stats.verify
             if self.mode == "on":

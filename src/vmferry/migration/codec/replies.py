@@ -85,6 +85,7 @@ class Ready:
     verify_ms: float
     pages_checked: int
     verify: str  # the check's status: passed, off
+    drain_ms: float = 0.0  # of verify_ms: the landing digests' drain after END (x-verify on)
 
 
 @dataclass(frozen=True)
@@ -201,6 +202,7 @@ def _reply_values(cls: type[ReplyMessage], obj: dict[str, Any], where: str) -> d
     values.update({k: get(obj, k, t, where) for k, t in _REPLY_FIELDS.get(kind, {}).items()})
     if cls is Ready:
         count(obj, "pages_checked", where)
+        values["drain_ms"] = figure(obj, "drain_ms", where) if "drain_ms" in obj else 0.0
     if cls is Audit:
         values["bytes"] = count(obj, "bytes", where, 1, MAX_AUDIT_BYTES)
     if cls is Audited:
