@@ -148,7 +148,7 @@ replies: st.SearchStrategy[ReplyMessage] = st.one_of(
     st.builds(Failed, st.text(), st.none() | findings),
     st.builds(Abandon, st.text(), st.booleans()),
     st.just(Alive()),
-    st.builds(codec.Audit, st.integers(1, 1 << 20)),
+    st.builds(codec.Audit, st.integers(1, codec.AUDIT_HEAD.size + 8 * codec.MAX_AUDIT_PAGES)),
     st.builds(
         codec.Audited,
         st.sampled_from(["passed", "failed"]),
@@ -376,6 +376,9 @@ def test_audit_chunk_refusals() -> None:
     past = codec.AuditChunk(6, np.arange(1, 5, dtype=np.uint64)).encode(8)
     with pytest.raises(StreamError, match=r"pages 6\+4 lie outside guest RAM \(8\)"):
         codec.AuditChunk.decode(past, WHERE, 8)
+    big = codec.AuditChunk(0, np.ones(codec.MAX_AUDIT_PAGES + 1, dtype=np.uint64))
+    with pytest.raises(StreamError, match="holds 16385 digests: at most 16384 per chunk"):
+        codec.AuditChunk.decode(big.encode(1 << 20), WHERE, 1 << 20)
     empty = codec.AUDIT_HEAD.pack(0, 0, 8, 0)
     with pytest.raises(StreamError, match=r"pages 0\+0 lie outside"):
         codec.AuditChunk.decode(empty, WHERE, 8)

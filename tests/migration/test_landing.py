@@ -118,3 +118,19 @@ def test_a_failed_landing_digest_is_a_migration_error(monkeypatch: pytest.Monkey
     finally:
         landing.close()
         mem.close()
+
+
+def test_the_source_audits_in_chunks_of_64_mib_of_ram() -> None:
+    """Each chunk is quick to digest (the destination waits x-peer-timeout per message)."""
+    mem = GuestMemory(160 << 20)  # 40960 pages
+    try:
+        mem.pages()[20000] = 3
+        chunks = [c for c, _ in source_chunks(mem, 1)]
+        assert [(c.first, c.digests.size, c.last) for c in chunks] == [
+            (0, 16384, False),
+            (16384, 16384, False),
+            (32768, 8192, True),
+        ]
+        assert [int(np.count_nonzero(c.digests)) for c in chunks] == [0, 1, 0]
+    finally:
+        mem.close()

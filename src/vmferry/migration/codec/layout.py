@@ -89,7 +89,9 @@ PHASE_PRECOPY, PHASE_STOP_COPY = 0, 1
 VRFY_HEAD = struct.Struct("<QQQ")  # key seed, page count, cpu digest
 # An audit chunk (reply path, after resume): head, then `count` digests (<u8), dense.
 AUDIT_HEAD = struct.Struct("<QQQQ")  # first page, count, guest RAM's pages, xxh64(digests)
-MAX_AUDIT_PAGES = 1 << 18  # 1 GiB of RAM per chunk: 2 MiB of digests
+# 64 MiB of RAM per chunk (128 KiB of digests): the source digests one in ~15 ms, well
+# inside the destination's wait for each message (x-peer-timeout, 100 ms at the least).
+MAX_AUDIT_PAGES = 1 << 14
 
 
 def section_name(tag: bytes) -> str:

@@ -307,7 +307,9 @@ class AuditChunk:
         first, n, ram, check = AUDIT_HEAD.unpack_from(payload)
         if ram != npages_ram:
             raise StreamError(f"{where} is for a guest of {ram} pages, this one has {npages_ram}")
-        if not (0 < n <= MAX_AUDIT_PAGES and first + n <= npages_ram):
+        if n > MAX_AUDIT_PAGES:
+            raise StreamError(f"{where} holds {n} digests: at most {MAX_AUDIT_PAGES} per chunk")
+        if n == 0 or first + n > npages_ram:
             raise StreamError(f"{where}: pages {first}+{n} lie outside guest RAM ({npages_ram})")
         if len(payload) != AUDIT_HEAD.size + 8 * n:
             raise StreamError(f"{where} has {len(payload)} bytes for {n} digests")
