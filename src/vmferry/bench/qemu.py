@@ -242,23 +242,11 @@ def round0_rate(polls: list[dict[str, Any]]) -> float:
     return best
 
 
-def migrate(
-    src: QemuProcess,
-    dst: QemuProcess,
-    port: int,
-    timeout_s: float,
-    *,
-    running: bool,
-) -> QemuMigration:
-    """Migrate src → dst (both configured, dst's migrate-incoming done) and wait for it.
-
-    Past ``timeout_s`` the migration is cancelled and reported as not converged. A VM
-    that was ``running`` resumes on dst by itself (its RESUME event ends the downtime); a
-    paused one stays paused there, and the caller decides when to ``cont``.
-    """
-    src.qmp.events.clear()
-    t_issue = time.time()
-    src.execute("migrate", uri=f"tcp:127.0.0.1:{port}")
+def _await_end(
+    src: QemuProcess, timeout_s: float
+) -> tuple[dict[str, Any], list[dict[str, Any]], str]:
+    """Poll query-migrate until the migration is over, cancelling it past ``timeout_s``:
+    the last answer, every answer (round 0's rate is read from them), the bench's error."""
     deadline = time.monotonic() + timeout_s
     info: dict[str, Any] = {}
     polls: list[dict[str, Any]] = []
@@ -277,6 +265,27 @@ def migrate(
                 info = src.execute("query-migrate")
             break
         time.sleep(POLL_S)
+    return info, polls, error
+
+
+def migrate(
+    src: QemuProcess,
+    dst: QemuProcess,
+    port: int,
+    timeout_s: float,
+    *,
+    running: bool,
+) -> QemuMigration:
+    """Migrate src → dst (both configured, dst's migrate-incoming done) and wait for it.
+
+    Past ``timeout_s`` the migration is cancelled and reported as not converged. A VM
+    that was ``running`` resumes on dst by itself (its RESUME event ends the downtime); a
+    paused one stays paused there, and the caller decides when to ``cont``.
+    """
+    src.qmp.events.clear()
+    t_issue = time.time()
+    src.execute("migrate", uri=f"tcp:127.0.0.1:{port}")
+    info, polls, error = _await_end(src, timeout_s)
     status = str(info.get("status", "?"))
     if status != "completed":
         return QemuMigration(
