@@ -25,6 +25,16 @@ from vmferry.bench.vmm import FULL, QUICK, Measurement, host_info, run_all
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("bench", help="measure vmferry (benchmarks, not tests)")
     which = p.add_subparsers(dest="bench", required=True)
+    _add_vmm(which)
+    _add_migrate(which)
+    _add_devices(which)
+    _add_vgpu(which)
+    bench_nic.add_parser(which)
+    bench_tls.add_parser(which)
+    bench_bookkeeping.add_parser(which)
+
+
+def _add_vmm(which: Any) -> None:
     vmm = which.add_parser(
         "vmm",
         help="guest dirtying rate, save/restore of a full guest, dirty-bitmap scans",
@@ -41,6 +51,9 @@ def add_parser(sub: Any) -> None:
         help="where the save files go (a disk-backed filesystem; default /var/tmp)",
     )
     vmm.set_defaults(func=cmd_bench_vmm)
+
+
+def _add_migrate(which: Any) -> None:
     mig = which.add_parser(
         "migrate",
         help="migration throughput against raw TCP, and vmferry against QEMU",
@@ -70,6 +83,9 @@ def add_parser(sub: Any) -> None:
         "--skip-throughput", action="store_true", help="leave out part 1 (round 0 vs raw TCP)"
     )
     mig.set_defaults(func=cmd_bench_migrate)
+
+
+def _add_devices(which: Any) -> None:
     dev = which.add_parser(
         "devices",
         help="what each DMA dirty-tracking mode costs a migration (dmatest + dmaengine)",
@@ -80,6 +96,9 @@ def add_parser(sub: Any) -> None:
     dev.add_argument("--repeats", type=int, default=5, help="migrations per mode (median)")
     dev.add_argument("--json", metavar="FILE", help="also write the results to FILE as JSON")
     dev.set_defaults(func=cmd_bench_devices)
+
+
+def _add_vgpu(which: Any) -> None:
     vg = which.add_parser(
         "vgpu",
         help="vGPU downtime with VRAM pre-copy vs stop-copy only; the scanner's cost",
@@ -93,9 +112,6 @@ def add_parser(sub: Any) -> None:
     vg.add_argument("--json", metavar="FILE", help="also write the results to FILE as JSON")
     vg.add_argument("--markdown", metavar="FILE", help="also write the tables as Markdown")
     vg.set_defaults(func=cmd_bench_vgpu)
-    bench_nic.add_parser(which)
-    bench_tls.add_parser(which)
-    bench_bookkeeping.add_parser(which)
 
 
 def _fmt(value: float, unit: str) -> str:
