@@ -43,6 +43,21 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "--qmp", required=True, metavar="SOCKET", help="the VM's QMP socket (unix:PATH or PATH)"
     )
+    _add_tuning(p)
+    _add_verify_and_tls(p)
+    p.add_argument(
+        "--report", metavar="FILE", help="write the JSON report here (checked before starting)"
+    )
+    p.add_argument(
+        "--plot",
+        metavar="FILE.png",
+        help="draw the timeline here, in the format its extension names (png, svg, pdf, …)",
+    )
+    p.set_defaults(func=cmd_migrate)
+
+
+def _add_tuning(p: argparse.ArgumentParser) -> None:
+    """The migration's parameters: how it copies, how fast, when it gives up."""
     p.add_argument("--channels", type=int, help="parallel channels (multifd)")
     p.add_argument("--compress", choices=["none", "zstd"], help="compress pages")
     p.add_argument("--downtime-limit", type=int, metavar="MS", help="default 300")
@@ -70,6 +85,9 @@ def add_parser(sub: Any) -> None:
         metavar="MS",
         help="a destination silent this long is dead: the VM resumes here (default 5000)",
     )
+
+
+def _add_verify_and_tls(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--verify",
         choices=["on", "strict", "off"],
@@ -88,15 +106,6 @@ def add_parser(sub: Any) -> None:
         metavar="NAME",
         help="the name the destination's certificate must hold (default: the URI's host)",
     )
-    p.add_argument(
-        "--report", metavar="FILE", help="write the JSON report here (checked before starting)"
-    )
-    p.add_argument(
-        "--plot",
-        metavar="FILE.png",
-        help="draw the timeline here, in the format its extension names (png, svg, pdf, …)",
-    )
-    p.set_defaults(func=cmd_migrate)
 
 
 def _progress(info: dict[str, Any]) -> Group:
