@@ -149,6 +149,23 @@ class MigrationRun:
         self.destination.close()
 
 
+def _await_both(
+    src: MigrationSource, dest: InProcessDestination, t0: float, timeout_s: float
+) -> float:
+    """Wait for the source, then the destination, to end (each within ``timeout_s``);
+    the source's time since ``t0``."""
+    if not src.wait(timeout_s):
+        raise TimeoutError(f"the migration did not end within {timeout_s} s")
+    source_s = time.monotonic() - t0
+    if src.stats.status != MigrationStatus.COMPLETED:
+        dest.stop_waiting()  # a source that failed early may never have connected
+    if not dest.wait(timeout_s):
+        raise TimeoutError(
+            f"the destination still runs {timeout_s} s after the source ended ({src.stats.status})"
+        )
+    return source_s
+
+
 def migrate(
     machine: Machine,
     *,
@@ -192,16 +209,7 @@ def migrate(
         started = True
         if during is not None:
             during(src)
-        if not src.wait(timeout_s):
-            raise TimeoutError(f"the migration did not end within {timeout_s} s")
-        source_s = time.monotonic() - t0
-        if src.stats.status != MigrationStatus.COMPLETED:
-            dest.stop_waiting()  # a source that failed early may never have connected
-        if not dest.wait(timeout_s):
-            raise TimeoutError(
-                f"the destination still runs {timeout_s} s after the source ended "
-                f"({src.stats.status})"
-            )
+        source_s = _await_both(src, dest, t0, timeout_s)
     except BaseException:
         if src is not None and started and not src.done.is_set():
             src.cancel("the test harness gave up on the migration")
