@@ -23,7 +23,7 @@ from vmferry.machine import Machine, MachineConfig
 from vmferry.migration.destination import IncomingResult
 from vmferry.migration.params import MigrationCapabilities, MigrationParameters
 from vmferry.migration.source import MigrationSource
-from vmferry.testing.harness import InProcessDestination, migrate
+from vmferry.testing.harness import InProcessDestination, MigrationRun, migrate
 from vmferry.traffic.peer import TrafficPeer, TrafficReport
 
 PF = "pf0"
@@ -131,33 +131,48 @@ def migrate_under_traffic(
                 **(migrate_options or {}),
             )
             ended = time.monotonic()
-            dest = run.result
             time.sleep(after_s)
-            report = peer.stop()
-            exit_code = None
-            running = dest.machine if dest is not None else m
-            ex = running.wait(10)
-            if ex is not None:
-                exit_code = ex.code
-            # The destination's port outlives a VM it rolled back (the switch keeps it).
-            ports = [src_port] + [p for p in host_switch(dst_dir, PF).ports() if p.mac == mac]
-            last_hold = ports[-1].last_hold if len(ports) > 1 else None
-            return Outcome(
-                run.source,
-                dest,
-                run.error,
-                report,
-                src_out,
-                dst_out,
-                dropped=sum(p.dropped for p in ports),
-                buffered=src_port.high_water,
-                forwarded=src_port.forwarded,
-                guest_exit=exit_code,
-                hold=None if last_hold is None else last_hold.figures(),
-                answered_after=peer.echoed_since(ended),
-            )
+            return _outcome(run, m, peer, src_port, dst_dir, mac, ended, (src_out, dst_out))
     finally:
         m.close()
+
+
+def _outcome(
+    run: MigrationRun,
+    m: Machine,
+    peer: TrafficPeer,
+    src_port: Port,
+    dst_dir: Path,
+    mac: bytes,
+    ended: float,
+    outs: tuple[io.BytesIO, io.BytesIO],
+) -> Outcome:
+    """Stop the peer, wait for the guest to end wherever it runs, and gather the figures
+    of the ports that carried its MAC."""
+    dest = run.result
+    report = peer.stop()
+    exit_code = None
+    running = dest.machine if dest is not None else m
+    ex = running.wait(10)
+    if ex is not None:
+        exit_code = ex.code
+    # The destination's port outlives a VM it rolled back (the switch keeps it).
+    ports = [src_port] + [p for p in host_switch(dst_dir, PF).ports() if p.mac == mac]
+    last_hold = ports[-1].last_hold if len(ports) > 1 else None
+    return Outcome(
+        run.source,
+        dest,
+        run.error,
+        report,
+        outs[0],
+        outs[1],
+        dropped=sum(p.dropped for p in ports),
+        buffered=src_port.high_water,
+        forwarded=src_port.forwarded,
+        guest_exit=exit_code,
+        hold=None if last_hold is None else last_hold.figures(),
+        answered_after=peer.echoed_since(ended),
+    )
 
 
 def close_hosts(hosts: list[Path]) -> None:
