@@ -164,7 +164,7 @@ def test_a_destination_lost_during_the_audit_leaves_the_vm_paused_here(
         assert st.status == "failed" and run.source.released
         assert st.error.endswith(
             "the VM stays paused here (postmigrate) because the destination may be running "
-            "it (it was lost during the audit after resume)"
+            "it or have stopped it there (it was lost during the audit after resume)"
         ), st.error
         assert guest.machine.paused and guest.machine.exit is None
         assert run.result is not None, run.error

@@ -32,7 +32,7 @@ RESUMED_TIMEOUT_S = 30.0
 AUDITED_TIMEOUT_S = 120.0  # the destination compares as chunks come: its verdict is quick
 LOST_IN_AUDIT = (
     "; the VM stays paused here (postmigrate) because the destination may be running it "
-    "(it was lost during the audit after resume)"
+    "or have stopped it there (it was lost during the audit after resume)"
 )
 
 

@@ -135,6 +135,12 @@ class Reception:
         self.error: BaseException | None = None  # and as the destination reports it
         self.times: dict[str, float] = {}
         self.audit: AuditComparison | None = None  # x-verify on, after the resume
+        # After a failed audit (audit_side.py): why the stopped VM must be kept rather
+        # than discarded (the source may not know), why it could not be stopped, and
+        # whether DISCARD leaves it.
+        self.keep_stopped = ""
+        self.stop_failed = ""
+        self.keep_vm = False
 
     # ---- the walk
     def run(self) -> IncomingResult:
@@ -392,6 +398,8 @@ class Reception:
             self.conn.reply.send(Failed(str(self.error), found))
 
     def _discard(self) -> None:
+        if self.keep_vm:
+            return  # a failed audit's VM the source may not know about (audit_side._keep)
         if self.machine is not None:
             self.machine.close()
             self.machine = None

@@ -19,7 +19,7 @@ ends, then "cancelled". The destination is told why the source gives up only whi
 stream is whole: an ABRT section before END, an ``abandon`` line after it; never after
 a broken connection, a silent peer, or a destination that failed first. After the
 release a cancel is ignored, and a lost destination leaves the VM paused here
-(FAILED_AFTER_RELEASE): the destination may be running it.
+(FAILED_AFTER_RELEASE): the destination may be running it or have stopped it.
 
 The driver turns what it sees into events (``round_ended``, ``reply_event``, an error
 classified as ERROR, PEER_CLOSED or PEER_SILENT) and carries out the returned actions in
