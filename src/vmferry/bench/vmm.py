@@ -28,6 +28,7 @@ import numpy.typing as npt
 from vmferry.errors import VmferryError
 from vmferry.machine import Machine, MachineConfig
 from vmferry.memory import PAGE_SIZE, DirtyBitmap, GuestMemory, page_runs
+from vmferry.migration.ram import RamStats
 from vmferry.migration.snapshot import load_from_file, save_to_file
 
 MB = 1e6  # rates are in MB/s of 10^6 bytes, as memtouch's rate= is
@@ -296,6 +297,27 @@ def _shm_dir(size: int, fallback: Path) -> Path:
     return fallback
 
 
+def _save_filled(
+    size: int, saved: Path, progress: Progress
+) -> tuple[npt.NDArray[np.uint64], RamStats, float]:
+    """Save a filled guest of ``size`` to ``saved``: a sample of its pages, what was
+    saved, the seconds save_to_file took."""
+    progress(f"save/restore: filling a {_gib(size)} guest from the host")
+    # The guest is booted (image, boot info, vCPU state) but never runs: RAM above 16 MiB
+    # is filled from the host instead, which is deterministic and as incompressible as a
+    # guest's data gets; a guest filling 4 GiB itself would take longer and vary.
+    config = MachineConfig(memory=size, vcpus=1, image="memtouch", cmdline="rounds=1")
+    with Machine.boot(config, serial=io.BytesIO()) as m:
+        fill_random(m.memory, WSS_BASE)
+        m.start(paused=True)
+        m.pause()
+        probe = _sample_pages(m.memory)
+        progress("save/restore: save_to_file")
+        t0 = time.perf_counter()
+        stats = save_to_file(m, str(saved))
+        return probe, stats, time.perf_counter() - t0
+
+
 def bench_save_restore(plan: BenchPlan, workdir: Path, progress: Progress) -> list[Measurement]:
     size = plan.save_memory
     if shutil.disk_usage(workdir).free < 2 * size + (1 << 30):
@@ -307,20 +329,7 @@ def bench_save_restore(plan: BenchPlan, workdir: Path, progress: Progress) -> li
     saved, disk_copy = workdir / f"{tag}.state", workdir / f"{tag}.copy"
     shm_copy = _shm_dir(size, workdir) / f"{tag}.shm"
     try:
-        progress(f"save/restore: filling a {_gib(size)} guest from the host")
-        # The guest is booted (image, boot info, vCPU state) but never runs: RAM above 16 MiB
-        # is filled from the host instead, which is deterministic and as incompressible as a
-        # guest's data gets; a guest filling 4 GiB itself would take longer and vary.
-        config = MachineConfig(memory=size, vcpus=1, image="memtouch", cmdline="rounds=1")
-        with Machine.boot(config, serial=io.BytesIO()) as m:
-            fill_random(m.memory, WSS_BASE)
-            m.start(paused=True)
-            m.pause()
-            probe = _sample_pages(m.memory)
-            progress("save/restore: save_to_file")
-            t0 = time.perf_counter()
-            stats = save_to_file(m, str(saved))
-            t_save = time.perf_counter() - t0
+        probe, stats, t_save = _save_filled(size, saved, progress)
         file_size = saved.stat().st_size
         cached_after_save = cached_fraction(saved)
 
