@@ -5,9 +5,9 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import Any, cast
 
-import numpy as np
 import pytest
 
+from vmferry.devices.iommu import IovaMapping
 from vmferry.machine.machine import Machine
 from vmferry.memory.guest_memory import PAGE_SIZE, GuestMemory
 from vmferry.migration import policy
@@ -123,7 +123,8 @@ def test_verification_on_counts_the_final_round_and_what_devices_reach() -> None
             off.expected_downtime_ms + pending_pages * on.verify.ms_per_page + on.verify.setup_ms
         )
         # a device maps pages 0-9 (0-2 hold data) and page 1280 (5 MiB, holds data)
-        iommu = SimpleNamespace(mapped_pages=lambda: np.array([*range(10), 1280], np.int64))
+        maps = [IovaMapping(0, 10 * PAGE_SIZE, 0), IovaMapping(1 << 30, PAGE_SIZE, 5 << 20)]
+        iommu = SimpleNamespace(mappings=maps)
         dev = SimpleNamespace(iommu=iommu)
         with_dev = _precopy(ncpus=1, memory=mem, verify="on", devices=[dev])
         cost = with_dev._decide(_round(), sync_ms=0.0).verify
