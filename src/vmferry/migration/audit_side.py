@@ -73,6 +73,7 @@ def await_audit(r: Reception) -> ReceiverEvent:
         # The source may be lost: it cannot be counted on to hear the verdict.
         r.keep_stopped = f"the audit could not be read to its end after a mismatch ({e})"
     ms = (time.monotonic() - t0) * 1e3
+    drop_landing(r)
     assert r.verify is not None
     status = "passed" if comp.passed else "failed"
     r.verify.phases["audit"] = {"pages": comp.next_page, "ms": round(ms, 3), "status": status}
@@ -171,8 +172,16 @@ def stop_vm(r: Reception) -> None:
         r.stop_failed = str(e) or type(e).__name__
 
 
+def drop_landing(r: Reception) -> None:
+    """The landing digests are of no more use once the audit ended (16 MiB at 8 GiB)."""
+    if r.loaded is not None and r.loaded.landing is not None:
+        r.loaded.landing.release()
+        r.loaded.landing = None
+
+
 def keep_unaudited(r: Reception) -> None:
     """The source went away during the audit: the guest is this one, unaudited."""
+    drop_landing(r)
     log.warning("the source was lost during the audit (%s): the guest runs on here", r.error)
     if r.verify is not None:
         r.verify.status = "unaudited"

@@ -11,6 +11,7 @@ import select
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from vmferry.errors import ConfigError, MigrationError
@@ -129,22 +130,35 @@ class ReplyPath:
 
     def receive_body(self, n: int, timeout: float, waiting_for: str) -> bytes:
         """The ``n`` bytes that follow a line announcing them."""
-        deadline = time.monotonic() + timeout
-        while len(self._buf) < n:
-            if not self._readable(max(deadline - time.monotonic(), 0.0)):
-                raise PeerSilent(f"no {waiting_for} from {self.peer} within {timeout:.0f} s")
-            try:
-                chunk = self.sock.recv(min(n - len(self._buf), 1 << 20))
-            except BlockingIOError:
-                continue
-            except OSError as e:
-                raise PeerClosed(f"connection lost reading {waiting_for}: {e}") from e
-            if not chunk:
-                raise PeerClosed(f"{self.peer} closed the connection in {waiting_for}")
-            self._buf += chunk
+        self._fill_until(lambda: len(self._buf) >= n, timeout, waiting_for, body=n)
         body = bytes(self._buf[:n])
         del self._buf[:n]
         return body
+
+    def _fill_until(
+        self, done: Callable[[], bool], timeout: float, waiting_for: str, body: int = 0
+    ) -> None:
+        """Read into the buffer until ``done()``: PeerSilent past ``timeout``, PeerClosed
+        when the connection ends. ``body``: the size of the body being read (0: a line,
+        at most MAX_REPLY bytes). Even at the deadline what has already arrived is read
+        (a zero-time poll)."""
+        deadline = time.monotonic() + timeout
+        while not done():
+            if not self._readable(max(deadline - time.monotonic(), 0.0)):
+                raise PeerSilent(f"no {waiting_for} from {self.peer} within {timeout:.0f} s")
+            try:  # readable: returns without blocking
+                chunk = self.sock.recv(min(body - len(self._buf), 1 << 20) if body else 4096)
+            except BlockingIOError:  # SO_RCVTIMEO on a spurious wake-up
+                continue
+            except OSError as e:
+                doing = "reading" if body else "waiting for"
+                raise PeerClosed(f"connection lost {doing} {waiting_for}: {e}") from e
+            if not chunk:
+                where = "in" if body else "before"
+                raise PeerClosed(f"{self.peer} closed the connection {where} {waiting_for}")
+            self._buf += chunk
+            if not body and len(self._buf) > MAX_REPLY:
+                raise MigrationError("the peer sent an oversized reply")
 
     def _readable(self, timeout: float) -> bool:
         pending = getattr(self.sock, "pending", None)  # bytes a TLS layer already decrypted
@@ -155,22 +169,7 @@ class ReplyPath:
         return bool(poller.poll(max(0, int(timeout * 1e3))))
 
     def receive(self, timeout: float, waiting_for: str) -> ReplyMessage:
-        deadline = time.monotonic() + timeout
-        while b"\n" not in self._buf:
-            # Even at the deadline what has already arrived is read (a zero-time poll).
-            if not self._readable(max(deadline - time.monotonic(), 0.0)):
-                raise PeerSilent(f"no {waiting_for} from {self.peer} within {timeout:.0f} s")
-            try:
-                chunk = self.sock.recv(4096)  # readable: returns without blocking
-            except BlockingIOError:  # SO_RCVTIMEO on a spurious wake-up
-                continue
-            except OSError as e:
-                raise PeerClosed(f"connection lost waiting for {waiting_for}: {e}") from e
-            if not chunk:
-                raise PeerClosed(f"{self.peer} closed the connection before {waiting_for}")
-            self._buf += chunk
-            if len(self._buf) > MAX_REPLY:
-                raise MigrationError("the peer sent an oversized reply")
+        self._fill_until(lambda: b"\n" in self._buf, timeout, waiting_for)
         line, _, rest = bytes(self._buf).partition(b"\n")
         self._buf = bytearray(rest)
         return decode_reply(line)

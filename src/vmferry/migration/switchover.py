@@ -71,8 +71,7 @@ class StopCopy:
         self._t_paused = self._t_devices = self._t_ram = self._t_cpus = 0.0
         self._device_bytes = 0
         self._digests: Future[npt.NDArray[np.uint64]] | None = None
-        self._resident = np.zeros(0, dtype=np.int64)
-        self._checked = self._resident  # the pages the VRFY section digests
+        self._checked = np.zeros(0, dtype=np.int64)  # the pages the VRFY section digests
         self.pre_resume_ms = 0.0  # the source's share of the pre-resume check
 
     @property
@@ -105,8 +104,8 @@ class StopCopy:
         destination counts what the source does)."""
         p, mem = self.parts, self.machine.memory
         if self.seed is not None and self.mode == "strict":
-            self._resident = self._checked = mem.resident_pages()
-            self._digests = self.digest_pool.submit(page_digests, mem, self._resident, self.seed, 2)
+            self._checked = mem.resident_pages()
+            self._digests = self.digest_pool.submit(page_digests, mem, self._checked, self.seed, 2)
         # The last pre-copy sync's set is still scheduled (it was never sent): DMA dirty
         # bits were read-and-cleared then, so they are carried over, not read again.
         p.collect_dirty(mem.npages, self.figures)

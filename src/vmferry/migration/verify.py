@@ -134,13 +134,6 @@ def mismatched_pages(
     return [int(p) for p in bad[:MAX_MISMATCHES_REPORTED]]
 
 
-def pre_resume_pages(final_pages: int, reachable_pages: int) -> int:
-    """How many pages x-verify on digests inside the downtime (at most): the final
-    round's and every page a device can reach (the policy's downtime estimate counts it).
-    With a DMA device whose IOMMU maps all RAM that is all resident RAM."""
-    return final_pages + reachable_pages
-
-
 def pre_resume_set(
     final: npt.NDArray[np.int64],
     reachable: npt.NDArray[np.int64],
