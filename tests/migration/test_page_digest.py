@@ -55,7 +55,7 @@ def test_any_single_changed_word_changes_the_digest(
 
 def test_blocks_threads_and_gathers_give_each_page_the_same_digest() -> None:
     n = 3 * BLOCK_PAGES + 5
-    mem = GuestMemory(2 << 20)  # 512 pages
+    mem = GuestMemory(4 << 20)  # 1024 pages
     try:
         rng = np.random.default_rng(2)
         mem.pages()[:n] = rng.integers(0, 2**64, size=(n, 512), dtype=np.uint64)
