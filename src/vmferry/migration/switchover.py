@@ -31,6 +31,7 @@ from vmferry.migration.codec import (
 from vmferry.migration.figures import LiveFigures
 from vmferry.migration.metrics import DowntimeBreakdown, RoundRecord
 from vmferry.migration.precopy import Parts
+from vmferry.migration.reachable import reachable_pages
 from vmferry.migration.stream import StreamWriter
 from vmferry.migration.verify import cpu_digest, page_digests, pre_resume_set
 
@@ -151,8 +152,7 @@ class StopCopy:
 
     def _reachable(self) -> npt.NDArray[np.int64]:
         """Every page a device can reach through its IOMMU (all RAM by default)."""
-        maps = [d.iommu.mapped_pages() for d in self.machine.devices]
-        return np.unique(np.concatenate(maps)) if maps else np.zeros(0, dtype=np.int64)
+        return reachable_pages(self.machine)
 
     def send_cpu_and_devices(self) -> None:
         p = self.parts
