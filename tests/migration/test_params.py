@@ -33,12 +33,15 @@ def test_defaults_are_qemus_except_bandwidth() -> None:
         "x-switchover-policy": "keep-going",
         "x-peer-timeout": 5000,  # vmferry's own: a silent peer is dead after 5 s
         "x-verify": "on",  # vmferry's own: pre-resume check and an audit after resume
+        "x-postcopy-after": "",  # vmferry's own: post-copy only when told
     }
     assert MigrationCapabilities().to_qmp() == {
         "auto-converge": False,
         "multifd": False,
         "x-verify": True,
         "x-verify-hold-output": False,
+        "postcopy-ram": False,  # QEMU's default
+        "postcopy-blocktime": False,
     }
 
 
@@ -105,8 +108,8 @@ def test_bad_values_name_parameter_value_and_range(name: str, value: Any, allowe
 def test_unknown_parameter_is_named() -> None:
     with pytest.raises(ConfigError, match="xbzrle-cache-size"):
         MigrationParameters().updated({"xbzrle-cache-size": 1 << 26})
-    with pytest.raises(ConfigError, match="postcopy-ram"):
-        MigrationCapabilities().updated({"postcopy-ram": True})
+    with pytest.raises(ConfigError, match="zero-copy-send"):
+        MigrationCapabilities().updated({"zero-copy-send": True})
 
 
 def test_construction_validates_too() -> None:

@@ -57,6 +57,25 @@ class VerifyResult:
 
 
 @dataclass
+class PostcopyFigures:
+    """Post-copy's figures (query-migrate: ram.postcopy-requests, ram.postcopy-bytes,
+    postcopy-blocktime, postcopy-vcpu-blocktime; vmferry adds the rest)."""
+
+    active: bool = False  # the switch to post-copy happened
+    switch_s: float = 0.0  # seconds from the start to the switch
+    requests: int = 0  # page requests served (QEMU's postcopy-requests)
+    bytes: int = 0  # page bytes sent after the switch (QEMU's postcopy-bytes)
+    urgent_pages: int = 0  # pages sent to answer a request
+    pushed_pages: int = 0  # pages sent by the background push
+    owed_pages: int = 0  # pages the destination lacked at the switch
+    blocktime_ms: float = 0.0  # every vCPU waiting at once (QEMU's postcopy-blocktime)
+    vcpu_blocktime_ms: list[float] = field(default_factory=list)  # per vCPU
+    latency_ms: dict[str, float] = field(default_factory=dict)  # p50, p99, max: fault→land
+    recoveries: int = 0  # links re-made after postcopy-paused
+    complete_s: float = 0.0  # seconds from the start until the last page landed
+
+
+@dataclass
 class MigrationStats:
     """Counters with QEMU's meanings (query-migrate ``ram``), plus vmferry's own."""
 
@@ -83,6 +102,7 @@ class MigrationStats:
     devices: list[dict[str, object]] = field(default_factory=list)  # per-device figures
     error: str = ""
     convergence: str = ""  # why the migration switched over, or why it could not
+    postcopy: PostcopyFigures = field(default_factory=PostcopyFigures)
 
     def snapshot(self) -> MigrationStats:
         """A copy that shares nothing mutable with this one (for a reader on another
@@ -97,6 +117,11 @@ class MigrationStats:
                 phases={k: dict(v) for k, v in self.verify.phases.items()},
             ),
             devices=[dict(d) for d in self.devices],
+            postcopy=replace(
+                self.postcopy,
+                vcpu_blocktime_ms=list(self.postcopy.vcpu_blocktime_ms),
+                latency_ms=dict(self.postcopy.latency_ms),
+            ),
         )
 
 

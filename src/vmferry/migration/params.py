@@ -49,6 +49,7 @@ _PARAM_NAMES: Final = {
     "switchover_policy": "x-switchover-policy",
     "peer_timeout_ms": "x-peer-timeout",
     "verify": "x-verify",
+    "postcopy_after": "x-postcopy-after",
 }
 _INT_RANGES: Final = {
     "downtime_limit_ms": (0, MAX_DOWNTIME_LIMIT_MS, "ms"),
@@ -66,12 +67,14 @@ _CHOICES: Final = {
     "verify": VERIFY_MODES,
 }
 # Strings, "" when unset (as QEMU shows them): see vmferry.migration.tls.
-_STRINGS: Final = ("tls_creds", "tls_hostname", "tls_authz")
+_STRINGS: Final = ("tls_creds", "tls_hostname", "tls_authz", "postcopy_after")
 _CAP_NAMES: Final = {
     "auto_converge": "auto-converge",
     "multifd": "multifd",
     "x_verify": "x-verify",
     "x_verify_hold_output": "x-verify-hold-output",
+    "postcopy_ram": "postcopy-ram",
+    "postcopy_blocktime": "postcopy-blocktime",
 }
 
 
@@ -120,6 +123,10 @@ class MigrationParameters:
     # on: the dirty log's blind spots before resume, a full audit after; strict: all of
     # it before resume (in the downtime); off: nothing.
     verify: str = "on"
+    # With postcopy-ram: switch to post-copy by itself when pre-copy has not converged
+    # after N rounds ("5"), a time ("30s", "500ms"), or whichever comes first ("5,30s");
+    # "" = only when migrate-start-postcopy says so. Parsed by postcopy_policy.
+    postcopy_after: str = ""
 
     def __post_init__(self) -> None:
         for name, (low, high, unit) in _INT_RANGES.items():
@@ -152,6 +159,9 @@ class MigrationCapabilities:
     x_verify: bool = True  # vmferry's: false turns verification off (x-verify param: how)
     # The host switch holds the destination VF's frames until the audit passed.
     x_verify_hold_output: bool = False
+    # QEMU's: post-copy may be started (set on both sides); blocktime figures are kept.
+    postcopy_ram: bool = False
+    postcopy_blocktime: bool = False
 
     def __post_init__(self) -> None:
         for f in fields(self):

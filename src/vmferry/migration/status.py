@@ -12,8 +12,10 @@ import enum
 class MigrationStatus(enum.StrEnum):
     """QEMU's ``MigrationStatus`` values that vmferry reaches.
 
-    Post-copy adds ``postcopy-active``, ``postcopy-paused`` and ``postcopy-recover``
-    when it comes; ``pre-switchover`` and ``wait-unplug`` are not used.
+    Post-copy: ``postcopy-active`` (the VM runs at the destination, pages still come),
+    ``postcopy-paused`` (the link broke after the switch: both sides wait, nothing is
+    lost) and ``postcopy-recover`` (a new link is being set up); ``pre-switchover`` and
+    ``wait-unplug`` are not used.
     """
 
     NONE = "none"
@@ -24,6 +26,9 @@ class MigrationStatus(enum.StrEnum):
     FAILED = "failed"
     CANCELLING = "cancelling"
     CANCELLED = "cancelled"
+    POSTCOPY_ACTIVE = "postcopy-active"
+    POSTCOPY_PAUSED = "postcopy-paused"
+    POSTCOPY_RECOVER = "postcopy-recover"
 
 
 #: What a cancelling migration may still become. A cancel loses when it comes too late:
