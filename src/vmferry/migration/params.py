@@ -17,6 +17,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Any, Final
 
 from vmferry.errors import ConfigError
+from vmferry.migration.postcopy_policy import parse_postcopy_after
 
 COMPRESSIONS: Final = ("none", "zstd")  # QEMU also has zlib, qpl, uadk, qatzip
 SWITCHOVER_POLICIES: Final = ("keep-going", "force", "cancel")
@@ -137,6 +138,7 @@ class MigrationParameters:
             if not isinstance(getattr(self, name), str):
                 value = getattr(self, name)
                 raise ConfigError(f"{_PARAM_NAMES[name]} = {value!r}: expected a string")
+        parse_postcopy_after(self.postcopy_after)  # refused here, not at a round's end
 
     def to_qmp(self) -> dict[str, Any]:
         return {q: getattr(self, f) for f, q in _PARAM_NAMES.items()}
