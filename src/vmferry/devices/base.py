@@ -114,6 +114,8 @@ class DeviceModel(ABC):
         self._dma_log: DmaLog | None = None
         if iommu.mode is DirtyTracking.DEVICE:
             iommu.device_logger = self._log_dma_write
+        if not iommu.name:
+            iommu.name = name  # its DMA errors (a page gate's timeout) name the device
         self.stats = {"precopy_bytes": 0, "stop_copy_bytes": 0}
 
     def close(self) -> None:  # noqa: B027 - optional hook: most models have no threads

@@ -25,6 +25,8 @@ CTRL_ENABLE = 1
 STATUS_BUSY, STATUS_ERROR = 1, 2
 ERR_NONE, ERR_BAD_DESC, ERR_DMA_FAULT = 0, 1, 2
 OP_COPY, OP_FILL, OP_CHECKSUM = 1, 2, 3
+# What each opcode's DMA touches, besides its completion record.
+TOUCHES = {OP_COPY: ("src", "dst"), OP_FILL: ("dst",), OP_CHECKSUM: ("src",)}
 DESC = struct.Struct("<IIQQQQQQQ")  # opcode, flags, src, dst, len, value, completion, seq, rsvd
 MAX_LEN = 16 << 20
 TABLE_ENTRIES = 4096  # internal completion history: device state the guest never sees
@@ -193,6 +195,12 @@ class DmaEngine(DeviceModel):
         op, _flags, src, dst, length, value, completion, seq, _ = DESC.unpack(raw)
         if length == 0 or length > MAX_LEN or length % 8 or completion % 8:
             raise DeviceError(f"bad descriptor: length {length}, completion {completion:#x}")
+        if self.iommu.page_gate is not None and op in TOUCHES:
+            # A gated IOMMU (post-copy): every page of the work asked for at once, not
+            # one round trip per access.
+            at = {"src": src, "dst": dst}
+            ranges = [(at[k], length) for k in TOUCHES[op]] + [(completion, 16)]
+            self.iommu.request_pages(ranges, f"descriptor at {desc_iova:#x}")
         if op == OP_COPY:
             self.iommu.write(dst, self.iommu.read(src, length))
             result = length

@@ -14,14 +14,21 @@ Tracking modes, chosen per device:
   DMA-mapped page dirty at every sync (legacy type1 — correct and costly).
 - ``broken``: writes go untracked and nobody compensates (tests only: verification must
   catch it).
+
+A page gate (``set_page_gate``) makes every DMA wait for the RAM it will touch, as a PCIe
+device with ATS/PRI raises a page request and waits: post-copy's destination sets one
+while pages are still missing, since touching a missing page from Python with the GIL
+held would deadlock the in-process fault server. Every access to RAM here goes through
+``_gated`` after translation; with no gate that costs one attribute check.
 """
 
 from __future__ import annotations
 
 import enum
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -55,6 +62,14 @@ class IovaMapping:
 
 
 WriteLogger = Callable[[int, int], None]  # (iova, length) of a DMA write
+RamPieces = Sequence[tuple[int, int]]  # (RAM offset, length) after translation
+
+
+class PageGate(Protocol):
+    """Called before a DMA touches RAM, with the translated pieces it will touch; returns
+    once they may be touched, or raises (a DmaFault, so the device sees a DMA fault)."""
+
+    def before_access(self, pieces: RamPieces, what: str) -> None: ...
 
 
 def cover_ranges(ranges: list[tuple[int, int]], page_size: int) -> list[tuple[int, int]]:
@@ -76,9 +91,13 @@ def cover_ranges(ranges: list[tuple[int, int]], page_size: int) -> list[tuple[in
 class Iommu:
     """One device's IOMMU domain. Maps IOVA = GPA for all of RAM unless told otherwise."""
 
-    def __init__(self, memory: GuestMemory, mode: DirtyTracking, *, identity: bool = True) -> None:
+    def __init__(
+        self, memory: GuestMemory, mode: DirtyTracking, *, identity: bool = True, name: str = ""
+    ) -> None:
         self.memory = memory
         self.mode = mode
+        self.name = name  # the device's, for the errors a gate raises
+        self._gate: PageGate | None = None
         self._maps: list[IovaMapping] = []
         self._lock = threading.Lock()
         self._dirty = DirtyBitmap(memory.npages)  # "A/D bits", RAM-page indexed
@@ -132,10 +151,41 @@ class Iommu:
             pos += n
         return out
 
+    # ---- the page gate (post-copy: ATS/PRI)
+    def set_page_gate(self, gate: PageGate | None) -> None:
+        """From now on every DMA calls ``gate.before_access`` before touching RAM (None:
+        no gate). A DMA already past its gate when this changes completes as it was."""
+        self._gate = gate
+
+    @property
+    def page_gate(self) -> PageGate | None:
+        return self._gate
+
+    def _what(self, what: str) -> str:
+        return f"{self.name}: {what}" if self.name else what
+
+    def _gated(self, pieces: list[tuple[int, int]], op: str, iova: int) -> None:
+        gate = self._gate  # read once: the gate may be cleared since the caller looked
+        if gate is not None:
+            gate.before_access(pieces, self._what(f"{op} {iova:#x}"))
+
+    def request_pages(self, ranges: Sequence[tuple[int, int]], what: str = "DMA") -> None:
+        """Page requests for every (iova, length) range a DMA is about to touch, all out
+        before any is waited for (a device that knows its whole transfer asks at once,
+        not one piece per round trip). Nothing to do without a gate; DmaFault as a DMA."""
+        gate = self._gate
+        if gate is None:
+            return
+        pieces = [p for iova, n in ranges if n > 0 for p in self.translate(iova, n)]
+        if pieces:
+            gate.before_access(pieces, self._what(what))
+
     # ---- DMA
     def read(self, iova: int, length: int) -> npt.NDArray[np.uint8]:
         """A copy of guest memory at IOVA (vectorised, one slice per mapping piece)."""
         pieces = self.translate(iova, length)
+        if self._gate is not None:
+            self._gated(pieces, "DMA read", iova)
         b = self.memory.bytes
         if len(pieces) == 1:
             off, n = pieces[0]
@@ -145,6 +195,8 @@ class Iommu:
     def write(self, iova: int, data: npt.NDArray[np.uint8] | bytes) -> None:
         arr = np.frombuffer(data, dtype=np.uint8) if isinstance(data, bytes) else data
         pieces = self.translate(iova, arr.size)
+        if self._gate is not None:
+            self._gated(pieces, "DMA write", iova)
         b = self.memory.bytes
         pos = 0
         for off, n in pieces:

@@ -133,13 +133,26 @@ class VgpuContext:
                 error = ERR_BAD_COMMAND
             except GpuFault as e:
                 error, error_addr = ERR_GPU_FAULT, e.gva
-        if cmd is not None and cmd.opcode != OP_FENCE:
+        if cmd is not None:
             try:
-                self.engine.run(cmd, key)
-            except DmaFault:  # guest RAM unmapped under us: report it, never crash
+                if cmd.opcode == OP_FENCE:
+                    # Its page asked for here, outside the lock: the fence's write under
+                    # the lock then finds it present (a gated IOMMU in post-copy).
+                    self.engine.request_pages(cmd)
+                else:
+                    self.engine.run(cmd, key)
+            except DmaFault:  # guest RAM unmapped under us, or never arrived: report it
                 error, cmd = ERR_GPU_FAULT, None
         with self.cv:
             r = self.regs
+            if cmd is not None and cmd.opcode == OP_FENCE:
+                # The fence in memory, then the registers, in one hold of the lock: a
+                # guest that sees the fence and reads a register waits for the lock, so
+                # it sees every register of the work before it.
+                try:
+                    self.engine.run(cmd, key)
+                except DmaFault:
+                    error, cmd = ERR_GPU_FAULT, None
             if error:
                 r.error, r.error_code, r.error_addr = 1, error, error_addr
             else:
@@ -148,10 +161,7 @@ class VgpuContext:
                 r.completed += 1
                 r.irq_status += 1
                 if cmd.opcode == OP_FENCE:
-                    # Registers first, the fence in memory last: a guest that sees the
-                    # fence also sees every register of the work before it.
                     r.fence_value = self.fence_regs[cmd.args[2]] = cmd.args[1]
-                    self.engine.run(cmd, key)
                 self._record_writes(cmd)
             self.busy = False
             dt = time.thread_time_ns() - t0

@@ -7,21 +7,25 @@ for whatever of the translated pieces is not present, and waits for it; only the
 touch memory. A page once present stays present (post-copy never discards), so the access
 that follows cannot fault.
 
-``DmaPageGate`` is what the IOMMU model calls before an access (``before_access``: RAM
-pieces in, returns once all are present). ``GatedDma`` wraps an ``Iommu`` with the gate
-for models that are handed it instead of the IOMMU itself.
+``DmaPageGate`` is a ``devices.iommu.PageGate``: the destination sets it on every device's
+IOMMU (``Iommu.set_page_gate``) before the devices start in post-copy and clears it once
+every page is present; each read and write of the IOMMU then calls ``before_access`` (RAM
+pieces in, returns once all are present). ``GatedDma`` puts the gate in front of one bare
+``Iommu`` without setting it there (a caller's own DMA; the device models need none).
 """
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Sequence
-from typing import Protocol
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
-from vmferry.devices.iommu import DmaFault, Iommu
+from vmferry.devices.iommu import DmaFault, Iommu, PageGate
+from vmferry.errors import VmferryError
 
 DMA_PAGE_TIMEOUT_S = 10.0  # a page the source never sends is a failed post-copy, not a hang
 
@@ -38,36 +42,62 @@ class DmaPageTimeout(DmaFault):
     """A DMA's pages did not arrive in time (post-copy's source is gone or stalled)."""
 
 
+class DmaPageLost(DmaFault):
+    """A DMA's pages will never arrive: the fault server failed (its error is the cause)."""
+
+
 class DmaPageGate:
     """Makes a DMA wait until the RAM it will touch is present."""
 
     def __init__(self, pages: PageFetcher, *, timeout_s: float = DMA_PAGE_TIMEOUT_S) -> None:
         self.pages = pages
         self.timeout_s = timeout_s
+        self._lock = threading.Lock()  # several devices' threads count here at once
         self.accesses = 0
         self.waited = 0  # accesses that had to ask for pages
         self.waited_s = 0.0
 
     def before_access(self, pieces: Sequence[tuple[int, int]], what: str = "DMA") -> None:
-        """Each (ram_offset, length) piece present before returning; DmaPageTimeout if not."""
-        self.accesses += 1
+        """Each (ram_offset, length) piece present before returning; DmaPageTimeout if not,
+        DmaPageLost if the fault server failed (both DMA faults to the device)."""
         t0 = time.monotonic()
         deadline = t0 + self.timeout_s
-        asked = sum(self.pages.request(off, n) for off, n in pieces)  # all out, then wait
-        for off, n in pieces:
-            left = max(0.0, deadline - time.monotonic())
-            if not self.pages.wait_present(off, n, left):
-                raise DmaPageTimeout(
-                    f"{what}: RAM {off:#x}+{n:#x} not present after {self.timeout_s:g} s "
-                    "of post-copy (the page request went unanswered)"
-                )
+        try:
+            asked = sum(self.pages.request(off, n) for off, n in pieces)  # all out, then wait
+            for off, n in pieces:
+                left = max(0.0, deadline - time.monotonic())
+                if not self.pages.wait_present(off, n, left):
+                    raise DmaPageTimeout(
+                        f"{what}: RAM {off:#x}+{n:#x} not present after {self.timeout_s:g} s "
+                        "of post-copy (the page request went unanswered)"
+                    )
+        except DmaFault:
+            raise
+        except VmferryError as e:
+            raise DmaPageLost(f"{what}: its pages cannot arrive: {e}") from e
+        finally:
+            with self._lock:
+                self.accesses += 1
         if asked:
-            self.waited += 1
-            self.waited_s += time.monotonic() - t0
+            with self._lock:
+                self.waited += 1
+                self.waited_s += time.monotonic() - t0
+
+
+def gate_dma(iommus: Iterable[Iommu], gate: PageGate | None) -> None:
+    """Set (or, with None, clear) one page gate on each IOMMU: every device's, before the
+    devices start in post-copy; None once every page is present."""
+    for iommu in iommus:
+        iommu.set_page_gate(gate)
+
+
+if TYPE_CHECKING:
+    _GATE: type[PageGate] = DmaPageGate  # mypy: DmaPageGate satisfies the IOMMU's PageGate
 
 
 class GatedDma:
-    """An IOMMU's read and write, each behind the gate: translate, fetch, then touch."""
+    """An IOMMU's read and write, each behind the gate: translate, fetch, then touch (for a
+    caller holding a bare Iommu; an Iommu with the gate set does the same by itself)."""
 
     def __init__(self, iommu: Iommu, gate: DmaPageGate) -> None:
         self.iommu = iommu
