@@ -44,6 +44,7 @@ YIELDING = {
     Ac.AWAIT_READY,
     Ac.AWAIT_RESUMED,
     Ac.AWAIT_AUDITED,
+    Ac.AWAIT_LANDED,
 }
 
 
@@ -115,6 +116,8 @@ def test_a_released_vm_is_rolled_back_only_when_the_destination_does_not_run_it(
     assert {
         (St.HANDING_OVER, Ev.DESTINATION_FAILED),
         (St.AUDITING, Ev.AUDIT_FAILED),
+        (St.POSTCOPY_HANDING_OVER, Ev.DESTINATION_FAILED),
+        (St.POSTCOPY_AUDITING, Ev.AUDIT_FAILED),
     } == ROLLBACK_AFTER_RELEASE
     for (state, event), step in TABLES[target].items():
         if (state, event) in ROLLBACK_AFTER_RELEASE:
@@ -129,8 +132,14 @@ def test_a_released_vm_is_rolled_back_only_when_the_destination_does_not_run_it(
 
 @pytest.mark.parametrize("target", list(Target))
 def test_the_destination_is_told_only_while_the_stream_is_whole(target: Target) -> None:
-    sections_flow = {St.AWAIT_ACCEPTED, St.PRECOPY, St.STOP_COPY, St.CANCELLING}
-    after_end = {St.AWAIT_READY, St.CANCELLING_AFTER_END}
+    sections_flow = {
+        St.AWAIT_ACCEPTED,
+        St.PRECOPY,
+        St.STOP_COPY,
+        St.POSTCOPY_SWITCH,
+        St.CANCELLING,
+    }
+    after_end = {St.AWAIT_READY, St.POSTCOPY_AWAIT_READY, St.CANCELLING_AFTER_END}
     broken = {Ev.PEER_CLOSED, Ev.PEER_SILENT, Ev.DESTINATION_FAILED}
     for (state, event), step in TABLES[target].items():
         told = {Ac.TELL_ABORT, Ac.TELL_ABANDON} & set(step.actions)
@@ -160,6 +169,11 @@ def test_each_state_shows_qemus_status() -> None:
         St.AWAIT_READY: "device",
         St.HANDING_OVER: "device",
         St.AUDITING: "device",  # the source still holds the VM until the audit passed
+        St.POSTCOPY_SWITCH: "device",  # paused, devices moving, as in stop-copy
+        St.POSTCOPY_AWAIT_READY: "device",
+        St.POSTCOPY_HANDING_OVER: "device",
+        St.POSTCOPY_ACTIVE: "postcopy-active",
+        St.POSTCOPY_AUDITING: "postcopy-active",
         St.COMPLETED: "completed",
         St.SAVED: "completed",
         St.CONTINUED: "completed",
@@ -187,6 +201,9 @@ def test_a_status_is_the_string_qmp_emits() -> None:
         "failed",
         "cancelling",
         "cancelled",
+        "postcopy-active",
+        "postcopy-paused",
+        "postcopy-recover",
     ]
 
 

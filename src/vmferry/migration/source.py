@@ -46,6 +46,7 @@ from vmferry.migration.params import (
     check_verify_options,
     verify_mode,
 )
+from vmferry.migration.postcopy import switch as postcopy_switch
 from vmferry.migration.precopy import Precopy
 from vmferry.migration.source_loop import Perform, SourceLoop
 from vmferry.migration.source_machine import (
@@ -118,6 +119,7 @@ class MigrationSource:
         self._out: Outgoing | None = None  # once the streams are open
         self.done = threading.Event()
         self._cancel_reason = "cancelled by the user"
+        self._postcopy_requested = False  # migrate-start-postcopy: at the next round's end
         self._seed = secrets.randbits(63)
         self._thread: threading.Thread | None = None
         self._digest_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="digest")
@@ -162,6 +164,22 @@ class MigrationSource:
         if never_started:
             self.figures.ended()
             self.done.set()
+
+    def request_postcopy(self) -> None:
+        """QMP migrate-start-postcopy: switch to post-copy at the end of the round in
+        flight (as QEMU does, at its next iteration). A MigrationError with one line if
+        it cannot start now."""
+        with self._lock:
+            why = postcopy_switch.refusal(
+                self._walk.state,
+                postcopy_ram=self.caps.postcopy_ram,
+                live=self._link is not None,
+                verify_mode=self.verify_mode,
+                requested=self._postcopy_requested,
+            )
+            if why is not None:
+                raise MigrationError(why)
+            self._postcopy_requested = True
 
     @property
     def released(self) -> bool:
@@ -350,7 +368,9 @@ class MigrationSource:
     def _send_round(self) -> SourceEvent:
         self._checkpoint()
         decision = self._rounds().round()
-        event = round_ended(decision.action)
+        with self._lock:
+            wanted = self._postcopy_requested
+        event = round_ended(postcopy_switch.decision(decision.action, wanted))
         if event is Ev.ROUND_GIVE_UP:
             why = MigrationError(f"did not converge: {decision.reason}")
             self.figures.failed(describe(why, self._circumstances()))

@@ -11,6 +11,16 @@ digests all of its (frozen) RAM and sends the digests (AUDITING: still "device",
 source holds the VM's state); the audit passed completes it; a mismatch — the destination
 says it stopped its VM — rolls the VM back here (FAILED), the one rollback after "go";
 a destination lost during the audit may be running the VM (FAILED_AFTER_RELEASE).
+Post-copy (postcopy-ram, the switch asked for by ``request_postcopy`` or due by
+x-postcopy-after): at a round's end the policy's decision becomes ROUND_POSTCOPY. The VM
+pauses, the devices stop and their state goes with the CPU state, the record of the pages
+the destination must not trust ("owed") and END — no final RAM round (POSTCOPY_SWITCH,
+"device"); after ``ready`` and ``go`` the page server answers the destination's requests
+and pushes every owed page (POSTCOPY_HANDING_OVER, then POSTCOPY_ACTIVE:
+"postcopy-active"); once the destination says the last page landed, the audit (x-verify
+on: POSTCOPY_AUDITING, still "postcopy-active") or COMPLETED. The VM's state is split
+after "go": a lost destination loses the VM (FAILED_AFTER_RELEASE, the source keeps its
+memory until quit); only a failed audit (the destination stopped its VM) rolls it back.
 A file: target has no destination to ask: after END the VM stays paused here,
 resumable (SAVED), and ``cont``
 runs it again (CONTINUED). Before the release every failure rolls the VM back and a
@@ -54,6 +64,11 @@ class SourceState(enum.Enum):
     AWAIT_READY = enum.auto()  # END sent, the destination loads and verifies
     HANDING_OVER = enum.auto()  # "go" sent: released, waiting for "resumed"
     AUDITING = enum.auto()  # it runs there; the audit's digests out, its verdict due
+    POSTCOPY_SWITCH = enum.auto()  # VM paused: devices, CPU state, owed pages, END
+    POSTCOPY_AWAIT_READY = enum.auto()  # the destination discards owed pages, registers RAM
+    POSTCOPY_HANDING_OVER = enum.auto()  # "go" sent, pages served: waiting for "resumed"
+    POSTCOPY_ACTIVE = enum.auto()  # it runs there; requests answered, the rest pushed
+    POSTCOPY_AUDITING = enum.auto()  # every page landed; the audit's verdict due
     COMPLETED = enum.auto()
     SAVED = enum.auto()  # a file is whole; the VM is paused here and may run again
     CONTINUED = enum.auto()  # a saved VM runs here again (cont)
@@ -72,10 +87,13 @@ class SourceEvent(enum.Enum):
     ROUND_CONTINUE = enum.auto()  # a round ended; the policy's decision
     ROUND_SWITCHOVER = enum.auto()
     ROUND_GIVE_UP = enum.auto()  # the policy says it will not converge
+    ROUND_POSTCOPY = enum.auto()  # switch to post-copy (asked for, or x-postcopy-after)
     STREAM_ENDED = enum.auto()  # END (and each CEND) is written
     READY = enum.auto()  # the destination loaded and verified everything
     RESUMED = enum.auto()  # the destination runs the VM (nothing left to check)
     RESUMED_UNAUDITED = enum.auto()  # it runs the VM; the audit after resume is due
+    PAGES_LANDED = enum.auto()  # post-copy: every owed page landed there
+    PAGES_LANDED_UNAUDITED = enum.auto()  # and the audit of all RAM is due (x-verify on)
     AUDIT_PASSED = enum.auto()  # the destination's verdict on the audit
     AUDIT_FAILED = enum.auto()  # a mismatch: the destination stopped its VM
     DESTINATION_FAILED = enum.auto()  # a "failed" line: the destination gave up first
@@ -114,6 +132,11 @@ class SourceAction(enum.Enum):
     TELL_ABORT = enum.auto()  # an ABRT section: why the source gives up
     TELL_ABANDON = enum.auto()  # an "abandon" line: why, once END is out
     ROLLBACK = enum.auto()  # no throttle, no dirty log, devices and VM running again
+    SYNC_OWED = enum.auto()  # the last dirty sync: the pages the destination lacks
+    SEND_OWED = enum.auto()  # PCPY: the owed pages' bitmap
+    OPEN_POSTCOPY = enum.auto()  # the page channels (urgent, background) connected
+    SERVE_PAGES = enum.auto()  # the page server: answer requests, push the owed pages
+    AWAIT_LANDED = enum.auto()  # every page pushed and the destination's "landed"
 
 
 St, Ev, Ac = SourceState, SourceEvent, SourceAction
@@ -130,6 +153,12 @@ STATUS: Mapping[SourceState, MigrationStatus] = MappingProxyType(
         St.HANDING_OVER: MigrationStatus.DEVICE,
         # Not "completed": until the audit passed the source must not be let go.
         St.AUDITING: MigrationStatus.DEVICE,
+        # As stop-copy: the VM is paused and its devices move.
+        St.POSTCOPY_SWITCH: MigrationStatus.DEVICE,
+        St.POSTCOPY_AWAIT_READY: MigrationStatus.DEVICE,
+        St.POSTCOPY_HANDING_OVER: MigrationStatus.DEVICE,
+        St.POSTCOPY_ACTIVE: MigrationStatus.POSTCOPY_ACTIVE,
+        St.POSTCOPY_AUDITING: MigrationStatus.POSTCOPY_ACTIVE,
         St.COMPLETED: MigrationStatus.COMPLETED,
         St.SAVED: MigrationStatus.COMPLETED,
         St.CONTINUED: MigrationStatus.COMPLETED,
@@ -152,17 +181,35 @@ PHASE: Mapping[SourceState, str] = MappingProxyType(
         St.AWAIT_READY: "the switchover",
         St.HANDING_OVER: "the hand-over",
         St.AUDITING: "the audit after resume",
+        St.POSTCOPY_SWITCH: "the switch to post-copy",
+        St.POSTCOPY_AWAIT_READY: "the switch to post-copy",
+        St.POSTCOPY_HANDING_OVER: "post-copy",
+        St.POSTCOPY_ACTIVE: "post-copy",
+        St.POSTCOPY_AUDITING: "the audit after post-copy",
     }
 )
 
 #: The VM belongs to the destination (or to the file): it must not run here on its own.
+POSTCOPY_RELEASED: frozenset[SourceState] = frozenset(
+    {St.POSTCOPY_HANDING_OVER, St.POSTCOPY_ACTIVE, St.POSTCOPY_AUDITING}
+)
 RELEASED: frozenset[SourceState] = frozenset(
     {St.HANDING_OVER, St.AUDITING, St.COMPLETED, St.SAVED, St.FAILED_AFTER_RELEASE}
+    | POSTCOPY_RELEASED
 )
+#: The states of a migration that switched to post-copy.
+POSTCOPY: frozenset[SourceState] = frozenset({St.POSTCOPY_SWITCH, St.POSTCOPY_AWAIT_READY})
+POSTCOPY |= POSTCOPY_RELEASED
 #: The one way back after "go": the audit found a mismatch and the destination said it
 #: stopped its VM.
 ROLLBACK_AFTER_RELEASE: frozenset[tuple[SourceState, SourceEvent]] = frozenset(
-    {(St.HANDING_OVER, SourceEvent.DESTINATION_FAILED), (St.AUDITING, SourceEvent.AUDIT_FAILED)}
+    {
+        (St.HANDING_OVER, SourceEvent.DESTINATION_FAILED),
+        (St.AUDITING, SourceEvent.AUDIT_FAILED),
+        # It says it did not start the VM (it gave up waiting for "go").
+        (St.POSTCOPY_HANDING_OVER, SourceEvent.DESTINATION_FAILED),
+        (St.POSTCOPY_AUDITING, SourceEvent.AUDIT_FAILED),
+    }
 )
 FINAL: frozenset[SourceState] = frozenset(
     {St.COMPLETED, St.SAVED, St.CONTINUED, St.CANCELLED, St.FAILED, St.FAILED_AFTER_RELEASE}
@@ -183,6 +230,7 @@ STATES: Mapping[Target, frozenset[SourceState]] = MappingProxyType(
             St.CANCELLING,
             St.CANCELLING_AFTER_END,
             St.FAILED_AFTER_RELEASE,
+            *POSTCOPY,
         },
     }
 )
@@ -202,10 +250,22 @@ _SWITCHOVER = (
     Ac.SEND_VERIFY,
     Ac.END_STREAM,
 )
+# No final RAM round: what is owed goes after the resume (that is what post-copy saves).
+_POSTCOPY_SWITCH = (
+    Ac.PAUSE_VM,
+    Ac.REPORT_STATUS,
+    Ac.STOP_DEVICES,
+    Ac.SYNC_OWED,
+    Ac.SEND_CPU_AND_DEVICES,
+    Ac.SEND_VERIFY,
+    Ac.SEND_OWED,
+    Ac.OPEN_POSTCOPY,
+    Ac.END_STREAM,
+)
 _SAVE = (Ac.RELEASE_DEVICES, Ac.STOP_DIRTY_TRACKING, Ac.REPORT_STATUS)
 _PEER_LOST = (Ev.DESTINATION_FAILED, Ev.PEER_SILENT, Ev.PEER_CLOSED)
 _LOCAL = (Ev.ERROR, Ev.GUEST_ENDED)
-_ROUND_ENDED = (Ev.ROUND_CONTINUE, Ev.ROUND_SWITCHOVER, Ev.ROUND_GIVE_UP)
+_ROUND_ENDED = (Ev.ROUND_CONTINUE, Ev.ROUND_SWITCHOVER, Ev.ROUND_GIVE_UP, Ev.ROUND_POSTCOPY)
 
 _Rows = dict[tuple[SourceState, SourceEvent], Step[SourceState, SourceAction]]
 
@@ -232,7 +292,7 @@ def _common(target: Target) -> _Rows:
         (Ev.CONNECTED, Ev.HALTED, *_LOCAL, *_ROUND_ENDED),
         Step(St.CANCELLED, _FAIL),
     )
-    for state in (*FINAL, St.HANDING_OVER, St.AUDITING, *_CANCELLING):
+    for state in (*FINAL, St.HANDING_OVER, St.AUDITING, *POSTCOPY_RELEASED, *_CANCELLING):
         rows[(state, Ev.CANCEL)] = Step(state)  # too late, or said already
     return {k: v for k, v in rows.items() if k[0] in STATES[target]}
 
@@ -264,6 +324,7 @@ def _live() -> SourceTable:
         (St.AWAIT_READY, Ev.CANCEL): Step(St.CANCELLING_AFTER_END, _CANCEL),
         (St.CANCELLING, Ev.STREAM_ENDED): Step(St.CANCELLED, _ABANDON),
     }
+    rows |= _postcopy()
     rows |= _rows(St.SETUP, (*_LOCAL, Ev.PEER_SILENT, Ev.PEER_CLOSED), Step(St.FAILED, _FAIL))
     rows |= _rows(
         St.CANCELLING_NO_PEER, (Ev.PEER_SILENT, Ev.PEER_CLOSED), Step(St.CANCELLED, _FAIL)
@@ -291,6 +352,43 @@ def _live() -> SourceTable:
     return MappingProxyType(rows)
 
 
+def _postcopy() -> _Rows:
+    """A live migration's switch to post-copy and what follows it."""
+    landed = (Ac.REPORT_STATUS, Ac.RELEASE_DEVICES)
+    rows: _Rows = {
+        (St.PRECOPY, Ev.ROUND_POSTCOPY): Step(St.POSTCOPY_SWITCH, _POSTCOPY_SWITCH),
+        (St.POSTCOPY_SWITCH, Ev.STREAM_ENDED): Step(St.POSTCOPY_AWAIT_READY, (Ac.AWAIT_READY,)),
+        (St.POSTCOPY_AWAIT_READY, Ev.READY): Step(
+            St.POSTCOPY_HANDING_OVER,
+            (Ac.SEND_GO, Ac.STOP_DIRTY_TRACKING, Ac.SERVE_PAGES, Ac.AWAIT_RESUMED),
+        ),
+        (St.POSTCOPY_SWITCH, Ev.CANCEL): Step(St.CANCELLING, _CANCEL),
+        (St.POSTCOPY_AWAIT_READY, Ev.CANCEL): Step(St.CANCELLING_AFTER_END, _CANCEL),
+        # It did not start the guest (it gave up waiting for "go"): the VM is only here.
+        (St.POSTCOPY_HANDING_OVER, Ev.DESTINATION_FAILED): Step(St.FAILED, _FAIL),
+        (St.POSTCOPY_ACTIVE, Ev.PAGES_LANDED): Step(St.COMPLETED, landed),
+        (St.POSTCOPY_ACTIVE, Ev.PAGES_LANDED_UNAUDITED): Step(
+            St.POSTCOPY_AUDITING, (Ac.SEND_AUDIT, Ac.AWAIT_AUDITED)
+        ),
+        (St.POSTCOPY_AUDITING, Ev.AUDIT_PASSED): Step(St.COMPLETED, landed),
+        # The destination stopped its VM: it runs here again from the switch.
+        (St.POSTCOPY_AUDITING, Ev.AUDIT_FAILED): Step(St.FAILED, _FAIL),
+    }
+    resumed = Step(St.POSTCOPY_ACTIVE, (Ac.REPORT_STATUS, Ac.AWAIT_LANDED))
+    rows |= _rows(St.POSTCOPY_HANDING_OVER, (Ev.RESUMED, Ev.RESUMED_UNAUDITED), resumed)
+    rows |= _rows(St.POSTCOPY_SWITCH, _LOCAL, Step(St.FAILED, _ABORT))
+    rows |= _rows(St.POSTCOPY_SWITCH, _PEER_LOST, Step(St.FAILED, _FAIL))
+    rows |= _rows(St.POSTCOPY_AWAIT_READY, _LOCAL, Step(St.FAILED, _ABANDON))
+    rows |= _rows(St.POSTCOPY_AWAIT_READY, _PEER_LOST, Step(St.FAILED, _FAIL))
+    # After "go" the VM's state is split: lost there, it is lost (the source keeps its
+    # memory until quit); a "failed" after the resume says the same.
+    lost = Step(St.FAILED_AFTER_RELEASE, (Ac.REPORT_STATUS,))
+    rows |= _rows(St.POSTCOPY_HANDING_OVER, (Ev.PEER_SILENT, Ev.PEER_CLOSED, Ev.ERROR), lost)
+    rows |= _rows(St.POSTCOPY_ACTIVE, (*_PEER_LOST, Ev.ERROR), lost)
+    rows |= _rows(St.POSTCOPY_AUDITING, (*_PEER_LOST, Ev.ERROR), lost)
+    return rows
+
+
 def _file() -> SourceTable:
     rows = _common(Target.FILE)
     rows |= {
@@ -313,7 +411,12 @@ TABLES: Mapping[Target, SourceTable] = MappingProxyType(
 )
 
 _ROUND_EVENTS: Mapping[str, SourceEvent] = MappingProxyType(
-    {"continue": Ev.ROUND_CONTINUE, "switchover": Ev.ROUND_SWITCHOVER, "cancel": Ev.ROUND_GIVE_UP}
+    {
+        "continue": Ev.ROUND_CONTINUE,
+        "switchover": Ev.ROUND_SWITCHOVER,
+        "cancel": Ev.ROUND_GIVE_UP,
+        "postcopy": Ev.ROUND_POSTCOPY,
+    }
 )
 _REPLY_EVENTS: Mapping[str, SourceEvent] = MappingProxyType(
     {
@@ -360,6 +463,11 @@ class SourceMachine(Walk[SourceState, SourceEvent, SourceAction]):
         return self.state is St.SAVED
 
     @property
+    def postcopy(self) -> bool:
+        """The migration switched to post-copy (or is switching)."""
+        return self.state in POSTCOPY
+
+    @property
     def cancelling(self) -> bool:
         return self.state in _CANCELLING
 
@@ -367,6 +475,8 @@ class SourceMachine(Walk[SourceState, SourceEvent, SourceAction]):
 __all__ = [
     "FINAL",
     "PHASE",
+    "POSTCOPY",
+    "POSTCOPY_RELEASED",
     "RELEASED",
     "ROLLBACK_AFTER_RELEASE",
     "STATES",

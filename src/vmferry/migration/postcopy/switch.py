@@ -1,0 +1,66 @@
+"""When a migration may switch to post-copy, and the switch's decision at a round's end.
+
+``refusal`` is migrate-start-postcopy's check (QEMU's names and order): the capability
+first, then where the migration is. ``decision`` turns the policy's verdict at a round's
+end into "postcopy" when the switch was asked for (or is due by x-postcopy-after): a
+migration that converged still finishes by pre-copy (its remainder fits the downtime),
+one that would give up switches instead. Pure functions; the source's driver asks them.
+"""
+
+from __future__ import annotations
+
+from vmferry.migration.source_machine import FINAL, POSTCOPY, SourceState
+
+St = SourceState
+CANCELLING = frozenset({St.CANCELLING_NO_PEER, St.CANCELLING, St.CANCELLING_AFTER_END})
+_WHO = "migrate-start-postcopy"
+# Where the switch can still be asked for: before the rounds or during them.
+_BEFORE_SWITCH = frozenset({St.SETUP, St.AWAIT_ACCEPTED, St.PRECOPY})
+
+
+def refusal(
+    state: SourceState,
+    *,
+    postcopy_ram: bool,
+    live: bool,
+    verify_mode: str,
+    requested: bool,
+) -> str | None:
+    """Why post-copy cannot be started now (one line), or None if it can."""
+    if not postcopy_ram:
+        return f"{_WHO}: the postcopy-ram capability is not set"
+    if not live:
+        return f"{_WHO}: a migration to a file cannot switch to post-copy"
+    if verify_mode == "strict":
+        return (
+            f"{_WHO}: x-verify strict checks all of RAM before the resume, which post-copy "
+            "sends after it: use x-verify on (the audit after the last page) or off"
+        )
+    if state is St.IDLE:
+        return f"{_WHO}: the migration has not been started"
+    if requested or state in POSTCOPY:
+        return f"{_WHO}: the migration is already in post-copy"
+    if state in CANCELLING:
+        return f"{_WHO}: the migration is being cancelled"
+    if state is St.COMPLETED:
+        return f"{_WHO}: the migration has already completed"
+    if state in FINAL:
+        return f"{_WHO}: the migration has already {_ended(state)}"
+    if state not in _BEFORE_SWITCH:
+        return f"{_WHO}: the migration is already switching over (pre-copy finishes it)"
+    return None
+
+
+def _ended(state: SourceState) -> str:
+    return "been cancelled" if state is St.CANCELLED else "failed"
+
+
+def decision(action: str, wanted: bool) -> str:
+    """The round's event name: "postcopy" instead of going on or giving up when the
+    switch is wanted; a converged round still switches over by pre-copy."""
+    if wanted and action in ("continue", "cancel"):
+        return "postcopy"
+    return action
+
+
+__all__ = ["decision", "refusal"]
