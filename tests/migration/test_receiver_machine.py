@@ -35,8 +35,18 @@ Rs, Re, Ra = ReceiverState, ReceiverEvent, ReceiverAction
 SECTIONS = set(SECTION_EVENTS.values())
 # A source is connected: every state but before one came and the two ends.
 # (AUDITING: the guest runs here already; its own rules below.)
-CONNECTED = set(Rs) - {Rs.IDLE, Rs.WAITING, Rs.RUNNING, Rs.FAILED, Rs.AUDITING}
-YIELDING = {Ra.AWAIT_SOURCE, Ra.READ_SECTION, Ra.SET_UP, Ra.VERIFY, Ra.AWAIT_GO, Ra.AWAIT_AUDIT}
+# (POSTCOPY_*: the guest runs here while its pages come, or they came and it is audited.)
+POSTCOPY = {Rs.POSTCOPY_ACTIVE, Rs.POSTCOPY_AUDITING}
+CONNECTED = set(Rs) - {Rs.IDLE, Rs.WAITING, Rs.RUNNING, Rs.FAILED, Rs.AUDITING} - POSTCOPY
+YIELDING = {
+    Ra.AWAIT_SOURCE,
+    Ra.READ_SECTION,
+    Ra.SET_UP,
+    Ra.VERIFY,
+    Ra.AWAIT_GO,
+    Ra.AWAIT_AUDIT,
+    Ra.AWAIT_LANDED,
+}
 
 
 PATHS = {t: shortest_paths(TABLES[t], Rs.IDLE) for t in Target}
@@ -82,7 +92,10 @@ _AFTER = {
     b"VRFY": Rs.AFTER_VRFY,
     b"END\0": Rs.VERIFYING,
     b"ABRT": Rs.FAILED,
+    b"PCPY": Rs.AFTER_PCPY,
 }
+# A save file is never post-copy: its table takes no PCPY (the section is refused).
+_NOT_IN_FILES = {b"PCPY"}
 
 
 @TARGETS
@@ -90,6 +103,10 @@ def test_the_section_events_follow_the_stream_grammar_exactly(target: Target) ->
     table = TABLES[target]
     assert set(_AFTER) == set(MAIN_GRAMMAR)
     for last, allowed in MAIN_GRAMMAR.items():
+        if target is Target.FILE:
+            if last in _NOT_IN_FILES:
+                continue
+            allowed -= _NOT_IN_FILES
         state = _AFTER[last]
         taken = {e for e in SECTIONS if (state, e) in table}
         assert taken == {section_event(t) for t in allowed}, section_event(last) if last else None
@@ -112,8 +129,12 @@ def test_abandon_is_taken_in_every_state_and_changes_nothing_once_running(
         step = TABLES[target][(state, Re.ABANDON)]
         if state in FINAL:
             assert step.next is state and step.actions == ()
-        elif state is Rs.AUDITING:  # the guest runs here: a source that gives up leaves it
+        elif state in (Rs.AUDITING, Rs.POSTCOPY_AUDITING):
+            # the guest runs here, whole: a source that gives up leaves it
             assert step.next is Rs.RUNNING and Ra.STOP_VM not in step.actions
+        elif state is Rs.POSTCOPY_ACTIVE:
+            # its pages are not all here: it cannot run on, it stops
+            assert step.next is Rs.FAILED and Ra.STOP_VM in step.actions
         else:
             assert step.next is Rs.FAILED
 
@@ -144,18 +165,20 @@ def test_the_guest_starts_only_on_go_after_a_whole_verified_stream() -> None:
     into = {
         (s, e)
         for (s, e), step in TABLE.items()
-        if step.next in (Rs.RUNNING, Rs.AUDITING) and s not in (Rs.RUNNING, Rs.AUDITING)
+        if step.next in (Rs.RUNNING, Rs.AUDITING, *POSTCOPY)
+        and s not in (Rs.RUNNING, Rs.AUDITING, *POSTCOPY)
     }
-    assert into == {(Rs.READY, Re.GO), (Rs.READY, Re.GO_UNAUDITED)}
+    assert into == {(Rs.READY, Re.GO), (Rs.READY, Re.GO_UNAUDITED), (Rs.READY, Re.GO_POSTCOPY)}
     assert {(s, e) for (s, e), st in TABLE.items() if st.next is Rs.READY} == {
         (Rs.VERIFYING, Re.VERIFY_PASSED)
     }
     assert {s for (s, e), st in TABLE.items() if st.next is Rs.VERIFYING} == {
         Rs.AFTER_DEVS,
         Rs.AFTER_VRFY,
+        Rs.AFTER_PCPY,
     }
     starts = {(s, e) for (s, e), st in TABLE.items() if Ra.START_VM in st.actions}
-    assert starts == {(Rs.READY, Re.GO), (Rs.READY, Re.GO_UNAUDITED)}
+    assert starts == {(Rs.READY, Re.GO), (Rs.READY, Re.GO_UNAUDITED), (Rs.READY, Re.GO_POSTCOPY)}
     for (state, event), step in TABLE.items():
         if state is Rs.RUNNING:
             assert step.next is Rs.RUNNING and not step.actions, event  # nothing closes it
@@ -174,6 +197,7 @@ def test_each_state_shows_the_destinations_status() -> None:
     assert STATUS[Rs.WAITING] == "setup"
     assert all(STATUS[s] == "active" for s in CONNECTED)
     assert STATUS[Rs.AUDITING] == "active"  # not done until the audit passed
+    assert STATUS[Rs.POSTCOPY_ACTIVE] == STATUS[Rs.POSTCOPY_AUDITING] == "postcopy-active"
     assert STATUS[Rs.RUNNING] == "completed" and STATUS[Rs.FAILED] == "failed"
     assert set(STATUS) == set(Rs)
 
@@ -231,13 +255,43 @@ def test_a_migration_with_verification_loads_verifies_and_runs_on_go() -> None:
 
 def test_only_a_failed_audit_stops_a_started_guest_and_it_tells_the_source() -> None:
     stops = {(s, e) for (s, e), st in TABLE.items() if Ra.STOP_VM in st.actions}
-    assert stops == {(Rs.AUDITING, Re.AUDIT_FAILED), (Rs.AUDITING, Re.ERROR)}
-    for key in stops:
+    audits = {
+        (s, e) for s in (Rs.AUDITING, Rs.POSTCOPY_AUDITING) for e in (Re.AUDIT_FAILED, Re.ERROR)
+    }
+    # Post-copy's guest, lost its source before the last page, cannot run on.
+    lost = {
+        (Rs.POSTCOPY_ACTIVE, e) for e in (Re.ERROR, Re.ABANDON, Re.SOURCE_SILENT, Re.SOURCE_CLOSED)
+    }
+    assert stops == audits | lost
+    for key in lost:
+        acts = TABLE[key].actions
+        assert acts.index(Ra.STOP_VM) < acts.index(Ra.END_POSTCOPY) < acts.index(Ra.DISCARD)
+        assert TABLE[key].next is Rs.FAILED and Ra.SEND_FAILED in acts
+    for key in audits:
         acts = TABLE[key].actions
         # stopped, its held frames dropped, then the source told: it may run the VM again
         assert acts.index(Ra.STOP_VM) < acts.index(Ra.DROP_OUTPUT) < acts.index(Ra.SEND_AUDITED)
         assert acts.index(Ra.SEND_AUDITED) < acts.index(Ra.DISCARD)
         assert TABLE[key].next is Rs.FAILED
+
+
+def test_a_postcopy_migration_runs_on_go_with_pages_missing_then_is_audited() -> None:
+    m = _at(Rs.AFTER_DEVS)
+    assert _walk(m, Re.PCPY, Re.END) == [
+        Ra.LOAD_OWED,
+        Ra.READ_SECTION,
+        Ra.FINISH_LOAD,
+        Ra.PREPARE_POSTCOPY,  # before the check, "ready" and the guest
+        Ra.VERIFY,
+    ]
+    _walk(m, Re.VERIFY_PASSED)
+    acts = m.step(Re.GO_POSTCOPY)
+    assert acts.index(Ra.GATE_DMA) < acts.index(Ra.START_VM)  # no DMA on a missing page
+    assert m.status == "postcopy-active" and m.started and m.postcopy
+    assert m.step(Re.LANDED_UNAUDITED) == (Ra.END_POSTCOPY, Ra.SEND_LANDED, Ra.AWAIT_AUDIT)
+    assert m.status == "postcopy-active"
+    m.step(Re.AUDIT_PASSED)
+    assert m.state is Rs.RUNNING and m.status == "completed"
 
 
 def test_an_audited_migration_runs_on_go_and_completes_when_the_audit_passed() -> None:

@@ -27,6 +27,15 @@ AWAIT_SOURCE and AWAIT_GO yield the next event. A save file restored here (Targe
 walks the same sections without a source: no heartbeat, no ``accepted``, ``ready`` or
 ``go``; a verified load starts the guest.
 
+Post-copy: after DEVS (and VRFY) a PCPY section names the pages this side must not
+trust (AFTER_PCPY); at END the load finishes and post-copy is prepared — the owed pages
+discarded, guest RAM registered with userfaultfd, the page channels accepted, the fault
+server started — before the check and ``ready``. On ``go`` the devices' DMA is gated and
+the guest starts on RAM that is partly missing (POSTCOPY_ACTIVE: "postcopy-active");
+when the last owed page has landed post-copy ends (RAM unregistered, DMA ungated,
+``landed`` said), then the audit (x-verify on: POSTCOPY_AUDITING) or RUNNING. A source
+lost before the last page stops the guest here: it cannot run on without its pages.
+
 Its drivers: ``reception.Reception`` (a live destination), ``loader.SectionLoop`` (the
 sections after CONF, for both) and ``restore.restore_from_file`` (a file).
 """
@@ -52,9 +61,12 @@ class ReceiverState(enum.Enum):
     AFTER_CPUS = enum.auto()  # the vCPU state is in; the device summary is due
     AFTER_DEVS = enum.auto()  # VRFY or END is due
     AFTER_VRFY = enum.auto()  # END is due
+    AFTER_PCPY = enum.auto()  # post-copy: the owed pages are known; END is due
     VERIFYING = enum.auto()  # the stream is whole: load finished, digests compared
     READY = enum.auto()  # "ready" sent: waiting for the source's "go"
     AUDITING = enum.auto()  # the guest runs here; the source's audit is compared
+    POSTCOPY_ACTIVE = enum.auto()  # the guest runs here on RAM whose owed pages still come
+    POSTCOPY_AUDITING = enum.auto()  # every page landed; the source's audit is compared
     RUNNING = enum.auto()  # the guest runs here
     FAILED = enum.auto()
 
@@ -72,11 +84,15 @@ class ReceiverEvent(enum.Enum):
     VRFY = enum.auto()
     END = enum.auto()
     ABRT = enum.auto()  # the source gives up while sections flow
+    PCPY = enum.auto()  # post-copy: the pages the source still owes
     SET_UP = enum.auto()  # the CONF was usable: memory, devices, channels are ready
     VERIFY_PASSED = enum.auto()  # or verification is off: nothing to compare
     VERIFY_FAILED = enum.auto()
     GO = enum.auto()
     GO_UNAUDITED = enum.auto()  # "go", and an audit after the resume is due (x-verify on)
+    GO_POSTCOPY = enum.auto()  # "go" to a post-copy load: the guest runs, pages come
+    LANDED = enum.auto()  # post-copy: the last owed page landed
+    LANDED_UNAUDITED = enum.auto()  # and the audit of all RAM is due (x-verify on)
     AUDIT_PASSED = enum.auto()
     AUDIT_FAILED = enum.auto()  # a page differs from the source's
     ABANDON = enum.auto()  # the source gives up (an "abandon" line, or any notice)
@@ -115,6 +131,12 @@ class ReceiverAction(enum.Enum):
     STOP_HEARTBEAT = enum.auto()
     SEND_FAILED = enum.auto()  # the reason (and what a failed check found) to the source
     DISCARD = enum.auto()  # close what was built: machine, devices, memory
+    LOAD_OWED = enum.auto()  # PCPY: the owed pages' bitmap
+    PREPARE_POSTCOPY = enum.auto()  # discard owed pages, userfaultfd, page channels, server
+    GATE_DMA = enum.auto()  # every device's IOMMU waits for missing pages (a page gate)
+    AWAIT_LANDED = enum.auto()  # until the last owed page landed
+    END_POSTCOPY = enum.auto()  # RAM unregistered, DMA ungated, the fault server stopped
+    SEND_LANDED = enum.auto()  # "landed", with post-copy's figures
 
 
 Rs, Re, Ra = ReceiverState, ReceiverEvent, ReceiverAction
@@ -128,9 +150,11 @@ _CONNECTED = (
     Rs.AFTER_CPUS,
     Rs.AFTER_DEVS,
     Rs.AFTER_VRFY,
+    Rs.AFTER_PCPY,
     Rs.VERIFYING,
     Rs.READY,
 )
+_POSTCOPY_RUNNING = (Rs.POSTCOPY_ACTIVE, Rs.POSTCOPY_AUDITING)
 
 STATUS: Mapping[ReceiverState, MigrationStatus] = MappingProxyType(
     {
@@ -138,6 +162,7 @@ STATUS: Mapping[ReceiverState, MigrationStatus] = MappingProxyType(
         Rs.WAITING: MigrationStatus.SETUP,
         **{s: MigrationStatus.ACTIVE for s in _CONNECTED},
         Rs.AUDITING: MigrationStatus.ACTIVE,  # not done until the audit passed
+        **{s: MigrationStatus.POSTCOPY_ACTIVE for s in _POSTCOPY_RUNNING},
         Rs.RUNNING: MigrationStatus.COMPLETED,
         Rs.FAILED: MigrationStatus.FAILED,
     }
@@ -153,6 +178,9 @@ PHASE: Mapping[ReceiverState, str] = MappingProxyType(
         Rs.AFTER_CPUS: "the switchover",
         Rs.AFTER_DEVS: "the switchover",
         Rs.AFTER_VRFY: "the switchover",
+        Rs.AFTER_PCPY: "the switchover",
+        Rs.POSTCOPY_ACTIVE: "post-copy",
+        Rs.POSTCOPY_AUDITING: "the audit after post-copy",
         Rs.VERIFYING: "the verification",
         Rs.READY: "the wait for the hand-over",
         Rs.AUDITING: "the audit after resume",
@@ -163,12 +191,23 @@ PHASE: Mapping[ReceiverState, str] = MappingProxyType(
 SECTION_EVENTS: Mapping[bytes, ReceiverEvent] = MappingProxyType(
     {
         e.name.encode().ljust(4, b"\0"): e
-        for e in (Re.CONF, Re.RAM, Re.RND, Re.DEVD, Re.CPUS, Re.DEVS, Re.VRFY, Re.END, Re.ABRT)
+        for e in (
+            Re.CONF,
+            Re.RAM,
+            Re.RND,
+            Re.DEVD,
+            Re.CPUS,
+            Re.DEVS,
+            Re.VRFY,
+            Re.END,
+            Re.ABRT,
+            Re.PCPY,
+        )
     }
 )
 
 _FAIL = (Ra.STOP_HEARTBEAT, Ra.SEND_FAILED, Ra.DISCARD, Ra.REPORT_STATUS)
-_READING = (Rs.LOADING, Rs.AFTER_CPUS, Rs.AFTER_DEVS, Rs.AFTER_VRFY)
+_READING = (Rs.LOADING, Rs.AFTER_CPUS, Rs.AFTER_DEVS, Rs.AFTER_VRFY, Rs.AFTER_PCPY)
 _GIVE_UP = (Re.ABANDON, Re.ERROR, Re.SOURCE_SILENT, Re.SOURCE_CLOSED)
 _READ = Ra.READ_SECTION
 _FINISH = Step(Rs.VERIFYING, (Ra.FINISH_LOAD, Ra.VERIFY))
@@ -199,9 +238,71 @@ _SECTION_ROWS: _Rows = {
 }
 
 
+def _postcopy() -> _Rows:
+    """The PCPY section and what follows it: a guest that runs while its pages come."""
+    owed = Step(Rs.AFTER_PCPY, (Ra.LOAD_OWED, _READ))
+    audited_end = (Ra.SEND_AUDITED, Ra.RELEASE_OUTPUT, Ra.STOP_HEARTBEAT, Ra.REPORT_STATUS)
+    rows: _Rows = {
+        (Rs.AFTER_DEVS, Re.PCPY): owed,
+        (Rs.AFTER_VRFY, Re.PCPY): owed,
+        (Rs.AFTER_PCPY, Re.END): Step(
+            Rs.VERIFYING, (Ra.FINISH_LOAD, Ra.PREPARE_POSTCOPY, Ra.VERIFY)
+        ),
+        (Rs.READY, Re.GO_POSTCOPY): Step(
+            Rs.POSTCOPY_ACTIVE,
+            (
+                Ra.HOLD_OUTPUT,
+                Ra.GATE_DMA,
+                Ra.START_VM,
+                Ra.REPORT_STATUS,
+                Ra.SEND_RESUMED,
+                Ra.AWAIT_LANDED,
+            ),
+        ),
+        (Rs.POSTCOPY_ACTIVE, Re.LANDED): Step(
+            Rs.RUNNING,
+            (
+                Ra.END_POSTCOPY,
+                Ra.SEND_LANDED,
+                Ra.RELEASE_OUTPUT,
+                Ra.STOP_HEARTBEAT,
+                Ra.REPORT_STATUS,
+            ),
+        ),
+        (Rs.POSTCOPY_ACTIVE, Re.LANDED_UNAUDITED): Step(
+            Rs.POSTCOPY_AUDITING, (Ra.END_POSTCOPY, Ra.SEND_LANDED, Ra.AWAIT_AUDIT)
+        ),
+        (Rs.POSTCOPY_AUDITING, Re.AUDIT_PASSED): Step(Rs.RUNNING, audited_end),
+        (Rs.POSTCOPY_AUDITING, Re.AUDIT_FAILED): _STOP,
+        (Rs.POSTCOPY_AUDITING, Re.ERROR): _STOP,
+    }
+    # The guest cannot run on without its pages: stopped, and the source told.
+    lost = Step(
+        Rs.FAILED,
+        (
+            Ra.STOP_VM,
+            Ra.END_POSTCOPY,
+            Ra.DROP_OUTPUT,
+            Ra.STOP_HEARTBEAT,
+            Ra.SEND_FAILED,
+            Ra.DISCARD,
+            Ra.REPORT_STATUS,
+        ),
+    )
+    unaudited = Step(
+        Rs.RUNNING, (Ra.KEEP_UNAUDITED, Ra.RELEASE_OUTPUT, Ra.STOP_HEARTBEAT, Ra.REPORT_STATUS)
+    )
+    for event in _GIVE_UP:
+        rows[(Rs.POSTCOPY_ACTIVE, event)] = lost
+    for event in (Re.ABANDON, Re.SOURCE_SILENT, Re.SOURCE_CLOSED):
+        rows[(Rs.POSTCOPY_AUDITING, event)] = unaudited
+    return rows
+
+
 def _live() -> ReceiverTable:
     rows: _Rows = {
         **_SECTION_ROWS,
+        **_postcopy(),
         (Rs.IDLE, Re.START): Step(Rs.WAITING, (Ra.REPORT_STATUS, Ra.AWAIT_SOURCE)),
         (Rs.IDLE, Re.ABANDON): Step(Rs.FAILED, (Ra.REPORT_STATUS,)),
         (Rs.IDLE, Re.ERROR): Step(Rs.FAILED, (Ra.REPORT_STATUS,)),
@@ -264,7 +365,7 @@ def _file() -> ReceiverTable:
     }
     for state in STATES[Target.FILE] - {Rs.IDLE, Rs.RUNNING, Rs.FAILED}:
         rows[(state, Re.ABANDON)] = rows[(state, Re.ERROR)] = Step(Rs.FAILED, discard)
-    for state in _READING:
+    for state in _READING[:-1]:  # no PCPY in a file
         rows[(state, Re.ABRT)] = Step(Rs.FAILED, discard)
     return MappingProxyType(rows)
 
@@ -273,7 +374,8 @@ def _file() -> ReceiverTable:
 STATES: Mapping[Target, frozenset[ReceiverState]] = MappingProxyType(
     {
         Target.LIVE: frozenset(ReceiverState),
-        Target.FILE: frozenset(ReceiverState) - {Rs.WAITING, Rs.READY, Rs.AUDITING},
+        Target.FILE: frozenset(ReceiverState)
+        - {Rs.WAITING, Rs.READY, Rs.AUDITING, Rs.AFTER_PCPY, *_POSTCOPY_RUNNING},
     }
 )
 TABLES: Mapping[Target, ReceiverTable] = MappingProxyType(
@@ -313,7 +415,12 @@ class ReceiverMachine(Walk[ReceiverState, ReceiverEvent, ReceiverAction]):
     @property
     def started(self) -> bool:
         """The guest was started here (in AUDITING only a failed audit may stop it)."""
-        return self.state in (Rs.RUNNING, Rs.AUDITING)
+        return self.state in (Rs.RUNNING, Rs.AUDITING, *_POSTCOPY_RUNNING)
+
+    @property
+    def postcopy(self) -> bool:
+        """The guest runs here while owed pages still come, or they came and it is audited."""
+        return self.state in _POSTCOPY_RUNNING
 
 
 __all__ = [

@@ -29,6 +29,7 @@ from vmferry.migration.codec import (
     FLAG_LIVE,
     KNOWN_FLAGS,
     MAX_PAYLOAD,
+    PCPY,
     RAM,
     ROUND,
     SECTION_HEADER,
@@ -52,8 +53,9 @@ MAIN_GRAMMAR: dict[bytes | None, frozenset[bytes]] = {
     ROUND: frozenset({RAM, ROUND, DEVD, CPUS, ABRT}),
     DEVD: frozenset({RAM, ROUND, DEVD, CPUS, ABRT}),
     CPUS: frozenset({DEVS, ABRT}),
-    DEVS: frozenset({VRFY, END, ABRT}),
-    VRFY: frozenset({END, ABRT}),
+    DEVS: frozenset({VRFY, PCPY, END, ABRT}),
+    VRFY: frozenset({PCPY, END, ABRT}),
+    PCPY: frozenset({END, ABRT}),  # post-copy: the owed pages come after the resume
     END: frozenset(),
     ABRT: frozenset(),
 }

@@ -42,6 +42,9 @@ END = b"END\0"  # the stream is complete
 CHAN = b"CHAN"  # first section of an extra channel: which migration, which channel
 CEND = b"CEND"  # an extra channel has sent all its pages
 ABRT = b"ABRT"  # the source abandons the migration (JSON: reason, cancelled); nothing follows
+# Post-copy only (no other stream has one, so theirs are unchanged): the pages the
+# destination must not trust, as a bitmap; END follows, then the pages on their channels.
+PCPY = b"PCPY"
 
 SECTION_NAMES = {
     CONF: "CONF",
@@ -55,6 +58,7 @@ SECTION_NAMES = {
     CHAN: "CHAN",
     CEND: "CEND",
     ABRT: "ABRT",
+    PCPY: "PCPY",
 }
 MAX_PAYLOAD = {
     CONF: 1 << 20,
@@ -68,6 +72,7 @@ MAX_PAYLOAD = {
     CHAN: 1 << 12,
     CEND: 1 << 12,
     ABRT: 1 << 12,
+    PCPY: 8 + (1 << 25),  # head and a bitmap of 1 TiB of pages
 }
 FLAG_ZSTD = 1  # the payload is one zstd frame
 # The page data of this RAM section was read from a running guest, which may change a page
@@ -89,6 +94,13 @@ PHASE_PRECOPY, PHASE_STOP_COPY = 0, 1
 VRFY_HEAD = struct.Struct("<QQQ")  # key seed, page count, cpu digest
 # An audit chunk (reply path, after resume): head, then `count` digests (<u8), dense.
 AUDIT_HEAD = struct.Struct("<QQQQ")  # first page, count, guest RAM's pages, xxh64(digests)
+# PCPY payload: head, then the owed pages' bitmap as u64 words (KVM's layout).
+PCPY_HEAD = struct.Struct("<Q")  # guest RAM's pages
+# A post-copy page channel's first bytes: which migration, which role (urgent: requests
+# and their answers; background: the push).
+POSTCOPY_HELLO = struct.Struct("<8sI32s")  # magic, role, migration id (hex)
+POSTCOPY_MAGIC = b"VMFPCOPY"
+ROLE_URGENT, ROLE_BACKGROUND = 1, 2
 # 64 MiB of RAM per chunk (128 KiB of digests): the source digests one in ~15 ms, well
 # inside the destination's wait for each message (x-peer-timeout, 100 ms at the least).
 MAX_AUDIT_PAGES = 1 << 14

@@ -147,15 +147,29 @@ class Audited:
 
 
 @dataclass(frozen=True)
+class Landed:
+    """Post-copy: every owed page has landed at the destination (its figures, ms)."""
+
+    KIND: ClassVar[str] = "landed"
+    pages: int  # pages that arrived after the switch
+    requests: int  # page requests it sent
+    blocktime_ms: float  # every vCPU waiting at once (QEMU's postcopy-blocktime)
+    latency_p50_ms: float = 0.0  # a fault's wait, from its read to its page's landing
+    latency_p99_ms: float = 0.0
+    latency_max_ms: float = 0.0
+
+
+@dataclass(frozen=True)
 class Alive:
     """The destination's heartbeat."""
 
     KIND: ClassVar[str] = "alive"
 
 
-ReplyMessage = Accepted | Ready | Go | Resumed | Failed | Abandon | Alive | Audit | Audited
+ReplyMessage = Accepted | Ready | Go | Resumed | Failed | Abandon | Alive | Audit | Audited | Landed
 _REPLIES: dict[str, type[ReplyMessage]] = {
-    c.KIND: c for c in (Accepted, Ready, Go, Resumed, Failed, Abandon, Alive, Audit, Audited)
+    c.KIND: c
+    for c in (Accepted, Ready, Go, Resumed, Failed, Abandon, Alive, Audit, Audited, Landed)
 }
 # The most bytes an ``audit`` line may announce: one chunk's head and digests.
 MAX_AUDIT_BYTES = AUDIT_HEAD.size + 8 * MAX_AUDIT_PAGES
@@ -171,6 +185,7 @@ _REPLY_FIGURES: dict[str, tuple[str, ...]] = {
     "ready": ("verify_ms",),
     "resumed": ("resume_ms",),
     "audited": ("audit_ms",),
+    "landed": ("blocktime_ms", "latency_p50_ms", "latency_p99_ms", "latency_max_ms"),
 }
 
 
@@ -203,6 +218,9 @@ def _reply_values(cls: type[ReplyMessage], obj: dict[str, Any], where: str) -> d
     if cls is Ready:
         count(obj, "pages_checked", where)
         values["drain_ms"] = figure(obj, "drain_ms", where) if "drain_ms" in obj else 0.0
+    if cls is Landed:
+        values["pages"] = count(obj, "pages", where)
+        values["requests"] = count(obj, "requests", where)
     if cls is Audit:
         values["bytes"] = count(obj, "bytes", where, 1, MAX_AUDIT_BYTES)
     if cls is Audited:
