@@ -135,11 +135,10 @@ class VgpuContext:
                 error, error_addr = ERR_GPU_FAULT, e.gva
         if cmd is not None:
             try:
-                if cmd.opcode == OP_FENCE:
-                    # Its page asked for here, outside the lock: the fence's write under
-                    # the lock then finds it present (a gated IOMMU in post-copy).
-                    self.engine.request_pages(cmd)
-                else:
+                # Its pages asked for outside the lock (a gated IOMMU in post-copy): the
+                # FENCE's write under it then finds its page present.
+                self.engine.request_pages(cmd)
+                if cmd.opcode != OP_FENCE:
                     self.engine.run(cmd, key)
             except DmaFault:  # guest RAM unmapped under us, or never arrived: report it
                 error, cmd = ERR_GPU_FAULT, None

@@ -71,8 +71,8 @@ class Engine:
         self.iommu.request_pages(ram, f"vGPU {cmd.name}")
 
     def run(self, cmd: Command, key: int) -> int | None:
-        """Execute one command; returns a FENCE's value (None for other commands)."""
-        self.request_pages(cmd)
+        """Execute one command; returns a FENCE's value (None for other commands). Its
+        pages are the caller's to ask for first (request_pages), outside any lock."""
         op, arg = cmd.opcode, cmd.args
         if op == OP_FILL:
             pattern = np.full(arg[1] // 8, arg[2], dtype=np.uint64).view(np.uint8)
