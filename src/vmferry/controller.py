@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol, cast
 
 from vmferry.devices.nic import admin as nic_admin
 from vmferry.devices.vgpu import qmp as vgpu_qmp
-from vmferry.errors import ConfigError, MachineStateError, VmferryError
+from vmferry.errors import ConfigError, MachineStateError, MigrationError, VmferryError
 from vmferry.machine.machine import Machine
 from vmferry.migration import report, tls
 from vmferry.migration.destination import IncomingMigration, IncomingResult
@@ -28,8 +28,26 @@ from vmferry.qmp.backend import QmpError
 
 Emit = Callable[[str, dict[str, Any]], None]
 MS = MigrationStatus
-# A migration in progress (QEMU's migration_is_running): another may not start.
-ACTIVE = frozenset({MS.SETUP, MS.ACTIVE, MS.DEVICE, MS.CANCELLING})
+# After the switch to post-copy: the VM runs at the destination, pages still come.
+POSTCOPY = frozenset({MS.POSTCOPY_ACTIVE, MS.POSTCOPY_PAUSED, MS.POSTCOPY_RECOVER})
+# A migration in progress (QEMU's migration_is_running): another may not start, nor may
+# a capability change under it.
+ACTIVE = frozenset({MS.SETUP, MS.ACTIVE, MS.DEVICE, MS.CANCELLING}) | POSTCOPY
+# Where migrate-pause can cut the link (QEMU's migration_postcopy_is_alive).
+PAUSABLE = frozenset({MS.POSTCOPY_ACTIVE, MS.POSTCOPY_RECOVER})
+ENDED = frozenset({MS.COMPLETED, MS.FAILED, MS.CANCELLED})
+
+
+class _PostcopySource(Protocol):
+    # The engine's calls for a broken link after the switch (the engine's side, landing
+    # with the post-copy link work; checked against it once there).
+    def pause_postcopy(self) -> None: ...
+    def resume_postcopy(self, uri: str) -> None: ...
+
+
+class _PostcopyIncoming(Protocol):
+    def pause_postcopy(self) -> None: ...
+    def recover(self, uri: str) -> None: ...
 
 
 class VmController:
@@ -76,6 +94,9 @@ class VmController:
             return "inmigrate"
         if self.machine.exit is not None:
             return "shutdown"
+        if mig is not None and mig.stats.status in POSTCOPY:
+            # QEMU's too: stopped for the switch, postmigrate only once every page is sent.
+            return "finish-migrate"
         if mig is not None and mig.released:
             return "postmigrate"
         if mig is not None and mig.stats.status == MS.DEVICE:
@@ -107,6 +128,12 @@ class VmController:
                 f"the VM was handed over to the migration destination ({where}) and runs "
                 "there; running it here too would make two copies of it"
             )
+        if mig is not None and mig.stats.status in POSTCOPY:
+            raise QmpError(
+                f"the VM runs on the migration destination in post-copy "
+                f"({mig.stats.status}); only the pages it still needs are here, and running "
+                "it here too would make two copies of it"
+            )
         if state in ("shutdown", "finish-migrate"):
             raise QmpError(f"the VM cannot be resumed in state '{state}'")
         if state == "paused":
@@ -123,9 +150,10 @@ class VmController:
 
     # ---- migration
     def migrate(self, uri: str, detach: bool = True, resume: bool = False) -> None:
+        if resume:
+            self._resume_postcopy(uri)
+            return
         with self._lock:
-            if resume:
-                raise QmpError("resuming a paused post-copy migration is not supported")
             if self.migration is not None and self.migration.stats.status in ACTIVE:
                 raise QmpError("There's a migration process in progress")
             if self.migration is not None and self.migration.released:
@@ -144,6 +172,77 @@ class VmController:
         threading.Thread(
             target=self._watch, args=(mig,), name="migration-watch", daemon=True
         ).start()
+
+    # ---- post-copy (QEMU's migrate-start-postcopy, migrate-pause, migrate-recover and
+    # migrate's resume); the engine refuses what only it can judge (MigrationError).
+    def migrate_start_postcopy(self) -> None:
+        mig = self.migration
+        # The migration's own capabilities: they cannot change while it runs.
+        caps = mig.caps if mig is not None and mig.stats.status in ACTIVE else self.caps
+        if not caps.postcopy_ram:
+            raise QmpError(
+                "Enable postcopy with migrate_set_capability before the start of migration"
+            )
+        if mig is None:
+            raise QmpError("Postcopy must be started after migration has been started")
+        status = mig.stats.status
+        if status in ENDED:
+            ended = "been cancelled" if status == MS.CANCELLED else status
+            raise QmpError(f"migrate-start-postcopy: the migration has already {ended}")
+        if status in POSTCOPY:
+            raise QmpError(
+                f"migrate-start-postcopy: the migration is already in post-copy ({status})"
+            )
+        if status == MS.CANCELLING:
+            raise QmpError("migrate-start-postcopy: the migration is being cancelled")
+        if mig.uri.scheme != "tcp":
+            # No VM runs at the other end of a file to ask for the pages.
+            raise QmpError(
+                "migrate-start-postcopy: a migration to a file cannot switch to post-copy"
+            )
+        try:
+            mig.request_postcopy()
+        except MigrationError as e:
+            raise QmpError(str(e)) from e
+
+    def migrate_pause(self) -> None:
+        """Cut the link of a migration in post-copy, here or on the destination: both sides
+        go to postcopy-paused and wait for migrate-recover + migrate resume."""
+        mig, inc = self.migration, self.incoming
+        try:
+            if mig is not None and mig.stats.status in PAUSABLE:
+                cast(_PostcopySource, mig).pause_postcopy()
+                return
+            if inc is not None and inc.status in PAUSABLE:
+                cast(_PostcopyIncoming, inc).pause_postcopy()
+                return
+        except MigrationError as e:
+            raise QmpError(f"migrate-pause: {e}") from e
+        raise QmpError(
+            "migrate-pause is currently only supported during postcopy-active or "
+            "postcopy-recover state"
+        )
+
+    def migrate_recover(self, uri: str) -> None:
+        """Destination: listen on ``uri`` for the source's ``migrate`` resume."""
+        inc = self.incoming
+        if inc is None or inc.status != MS.POSTCOPY_PAUSED:
+            now = inc.status if inc is not None else "no incoming migration"
+            raise QmpError(f"Migrate recover can only be run when postcopy is paused. (now: {now})")
+        try:
+            cast(_PostcopyIncoming, inc).recover(uri)
+        except (MigrationError, ConfigError) as e:
+            raise QmpError(f"migrate-recover {uri}: {e}") from e
+
+    def _resume_postcopy(self, uri: str) -> None:
+        mig = self.migration
+        if mig is None or mig.stats.status != MS.POSTCOPY_PAUSED:
+            now = mig.stats.status if mig is not None else "no migration"
+            raise QmpError(f"Cannot resume if there is no paused migration (now: {now})")
+        try:
+            cast(_PostcopySource, mig).resume_postcopy(uri)
+        except (MigrationError, ConfigError) as e:
+            raise QmpError(f"migrate resume {uri}: {e}") from e
 
     def _watch(self, mig: MigrationSource) -> None:
         mig.wait()
@@ -218,26 +317,37 @@ class VmController:
         self._arrived.set()
 
     def migrate_cancel(self) -> None:
-        if self.migration is not None:
-            self.migration.cancel()
+        mig = self.migration
+        if mig is not None and mig.stats.status in POSTCOPY:
+            # Nothing to roll back to: the destination runs the VM on pages from here.
+            raise QmpError(
+                f"migrate_cancel: the migration is in post-copy ({mig.stats.status}): the VM "
+                "runs on the destination and it cannot come back; it completes once every "
+                "page is there (after a broken link: migrate-recover, then migrate resume)"
+            )
+        if mig is not None:
+            mig.cancel()
 
     def end_migration(self, timeout_s: float = 5.0) -> None:
         """The process is ending (a signal, a deadline) with a migration under way: cancel
         it and let it roll back, so that the destination is told why, before the VM is
         closed under it (which would fail it with a KVM error)."""
         mig = self.migration
+        if mig is not None and mig.stats.status in POSTCOPY:
+            return  # no rollback after the switch: the engine says what is lost
         if mig is not None and not mig.done.is_set() and not mig.released:
             mig.cancel("the source process is ending")
             mig.wait(timeout_s)
 
     def query_migrate(self) -> dict[str, Any]:
         if self.migration is None:
-            if self.incoming_status:
-                info: dict[str, Any] = {"status": self.incoming_status}
+            status = self._incoming_state()
+            if status:
+                info: dict[str, Any] = {"status": status}
                 if self.incoming_error:
                     info["error-desc"] = self.incoming_error
                 inc = self.incoming
-                if self.incoming_status == MS.SETUP and inc is not None:
+                if status == MS.SETUP and inc is not None:
                     # Where it listens, as QEMU's destination says while it waits.
                     info["socket-address"] = [
                         {"type": "inet", "host": inc.uri.host, "port": str(inc.port)}
@@ -246,6 +356,14 @@ class VmController:
             return {}
         # A snapshot: the migration's threads write the stats while this reads them.
         return report.query_migrate_dict(self.migration.snapshot())
+
+    def _incoming_state(self) -> MigrationStatus | str:
+        """The destination's status: the engine's own once post-copy runs (the VM runs
+        here while pages still come, the link may break and be re-made)."""
+        inc = self.incoming
+        if inc is not None and inc.status in POSTCOPY:
+            return inc.status
+        return self.incoming_status
 
     def x_query_migrate_report(self) -> dict[str, Any]:
         if self.migration is None:
@@ -281,7 +399,14 @@ class VmController:
         if cpu_index is not None and (m is None or cpu_index >= m.config.vcpus):
             raise QmpError("Parameter 'cpu-index' expects a CPU number")  # QEMU's words
         return hmp.run(
-            command_line, query_status=self.query_status, query_migrate=self.query_migrate
+            command_line,
+            query_status=self.query_status,
+            query_migrate=self.query_migrate,
+            actions={
+                "migrate_start_postcopy": self.migrate_start_postcopy,
+                "migrate_pause": self.migrate_pause,
+                "migrate_recover": self.migrate_recover,
+            },
         )
 
     def query_migrate_capabilities(self) -> dict[str, bool]:

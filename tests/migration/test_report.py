@@ -41,6 +41,7 @@ RAM_FIELDS: dict[str, type | tuple[type, ...]] = {
     "dirty-sync-count": int,
     "precopy-bytes": int,
     "downtime-bytes": int,
+    "postcopy-requests": int,
     "postcopy-bytes": int,
     "page-size": int,
 }

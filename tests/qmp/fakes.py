@@ -27,6 +27,7 @@ class FakeVm:
             "x-switchover-policy": "keep-going",
             "x-peer-timeout": 5000,
             "x-verify": "on",
+            "x-postcopy-after": "",
         }
         self.capabilities = dict.fromkeys(MIGRATION_CAPABILITIES, False)
 
@@ -50,6 +51,15 @@ class FakeVm:
         if uri.startswith("refused:"):
             raise QmpError("migration refused by the fake", "DeviceNotActive")
         self.migration = {"status": "active"}
+
+    def migrate_start_postcopy(self) -> None:
+        self.calls.append(("migrate_start_postcopy", {}))
+
+    def migrate_pause(self) -> None:
+        self.calls.append(("migrate_pause", {}))
+
+    def migrate_recover(self, uri: str) -> None:
+        self.calls.append(("migrate_recover", {"uri": uri}))
 
     def migrate_incoming(self, uri: str) -> None:
         self.calls.append(("migrate_incoming", {"uri": uri}))

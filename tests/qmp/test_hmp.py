@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from vmferry.qmp import hmp
+from vmferry.qmp import QmpError, hmp
 
 # QEMU 7.2's query-migrate during a migration capped at 100 KB/s, and its `info migrate`
 # (less the "globals:" block QEMU prints first; vmferry has no migration globals).
@@ -132,3 +132,53 @@ def test_run_dispatches_and_answers_unknown_commands_as_qemu() -> None:
     assert run("foo") == "unknown command: 'foo'\r\n"
     assert run("info foo") == "unknown command: 'info foo'\r\n"
     assert run("info").splitlines()[0] == "info migrate  -- show migration status"
+
+
+def test_info_migrate_in_post_copy_prints_qemus_post_copy_lines() -> None:
+    info = {
+        "status": "postcopy-active",
+        "total-time": 4000,
+        "downtime": 40,
+        "ram": {**QEMU_ACTIVE["ram"], "postcopy-requests": 37, "postcopy-bytes": 5 << 20},
+        "postcopy-blocktime": 13,
+        "postcopy-vcpu-blocktime": [8, 4],
+    }
+    lines = hmp.info_migrate(info).split("\r\n")
+    assert lines[0] == "Migration status: postcopy-active"
+    # QEMU 7.2's order: the request count after the dirty rate, postcopy ram after
+    # downtime ram, the blocktimes near the end.
+    i = lines.index("postcopy request count: 37")
+    assert lines.index("precopy ram: 164 kbytes") == i + 1
+    assert lines.index("postcopy ram: 5120 kbytes") > i
+    assert lines[-3:] == ["postcopy blocktime: 13", "postcopy vcpu blocktime: 8,4", ""]
+    # Zero requests and bytes print nothing, as QEMU's.
+    assert "postcopy" not in hmp.info_migrate(QEMU_ACTIVE)
+
+
+def test_post_copy_commands_run_their_qmp_commands() -> None:
+    ran: list[tuple[str, ...]] = []
+
+    def refuse() -> None:
+        raise QmpError("migrate-pause is currently only supported during postcopy-active")
+
+    actions = {
+        "migrate_start_postcopy": lambda: ran.append(("start",)),
+        "migrate_pause": refuse,
+        "migrate_recover": lambda uri: ran.append(("recover", uri)),
+    }
+
+    def run(line: str) -> str:
+        return hmp.run(line, query_status=dict, query_migrate=dict, actions=actions)
+
+    assert run("migrate_start_postcopy") == ""
+    assert run("migrate_recover tcp:127.0.0.1:5555") == ""
+    assert ran == [("start",), ("recover", "tcp:127.0.0.1:5555")]
+    assert run("migrate_pause") == (
+        "Error: migrate-pause is currently only supported during postcopy-active\r\n"
+    )
+    assert run("migrate_recover") == "Error: migrate_recover takes one argument: uri\r\n"
+    assert run("migrate_pause now") == "Error: migrate_pause takes no arguments\r\n"
+    # Without the actions (a monitor that has none) they are unknown commands.
+    assert hmp.run("migrate_pause", query_status=dict, query_migrate=dict) == (
+        "unknown command: 'migrate_pause'\r\n"
+    )

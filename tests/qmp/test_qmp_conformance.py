@@ -126,6 +126,7 @@ def test_migration_parameters(server: QmpServer, vm: FakeVm) -> None:
         "x-switchover-policy": "cancel",
         "x-peer-timeout": 600_000,
         "x-verify": "strict",
+        "x-postcopy-after": "5,30s",
     }
 
     async def body(qmp: QMPClient) -> None:
@@ -152,6 +153,8 @@ def test_migration_capabilities(server: QmpServer, vm: FakeVm) -> None:
         {"capability": "multifd", "state": True},
         {"capability": "x-verify", "state": True},
         {"capability": "x-verify-hold-output", "state": False},
+        {"capability": "postcopy-ram", "state": False},
+        {"capability": "postcopy-blocktime", "state": False},
     ]
     assert ("migrate_set_capabilities", {"caps": {"multifd": True, "x-verify": True}}) in vm.calls
 

@@ -95,8 +95,8 @@ BAD_ARGUMENTS: list[tuple[str, dict[str, Any], str]] = [
     ),
     (
         "migrate-set-capabilities",
-        {_CAP: [{"capability": "postcopy-ram", "state": True}]},
-        "Invalid parameter 'postcopy-ram'",
+        {_CAP: [{"capability": "zero-copy-send", "state": True}]},
+        "Invalid parameter 'zero-copy-send'",
     ),
     (
         "migrate-set-capabilities",

@@ -2,8 +2,8 @@
 
 Field names and types are QEMU's (``qapi/migration.json``): times are whole milliseconds,
 counters whole bytes or pages, ``mbps`` a number. vmferry adds the downtime breakdown
-(ms, fractional), the rounds (seconds, bytes, bytes/s), the verification and the
-parameters the migration ran with.
+(ms, fractional), the rounds (seconds, bytes, bytes/s), the verification, post-copy's
+figures and the parameters the migration ran with.
 """
 
 from __future__ import annotations
@@ -13,16 +13,35 @@ import math
 import os
 from typing import Any, Final
 
-from vmferry.migration.metrics import DowntimeBreakdown, MigrationStats, RoundRecord, VerifyResult
+from vmferry.migration.metrics import (
+    DowntimeBreakdown,
+    MigrationStats,
+    PostcopyFigures,
+    RoundRecord,
+    VerifyResult,
+)
 from vmferry.migration.params import MigrationCapabilities, MigrationParameters, verify_mode
 
 PAGE_SIZE: Final = 4096
 # States in which QEMU's query-migrate fills in times and ram (fill_source_migration_info).
 _RUNNING: Final = frozenset(
-    {"active", "cancelling", "pre-switchover", "device", "wait-unplug", "postcopy-active"}
+    {
+        "active",
+        "cancelling",
+        "pre-switchover",
+        "device",
+        "wait-unplug",
+        "postcopy-active",
+        "postcopy-paused",
+        "postcopy-recover",
+    }
 )
-# States in which QEMU reports the measured downtime instead of the expected one.
-_DOWNTIME_KNOWN: Final = frozenset({"completed", "postcopy-active"})
+# States in which the measured downtime is reported instead of the expected one. QEMU
+# says expected-downtime again once post-copy is paused; vmferry keeps the downtime the
+# switch took (it is over and measured).
+_DOWNTIME_KNOWN: Final = frozenset(
+    {"completed", "postcopy-active", "postcopy-paused", "postcopy-recover"}
+)
 # QEMU 7.2 answers only status and error-desc once a migration failed or was cancelled;
 # vmferry keeps every figure, as it stood when the migration ended (a client asking why
 # it failed wants to see how far it got).
@@ -52,7 +71,8 @@ def ram_dict(stats: MigrationStats) -> dict[str, Any]:
         "dirty-sync-count": stats.dirty_sync_count,
         "precopy-bytes": stats.precopy_bytes,
         "downtime-bytes": stats.downtime_bytes,
-        "postcopy-bytes": 0,  # vmferry has no post-copy
+        "postcopy-requests": stats.postcopy.requests,
+        "postcopy-bytes": stats.postcopy.bytes,
         "page-size": PAGE_SIZE,
     }
 
@@ -80,11 +100,60 @@ def query_migrate_dict(stats: MigrationStats) -> dict[str, Any]:
         out["vfio"] = {"transferred": stats.device_transferred}
         if stats.throttle_pct and stats.status in _RUNNING:
             out["cpu-throttle-percentage"] = stats.throttle_pct
+        out.update(blocktime_dict(stats.postcopy))
     if stats.verify.phase:
         out["x-verify-phase"] = stats.verify.phase
     if stats.error:
         out["error-desc"] = stats.error
     return out
+
+
+def blocktime_dict(pc: PostcopyFigures) -> dict[str, Any]:
+    """query-migrate's ``postcopy-blocktime`` (ms every vCPU waited at once) and
+    ``postcopy-vcpu-blocktime`` (ms, per vCPU), whole ms as QEMU's uint32s. QEMU shows
+    them on the destination with the postcopy-blocktime capability; vmferry once the
+    switch happened, on either side that knows them."""
+    if not pc.active:
+        return {}
+    return {
+        "postcopy-blocktime": _ms(pc.blocktime_ms),
+        "postcopy-vcpu-blocktime": [_ms(t) for t in pc.vcpu_blocktime_ms],
+    }
+
+
+def postcopy_dict(pc: PostcopyFigures) -> dict[str, Any]:
+    """The report's ``postcopy``: every figure (seconds from the start, ms, pages)."""
+    return {
+        "active": pc.active,
+        "switch-time": round(_num(pc.switch_s), 6),
+        "requests": pc.requests,
+        "bytes": pc.bytes,
+        "urgent-pages": pc.urgent_pages,
+        "pushed-pages": pc.pushed_pages,
+        "owed-pages": pc.owed_pages,
+        "blocktime": round(_num(pc.blocktime_ms), 3),
+        "vcpu-blocktime": [round(_num(t), 3) for t in pc.vcpu_blocktime_ms],
+        "latency": {k: round(_num(v), 3) for k, v in pc.latency_ms.items()},
+        "recoveries": pc.recoveries,
+        "complete-time": round(_num(pc.complete_s), 6),
+    }
+
+
+def _postcopy_from(d: dict[str, Any]) -> PostcopyFigures:
+    return PostcopyFigures(
+        active=bool(d.get("active", False)),
+        switch_s=d.get("switch-time", 0.0),
+        requests=d.get("requests", 0),
+        bytes=d.get("bytes", 0),
+        urgent_pages=d.get("urgent-pages", 0),
+        pushed_pages=d.get("pushed-pages", 0),
+        owed_pages=d.get("owed-pages", 0),
+        blocktime_ms=d.get("blocktime", 0.0),
+        vcpu_blocktime_ms=list(d.get("vcpu-blocktime", [])),
+        latency_ms=dict(d.get("latency", {})),
+        recoveries=d.get("recoveries", 0),
+        complete_s=d.get("complete-time", 0.0),
+    )
 
 
 def _downtime_dict(stats: MigrationStats) -> dict[str, float]:
@@ -162,6 +231,7 @@ def report_dict(
         "parameters": params.to_qmp(),
         "capabilities": caps.to_qmp(),
         "convergence": stats.convergence,
+        "postcopy": postcopy_dict(stats.postcopy),
     }
     if stats.error:
         out["error-desc"] = stats.error
@@ -234,4 +304,5 @@ def stats_from_report(rep: dict[str, Any]) -> MigrationStats:
         devices=list(rep.get("devices", [])),
         error=rep.get("error-desc", ""),
         convergence=rep.get("convergence", ""),
+        postcopy=_postcopy_from(rep.get("postcopy", {})),
     )

@@ -45,7 +45,22 @@ class QmpBackend(Protocol):
 
     def quit(self) -> None: ...
 
-    def migrate(self, uri: str, detach: bool = True, resume: bool = False) -> None: ...
+    def migrate(self, uri: str, detach: bool = True, resume: bool = False) -> None:
+        """``resume``: go on with a migration in postcopy-paused over ``uri`` (where the
+        destination's migrate-recover listens)."""
+        ...
+
+    def migrate_start_postcopy(self) -> None:
+        """Switch the running migration to post-copy at the end of the round in flight."""
+        ...
+
+    def migrate_pause(self) -> None:
+        """Cut the link of a migration in post-copy: both sides go to postcopy-paused."""
+        ...
+
+    def migrate_recover(self, uri: str) -> None:
+        """Destination, in postcopy-paused: listen on ``uri`` for the source's resume."""
+        ...
 
     def migrate_incoming(self, uri: str) -> None: ...
 

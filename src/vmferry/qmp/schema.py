@@ -32,6 +32,9 @@ MIGRATION_CAPABILITIES: tuple[str, ...] = (
     "multifd",
     "x-verify",
     "x-verify-hold-output",
+    # QEMU's: post-copy may be started (set on both sides); vCPU wait times are kept.
+    "postcopy-ram",
+    "postcopy-blocktime",
 )
 
 _PERCENT = Int(1, 99, "percent")
@@ -60,6 +63,9 @@ MIGRATION_PARAMETERS: Mapping[str, Arg] = {
     "x-peer-timeout": Arg(Int(MIN_PEER_TIMEOUT_MS, MAX_PEER_TIMEOUT_MS, "milliseconds")),
     # vmferry's own: on (pre-resume check + audit after resume), strict (all before), off.
     "x-verify": Arg(Str(VERIFY_MODES)),
+    # vmferry's own: switch to post-copy by itself after N rounds, a time, or both
+    # ("5", "30s", "5,30s"; "" = only on migrate-start-postcopy). Checked by the backend.
+    "x-postcopy-after": Arg(Str()),
 }
 
 
@@ -138,6 +144,12 @@ _COMMANDS: tuple[Command, ...] = (
     ),
     _backend("migrate-incoming", args={"uri": Arg(Str(), required=True)}),
     _backend("migrate_cancel"),
+    # Post-copy, as QEMU's: switch a running migration over (source), cut the link of one
+    # in post-copy (either side), listen again on a new URI (destination; then `migrate`
+    # with resume on the source).
+    _backend("migrate-start-postcopy"),
+    _backend("migrate-pause"),
+    _backend("migrate-recover", args={"uri": Arg(Str(), required=True)}),
     _backend("query-migrate"),
     _backend(
         "migrate-set-parameters",
