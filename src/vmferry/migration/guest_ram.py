@@ -3,6 +3,8 @@ what devices' DMA wrote (schedule), and each save sends what is scheduled."""
 
 from __future__ import annotations
 
+import numpy as np
+
 from vmferry.machine.machine import Machine
 from vmferry.memory.dirty import DirtyBitmap
 from vmferry.memory.guest_memory import PAGE_SIZE
@@ -18,6 +20,8 @@ class RamMigration:
         self.machine = machine
         self.batch_pages = batch_pages
         self._scheduled = DirtyBitmap(machine.memory.npages)  # what the next save sends
+        # Every page handed to a save so far: what post-copy's destination may hold.
+        self.sent = DirtyBitmap(machine.memory.npages)
 
     @property
     def name(self) -> str:
@@ -45,7 +49,19 @@ class RamMigration:
         """What the next save would send, handed over (a sender of its own, e.g. one per
         multifd channel, sends it; ``rearm`` each batch while the guest runs)."""
         pages, self._scheduled = self._scheduled, DirtyBitmap(self._scheduled.npages)
+        self.sent.merge(pages)
         return pages
+
+    def take_owed(self) -> DirtyBitmap:
+        """Post-copy's switch: the pages the destination lacks or holds stale — dirty
+        since they were sent (scheduled), or never sent (holes too: its RAM is registered
+        missing, so a hole there must come as one) — handed over to the page server."""
+        owed = DirtyBitmap(self._scheduled.npages)
+        owed.set_all()  # the tail past the last page stays clear
+        np.bitwise_and(owed.words, ~self.sent.words, out=owed.words)
+        owed.merge(self._scheduled)
+        self._scheduled = DirtyBitmap(owed.npages)
+        return owed
 
     def save_precopy(self, writer: StreamWriter) -> int:
         return self._send(writer, self.take_scheduled(), live=True)

@@ -33,7 +33,7 @@ import numpy.typing as npt
 from vmferry.errors import MigrationError
 from vmferry.memory.dirty import expand_runs
 from vmferry.memory.guest_memory import GuestMemory
-from vmferry.migration.verify import digest_rows, page_keys
+from vmferry.migration.verify import WORDS_PER_PAGE, digest_rows, page_keys
 
 log = logging.getLogger(__name__)
 Runs = tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.bool_]]
@@ -136,6 +136,13 @@ class LandingDigests:
         z = expand_runs(first[is_zero], npages[is_zero])
         if z.size:
             out[z] = 0
+
+    def landed_data(self, first: int, data: memoryview) -> None:
+        """Post-copy: pages [first, +len(data)/4096) landed with this content (the fault
+        server's staging copy: guest RAM itself may not be read with the GIL held while
+        pages are missing)."""
+        rows = np.frombuffer(data, dtype=np.uint64).reshape(-1, WORDS_PER_PAGE)
+        self.digests[first : first + rows.shape[0]] = digest_rows(rows, self.keys)
 
     def release(self) -> None:
         """The audit's verdict is in: the digests (8 bytes a page of RAM) are freed."""

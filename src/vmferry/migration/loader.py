@@ -31,6 +31,7 @@ from vmferry.migration.codec import (
     ConfigRecord,
     CpuStateRecord,
     DeviceSummary,
+    OwedRecord,
     RoundMarker,
     VerifyRecord,
     check_empty,
@@ -94,6 +95,7 @@ class LoadedStream:
     # The rest of the step that finished the load, for the driver (VERIFY, in both tables).
     then: tuple[ReceiverAction, ...] = ()
     drain_ms: float = 0.0  # after END, waiting for the landing digests (in the downtime)
+    owed: OwedRecord | None = None  # post-copy: the pages still to come after the resume
 
 
 #: What the section loop carries out; any other action ends it (the driver's to perform).
@@ -106,6 +108,7 @@ LOADING_ACTIONS = frozenset(
         Ra.LOAD_CPU_STATE,
         Ra.LOAD_DEVICE_SUMMARY,
         Ra.LOAD_DIGESTS,
+        Ra.LOAD_OWED,
         Ra.FINISH_LOAD,
     }
 )
@@ -141,6 +144,7 @@ class SectionLoop:
         self.cpu: CpuStateRecord | None = None
         self.summary = DeviceSummary()
         self.verify: VerifyRecord | None = None
+        self.owed: OwedRecord | None = None
         self.rounds = 0
         self._section: tuple[SectionHeader, xxhash.xxh3_64] | None = None
         self.channels = ChannelReaders(channels, self.receivers[1:], head.mig_id, wake_main)
@@ -230,6 +234,9 @@ class SectionLoop:
     def _load_digests(self) -> None:
         self.verify = VerifyRecord.decode(self._payload(), self._where, self.memory.npages)
 
+    def _load_owed(self) -> None:
+        self.owed = OwedRecord.decode(self._payload(), self._where, self.memory.npages)
+
     def _finish_load(self) -> None:
         """END's (empty) payload, the channels joined, every device checking its state."""
         check_empty(self._payload(), self._where)
@@ -254,6 +261,7 @@ class SectionLoop:
             [] if self.devices is None else self.devices.devices,
             self.landing,
             then,
+            owed=self.owed,
         )
 
     _ACTIONS: Mapping[ReceiverAction, Callable[[SectionLoop], ReceiverEvent | None]] = (
@@ -266,6 +274,7 @@ class SectionLoop:
                 Ra.LOAD_CPU_STATE: _load_cpu_state,
                 Ra.LOAD_DEVICE_SUMMARY: _load_device_summary,
                 Ra.LOAD_DIGESTS: _load_digests,
+                Ra.LOAD_OWED: _load_owed,
                 Ra.FINISH_LOAD: _finish_load,
             }
         )

@@ -57,8 +57,9 @@ def send_config(
     peer_timeout_ms: int,
     verify_seed: int = 0,
     hold_output: bool = False,
-) -> None:
-    """CONF on the main stream (the VM, its devices, what follows), CHAN on the others."""
+) -> str:
+    """CONF on the main stream (the VM, its devices, what follows), CHAN on the others;
+    the migration's id (post-copy's page channels name it too)."""
     mig_id = uuid.uuid4().hex
     setup = ConfigRecord(
         machine.config,
@@ -75,6 +76,7 @@ def send_config(
     writers[0].section(CONF, [setup.encode()])
     for i, w in enumerate(writers[1:], start=1):
         w.section(CHAN, [ChannelRecord(mig_id, i).encode()])
+    return mig_id
 
 
 class Outgoing(NamedTuple):

@@ -69,6 +69,14 @@ from vmferry.migration.loader import (
     populate,
 )
 from vmferry.migration.metrics import VerifyResult
+from vmferry.migration.postcopy.destination_side import PostcopyDestination
+from vmferry.migration.postcopy.receiving import (
+    await_landed,
+    end_postcopy,
+    gate_dma,
+    prepare_postcopy,
+    send_landed,
+)
 from vmferry.migration.receiver_machine import (
     ReceiverAction,
     ReceiverEvent,
@@ -141,6 +149,7 @@ class Reception:
         self.keep_stopped = ""
         self.stop_failed = ""
         self.keep_vm = False
+        self.postcopy: PostcopyDestination | None = None  # post-copy's, once prepared
 
     # ---- the walk
     def run(self) -> IncomingResult:
@@ -161,7 +170,7 @@ class Reception:
             try:
                 event = self._perform_all(self.walk.step(event))
             except BaseException as e:
-                auditing = self.walk.state is Rs.AUDITING
+                auditing = self.walk.state is Rs.AUDITING or self.walk.postcopy
                 if self.walk.finished or (self.running and not auditing):
                     raise  # nothing after the start raises; never close a running guest
                 if self.walk.started and not self.running:  # its start failed: no row
@@ -191,6 +200,7 @@ class Reception:
         return self.walk.phase
 
     def _release(self) -> None:
+        end_postcopy(self)  # after a failure that had no row (else done already)
         if self.conn is not None:
             self.conn.heartbeat.stop()
         if (memory := self.incoming.take_prealloc()) is not None:
@@ -365,6 +375,8 @@ class Reception:
             raise abandoned(msg)
         if not isinstance(msg, Go):
             raise MigrationError(f"the source did not hand over: it sent {msg!r}")
+        if self.loaded is not None and self.loaded.owed is not None:
+            return Re.GO_POSTCOPY
         return Re.GO_UNAUDITED if self.head.verify == "on" else Re.GO
 
     def _start_vm(self) -> None:
@@ -373,6 +385,8 @@ class Reception:
         DestinationDevices(self.machine.devices).start()
         self.machine.start()
         self.running = True
+        if self.postcopy is not None:
+            self.postcopy.started(self.machine)
         self.times["started"] = time.monotonic()
 
     def _send_resumed(self) -> None:
@@ -398,6 +412,7 @@ class Reception:
             self.conn.reply.send(Failed(str(self.error), found))
 
     def _discard(self) -> None:
+        end_postcopy(self)  # nothing may wait on a page of RAM that goes
         if self.keep_vm:
             return  # a failed audit's VM the source may not know about (audit_side._keep)
         if self.machine is not None:
@@ -440,6 +455,12 @@ class Reception:
                 Ra.KEEP_UNAUDITED: keep_unaudited,
                 Ra.SEND_FAILED: _send_failed,
                 Ra.DISCARD: _discard,
+                # Post-copy: postcopy/receiving.py.
+                Ra.PREPARE_POSTCOPY: prepare_postcopy,
+                Ra.GATE_DMA: gate_dma,
+                Ra.AWAIT_LANDED: await_landed,
+                Ra.END_POSTCOPY: end_postcopy,
+                Ra.SEND_LANDED: send_landed,
             }
         )
     )

@@ -47,6 +47,7 @@ from vmferry.migration.params import (
     verify_mode,
 )
 from vmferry.migration.postcopy import switch as postcopy_switch
+from vmferry.migration.postcopy.source_side import PostcopySource
 from vmferry.migration.precopy import Precopy
 from vmferry.migration.source_loop import Perform, SourceLoop
 from vmferry.migration.source_machine import (
@@ -117,6 +118,10 @@ class MigrationSource:
             else None
         )
         self._out: Outgoing | None = None  # once the streams are open
+        self._mig_id = ""  # the CONF's, once sent
+        self._postcopy = (
+            PostcopySource(machine, self.figures, self._link, self.tls) if self._link else None
+        )
         self.done = threading.Event()
         self._cancel_reason = "cancelled by the user"
         self._postcopy_requested = False  # migrate-start-postcopy: at the next round's end
@@ -229,6 +234,8 @@ class MigrationSource:
                 self._link.close()
             if self._out is not None:
                 self._out.channels.close()
+            if self._postcopy is not None:
+                self._postcopy.close()
             self._digest_pool.shutdown(wait=False)
             self.figures.ended()
             if self.stats.status != MigrationStatus.COMPLETED:
@@ -279,7 +286,19 @@ class MigrationSource:
             Ac.TELL_ABORT: lambda: self._tell(abort=True),
             Ac.TELL_ABANDON: lambda: self._tell(abort=False),
             Ac.ROLLBACK: self._rollback,
+            # Post-copy (postcopy/source_side.py).
+            Ac.SYNC_OWED: lambda: self._pc().owe(sc().sync_for_postcopy()),
+            Ac.SEND_OWED: lambda: self._pc().send_owed(self._outgoing().writers[0]),
+            Ac.OPEN_POSTCOPY: lambda: self._pc().open_channels(self._mig_id, self.channels),
+            Ac.SERVE_PAGES: lambda: self._pc().serve(),
+            Ac.AWAIT_LANDED: lambda: self._pc().await_landed(
+                self._hand(), self.verify_mode == "on"
+            ),
         }
+
+    def _pc(self) -> PostcopySource:
+        assert self._postcopy is not None, "post-copy is a live migration's"
+        return self._postcopy
 
     def _outgoing(self) -> Outgoing:
         assert self._out is not None, "the streams are open after CONNECT"
@@ -343,7 +362,7 @@ class MigrationSource:
         )
 
     def _send_config(self) -> None:
-        send_config(
+        self._mig_id = send_config(
             self.machine,
             self._outgoing().writers,
             verify=self.verify_mode,

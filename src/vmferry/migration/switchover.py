@@ -18,6 +18,7 @@ import numpy as np
 import numpy.typing as npt
 
 from vmferry.machine.machine import Machine
+from vmferry.memory.dirty import DirtyBitmap
 from vmferry.migration.codec import (
     CEND,
     DEVS,
@@ -142,6 +143,26 @@ class StopCopy:
             self.figures.stats.downtime_bytes = nbytes
             self.downtime.final_ram_ms = (self._t_ram - self._t_devices) * 1e3
         self.figures.round_ended(record, p.device_figures())
+
+    def sync_for_postcopy(self) -> DirtyBitmap:
+        """Post-copy's switch: the last sync (devices stopped, VM paused: RAM is frozen
+        from here) and the pages owed to the destination; no RAM is sent now. x-verify
+        on checks before the resume what a device can reach of what the destination
+        holds (the owed pages are digested as they land, and audited with the rest)."""
+        p, mem = self.parts, self.machine.memory
+        p.collect_dirty(mem.npages, self.figures)
+        owed = p.ram.ram.take_owed()
+        if self.seed is not None and self.mode == "on":
+            reachable = self._reachable()
+            resident = mem.resident_pages() if reachable.size else reachable
+            held = pre_resume_set(np.zeros(0, dtype=np.int64), reachable, resident)
+            self._checked = held[~owed.test(held)] if held.size else held
+            self._digests = self.digest_pool.submit(page_digests, mem, self._checked, self.seed, 2)
+        self._t_ram = time.monotonic()
+        with self.figures.lock:
+            self.figures.stats.downtime_bytes = self._device_bytes
+            self.downtime.final_ram_ms = (self._t_ram - self._t_devices) * 1e3
+        return owed
 
     def _final_pages(self) -> npt.NDArray[np.int64]:
         # What the final save will send, looked at and put back.

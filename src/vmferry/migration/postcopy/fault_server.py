@@ -128,6 +128,11 @@ class FaultServer:
             if t.ident is not None:
                 t.join(timeout)
 
+    def set_vcpus(self, tids: Collection[int]) -> None:
+        """The vCPU threads (known once they run): their waits make up the blocktime."""
+        with self._cond:
+            self.blocktime.vcpus = frozenset(tids)
+
     def figures(self) -> dict[str, int | list[int]]:
         """The destination's query-migrate figures, with QEMU's names and units (ms)."""
         with self._cond:

@@ -1,0 +1,190 @@
+"""The destination's part of post-copy, for ``Reception`` (the receiver table's
+PREPARE_POSTCOPY, GATE_DMA, AWAIT_LANDED, END_POSTCOPY, SEND_LANDED).
+
+Before ``ready``: the owed pages are punched out of the memfd (a stale copy there would
+never fault), all of guest RAM is registered with userfaultfd in missing mode, the two
+page channels the source opened after its PCPY are accepted and checked (their hello
+names this migration), and the fault server starts: what is not owed is present. Before
+the guest starts, every device's IOMMU gets the page gate (a DMA asks for missing pages
+and waits: no fault with the GIL held). Each page lands through UFFDIO_COPY from the
+server's staging buffer, and with x-verify on is digested there (the landing digests the
+audit compares). When the last owed page has landed: the gate comes off, RAM is
+unregistered, the server stops, and ``landed`` tells the source, with the figures.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from vmferry.errors import StreamError, VmferryError
+from vmferry.machine.machine import Machine
+from vmferry.memory.dirty import DirtyBitmap, page_runs
+from vmferry.memory.guest_memory import GuestMemory
+from vmferry.memory.userfaultfd import UserFault
+from vmferry.migration.codec import (
+    POSTCOPY_HELLO,
+    ROLE_BACKGROUND,
+    ROLE_URGENT,
+    Landed,
+    OwedRecord,
+    PostcopyHello,
+)
+from vmferry.migration.landing import LandingDigests
+from vmferry.migration.liveness import bound_socket, receive_timeout
+from vmferry.migration.postcopy.fault_server import FaultServer
+from vmferry.migration.postcopy.iommu_gate import DmaPageGate, gate_dma
+from vmferry.migration.postcopy.pages import PresentPages
+from vmferry.migration.tlssocket import stream_sink, stream_source
+
+log = logging.getLogger(__name__)
+
+HELLO_TIMEOUT_S = 10.0
+WAIT_STEP_S = 0.5  # how often the wait for the last page looks whether the guest ended
+
+# The destination's acceptor, as Reception has it: the next connection, secured.
+Accept = Callable[[str], socket.socket]
+
+
+class PostcopyDestination:
+    """One incoming migration's post-copy: its userfaultfd, page channels, fault server."""
+
+    def __init__(self, memory: GuestMemory, owed: OwedRecord, timeout_s: float) -> None:
+        self.memory = memory
+        self.owed = owed
+        self.timeout_s = timeout_s
+        self.uf: UserFault | None = None
+        self.server: FaultServer | None = None
+        self.socks: list[socket.socket] = []
+        self.gate: DmaPageGate | None = None
+        self._gated: list[Machine] = []
+        self.owed_pages = int(np.bitwise_count(owed.words).sum())
+        self.t_go = 0.0
+        self.landed_ms = 0.0
+
+    def prepare(self, accept: Accept, mig_id: str, landing: LandingDigests | None) -> None:
+        """Discard the owed pages, register RAM, accept the page channels, start serving."""
+        present = PresentPages(self.memory.npages)
+        present.bitmap.words[:] = ~self.owed.words
+        owed = DirtyBitmap(self.owed.npages)
+        owed.words[:] = self.owed.words
+        self.memory.discard(*page_runs(owed.pages()))
+        self.uf = UserFault()
+        self.uf.register_memory(self.memory, 0, self.memory.size)
+        roles = self._accept_channels(accept, mig_id)
+        urgent, background = roles[ROLE_URGENT], roles[ROLE_BACKGROUND]
+        self.server = FaultServer(
+            self.uf,
+            self.memory,
+            stream_sink(urgent),
+            [stream_source(urgent, "urgent pages"), stream_source(background, "pushed pages")],
+            present=_trimmed(present, self.memory.npages),
+            on_landed=None if landing is None else landing.landed_data,
+        ).start()
+
+    def _accept_channels(self, accept: Accept, mig_id: str) -> dict[int, socket.socket]:
+        roles: dict[int, socket.socket] = {}
+        for n in range(2):
+            what = f"post-copy page channel {n + 1}"
+            s = accept(what)
+            self.socks.append(s)
+            receive_timeout(s, HELLO_TIMEOUT_S)
+            raw = bytearray(POSTCOPY_HELLO.size)
+            stream_source(s, what).readinto(memoryview(raw))
+            hello = PostcopyHello.decode(raw, what)
+            if hello.mig_id != mig_id:
+                raise StreamError(f"{what} belongs to another migration ({hello.mig_id!r})")
+            if hello.role in roles:
+                raise StreamError(f"{what}: a second channel of role {hello.role}")
+            roles[hello.role] = s
+        # The push never pauses for long: a silent source is noticed there (its bound);
+        # the urgent channel is quiet whenever the guest asks for nothing.
+        bound_socket(roles[ROLE_BACKGROUND], self.timeout_s)
+        receive_timeout(roles[ROLE_BACKGROUND], self.timeout_s)
+        bound_socket(roles[ROLE_URGENT], self.timeout_s)
+        receive_timeout(roles[ROLE_URGENT], 0.0)
+        return roles
+
+    # ---- the guest runs
+    def gate_dma(self, machine: Machine) -> None:
+        """Every device's DMA waits for the pages it touches (before the devices start)."""
+        assert self.server is not None
+        self.gate = DmaPageGate(self.server, timeout_s=max(10.0, 2 * self.timeout_s))
+        gate_dma((d.iommu for d in machine.devices), self.gate)
+        self._gated.append(machine)
+
+    def started(self, machine: Machine) -> None:
+        """The vCPU threads are known once they run: their waits are blocktime."""
+        assert self.server is not None
+        self.t_go = time.monotonic()
+        tids = [v._thread.native_id for v in machine.vcpus]
+        self.server.set_vcpus([t for t in tids if t is not None])
+
+    def await_landed(self) -> None:
+        """Until every owed page has landed; the fault server's error if it failed (the
+        source lost, a bad page run)."""
+        server = self.server
+        assert server is not None
+        while not server.wait_complete(WAIT_STEP_S):
+            pass
+        self.landed_ms = (time.monotonic() - self.t_go) * 1e3
+
+    def landed(self) -> Landed:
+        server = self.server
+        assert server is not None
+        waits = np.array(server.blocktime.waits_s, dtype=np.float64) * 1e3
+        p50, p99, top = (
+            (float(np.percentile(waits, 50)), float(np.percentile(waits, 99)), float(waits.max()))
+            if waits.size
+            else (0.0, 0.0, 0.0)
+        )
+        return Landed(
+            server.landing.received,
+            server.requests_sent,
+            server.blocktime.all_blocked_s * 1e3,
+            p50,
+            p99,
+            top,
+        )
+
+    # ---- the end
+    def end(self) -> None:
+        """The gate off, the channels closed, the server stopped, RAM unregistered. Also
+        after a failure: a thread waiting on a page is then released (it reads zeros of a
+        VM that is stopped and discarded next)."""
+        for machine in self._gated:
+            gate_dma((d.iommu for d in machine.devices), None)
+        self._gated = []
+        if self.server is not None:
+            self.server.stop()
+        for s in self.socks:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+        if self.server is not None:
+            self.server.join(5)
+        if self.uf is not None:
+            try:
+                self.uf.unregister(self.memory.host_addr, self.memory.size)
+            except VmferryError as e:  # closing the fd releases the range too
+                log.warning("could not unregister guest RAM from userfaultfd: %s", e)
+            self.uf.close()
+            self.uf = None
+        for s in self.socks:
+            s.close()
+        self.socks = []
+
+
+def _trimmed(present: PresentPages, npages: int) -> PresentPages:
+    """No bit past the last page (the complement set the tail's)."""
+    tail = npages % 64
+    if tail:
+        present.bitmap.words[-1] &= np.uint64((1 << tail) - 1)
+    return present
+
+
+__all__ = ["PostcopyDestination"]

@@ -1,0 +1,174 @@
+"""The source's actions once a migration switches to post-copy (MigrationSource's, for
+the table's POSTCOPY_* rows).
+
+At the switch: the owed pages' record (PCPY) and two page channels opened beside the
+main connection, each with a hello naming the migration — the urgent one carries the
+destination's page requests and their answers, the background one the push of every
+other owed page (QEMU's postcopy-preempt idea: an answer never waits behind the push).
+After ``go``: the page server (page_server.py) on them, the source's RAM frozen. Then the
+wait for the destination's ``landed``; the figures (stats.postcopy) as they move.
+
+After ``go`` the VM's state is split: anything that ends post-copy before the last page
+landed loses the VM; the error says so in one line (``POSTCOPY_LOST``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import time
+
+from vmferry.errors import MigrationError, VmferryError
+from vmferry.machine.machine import Machine
+from vmferry.memory.dirty import DirtyBitmap, page_runs
+from vmferry.migration.channel import PeerSilent
+from vmferry.migration.codec import (
+    PCPY,
+    ROLE_BACKGROUND,
+    ROLE_URGENT,
+    Landed,
+    OwedRecord,
+    PostcopyHello,
+)
+from vmferry.migration.figures import LiveFigures
+from vmferry.migration.handover import Handover, StillReleased
+from vmferry.migration.link import DestinationLink
+from vmferry.migration.liveness import bound_socket
+from vmferry.migration.postcopy.page_server import PageServer
+from vmferry.migration.postcopy.pages import SentPages
+from vmferry.migration.source_machine import SourceEvent
+from vmferry.migration.stream import StreamWriter
+from vmferry.migration.tls import TlsClient
+from vmferry.migration.tlssocket import stream_sink, stream_source
+
+log = logging.getLogger(__name__)
+Ev = SourceEvent
+
+POSTCOPY_LOST = (
+    "the destination was lost during post-copy: the VM ran only there and is lost; "
+    "the source keeps the VM's memory until quit"
+)
+FIGURES_EVERY_S = 0.5  # how often the figures move while the pages go
+LANDED_CAP_S = 3600.0  # the push of 1 TiB at 300 MB/s: the watch's bound comes first
+
+
+class PostcopySource:
+    """One migration's post-copy on the source: the owed pages, their channels, the
+    page server, the wait for the last page to land there."""
+
+    def __init__(
+        self,
+        machine: Machine,
+        figures: LiveFigures,
+        link: DestinationLink,
+        tls: TlsClient | None,
+    ) -> None:
+        self.machine = machine
+        self.figures = figures
+        self.link = link
+        self.tls = tls
+        self.owed: DirtyBitmap | None = None
+        self.server: PageServer | None = None
+        self._socks: dict[int, socket.socket] = {}  # role → socket
+        self._t_switch = 0.0
+
+    # ---- the switch (VM paused, devices stopped)
+    def owe(self, owed: DirtyBitmap) -> None:
+        self.owed = owed
+        self._t_switch = time.monotonic()
+        with self.figures.lock:
+            pc = self.figures.stats.postcopy
+            pc.active = True
+            pc.switch_s = self._t_switch - self.figures.t0
+            pc.owed_pages = owed.count()
+
+    def send_owed(self, main: StreamWriter) -> None:
+        assert self.owed is not None, "the owed pages are known at the last sync"
+        main.section(PCPY, OwedRecord(self.owed.npages, self.owed.words).encode())
+
+    def open_channels(self, mig_id: str, first_index: int) -> None:
+        """The urgent and the background page channel, connected (TLS when asked),
+        bounded by x-peer-timeout and introduced; the destination accepts them after END."""
+        for n, role in enumerate((ROLE_URGENT, ROLE_BACKGROUND)):
+            index = first_index + n
+            s = self.link.connector.connect(index, self.link.peer_timeout_s)
+            if self.tls is not None:
+                s = self.tls.secure(s, index)
+            self.link.socks.append(s)  # woken and closed with the others
+            bound_socket(s, self.link.peer_timeout_s)
+            stream_sink(s).write([PostcopyHello(mig_id, role).encode()])
+            self._socks[role] = s
+
+    # ---- after "go"
+    def serve(self) -> None:
+        """The page server on the page channels: the destination's requests first, then
+        the push of every owed page not sent yet (none twice)."""
+        assert self.owed is not None
+        npages = self.owed.npages
+        sent = SentPages(npages)
+        sent.bitmap.set_all()
+        sent.bitmap.clear_runs(*page_runs(self.owed.pages()))  # what it holds is "sent"
+        urgent, background = self._socks[ROLE_URGENT], self._socks[ROLE_BACKGROUND]
+        self.server = PageServer(
+            self.machine.memory.bytes,
+            stream_source(urgent, "page requests"),
+            stream_sink(urgent),
+            stream_sink(background),
+            sent=sent,
+        ).start()
+
+    def await_landed(self, hand: Handover, audit: bool) -> SourceEvent:
+        """Until the destination says the last owed page landed; its figures kept."""
+        server = self.server
+        assert server is not None, "the page server starts with go"
+        try:
+            while True:
+                self._figures(None)
+                if server.error is not None:
+                    raise MigrationError(f"post-copy's page server failed: {server.error}")
+                try:
+                    msg = hand.watch.next(FIGURES_EVERY_S, "the last page to land")
+                except PeerSilent:
+                    if hand.watch.silent:
+                        raise
+                    continue
+                if isinstance(msg, Landed):
+                    break
+                raise MigrationError(f"the destination sent {msg.KIND!r} during post-copy")
+        except (VmferryError, OSError) as e:
+            raise StillReleased(f"{POSTCOPY_LOST} ({e})") from e
+        self._figures(msg)
+        return Ev.PAGES_LANDED_UNAUDITED if audit else Ev.PAGES_LANDED
+
+    def _figures(self, landed: Landed | None) -> None:
+        server = self.server
+        if server is None:
+            return
+        served = server.served
+        with self.figures.lock:
+            pc = self.figures.stats.postcopy
+            pc.requests = served.requests
+            pc.urgent_pages, pc.pushed_pages = served.urgent_pages, served.background_pages
+            pc.bytes = served.pages * 4096
+            if landed is not None:
+                pc.complete_s = time.monotonic() - self.figures.t0
+                pc.blocktime_ms = landed.blocktime_ms
+                pc.latency_ms = {
+                    "p50": landed.latency_p50_ms,
+                    "p99": landed.latency_p99_ms,
+                    "max": landed.latency_max_ms,
+                }
+                self.figures.stats.remaining = 0
+
+    def close(self) -> None:
+        """The page server stopped (its channels are the link's, closed with it)."""
+        if self.server is not None:
+            self.server.stop()
+            for s in self._socks.values():
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)  # the request reader returns
+            self.server.join(5)
+
+
+__all__ = ["POSTCOPY_LOST", "PostcopySource"]

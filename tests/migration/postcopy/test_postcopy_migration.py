@@ -1,0 +1,85 @@
+"""Post-copy end to end on KVM: memtouch migrated live with postcopy-ram, the switch asked
+for during round 0; the destination runs on userfaultfd-registered RAM while its faults
+are answered and the rest pushed; every page lands once, the audit after the last page
+passes, and the guest prints the reference RESULT there."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.migration.live import Guest, Workload, reference_result, result_in, wait_until
+from tests.migration.postcopy.harness import uffd_unavailable
+from vmferry.memory.guest_memory import PAGE_SIZE
+from vmferry.migration.params import MigrationCapabilities, MigrationParameters
+from vmferry.migration.source import MigrationSource
+from vmferry.migration.status import MigrationStatus
+from vmferry.testing.harness import InProcessDestination, MigrationRun, migrate
+
+pytestmark = [
+    pytest.mark.kvm,
+    pytest.mark.root,
+    pytest.mark.slow,
+    pytest.mark.skipif((why := uffd_unavailable()) is not None, reason=f"no uffd: {why}"),
+]
+
+# About 3 s of work over a 32 MiB working set it keeps rewriting: at the switch it owes
+# the pages dirtied since round 0, and after the resume it touches them again.
+WORKLOAD = Workload(wss="32M", seed=7, rounds=6, rate=64, memory=128 << 20)
+
+
+def _ask_for_postcopy(src: MigrationSource) -> None:
+    """migrate-start-postcopy as soon as the rounds run: the switch ends round 0."""
+    wait_until(lambda: src.stats.status == MigrationStatus.ACTIVE, 30, "the rounds to start")
+    src.request_postcopy()
+
+
+def _postcopy(guest: Guest, verify: str = "on") -> MigrationRun:
+    return migrate(
+        guest.machine,
+        destination=InProcessDestination(),
+        params=MigrationParameters(verify=verify),
+        caps=MigrationCapabilities(postcopy_ram=True),
+        during=_ask_for_postcopy,
+    )
+
+
+def test_memtouch_switches_to_postcopy_after_round_0_and_gives_its_result() -> None:
+    guest = Guest(WORKLOAD)
+    run: MigrationRun | None = None
+    try:
+        t0 = time.monotonic()
+        run = _postcopy(guest)
+        st = run.stats
+        assert st.status == MigrationStatus.COMPLETED, st.error
+        assert run.result is not None, run.error
+        assert len(st.rounds) == 1, "the switch came at the end of round 0: no final round"
+        pc = st.postcopy
+        npages = guest.machine.memory.npages
+        assert pc.active and 0 < pc.switch_s < pc.complete_s
+        assert 0 < pc.owed_pages <= npages
+        assert pc.urgent_pages + pc.pushed_pages == pc.owed_pages, "every owed page, once"
+        assert pc.bytes == (pc.urgent_pages + pc.pushed_pages) * PAGE_SIZE
+        assert pc.requests > 0 and pc.urgent_pages > 0, "the guest touched owed pages"
+        assert pc.latency_ms["p50"] <= pc.latency_ms["p99"] <= pc.latency_ms["max"]
+        # The audit ran once the last page had landed, over all of RAM.
+        audit = st.verify.phases["audit"]
+        assert st.verify.status == "passed" and audit["status"] == "passed"
+        assert audit["pages"] == npages
+        assert run.result.verify.phases["audit"]["status"] == "passed"
+        ex = run.result.machine.wait(90)
+        assert ex is not None and ex.code == 0, ex
+        assert result_in(run.destination.serial.getvalue()) == reference_result(WORKLOAD)
+        print(
+            f"\npost-copy: owed {pc.owed_pages} pages, {pc.requests} requests "
+            f"({pc.urgent_pages} urgent pages, {pc.pushed_pages} pushed); latency p50 "
+            f"{pc.latency_ms['p50']:.2f} p99 {pc.latency_ms['p99']:.2f} max "
+            f"{pc.latency_ms['max']:.2f} ms; blocktime {pc.blocktime_ms:.1f} ms; switch at "
+            f"{pc.switch_s:.2f} s, last page at {pc.complete_s:.2f} s; downtime "
+            f"{st.downtime_ms:.1f} ms; took {time.monotonic() - t0:.2f} s"
+        )
+    finally:
+        if run is not None:
+            run.close()
+        guest.close()
