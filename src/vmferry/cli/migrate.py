@@ -17,10 +17,12 @@ from rich.live import Live
 from rich.progress_bar import ProgressBar
 from rich.table import Table
 
-from vmferry.errors import MigrationError
+from vmferry.cli import migrate_postcopy
+from vmferry.errors import ConfigError, MigrationError
 from vmferry.migration.policy import rate, size
 from vmferry.migration.report import NOT_REACHED, verify_status
 from vmferry.qmp.client import QmpClient, QmpProtocolError
+from vmferry.sizes import parse_size
 
 POLL_S = 0.2
 BAR_WIDTH = 60  # fits an 80-column terminal with room to spare
@@ -44,6 +46,7 @@ def add_parser(sub: Any) -> None:
         "--qmp", required=True, metavar="SOCKET", help="the VM's QMP socket (unix:PATH or PATH)"
     )
     _add_tuning(p)
+    migrate_postcopy.add_arguments(p)
     _add_verify_and_tls(p)
     p.add_argument(
         "--report", metavar="FILE", help="write the JSON report here (checked before starting)"
@@ -63,9 +66,9 @@ def _add_tuning(p: argparse.ArgumentParser) -> None:
     p.add_argument("--downtime-limit", type=int, metavar="MS", help="default 300")
     p.add_argument(
         "--max-bandwidth",
-        type=int,
-        metavar="BYTES_PER_S",
-        help="0 = unlimited (the default; QEMU's default is 128 MiB/s)",
+        metavar="SIZE",
+        help="bytes per second, as 200M, 1.5G or 4096; 0 = unlimited (the default; "
+        "QEMU's default is 128 MiB/s)",
     )
     p.add_argument(
         "--auto-converge",
@@ -139,13 +142,27 @@ def _progress(info: dict[str, Any]) -> Group:
         "device state",
         size(info.get("vfio", {}).get("transferred", 0)),
     )
+    note = migrate_postcopy.progress_rows(t, info)
+    if note is not None:
+        return Group(head, t, note)
     return Group(head, t)
+
+
+def check_options(args: argparse.Namespace) -> None:
+    """Values read here, before anything is asked of the VM: one line each."""
+    if args.max_bandwidth is not None:
+        try:
+            args.max_bandwidth = parse_size(args.max_bandwidth)
+        except ConfigError as e:
+            raise ConfigError(f"--max-bandwidth {args.max_bandwidth}: {e}") from e
+    migrate_postcopy.check_options(args)
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
     path = args.qmp.removeprefix("unix:")
     # Refused while nothing has started: a report or plot that cannot be written, or a
     # file: URI in a missing directory, would otherwise fail only after the migration.
+    check_options(args)
     check_uri(args.uri)
     report = check_output("--report", args.report) if args.report else None
     plot = check_plot(args.plot) if args.plot else None
@@ -278,6 +295,7 @@ def _migrate(args: argparse.Namespace, qmp: QmpClient) -> dict[str, Any]:
         ("x-switchover-policy", args.switchover_policy),
         ("x-peer-timeout", args.peer_timeout),
         ("x-verify", args.verify),
+        ("x-postcopy-after", args.postcopy_after),
         # The source process resolves the path: make it absolute here.
         ("tls-creds", os.path.abspath(args.tls_creds) if args.tls_creds else None),
         ("tls-hostname", args.tls_hostname),
@@ -290,13 +308,18 @@ def _migrate(args: argparse.Namespace, qmp: QmpClient) -> dict[str, Any]:
         {"capability": "multifd", "state": bool(args.channels and args.channels > 1)},
         {"capability": "auto-converge", "state": args.auto_converge},
         {"capability": "x-verify", "state": not args.no_verify},
+        *migrate_postcopy.capabilities(args.postcopy),
     ]
     qmp.execute("migrate-set-capabilities", capabilities=caps)
+    if args.dest_qmp:
+        migrate_postcopy.set_destination(args.dest_qmp)
     # A file: URI's path is resolved by the source process: make it absolute here.
     uri = args.uri
     if uri.startswith("file:") and len(uri) > len("file:"):
         uri = "file:" + os.path.abspath(uri.removeprefix("file:"))
     qmp.execute("migrate", uri=uri)
+    if args.postcopy and args.postcopy_after is None:
+        migrate_postcopy.start(qmp)
     info: dict[str, Any] = {"status": "setup"}
     try:
         with Live(_progress(info), console=console, refresh_per_second=10) as live:
@@ -390,6 +413,7 @@ def _summary(console: Console, rep: dict[str, Any]) -> None:
         ("convergence", rep.get("convergence", "")),
     ]
     rows += _downtime_rows(rep)
+    rows += migrate_postcopy.summary_rows(rep)
     if rep.get("error-desc"):
         rows.append(("error", rep["error-desc"]))
     for k, v in rows:
