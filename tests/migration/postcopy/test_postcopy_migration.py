@@ -6,13 +6,23 @@ passes, and the guest prints the reference RESULT there."""
 from __future__ import annotations
 
 import time
+from typing import Any
 
+import numpy as np
 import pytest
 
-from tests.migration.live import Guest, Workload, reference_result, result_in, wait_until
+from tests.migration.live import (
+    Guest,
+    Workload,
+    assert_source_intact,
+    reference_result,
+    result_in,
+    wait_until,
+)
 from tests.migration.postcopy.harness import uffd_unavailable
 from vmferry.memory.guest_memory import PAGE_SIZE
 from vmferry.migration.params import MigrationCapabilities, MigrationParameters
+from vmferry.migration.postcopy import page_server
 from vmferry.migration.source import MigrationSource
 from vmferry.migration.status import MigrationStatus
 from vmferry.testing.harness import InProcessDestination, MigrationRun, migrate
@@ -79,6 +89,49 @@ def test_memtouch_switches_to_postcopy_after_round_0_and_gives_its_result() -> N
             f"{pc.switch_s:.2f} s, last page at {pc.complete_s:.2f} s; downtime "
             f"{st.downtime_ms:.1f} ms; took {time.monotonic() - t0:.2f} s"
         )
+    finally:
+        if run is not None:
+            run.close()
+        guest.close()
+
+
+class _WrongPage:
+    """Serves one page wrong: the page server reads from a copy of the source's RAM with
+    that page (one the guest never touches, past its working set) changed; the source's
+    own RAM, which the audit digests, stays as it was."""
+
+    def __init__(self, page: int) -> None:
+        self.page = page
+
+    def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        real = page_server.PageServer.__init__
+        page = self.page
+
+        def init(server: page_server.PageServer, ram: Any, *args: Any, **kw: Any) -> None:
+            wrong = np.array(ram, copy=True)
+            wrong[page * PAGE_SIZE : (page + 1) * PAGE_SIZE] = 0x5A
+            real(server, wrong, *args, **kw)
+
+        monkeypatch.setattr(page_server.PageServer, "__init__", init)
+
+
+def test_a_page_served_wrong_is_caught_by_the_audit_and_the_guest_finishes_at_the_source(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    guest = Guest(WORKLOAD)
+    wrong = _WrongPage(guest.machine.memory.npages - 3)  # past the working set
+    wrong.install(monkeypatch)
+    run: MigrationRun | None = None
+    try:
+        run = _postcopy(guest)
+        st = run.stats
+        assert st.status == MigrationStatus.FAILED, st.error
+        assert st.error == f"verification failed after resume; rolled back: pages {wrong.page}"
+        assert run.result is None and "verification failed after resume" in str(run.error)
+        assert st.verify.phases["audit"]["status"] == "failed"
+        assert st.verify.mismatched_pages == [wrong.page]
+        assert st.postcopy.active and st.postcopy.complete_s > 0  # caught after the last page
+        assert_source_intact(guest)  # runs here again, from the switch, to its RESULT
     finally:
         if run is not None:
             run.close()

@@ -40,6 +40,7 @@ from vmferry.migration.liveness import bound_socket, receive_timeout
 from vmferry.migration.postcopy.fault_server import FaultServer
 from vmferry.migration.postcopy.iommu_gate import DmaPageGate, gate_dma
 from vmferry.migration.postcopy.pages import PresentPages
+from vmferry.migration.postcopy.source_side import PUSH_BUFFER
 from vmferry.migration.tlssocket import stream_sink, stream_source
 
 log = logging.getLogger(__name__)
@@ -104,6 +105,7 @@ class PostcopyDestination:
             roles[hello.role] = s
         # The push never pauses for long: a silent source is noticed there (its bound);
         # the urgent channel is quiet whenever the guest asks for nothing.
+        roles[ROLE_BACKGROUND].setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, PUSH_BUFFER)
         bound_socket(roles[ROLE_BACKGROUND], self.timeout_s)
         receive_timeout(roles[ROLE_BACKGROUND], self.timeout_s)
         bound_socket(roles[ROLE_URGENT], self.timeout_s)
