@@ -22,7 +22,7 @@ from vmferry.devices.nic import close_host
 from vmferry.devices.nic import regs as nr
 from vmferry.devices.registry import DeviceSpec, create_device
 from vmferry.devices.vgpu import registers as R
-from vmferry.devices.vgpu.context import ERR_GPU_FAULT
+from vmferry.devices.vgpu.context import ERR_GPU_FAULT, ERR_RING_FAULT
 from vmferry.devices.vgpu.scanner import OP_COPY, OP_FENCE
 from vmferry.memory import DirtyBitmap, GuestMemory
 from vmferry.memory.guest_memory import PAGE_SIZE
@@ -290,13 +290,17 @@ def test_vgpu_job_dma_goes_through_the_gate_with_its_pieces(vgpu: DeviceModel) -
     vh.submit(vgpu, [(OP_FENCE, vh.SYS_VA + 0x8000, 77, 1)])
     vh.wait_idle(vgpu)
     sys, ring = vh.SYS, vh.RING
+    # Each ring slot and each command's pages are asked for before the parent's lock is
+    # taken; the accesses under it (the slot's read, the FENCE's write) then find them.
     assert gate.calls == [
+        ([(ring, 64)], "vgpu0: vGPU ring"),
         ([(ring, 64)], f"vgpu0: DMA read {ring:#x}"),
         ([(sys + 0x1000, n), (sys + 0x4000, n)], "vgpu0: vGPU COPY"),
         ([(sys + 0x1000, n)], f"vgpu0: DMA read {sys + 0x1000:#x}"),
         ([(sys + 0x4000, n)], f"vgpu0: DMA write {sys + 0x4000:#x}"),
+        ([(ring + 64, 64)], "vgpu0: vGPU ring"),
         ([(ring + 64, 64)], f"vgpu0: DMA read {ring + 64:#x}"),
-        ([(sys + 0x8000, 8)], "vgpu0: vGPU FENCE"),  # asked for outside the parent's lock
+        ([(sys + 0x8000, 8)], "vgpu0: vGPU FENCE"),
         ([(sys + 0x8000, 8)], f"vgpu0: DMA write {sys + 0x8000:#x}"),
     ]
     assert mem.read_gpa(sys + 0x4000, n) == b"\x03" * n
@@ -325,6 +329,17 @@ def test_vgpu_a_page_that_never_arrives_is_its_gpu_fault_and_the_engine_runs_on(
     vh.wait_idle(vgpu)
     assert mem.read_gpa(vh.SYS + 0x8000, 8) == struct.pack("<Q", 6)
     assert vgpu.mmio_read(R.FENCE_VALUE, 8) == 6
+
+
+def test_vgpu_a_ring_page_that_never_arrives_is_its_ring_fault(vgpu: DeviceModel) -> None:
+    ring_page = vh.RING // PAGE_SIZE
+    src = Source(vgpu.iommu.memory.npages, never=range(ring_page, ring_page + 1))
+    vgpu.iommu.set_page_gate(DmaPageGate(src, timeout_s=0.02))
+    vh.submit(vgpu, [(OP_FENCE, vh.SYS_VA, 1, 0)])
+    vh.wait_idle(vgpu, errors_ok=True)
+    assert vgpu.mmio_read(R.ERROR_CODE, 4) == ERR_RING_FAULT
+    assert vgpu.mmio_read(R.ERROR_ADDR, 8) == vh.RING
+    assert vgpu.mmio_read(R.COMPLETED, 8) == 0
 
 
 # ---- the VF (its rings and buffers)

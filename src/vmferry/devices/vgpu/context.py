@@ -9,6 +9,7 @@ is the parent's condition variable, shared by every vGPU on that parent.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from dataclasses import dataclass, fields
@@ -111,6 +112,7 @@ class VgpuContext:
         there was nothing to run (not ready, or quiesced). Engine time is the engine
         thread's CPU time: waiting for a lock or the GIL is not work done for this vGPU."""
         t0 = time.thread_time_ns()
+        self._ask_for_slot()
         with self.cv:
             if not self.ready():
                 return None
@@ -168,6 +170,17 @@ class VgpuContext:
             self.vruntime += dt / self.weight
             self.cv.notify_all()
         return dt
+
+    def _ask_for_slot(self) -> None:
+        """A gated IOMMU (post-copy): the page of the ring slot due asked for before the
+        lock every vGPU on this parent shares is taken, so the read under it does not wait
+        there. Read unlocked: a stale head only asks early; a fault shows under the lock."""
+        if self.iommu.page_gate is None or not self.ready():
+            return
+        r = self.regs
+        slot_addr = r.ring_base + CMD_SIZE * (r.ring_head % max(r.ring_size, 1))
+        with contextlib.suppress(DmaFault):
+            self.iommu.request_pages([(slot_addr, CMD_SIZE)], "vGPU ring")
 
     def _record_writes(self, cmd: Command) -> None:
         # After the command ran: a sync that takes these pages sends what it wrote.
