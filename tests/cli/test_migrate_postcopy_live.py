@@ -1,0 +1,95 @@
+"""`vmferry migrate --postcopy` between two `vmferry run` processes on KVM, as the
+quick start shows it: postcopy-ram set on both sides (the destination through
+--dest-qmp), migrate-start-postcopy after migrate, the switch when round 0 ends; the
+destination prints the guest's reference RESULT and the report says what post-copy did."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import RESULT_RE, start_vmferry, vmferry
+from tests.migration.live import free_port
+from tests.migration.postcopy.harness import uffd_unavailable
+from vmferry.qmp.client import QmpClient
+
+pytestmark = [
+    pytest.mark.kvm,
+    pytest.mark.root,
+    pytest.mark.slow,
+    pytest.mark.skipif((why := uffd_unavailable()) is not None, reason=f"no uffd: {why}"),
+]
+# About 3 s of rewriting a 32 MiB working set: at the switch most of RAM is still owed.
+GUEST = ["wss=32M", "seed=7", "rounds=6", "rate=64"]
+
+
+def _socket() -> str:
+    return f"/tmp/vmferry-test-{os.getpid()}-{uuid.uuid4().hex[:8]}.qmp"
+
+
+def _await_qmp(path: str, proc: subprocess.Popen[bytes]) -> None:
+    for _ in range(400):
+        if Path(path).exists():
+            try:
+                QmpClient(path).close()
+                return
+            except ConnectionRefusedError:
+                pass  # bound but not listening yet
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    raise AssertionError(f"no QMP socket at {path}")
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[str, str, int, subprocess.Popen[bytes], subprocess.Popen[bytes]]]:
+    src_qmp, dst_qmp, port = _socket(), _socket(), free_port()
+    dst = start_vmferry("run", "--incoming", f"tcp:127.0.0.1:{port}", "--qmp", f"unix:{dst_qmp}")
+    src = start_vmferry(
+        "run", "memtouch", "--memory", "128M", "--qmp", f"unix:{src_qmp}", "--", *GUEST
+    )
+    try:
+        _await_qmp(dst_qmp, dst)
+        _await_qmp(src_qmp, src)
+        yield src_qmp, dst_qmp, port, src, dst
+    finally:
+        for p in (src, dst):
+            p.kill()
+            p.wait(10)
+
+
+def test_postcopy_through_the_cli_gives_the_reference_result(
+    pair: tuple[str, str, int, subprocess.Popen[bytes], subprocess.Popen[bytes]],
+    tmp_path: Path,
+) -> None:
+    src_qmp, dst_qmp, port, src, dst = pair
+    report = tmp_path / "report.json"
+    r = vmferry(
+        "migrate", "--qmp", src_qmp, f"tcp:127.0.0.1:{port}", "--postcopy",
+        "--dest-qmp", dst_qmp, "--report", str(report), timeout=180,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(report.read_text())
+    assert rep["status"] == "completed" and rep["verify"]["status"] == "passed", rep
+    assert rep["capabilities"]["postcopy-ram"] and rep["capabilities"]["postcopy-blocktime"]
+    pc = rep["postcopy"]
+    assert pc["active"] and pc["owed-pages"] > 0, pc
+    # Every owed page came, once: by request or by the push.
+    assert pc["urgent-pages"] + pc["pushed-pages"] == pc["owed-pages"], pc
+    assert rep["ram"]["postcopy-bytes"] == pc["bytes"] > 0
+    assert 0 < pc["switch-time"] < pc["complete-time"] <= rep["total-time"] / 1e3 + 0.5, pc
+    out = r.stdout.decode()
+    assert "post-copy: switched at" in out and "post-copy: request latency" in out, out
+    dst_out, dst_err = dst.communicate(timeout=120)
+    assert dst.returncode == 0, dst_err.decode()
+    ref = vmferry("run", "memtouch", "--memory", "128M", "--", *GUEST)
+    assert ref.result is not None
+    assert RESULT_RE.findall(dst_out)[-1].decode() == ref.result
+    src.wait(30)
+    assert src.returncode == 0
