@@ -38,6 +38,8 @@ class IncomingResult:
     rounds: int
     ram_pages: int
     timings: dict[str, float] = field(default_factory=dict)
+    # Post-copy's figures here (postcopy.destination_side.PostcopyDestination.figures).
+    postcopy: dict[str, float] = field(default_factory=dict)
 
 
 def peer_timeout(ms: int | None) -> float:

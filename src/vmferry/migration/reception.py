@@ -220,6 +220,7 @@ class Reception:
             self.loaded.rounds,
             self.loaded.ram.normal + self.loaded.ram.zero,
             {"load_s": t["loaded"] - t["t0"], "verify_s": t["verified"] - t["loaded"]},
+            {} if self.postcopy is None else self.postcopy.figures(),
         )
 
     # ---- before the stream: a source, or a stranger

@@ -154,6 +154,24 @@ class PostcopyDestination:
             top,
         )
 
+    def figures(self) -> dict[str, float]:
+        """What post-copy did here: pages landed, requests, DMAs that waited for pages."""
+        server, gate = self.server, self.gate
+        if server is None:
+            return {}
+        lg = server.landing
+        return {
+            "owed_pages": self.owed_pages,
+            "landed_pages": lg.received,
+            "urgent_runs": lg.urgent_runs,
+            "requests": server.requests_sent,
+            "blocktime_ms": server.blocktime.all_blocked_s * 1e3,
+            "landed_ms": self.landed_ms,
+            "dma_accesses": 0 if gate is None else gate.accesses,
+            "dma_waits": 0 if gate is None else gate.waited,
+            "dma_wait_ms": 0.0 if gate is None else gate.waited_s * 1e3,
+        }
+
     # ---- the end
     def end(self) -> None:
         """The gate off, the channels closed, the server stopped, RAM unregistered. Also
