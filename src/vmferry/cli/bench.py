@@ -16,6 +16,7 @@ from vmferry.bench import devices as bench_devices
 from vmferry.bench import migrate as bench_migrate
 from vmferry.bench import migrate_results as mr
 from vmferry.bench import nic as bench_nic
+from vmferry.bench import postcopy as bench_postcopy
 from vmferry.bench import tls as bench_tls
 from vmferry.bench import vgpu as bench_vgpu
 from vmferry.bench.table import print_rows
@@ -32,6 +33,7 @@ def add_parser(sub: Any) -> None:
     bench_nic.add_parser(which)
     bench_tls.add_parser(which)
     bench_bookkeeping.add_parser(which)
+    bench_postcopy.add_parser(which)
 
 
 def _add_vmm(which: Any) -> None:
