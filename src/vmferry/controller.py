@@ -20,6 +20,7 @@ from vmferry.machine.machine import Machine
 from vmferry.migration import report, tls
 from vmferry.migration.destination import IncomingMigration, IncomingResult
 from vmferry.migration.devices import blockers
+from vmferry.migration.metrics import PostcopyFigures
 from vmferry.migration.params import MigrationCapabilities, MigrationParameters
 from vmferry.migration.source import MigrationSource
 from vmferry.migration.status import MigrationStatus
@@ -346,6 +347,13 @@ class VmController:
                 info: dict[str, Any] = {"status": status}
                 if self.incoming_error:
                     info["error-desc"] = self.incoming_error
+                res = self.incoming_result
+                if res is not None and res.postcopy:
+                    # What the vCPUs waited here, as QEMU's destination reports it after.
+                    waited = PostcopyFigures(
+                        True, blocktime_ms=res.postcopy.get("blocktime_ms", 0.0)
+                    )
+                    info.update(report.blocktime_dict(waited))
                 inc = self.incoming
                 if status == MS.SETUP and inc is not None:
                     # Where it listens, as QEMU's destination says while it waits.

@@ -354,3 +354,20 @@ def c_params() -> Any:
     from vmferry.migration.params import MigrationParameters
 
     return MigrationParameters(postcopy_after="5")
+
+
+def test_destination_reports_its_blocktime_once_the_vm_has_arrived() -> None:
+    c = _destination(FakeIncoming(MS.COMPLETED))
+    c.incoming_status = MS.COMPLETED
+    assert "postcopy-blocktime" not in c.query_migrate()
+    c.incoming_result = SimpleNamespace(postcopy={"blocktime_ms": 81.6, "requests": 30})  # type: ignore[assignment]
+    assert c.query_migrate() == {"status": "completed", "postcopy-blocktime": 82}
+
+
+def test_per_vcpu_blocktime_is_absent_where_it_was_not_measured() -> None:
+    from vmferry.migration import report
+
+    assert report.blocktime_dict(PostcopyFigures(active=True, blocktime_ms=5.0)) == {
+        "postcopy-blocktime": 5
+    }
+    assert report.blocktime_dict(PostcopyFigures(active=False, blocktime_ms=5.0)) == {}

@@ -115,10 +115,10 @@ def blocktime_dict(pc: PostcopyFigures) -> dict[str, Any]:
     switch happened, on either side that knows them."""
     if not pc.active:
         return {}
-    return {
-        "postcopy-blocktime": _ms(pc.blocktime_ms),
-        "postcopy-vcpu-blocktime": [_ms(t) for t in pc.vcpu_blocktime_ms],
-    }
+    out: dict[str, Any] = {"postcopy-blocktime": _ms(pc.blocktime_ms)}
+    if pc.vcpu_blocktime_ms:  # absent rather than an empty list where not measured
+        out["postcopy-vcpu-blocktime"] = [_ms(t) for t in pc.vcpu_blocktime_ms]
+    return out
 
 
 def postcopy_dict(pc: PostcopyFigures) -> dict[str, Any]:
