@@ -76,6 +76,12 @@ class Source:
         return self.present.holds(*self._span(ram_offset, length))
 
 
+@pytest.fixture(autouse=True)
+def state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A private host registry (vGPU parents, VFs), as tests/devices/vgpu's conftest gives."""
+    monkeypatch.setenv("VMFERRY_STATE_DIR", str(tmp_path / "state"))
+
+
 @pytest.fixture
 def memory() -> Iterator[GuestMemory]:
     mem = GuestMemory(32 * MiB)
