@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from vmferry.errors import StreamError, VmferryError
+from vmferry.errors import MigrationError, StreamError, VmferryError
 from vmferry.machine.machine import Machine
 from vmferry.memory.dirty import DirtyBitmap, page_runs
 from vmferry.memory.guest_memory import GuestMemory
@@ -132,8 +132,14 @@ class PostcopyDestination:
         source lost, a bad page run)."""
         server = self.server
         assert server is not None
-        while not server.wait_complete(WAIT_STEP_S):
-            pass
+        try:
+            while not server.wait_complete(WAIT_STEP_S):
+                pass
+        except VmferryError as e:
+            raise MigrationError(
+                f"post-copy failed before the last page landed ({e}): the guest cannot run "
+                "on without its missing pages, so it was stopped here"
+            ) from e
         self.landed_ms = (time.monotonic() - self.t_go) * 1e3
 
     def landed(self) -> Landed:

@@ -27,6 +27,7 @@ from vmferry.migration.codec import (
     PCPY,
     ROLE_BACKGROUND,
     ROLE_URGENT,
+    Failed,
     Landed,
     OwedRecord,
     PostcopyHello,
@@ -49,10 +50,20 @@ POSTCOPY_LOST = (
     "the destination was lost during post-copy: the VM ran only there and is lost; "
     "the source keeps the VM's memory until quit"
 )
+# The page server stopped on a bad request (or could not send): the same split state.
+POSTCOPY_BROKE = (
+    "post-copy stopped ({}): the VM ran only at the destination, which cannot run it on "
+    "without its missing pages; the source keeps the VM's memory until quit"
+)
 # The push's socket buffers, each side: a requested page the push already sent is at
 # most this far behind in its queue (TCP's 4 MiB on both sides held 16 MiB in flight, a
 # few hundred ms of landing under load).
 PUSH_BUFFER = 256 << 10
+# The destination gave up (a bad page run, say) and stopped the guest there.
+POSTCOPY_REFUSED = (
+    "the destination stopped post-copy ({}): the VM ran only there and is lost; the "
+    "source keeps the VM's memory until quit"
+)
 FIGURES_EVERY_S = 0.5  # how often the figures move while the pages go
 LANDED_CAP_S = 3600.0  # the push of 1 TiB at 300 MB/s: the watch's bound comes first
 
@@ -131,8 +142,8 @@ class PostcopySource:
         try:
             while True:
                 self._figures(None)
-                if server.error is not None:
-                    raise MigrationError(f"post-copy's page server failed: {server.error}")
+                if server.error is not None and not hand.watch.lost:
+                    raise StillReleased(POSTCOPY_BROKE.format(server.error))
                 try:
                     msg = hand.watch.next(FIGURES_EVERY_S, "the last page to land")
                 except PeerSilent:
@@ -141,7 +152,11 @@ class PostcopySource:
                     continue
                 if isinstance(msg, Landed):
                     break
+                if isinstance(msg, Failed):
+                    raise StillReleased(POSTCOPY_REFUSED.format(msg.error))
                 raise MigrationError(f"the destination sent {msg.KIND!r} during post-copy")
+        except StillReleased:
+            raise
         except (VmferryError, OSError) as e:
             raise StillReleased(f"{POSTCOPY_LOST} ({e})") from e
         self._figures(msg)
@@ -177,4 +192,4 @@ class PostcopySource:
             self.server.join(5)
 
 
-__all__ = ["POSTCOPY_LOST", "PostcopySource"]
+__all__ = ["POSTCOPY_BROKE", "POSTCOPY_LOST", "POSTCOPY_REFUSED", "PostcopySource"]

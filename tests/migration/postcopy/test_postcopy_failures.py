@@ -1,0 +1,172 @@
+"""Post-copy's failures after the switch, when the VM's state is split (it runs at the
+destination, its owed pages are still at the source): a destination killed loses the
+VM — the source says so in one line, keeps the VM paused with its memory, and neither
+side hangs; a link cut leaves each side with one clear error within x-peer-timeout, the
+destination's guest stopped (it cannot run on without its pages)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+
+from tests.migration import live
+from tests.migration.live import Destination, Events, Guest, Proxy, Workload, wait_until
+from tests.migration.postcopy.harness import uffd_unavailable
+from vmferry.migration.params import MigrationCapabilities, MigrationParameters
+from vmferry.migration.postcopy import fault_server, page_requests, page_server
+from vmferry.migration.postcopy.source_side import POSTCOPY_LOST
+from vmferry.migration.source import MigrationSource
+from vmferry.migration.status import MigrationStatus
+
+pytestmark = [
+    pytest.mark.kvm,
+    pytest.mark.root,
+    pytest.mark.slow,
+    pytest.mark.skipif((why := uffd_unavailable()) is not None, reason=f"no uffd: {why}"),
+]
+WORKLOAD = Workload(wss="32M", seed=11, rounds=9, rate=64, memory=256 << 20)
+PEER_TIMEOUT_MS = 2000
+# The push is slowed so that the migration is still in post-copy when the test strikes.
+PARAMS = MigrationParameters(verify="on", peer_timeout_ms=PEER_TIMEOUT_MS)
+
+
+def _start(guest: Guest, uri: str, events: Events) -> MigrationSource:
+    src = MigrationSource(
+        guest.machine, uri, PARAMS, MigrationCapabilities(postcopy_ram=True), on_event=events
+    )
+    src.start()
+    wait_until(lambda: src.stats.status == MigrationStatus.ACTIVE, 30, "the rounds to start")
+    src.request_postcopy()
+    return src
+
+
+def test_a_destination_killed_during_postcopy_loses_the_vm_the_source_says_so() -> None:
+    guest = Guest(WORKLOAD)
+    proc, port = live.start_destination_process()
+    events = Events()
+    try:
+        src = _start(guest, f"tcp:127.0.0.1:{port}", events)
+        wait_until(
+            lambda: src.stats.status == MigrationStatus.POSTCOPY_ACTIVE or src.done.is_set(),
+            30,
+            "post-copy",
+        )
+        assert src.stats.status == MigrationStatus.POSTCOPY_ACTIVE, src.stats.error
+        t_kill = time.monotonic()
+        proc.kill()
+        assert src.wait(PEER_TIMEOUT_MS / 1e3 + 5), "the source hung after the kill"
+        took = time.monotonic() - t_kill
+        st = src.stats
+        assert st.status == MigrationStatus.FAILED
+        assert st.error.startswith(POSTCOPY_LOST), st.error
+        assert "\n" not in st.error
+        assert "postcopy-active" in events.statuses() and events.statuses()[-1] == "failed"
+        # Its memory is kept, the VM paused: it must not run here on its own.
+        m = guest.machine
+        assert m.paused and m.exit is None and src.released
+        print(f"\nkilled in post-copy: the source failed {took:.2f} s later: {st.error}")
+    finally:
+        proc.kill()
+        assert proc.finish(10).returncode == -9
+        guest.close()
+
+
+def test_a_link_cut_during_postcopy_fails_both_sides_within_the_peer_timeout() -> None:
+    guest = Guest(WORKLOAD)
+    dest = Destination()
+    proxy = Proxy(dest.port)
+    events = Events()
+    try:
+        src = _start(guest, proxy.uri, events)
+        wait_until(
+            lambda: src.stats.status == MigrationStatus.POSTCOPY_ACTIVE or src.done.is_set(),
+            30,
+            "post-copy",
+        )
+        assert src.stats.status == MigrationStatus.POSTCOPY_ACTIVE, src.stats.error
+        t_cut = time.monotonic()
+        proxy.cut()
+        bound = PEER_TIMEOUT_MS / 1e3 + 5
+        assert src.wait(bound), "the source hung after the cut"
+        assert dest.wait(bound), "the destination hung after the cut"
+        took = time.monotonic() - t_cut
+        assert src.stats.status == MigrationStatus.FAILED
+        assert src.stats.error.startswith(POSTCOPY_LOST), src.stats.error
+        err = dest.failure()
+        assert "before the last page landed" in str(err) and "stopped here" in str(err), err
+        assert "\n" not in str(err)
+        assert guest.machine.paused and guest.machine.exit is None
+        print(f"\ncut in post-copy: both ended {took:.2f} s later; destination: {err}")
+    finally:
+        dest.close()
+        guest.close()
+
+
+def _corrupt_once(monkeypatch: pytest.MonkeyPatch, module: Any, name: str, bad: Any) -> None:
+    """``module.name`` (an encoder) returns ``bad(record)`` for its 20th record."""
+    real = getattr(module, name)
+    calls = [0]
+
+    def encode(record: Any) -> bytes:
+        calls[0] += 1
+        return bytes(bad(record)) if calls[0] == 20 else bytes(real(record))
+
+    monkeypatch.setattr(module, name, encode)
+
+
+def _bad_input(guest: Guest) -> tuple[MigrationSource, BaseException]:
+    dest = Destination()
+    try:
+        src = _start(guest, dest.uri, Events())
+        assert src.wait(30), "the source hung on bad input"
+        assert dest.wait(30), "the destination hung on bad input"
+        return src, dest.failure()
+    finally:
+        dest.close()
+
+
+def test_a_page_request_outside_guest_ram_stops_postcopy_with_one_clear_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    guest = Guest(WORKLOAD)
+    outside = guest.machine.memory.size
+    _corrupt_once(
+        monkeypatch,
+        fault_server,
+        "encode_request",
+        lambda r: page_requests.encode_request(page_requests.PageRequest(outside, r.npages)),
+    )
+    try:
+        src, dest_err = _bad_input(guest)
+        st = src.stats
+        assert st.status == MigrationStatus.FAILED
+        assert st.error.startswith("post-copy stopped (page request refused: RAM "), st.error
+        assert "is outside guest RAM" in st.error and "\n" not in st.error
+        assert "before the last page landed" in str(dest_err)
+        assert guest.machine.paused
+    finally:
+        guest.close()
+
+
+def test_a_malformed_page_run_stops_postcopy_with_one_clear_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    guest = Guest(WORKLOAD)
+    _corrupt_once(
+        monkeypatch,
+        page_server,
+        "encode_run",
+        lambda r: b"XXXX" + page_requests.encode_run(r)[4:],
+    )
+    try:
+        src, dest_err = _bad_input(guest)
+        assert "page run has magic b'XXXX'" in str(dest_err), dest_err
+        assert "\n" not in str(dest_err)
+        st = src.stats
+        assert st.status == MigrationStatus.FAILED
+        assert st.error.startswith("the destination stopped post-copy ("), st.error
+        assert "page run has magic" in st.error
+    finally:
+        guest.close()
