@@ -1,7 +1,8 @@
-"""Device DMA on a post-copy destination, end to end: dmaengine and a vGPU work on RAM
-still missing (userfaultfd-registered, served by the real fault and page servers over
-socket pairs) through their gated IOMMUs — descriptors and commands fetched on demand,
-no DMA write lost to the background push, every page landed once."""
+"""Device DMA on a post-copy destination, end to end: dmaengine, a vGPU and a VF (its
+rings and buffers) work on RAM still missing (userfaultfd-registered, served by the real
+fault and page servers over socket pairs) through their gated IOMMUs: descriptors and
+commands fetched on demand, no DMA write lost to the background push, every page landed
+once."""
 
 from __future__ import annotations
 
@@ -13,9 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.devices.nic import helpers as nh
 from tests.devices.vgpu import helpers as vh
 from tests.migration.postcopy.harness import MiB, Pair, connect, make_pair, uffd_unavailable
 from vmferry.devices import dmaengine as de
+from vmferry.devices.iommu import DirtyTracking
+from vmferry.devices.nic import close_host
+from vmferry.devices.nic import regs as nr
 from vmferry.devices.registry import DeviceSpec, create_device
 from vmferry.devices.vgpu import registers as R
 from vmferry.devices.vgpu.scanner import CMD, OP_COPY, OP_FENCE, OP_FILL
@@ -124,4 +129,49 @@ def test_a_vgpu_job_on_missing_pages_completes_with_the_sources_data(pair: Pair)
     want[sys + 0x10000 : sys + 0x10000 + n] = want[sys + 0x1000 : sys + 0x1000 + n]
     want[sys + 0x20000 : sys + 0x21000] = 0x5A
     want[sys + 0x30000 : sys + 0x30008] = np.frombuffer(struct.pack("<Q", 42), np.uint8)
+    assert np.array_equal(pair.dest.bytes, want), "a DMA write lost, or a page landed twice"
+
+
+def test_a_vf_receives_into_and_sends_from_missing_pages(tmp_path: Path, pair: Pair) -> None:
+    host = nh.make_host(tmp_path / "host")
+    dev = nh.make_vf(host, pair.dest, DirtyTracking.IOMMU)  # touches no guest RAM
+    w = nh.Wire(dev)
+    ring = nh.RING
+    fr = nh.frame_to(dev, 3)
+    out = fr[6:12] + dev.mac + fr[12:14] + b"tx" * 40  # the reply, to the learned sender
+    # Before the switch the driver posted every RX buffer and queued one TX frame.
+    for slot in range(ring):
+        pair.source.write_gpa(nh.RX_RING + 16 * slot, nr.DESC.pack(nh.RX_BUFS + nh.BUF * slot, 0))
+    pair.source.write_gpa(nh.TX_BUFS, out)
+    pair.source.write_gpa(nh.TX_RING, nr.DESC.pack(nh.TX_BUFS, len(out) | nr.TXD_EOP | nr.TXD_RS))
+    want = pair.source.bytes.copy()
+    try:
+        gate = _serve(pair)
+        dev.iommu.set_page_gate(gate)
+        q = 0
+        dev.mmio_write(nr.REG_RX_BUF_SIZE, 4, nh.BUF)
+        dev.mmio_write(nr.queue_reg(q, nr.Q_RX_BASE), 8, nh.RX_RING)
+        dev.mmio_write(nr.queue_reg(q, nr.Q_RX_LEN), 4, ring)
+        dev.mmio_write(nr.queue_reg(q, nr.Q_TX_BASE), 8, nh.TX_RING)
+        dev.mmio_write(nr.queue_reg(q, nr.Q_TX_LEN), 4, ring)
+        dev.mmio_write(nr.queue_reg(q, nr.Q_RX_ENABLE), 4, 1)
+        dev.mmio_write(nr.queue_reg(q, nr.Q_TX_ENABLE), 4, 1)
+        dev.mmio_write(nr.queue_reg(q, nr.Q_RX_TAIL), 4, ring - 1)  # fetches the ring
+        dev.mmio_write(nr.REG_CTRL, 4, nr.CTRL_ENABLE)
+        w.send(fr)
+        nh.wait_for(lambda: nh.stat(dev, "rx_packets") == 1, "the frame in")
+        dev.mmio_write(nr.queue_reg(q, nr.Q_TX_TAIL), 4, 1)
+        assert w.recv().frame == out
+        assert not dev.mmio_read(nr.REG_ERROR_CODE, 4)
+        assert gate.waited >= 1
+        _all_landed(pair)
+    finally:
+        w.close()
+        dev.close()
+        close_host(tmp_path / "host")
+    want[nh.RX_BUFS : nh.RX_BUFS + len(fr)] = np.frombuffer(fr, np.uint8)
+    status = len(fr) | nr.RXD_DD | nr.RXD_EOP
+    want[nh.RX_RING + 8 : nh.RX_RING + 16] = np.frombuffer(struct.pack("<Q", status), np.uint8)
+    tx_status = len(out) | nr.TXD_EOP | nr.TXD_RS | nr.TXD_DD
+    want[nh.TX_RING + 8 : nh.TX_RING + 16] = np.frombuffer(struct.pack("<Q", tx_status), np.uint8)
     assert np.array_equal(pair.dest.bytes, want), "a DMA write lost, or a page landed twice"
