@@ -124,7 +124,11 @@ class MigrationSource:
         )
         self.done = threading.Event()
         self._cancel_reason = "cancelled by the user"
-        self._postcopy_requested = False  # migrate-start-postcopy: at the next round's end
+        # migrate-start-postcopy (at the next round's end), or x-postcopy-after.
+        self._switch = postcopy_switch.SwitchWish(
+            params.postcopy_after,
+            allowed=caps.postcopy_ram and live and self.verify_mode != "strict",
+        )
         self._seed = secrets.randbits(63)
         self._thread: threading.Thread | None = None
         self._digest_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="digest")
@@ -180,11 +184,11 @@ class MigrationSource:
                 postcopy_ram=self.caps.postcopy_ram,
                 live=self._link is not None,
                 verify_mode=self.verify_mode,
-                requested=self._postcopy_requested,
+                requested=self._switch.requested,
             )
             if why is not None:
                 raise MigrationError(why)
-            self._postcopy_requested = True
+            self._switch.requested = True
 
     @property
     def released(self) -> bool:
@@ -388,8 +392,13 @@ class MigrationSource:
         self._checkpoint()
         decision = self._rounds().round()
         with self._lock:
-            wanted = self._postcopy_requested
-        event = round_ended(postcopy_switch.decision(decision.action, wanted))
+            done, elapsed_s = len(self.stats.rounds), self.figures.elapsed_ms() / 1e3
+        event = round_ended(
+            postcopy_switch.decision(decision.action, self._switch.wanted(done, elapsed_s))
+        )
+        if event is Ev.ROUND_POSTCOPY:
+            with self._lock:
+                self.stats.convergence = self._switch.reason(done, elapsed_s)
         if event is Ev.ROUND_GIVE_UP:
             why = MigrationError(f"did not converge: {decision.reason}")
             self.figures.failed(describe(why, self._circumstances()))

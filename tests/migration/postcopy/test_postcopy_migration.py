@@ -95,6 +95,34 @@ def test_memtouch_switches_to_postcopy_after_round_0_and_gives_its_result() -> N
         guest.close()
 
 
+def test_x_postcopy_after_switches_by_itself_and_without_verification_ends_at_the_last_page() -> (
+    None
+):
+    guest = Guest(WORKLOAD)
+    run: MigrationRun | None = None
+    try:
+        run = migrate(
+            guest.machine,
+            destination=InProcessDestination(),
+            params=MigrationParameters(verify="off", postcopy_after="1"),
+            caps=MigrationCapabilities(postcopy_ram=True),
+        )
+        st = run.stats
+        assert st.status == MigrationStatus.COMPLETED, st.error
+        assert run.result is not None, run.error
+        assert len(st.rounds) == 1 and st.postcopy.active
+        assert st.convergence.startswith("switched to post-copy: not converged after 1 round")
+        assert st.verify.status == "off" and "audit" not in st.verify.phases
+        assert run.result.postcopy["landed_pages"] == st.postcopy.owed_pages
+        ex = run.result.machine.wait(90)
+        assert ex is not None and ex.code == 0, ex
+        assert result_in(run.destination.serial.getvalue()) == reference_result(WORKLOAD)
+    finally:
+        if run is not None:
+            run.close()
+        guest.close()
+
+
 class _WrongPage:
     """Serves one page wrong: the page server reads from a copy of the source's RAM with
     that page (one the guest never touches, past its working set) changed; the source's

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from tests.migration.tables import put_at, shortest_paths, steps
-from vmferry.migration.postcopy.switch import decision, refusal
+from vmferry.migration.postcopy.switch import SwitchWish, decision, refusal
 from vmferry.migration.source_machine import (
     POSTCOPY,
     RELEASED,
@@ -122,3 +122,17 @@ def test_before_go_a_failed_switch_rolls_back_as_a_stop_copy_does() -> None:
         St.POSTCOPY_ACTIVE,
         St.POSTCOPY_AUDITING,
     } == POSTCOPY & RELEASED
+
+
+def test_the_switch_is_wanted_when_asked_for_or_due_and_only_where_allowed() -> None:
+    wish = SwitchWish("2,30s", allowed=True)
+    assert not wish.wanted(1, 1.0)
+    assert wish.wanted(2, 1.0) and wish.wanted(1, 30.0)
+    assert wish.reason(2, 1.0).startswith("switched to post-copy: not converged after 2 rounds")
+    wish.requested = True
+    assert wish.wanted(0, 0.0)
+    assert not SwitchWish("1", allowed=False).wanted(5, 100.0)
+    never = SwitchWish("", allowed=True)
+    assert not never.wanted(1000, 1e6)
+    never.requested = True
+    assert never.wanted(1, 0.1) and "migrate-start-postcopy" in never.reason(1, 0.1)

@@ -9,6 +9,11 @@ one that would give up switches instead. Pure functions; the source's driver ask
 
 from __future__ import annotations
 
+from vmferry.migration.postcopy_policy import (
+    parse_postcopy_after,
+    postcopy_due,
+    postcopy_reason,
+)
 from vmferry.migration.source_machine import FINAL, POSTCOPY, SourceState
 
 St = SourceState
@@ -63,4 +68,24 @@ def decision(action: str, wanted: bool) -> str:
     return action
 
 
-__all__ = ["decision", "refusal"]
+class SwitchWish:
+    """Whether one migration wants the switch at a round's end: asked for by
+    migrate-start-postcopy, or due by x-postcopy-after (only where post-copy is allowed:
+    postcopy-ram, a live target, no x-verify strict)."""
+
+    def __init__(self, postcopy_after: str, *, allowed: bool) -> None:
+        self.after = parse_postcopy_after(postcopy_after)
+        self.allowed = allowed
+        self.requested = False
+
+    def wanted(self, rounds_done: int, elapsed_s: float) -> bool:
+        if not self.allowed:
+            return False
+        return self.requested or postcopy_due(self.after, rounds_done, elapsed_s)
+
+    def reason(self, rounds_done: int, elapsed_s: float) -> str:
+        """Why it switched (stats.convergence)."""
+        return postcopy_reason(self.after, rounds_done, elapsed_s)
+
+
+__all__ = ["SwitchWish", "decision", "refusal"]
