@@ -13,11 +13,13 @@ import logging
 from collections.abc import Callable
 from typing import BinaryIO
 
+from vmferry.errors import MigrationError
 from vmferry.kvm.system import DEFAULT_DEVICE
 from vmferry.memory.guest_memory import GuestMemory
 from vmferry.migration.channel import MigrationUri
 from vmferry.migration.connector import Acceptor, TcpAcceptor
 from vmferry.migration.incoming import DEFAULT_PEER_TIMEOUT_S, IncomingResult
+from vmferry.migration.postcopy.switch import NO_RECOVERY
 from vmferry.migration.reception import Reception
 from vmferry.migration.status import MigrationStatus
 from vmferry.migration.tls import TlsServer
@@ -92,6 +94,14 @@ class IncomingMigration:
     def close(self) -> None:
         """Stop waiting: a ``receive`` blocked in accept returns with an error."""
         self.acceptor.close()
+
+    def pause_postcopy(self) -> None:
+        """QMP migrate-pause on the destination: refused in one line (no recovery yet)."""
+        raise MigrationError(NO_RECOVERY)
+
+    def recover(self, uri: str) -> None:
+        """QMP migrate-recover: refused in one line (no recovery yet)."""
+        raise MigrationError(NO_RECOVERY)
 
     def receive(self) -> IncomingResult:
         return Reception(self).run()

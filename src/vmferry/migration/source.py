@@ -190,6 +190,14 @@ class MigrationSource:
                 raise MigrationError(why)
             self._switch.requested = True
 
+    def pause_postcopy(self) -> None:
+        """QMP migrate-pause: refused in one line (no recovery to pause for yet)."""
+        raise MigrationError(postcopy_switch.NO_RECOVERY)
+
+    def resume_postcopy(self, uri: str) -> None:
+        """QMP migrate with resume=true: refused in one line (see pause_postcopy)."""
+        raise MigrationError(postcopy_switch.NO_RECOVERY)
+
     @property
     def released(self) -> bool:
         """The VM belongs to the destination (or the file): it must not run here."""

@@ -68,6 +68,12 @@ def decision(action: str, wanted: bool) -> str:
     return action
 
 
+NO_RECOVERY = (
+    "recovering post-copy over a new link is not built yet: a link that breaks after the "
+    "switch fails the migration (the source keeps the VM's memory until quit)"
+)
+
+
 class SwitchWish:
     """Whether one migration wants the switch at a round's end: asked for by
     migrate-start-postcopy, or due by x-postcopy-after (only where post-copy is allowed:
@@ -88,4 +94,4 @@ class SwitchWish:
         return postcopy_reason(self.after, rounds_done, elapsed_s)
 
 
-__all__ = ["SwitchWish", "decision", "refusal"]
+__all__ = ["NO_RECOVERY", "SwitchWish", "decision", "refusal"]
