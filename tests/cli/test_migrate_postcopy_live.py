@@ -70,6 +70,7 @@ def test_postcopy_through_the_cli_gives_the_reference_result(
 ) -> None:
     src_qmp, dst_qmp, port, src, dst = pair
     report = tmp_path / "report.json"
+    watcher = QmpClient(src_qmp)  # the source's MIGRATION events, as a client sees them
     r = vmferry(
         "migrate", "--qmp", src_qmp, f"tcp:127.0.0.1:{port}", "--postcopy",
         "--dest-qmp", dst_qmp, "--report", str(report), timeout=180,
@@ -84,6 +85,13 @@ def test_postcopy_through_the_cli_gives_the_reference_result(
     assert pc["urgent-pages"] + pc["pushed-pages"] == pc["owed-pages"], pc
     assert rep["ram"]["postcopy-bytes"] == pc["bytes"] > 0
     assert 0 < pc["switch-time"] < pc["complete-time"] <= rep["total-time"] / 1e3 + 0.5, pc
+    statuses = []
+    while not statuses or statuses[-1] not in ("completed", "failed", "cancelled"):
+        statuses.append(watcher.wait_event("MIGRATION", timeout=10)["data"]["status"])
+    watcher.close()
+    # QEMU's order: setup, active, then post-copy until the last page, then completed.
+    assert statuses[:2] == ["setup", "active"] and statuses[-1] == "completed", statuses
+    assert "postcopy-active" in statuses, statuses
     out = r.stdout.decode()
     assert "post-copy: switched at" in out and "post-copy: request latency" in out, out
     dst_out, dst_err = dst.communicate(timeout=120)
