@@ -23,7 +23,16 @@ from vmferry.devices.nic import regs as nr
 from vmferry.devices.registry import DeviceSpec, create_device
 from vmferry.devices.vgpu import registers as R
 from vmferry.devices.vgpu.context import ERR_GPU_FAULT, ERR_RING_FAULT
-from vmferry.devices.vgpu.scanner import OP_COPY, OP_FENCE
+from vmferry.devices.vgpu.scanner import (
+    CMD,
+    COMPUTE_MATMUL,
+    COMPUTE_REDUCE,
+    OP_BLIT,
+    OP_COMPUTE,
+    OP_COPY,
+    OP_FENCE,
+    OP_FILL,
+)
 from vmferry.memory import DirtyBitmap, GuestMemory
 from vmferry.memory.guest_memory import PAGE_SIZE
 from vmferry.migration.postcopy.iommu_gate import DmaPageGate, DmaPageLost, DmaPageTimeout
@@ -102,6 +111,15 @@ def _wait(cond: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
     while not cond():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.001)
+
+
+def _written_outside_the_gate(before: np.ndarray, after: np.ndarray, gate: RecordingGate) -> int:
+    """Bytes of RAM that changed outside every piece the gate was shown: a bypass."""
+    changed = before != after
+    for pieces, _ in gate.calls:
+        for off, n in pieces:
+            changed[off : off + n] = False
+    return int(np.count_nonzero(changed))
 
 
 # ---- the Iommu itself
@@ -255,6 +273,18 @@ def test_dmaengine_results_are_the_same_with_no_gate_and_a_gate() -> None:
     )
 
 
+def test_dmaengine_writes_nothing_the_gate_was_not_shown(memory: GuestMemory) -> None:
+    dev = _dmaengine(memory)
+    gate = RecordingGate()
+    try:
+        before = memory.bytes.copy()
+        after = np.frombuffer(_dmaengine_jobs(dev, gate), np.uint8)
+        assert after.any()
+        assert _written_outside_the_gate(before, memory.bytes, gate) == 0
+    finally:
+        dev.close()
+
+
 def test_dmaengine_a_page_that_never_arrives_is_its_dma_fault(memory: GuestMemory) -> None:
     dev = _dmaengine(memory)
     try:
@@ -311,6 +341,41 @@ def test_vgpu_job_dma_goes_through_the_gate_with_its_pieces(vgpu: DeviceModel) -
     ]
     assert mem.read_gpa(sys + 0x4000, n) == b"\x03" * n
     assert mem.read_gpa(sys + 0x8000, 8) == struct.pack("<Q", 77)
+
+
+def test_vgpu_every_kind_of_command_writes_nothing_the_gate_was_not_shown(
+    vgpu: DeviceModel,
+) -> None:
+    mem = vgpu.iommu.memory
+    mem.bytes[vh.SYS : vh.SYS + 0x3000] = (np.arange(0x3000) % 253).astype(np.uint8)
+    va = vh.SYS_VA
+    cmds = [
+        (OP_COPY, va + 0x1000, 0x1000, 4096),  # RAM → VRAM
+        (OP_COMPUTE, COMPUTE_REDUCE, 0x1000, 512, va + 0x4000),
+        (OP_COMPUTE, COMPUTE_MATMUL, va, va + 256, va + 0x5000, 8, 8, 8),
+        (OP_FILL, va + 0x6000, 4096, 0x0102030405060708),
+        (OP_BLIT, va + 0x6000, va + 0x7000, 512, 1024, 16, 4),
+        (OP_COPY, 0x1000, va + 0x9000, 4096),  # VRAM → RAM
+        (OP_FENCE, va + 0xA000, 99, 3),
+    ]
+    for i, (op, *args) in enumerate(cmds):
+        mem.write_gpa(vh.RING + 64 * i, CMD.pack(op, 0, *args, *([0] * (7 - len(args)))))
+    before = mem.bytes.copy()
+    gate = RecordingGate()
+    vgpu.iommu.set_page_gate(gate)
+    vgpu.mmio_write(R.RING_TAIL, 4, len(cmds))  # the doorbell only: the test writes no RAM
+    vh.wait_idle(vgpu)
+    assert vgpu.mmio_read(R.COMPLETED, 8) == len(cmds)
+    assert not np.array_equal(before, mem.bytes)
+    assert _written_outside_the_gate(before, mem.bytes, gate) == 0
+    # The aperture (CPU access to GPU memory through the GGTT) is DMA too.
+    vgpu.mmio_write(R.APERTURE_BASE, 8, va + 0xB000)
+    vgpu.mmio_write(R.APERTURE + 8, 8, 0xFEED)
+    assert vgpu.mmio_read(R.APERTURE + 8, 8) == 0xFEED
+    assert gate.calls[-2:] == [
+        ([(vh.SYS + 0xB008, 8)], f"vgpu0: DMA write {vh.SYS + 0xB008:#x}"),
+        ([(vh.SYS + 0xB008, 8)], f"vgpu0: DMA read {vh.SYS + 0xB008:#x}"),
+    ]
 
 
 def test_vgpu_a_page_that_never_arrives_is_its_gpu_fault_and_the_engine_runs_on(
