@@ -79,8 +79,8 @@ def test_the_tail_follows_the_source_then_the_destination(tmp_path: Path) -> Non
             f.write(b"RESS 3 0\n")  # the line's second half
         dst.write_bytes(b"PROGRESS 4 0\nBAD page=1 round=2\nPROGRESS 5 1\n")
         _until(lambda: tail.pages() == 5)
-        got = [(s.pages, s.bad) for s in pp.rising(tail.samples())]
-    assert got == [(1, 0), (2, 0), (3, 0), (4, 0), (5, 1)]
+        got = [(s.pages, s.bad, s.file) for s in pp.rising(tail.samples())]
+    assert got == [(1, 0, 0), (2, 0, 0), (3, 0, 0), (4, 0, 1), (5, 1, 1)]
     assert tail.bad_lines == ["BAD page=1 round=2"]
 
 
@@ -90,3 +90,17 @@ def _until(cond: object, timeout: float = 10.0) -> None:
     while not cond():
         assert time.monotonic() < deadline, "the tail did not see the lines"
         time.sleep(0.01)
+
+
+def test_the_post_copy_phase_is_from_the_switch_to_the_end() -> None:
+    s = [S(0.0, 0, 0), S(2.0, 2000, 0), S(3.0, 2100, 0), S(4.0, 2200, 0)]
+    r = pp.phase_rates(s, 0.0, 1.0, 4.0, 5.0, switch=2.0)
+    assert r.postcopy == pytest.approx(200 * PAGE / 2)
+    assert math.isnan(pp.phase_rates(s, 0.0, 1.0, 4.0, 5.0).postcopy)
+
+
+def test_the_handover_gap_is_the_sources_last_line_to_the_destinations_first() -> None:
+    s = [S(1.0, 1, 0, 0), S(1.2, 2, 0, 0), S(1.45, 3, 0, 1), S(1.5, 4, 0, 1)]
+    assert pp.handover_gap(s) == pytest.approx(0.25)
+    assert pp.phase_rates(s, 0.9, 1.0, 1.5, 2.0).handover_s == pytest.approx(0.25)
+    assert math.isnan(pp.handover_gap(s[:2]))

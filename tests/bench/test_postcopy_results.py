@@ -130,3 +130,9 @@ def test_markdown_and_json_have_no_nan() -> None:
     assert d["blocktime_ms"] is None and d["good"] is True
     text = pr.markdown([("T", pr.TARGET_COLUMNS, pr.target_rows(pr.targets(_cases())))], ["x: y"])
     assert text.startswith("T\n\n| verdict |") and "- x: y" in text
+
+
+def test_post_copys_send_rate_is_its_bytes_over_the_time_after_the_switch() -> None:
+    r = _run("qemu-postcopy", 12.0, 5, switch_ms=8000.0, postcopy_bytes=600_000_000)
+    assert r.postcopy_rate == pytest.approx(150e6)
+    assert math.isnan(_run("qemu-precopy", 60, 50).postcopy_rate)

@@ -33,6 +33,7 @@ class Sample:
     t: float  # host monotonic seconds when the line was seen
     pages: int  # pages the guest has rewritten so far
     bad: int  # pages it found wrong so far
+    file: int = 0  # which serial file: 0 the source's, 1 the destination's
 
 
 def parse_line(line: bytes) -> tuple[int, int] | None:
@@ -68,6 +69,15 @@ def rate(samples: Sequence[Sample], t0: float, t1: float) -> float:
     return (pages_at(samples, t1) - pages_at(samples, t0)) * PAGE / (t1 - t0)
 
 
+def handover_gap(samples: Sequence[Sample]) -> float:
+    """Seconds from the source's last line to the destination's first: the pause the
+    guest saw at the switch, measured the same way for both VMMs (to within a line and a
+    poll); NaN if either side printed nothing."""
+    src = [s.t for s in samples if s.file == 0]
+    dst = [s.t for s in samples if s.file == 1]
+    return min(dst) - max(src) if src and dst else math.nan
+
+
 def longest_stall(samples: Sequence[Sample], t0: float, t1: float) -> float:
     """The longest stretch (s) inside [t0, t1] with no new line: how long the guest stood
     still at most (a pause, a throttle's sleep, a wait for a page), to within a line."""
@@ -86,6 +96,8 @@ class PhaseRates:
     longest_stall_s: float  # during the migration
     bad_pages: int  # pages the guest found wrong, all told
     lines: int  # PROGRESS lines seen
+    postcopy: float = math.nan  # bytes/s from the switch to post-copy to the end
+    handover_s: float = math.nan  # the source's last line → the destination's first
 
     @property
     def during_ratio(self) -> float:
@@ -96,9 +108,15 @@ class PhaseRates:
 
 
 def phase_rates(
-    samples: Sequence[Sample], before: float, start: float, end: float, after: float
+    samples: Sequence[Sample],
+    before: float,
+    start: float,
+    end: float,
+    after: float,
+    switch: float = math.nan,
 ) -> PhaseRates:
-    """Rates over [before, start], [start, end], [end, after] (host monotonic times)."""
+    """Rates over [before, start], [start, end], [end, after] and, for a post-copy run,
+    [switch, end] (host monotonic times)."""
     s = rising(samples)
     return PhaseRates(
         before=rate(s, before, start),
@@ -107,6 +125,8 @@ def phase_rates(
         longest_stall_s=longest_stall(s, start, end),
         bad_pages=max((x.bad for x in s), default=0),
         lines=len(s),
+        postcopy=rate(s, switch, end) if math.isfinite(switch) else math.nan,
+        handover_s=handover_gap(samples),
     )
 
 
@@ -141,7 +161,7 @@ class SerialTail:
         for line in lines:
             got = parse_line(line)
             if got is not None:
-                found.append(Sample(now, *got))
+                found.append(Sample(now, *got, file=i))
             elif BAD_RE.match(line.rstrip(b"\r")):
                 self.bad_lines.append(line.decode(errors="replace").strip())
         with self._lock:
@@ -178,6 +198,7 @@ __all__ = [
     "PhaseRates",
     "Sample",
     "SerialTail",
+    "handover_gap",
     "longest_stall",
     "pages_at",
     "parse_line",

@@ -134,7 +134,7 @@ def _run(
             samples = tail.samples()
         r0 = q.round0_rate(tl.polls)  # -1: no poll fell in round 0
         run = _run_of(case, repeat, plan, tl, r0 if r0 > 0 else math.nan)
-        run.rates = phase_rates(samples, tl.before, tl.start, tl.end, tl.after)
+        run.rates = phase_rates(samples, tl.before, tl.start, tl.end, tl.after, tl.postcopy_seen)
         if case.postcopy and run.status == "completed":
             run.blocktime_ms = _blocktime(dst)
     return run

@@ -56,11 +56,18 @@ class Run:
             return NAN
         return (self.total_ms / 1e3) / (self.memory / self.round0_rate)
 
+    @property
+    def postcopy_rate(self) -> float:
+        """Bytes/s the source sent after the switch: whether the cap held there too."""
+        took_s = (self.total_ms - self.switch_ms) / 1e3
+        return self.postcopy_bytes / took_s if self.postcopy_bytes and took_s > 0 else NAN
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["rates"] = None if self.rates is None else asdict(self.rates)
         d["good"] = self.good
         d["once_ratio"] = self.once_ratio
+        d["postcopy_rate"] = self.postcopy_rate
         out: dict[str, Any] = _finite(d)
         return out
 
@@ -170,6 +177,10 @@ def targets(cases: dict[str, CaseResult]) -> list[Target]:
     out.append(Target("vmferry post-copy downtime ÷ pre-copy downtime", v, DOWNTIME_LIMIT, note))
     v, note = _ratio(qpc, qpre, lambda r: r.downtime_ms)
     out.append(Target("QEMU post-copy downtime ÷ pre-copy downtime", v, NAN, note))
+    gap = _rate(lambda p: p.handover_s * 1e3)
+    for vmm, pc, pre in (("vmferry", vpc, vpre), ("QEMU", qpc, qpre)):
+        v, note = _ratio(pc, pre, gap)
+        out.append(Target(f"{vmm} post-copy ÷ pre-copy guest gap at the switch", v, NAN, note))
     v, note = _median_of(vpc, lambda r: r.latency_ms.get("p99", NAN))
     out.append(Target("vmferry page-request latency p99 (ms)", v, LATENCY_P99_LIMIT_MS, note))
     bad = sum(r.rates.bad_pages for c in cases.values() for r in c.runs if r.rates is not None)
@@ -201,6 +212,7 @@ CASE_COLUMNS = (
     "runs ok",
     "total s",
     "downtime ms",
+    "guest gap ms",
     "round 0 MB/s",
     "rounds",
     "throttle %",
@@ -208,9 +220,11 @@ CASE_COLUMNS = (
     "guest before MB/s",
     "during MB/s",
     "during ÷ before",
+    "in post-copy MB/s",
     "after MB/s",
     "longest stall ms",
     "page requests",
+    "post-copy sent MB/s",
     "latency p50/p99/max ms",
     "blocktime ms",
     "bad pages",
@@ -253,6 +267,7 @@ def case_row(c: CaseResult) -> list[str]:
         f"{len(c.good_runs())}/{len(c.runs)}",
         _spread(c, lambda r: r.total_ms, 1e-3, ",.1f"),
         _spread(c, lambda r: r.downtime_ms),
+        _spread(c, _rate(lambda p: p.handover_s), 1e3),
         _spread(c, lambda r: r.round0_rate, 1 / MB),
         _spread(c, lambda r: float(r.rounds)),
         _spread(c, lambda r: float(r.throttle_pct)),
@@ -260,9 +275,11 @@ def case_row(c: CaseResult) -> list[str]:
         _spread(c, _rate(lambda p: p.before), 1 / MB),
         _spread(c, _rate(lambda p: p.during), 1 / MB),
         _spread(c, _rate(lambda p: p.during_ratio), fmt=".2f"),
+        _spread(c, _rate(lambda p: p.postcopy), 1 / MB) if pc else "—",
         _spread(c, _rate(lambda p: p.after), 1 / MB),
         _spread(c, _rate(lambda p: p.longest_stall_s), 1e3),
         _spread(c, lambda r: float(r.requests)) if pc else "—",
+        _spread(c, lambda r: r.postcopy_rate, 1 / MB) if pc else "—",
         _latency(c) if pc else "—",
         _spread(c, lambda r: r.blocktime_ms, fmt=",.1f") if pc else "—",
         str(sum(r.rates.bad_pages for r in c.runs if r.rates is not None)),

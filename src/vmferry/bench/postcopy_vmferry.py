@@ -198,7 +198,7 @@ def run_vmferry(case: Case, repeat: int, plan: PostcopyPlan, workdir: Path) -> R
         except (OSError, ValueError) as e:
             raise VmferryError(f"no migration report from the vmferry source: {e}") from None
     run = run_of(case, repeat, plan, tl, rep, dst_info)
-    run.rates = phase_rates(samples, tl.before, tl.start, tl.end, tl.after)
+    run.rates = phase_rates(samples, tl.before, tl.start, tl.end, tl.after, tl.postcopy_seen)
     return run
 
 
