@@ -17,6 +17,7 @@ from vmferry.devices.nic import admin as nic_admin
 from vmferry.devices.vgpu import qmp as vgpu_qmp
 from vmferry.errors import ConfigError, MachineStateError, MigrationError, VmferryError
 from vmferry.machine.machine import Machine
+from vmferry.migration import postcopy_commands as commands
 from vmferry.migration import report, tls
 from vmferry.migration.destination import IncomingMigration, IncomingResult
 from vmferry.migration.devices import blockers
@@ -29,14 +30,9 @@ from vmferry.qmp.backend import QmpError
 
 Emit = Callable[[str, dict[str, Any]], None]
 MS = MigrationStatus
-# After the switch to post-copy: the VM runs at the destination, pages still come.
-POSTCOPY = frozenset({MS.POSTCOPY_ACTIVE, MS.POSTCOPY_PAUSED, MS.POSTCOPY_RECOVER})
-# A migration in progress (QEMU's migration_is_running): another may not start, nor may
-# a capability change under it.
-ACTIVE = frozenset({MS.SETUP, MS.ACTIVE, MS.DEVICE, MS.CANCELLING}) | POSTCOPY
-# Where migrate-pause can cut the link (QEMU's migration_postcopy_is_alive).
-PAUSABLE = frozenset({MS.POSTCOPY_ACTIVE, MS.POSTCOPY_RECOVER})
-ENDED = frozenset({MS.COMPLETED, MS.FAILED, MS.CANCELLED})
+# A migration in progress (QEMU's migration_is_running, post-copy included): another
+# may not start, nor may a capability change under it.
+ACTIVE = commands.RUNNING
 
 
 class _PostcopySource(Protocol):
@@ -95,7 +91,7 @@ class VmController:
             return "inmigrate"
         if self.machine.exit is not None:
             return "shutdown"
-        if mig is not None and mig.stats.status in POSTCOPY:
+        if mig is not None and mig.stats.status in commands.POSTCOPY:
             # QEMU's too: stopped for the switch, postmigrate only once every page is sent.
             return "finish-migrate"
         if mig is not None and mig.released:
@@ -129,12 +125,8 @@ class VmController:
                 f"the VM was handed over to the migration destination ({where}) and runs "
                 "there; running it here too would make two copies of it"
             )
-        if mig is not None and mig.stats.status in POSTCOPY:
-            raise QmpError(
-                f"the VM runs on the migration destination in post-copy "
-                f"({mig.stats.status}); only the pages it still needs are here, and running "
-                "it here too would make two copies of it"
-            )
+        if mig is not None and (why := commands.cont_refusal(mig.stats.status)):
+            raise QmpError(why)
         if state in ("shutdown", "finish-migrate"):
             raise QmpError(f"the VM cannot be resumed in state '{state}'")
         if state == "paused":
@@ -180,27 +172,14 @@ class VmController:
         mig = self.migration
         # The migration's own capabilities: they cannot change while it runs.
         caps = mig.caps if mig is not None and mig.stats.status in ACTIVE else self.caps
-        if not caps.postcopy_ram:
-            raise QmpError(
-                "Enable postcopy with migrate_set_capability before the start of migration"
-            )
-        if mig is None:
-            raise QmpError("Postcopy must be started after migration has been started")
-        status = mig.stats.status
-        if status in ENDED:
-            ended = "been cancelled" if status == MS.CANCELLED else status
-            raise QmpError(f"migrate-start-postcopy: the migration has already {ended}")
-        if status in POSTCOPY:
-            raise QmpError(
-                f"migrate-start-postcopy: the migration is already in post-copy ({status})"
-            )
-        if status == MS.CANCELLING:
-            raise QmpError("migrate-start-postcopy: the migration is being cancelled")
-        if mig.uri.scheme != "tcp":
-            # No VM runs at the other end of a file to ask for the pages.
-            raise QmpError(
-                "migrate-start-postcopy: a migration to a file cannot switch to post-copy"
-            )
+        why = commands.start_refusal(
+            caps.postcopy_ram,
+            None if mig is None else mig.stats.status,
+            "" if mig is None else mig.uri.scheme,
+        )
+        if why is not None:
+            raise QmpError(why)
+        assert mig is not None
         try:
             mig.request_postcopy()
         except MigrationError as e:
@@ -211,25 +190,22 @@ class VmController:
         go to postcopy-paused and wait for migrate-recover + migrate resume."""
         mig, inc = self.migration, self.incoming
         try:
-            if mig is not None and mig.stats.status in PAUSABLE:
+            if mig is not None and mig.stats.status in commands.PAUSABLE:
                 cast(_PostcopySource, mig).pause_postcopy()
                 return
-            if inc is not None and inc.status in PAUSABLE:
+            if inc is not None and inc.status in commands.PAUSABLE:
                 cast(_PostcopyIncoming, inc).pause_postcopy()
                 return
         except MigrationError as e:
             raise QmpError(f"migrate-pause: {e}") from e
-        raise QmpError(
-            "migrate-pause is currently only supported during postcopy-active or "
-            "postcopy-recover state"
-        )
+        raise QmpError(commands.PAUSE_REFUSAL)
 
     def migrate_recover(self, uri: str) -> None:
         """Destination: listen on ``uri`` for the source's ``migrate`` resume."""
         inc = self.incoming
-        if inc is None or inc.status != MS.POSTCOPY_PAUSED:
-            now = inc.status if inc is not None else "no incoming migration"
-            raise QmpError(f"Migrate recover can only be run when postcopy is paused. (now: {now})")
+        why = commands.recover_refusal(None if inc is None else inc.status)
+        if why is not None:
+            raise QmpError(why)
         try:
             cast(_PostcopyIncoming, inc).recover(uri)
         except (MigrationError, ConfigError) as e:
@@ -237,9 +213,9 @@ class VmController:
 
     def _resume_postcopy(self, uri: str) -> None:
         mig = self.migration
-        if mig is None or mig.stats.status != MS.POSTCOPY_PAUSED:
-            now = mig.stats.status if mig is not None else "no migration"
-            raise QmpError(f"Cannot resume if there is no paused migration (now: {now})")
+        why = commands.resume_refusal(None if mig is None else mig.stats.status)
+        if why is not None:
+            raise QmpError(why)
         try:
             cast(_PostcopySource, mig).resume_postcopy(uri)
         except (MigrationError, ConfigError) as e:
@@ -319,13 +295,8 @@ class VmController:
 
     def migrate_cancel(self) -> None:
         mig = self.migration
-        if mig is not None and mig.stats.status in POSTCOPY:
-            # Nothing to roll back to: the destination runs the VM on pages from here.
-            raise QmpError(
-                f"migrate_cancel: the migration is in post-copy ({mig.stats.status}): the VM "
-                "runs on the destination and it cannot come back; it completes once every "
-                "page is there (after a broken link: migrate-recover, then migrate resume)"
-            )
+        if mig is not None and (why := commands.cancel_refusal(mig.stats.status)):
+            raise QmpError(why)
         if mig is not None:
             mig.cancel()
 
@@ -334,7 +305,7 @@ class VmController:
         it and let it roll back, so that the destination is told why, before the VM is
         closed under it (which would fail it with a KVM error)."""
         mig = self.migration
-        if mig is not None and mig.stats.status in POSTCOPY:
+        if mig is not None and mig.stats.status in commands.POSTCOPY:
             return  # no rollback after the switch: the engine says what is lost
         if mig is not None and not mig.done.is_set() and not mig.released:
             mig.cancel("the source process is ending")
@@ -369,7 +340,7 @@ class VmController:
         """The destination's status: the engine's own once post-copy runs (the VM runs
         here while pages still come, the link may break and be re-made)."""
         inc = self.incoming
-        if inc is not None and inc.status in POSTCOPY:
+        if inc is not None and inc.status in commands.POSTCOPY:
             return inc.status
         return self.incoming_status
 

@@ -371,3 +371,16 @@ def test_per_vcpu_blocktime_is_absent_where_it_was_not_measured() -> None:
         "postcopy-blocktime": 5
     }
     assert report.blocktime_dict(PostcopyFigures(active=False, blocktime_ms=5.0)) == {}
+
+
+def test_refusals_are_pure_and_say_nothing_when_allowed() -> None:
+    from vmferry.migration import postcopy_commands as commands
+
+    assert commands.start_refusal(True, MS.ACTIVE) is None
+    assert commands.start_refusal(True, MS.SETUP, "tcp") is None
+    assert commands.recover_refusal(MS.POSTCOPY_PAUSED) is None
+    assert commands.resume_refusal(MS.POSTCOPY_PAUSED) is None
+    for status in (MS.ACTIVE, MS.DEVICE, MS.COMPLETED):
+        assert commands.cancel_refusal(status) is None
+        assert commands.cont_refusal(status) is None
+    assert commands.RUNNING >= commands.POSTCOPY >= commands.PAUSABLE
