@@ -6,6 +6,7 @@ passes, and the guest prints the reference RESULT there."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,6 +26,8 @@ from vmferry.migration.params import MigrationCapabilities, MigrationParameters
 from vmferry.migration.postcopy import page_server
 from vmferry.migration.source import MigrationSource
 from vmferry.migration.status import MigrationStatus
+from vmferry.migration.tls import server_for
+from vmferry.migration.tlscerts import make_creds
 from vmferry.testing.harness import InProcessDestination, MigrationRun, migrate
 
 pytestmark = [
@@ -37,6 +40,7 @@ pytestmark = [
 # About 3 s of work over a 32 MiB working set it keeps rewriting: at the switch it owes
 # the pages dirtied since round 0, and after the resume it touches them again.
 WORKLOAD = Workload(wss="32M", seed=7, rounds=6, rate=64, memory=128 << 20)
+TLS_WORKLOAD = Workload(wss="32M", seed=7, rounds=16, rate=64, memory=128 << 20)
 
 
 def _ask_for_postcopy(src: MigrationSource) -> None:
@@ -72,6 +76,8 @@ def test_memtouch_switches_to_postcopy_after_round_0_and_gives_its_result() -> N
         assert pc.urgent_pages + pc.pushed_pages == pc.owed_pages, "every owed page, once"
         assert pc.bytes == (pc.urgent_pages + pc.pushed_pages) * PAGE_SIZE
         assert pc.requests > 0 and pc.urgent_pages > 0, "the guest touched owed pages"
+        here = run.result.postcopy
+        assert here["landed_pages"] == here["filled_pages"] == pc.owed_pages, "each once"
         assert pc.latency_ms["p50"] <= pc.latency_ms["p99"] <= pc.latency_ms["max"]
         # The audit ran once the last page had landed, over all of RAM.
         audit = st.verify.phases["audit"]
@@ -160,6 +166,35 @@ def test_a_page_served_wrong_is_caught_by_the_audit_and_the_guest_finishes_at_th
         assert st.verify.mismatched_pages == [wrong.page]
         assert st.postcopy.active and st.postcopy.complete_s > 0  # caught after the last page
         assert_source_intact(guest)  # runs here again, from the switch, to its RESULT
+    finally:
+        if run is not None:
+            run.close()
+        guest.close()
+
+
+def test_postcopy_over_tls_opens_its_page_channels_secured(tmp_path: Path) -> None:
+    """The page channels are opened before END but taken only after it: their TLS
+    handshakes and hellos must not hold up the stream."""
+    make_creds(tmp_path / "good", tmp_path / "ca", ["127.0.0.1", "localhost"], "source-a")
+    guest = Guest(TLS_WORKLOAD)  # longer: round 0 encrypts in user space
+    run: MigrationRun | None = None
+    try:
+        run = migrate(
+            guest.machine,
+            destination=InProcessDestination(tls=server_for(str(tmp_path / "good"), "source-a")),
+            params=MigrationParameters(verify="on", tls_creds=str(tmp_path / "good")),
+            caps=MigrationCapabilities(postcopy_ram=True),
+            during=_ask_for_postcopy,
+        )
+        st = run.stats
+        assert st.status == MigrationStatus.COMPLETED, st.error
+        assert run.result is not None and st.postcopy.active
+        assert st.verify.status == "passed"
+        src_tls = run.source.tls
+        assert src_tls is not None and len(src_tls.handshakes) == 3  # main, urgent, push
+        ex = run.result.machine.wait(90)
+        assert ex is not None and ex.code == 0, ex
+        assert result_in(run.destination.serial.getvalue()) == reference_result(TLS_WORKLOAD)
     finally:
         if run is not None:
             run.close()

@@ -169,6 +169,7 @@ class PostcopyDestination:
         return {
             "owed_pages": self.owed_pages,
             "landed_pages": lg.received,
+            "filled_pages": lg.filled,  # by this run's COPY (the rest: there already)
             "urgent_runs": lg.urgent_runs,
             "requests": server.requests_sent,
             "blocktime_ms": server.blocktime.all_blocked_s * 1e3,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
+import threading
 import time
 
 from vmferry.errors import MigrationError, VmferryError
@@ -86,6 +87,8 @@ class PostcopySource:
         self.owed: DirtyBitmap | None = None
         self.server: PageServer | None = None
         self._socks: dict[int, socket.socket] = {}  # role → socket
+        self._hellos: list[threading.Thread] = []
+        self._hello_error: BaseException | None = None
         self._t_switch = 0.0
 
     # ---- the switch (VM paused, devices stopped)
@@ -103,25 +106,43 @@ class PostcopySource:
         main.section(PCPY, OwedRecord(self.owed.npages, self.owed.words).encode())
 
     def open_channels(self, mig_id: str, first_index: int) -> None:
-        """The urgent and the background page channel, connected (TLS when asked),
-        bounded by x-peer-timeout and introduced; the destination accepts them after END."""
+        """The urgent and the background page channel, connected, bounded by
+        x-peer-timeout and introduced. The destination accepts them only after END, so
+        a TLS handshake and the hello go on a thread each (``serve`` waits for them)."""
         for n, role in enumerate((ROLE_URGENT, ROLE_BACKGROUND)):
             index = first_index + n
             s = self.link.connector.connect(index, self.link.peer_timeout_s)
             if self.tls is not None:
-                s = self.tls.secure(s, index)
+                s = self.tls.secure_later(s, index)
             self.link.socks.append(s)  # woken and closed with the others
             if role == ROLE_BACKGROUND:
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, PUSH_BUFFER)
             bound_socket(s, self.link.peer_timeout_s)
-            stream_sink(s).write([PostcopyHello(mig_id, role).encode()])
             self._socks[role] = s
+            hello = PostcopyHello(mig_id, role).encode()
+            t = threading.Thread(
+                target=self._introduce, args=(s, hello), name=f"pc-hello{role}", daemon=True
+            )
+            t.start()
+            self._hellos.append(t)
 
-    # ---- after "go"
+    def _introduce(self, s: socket.socket, hello: bytes) -> None:
+        try:
+            stream_sink(s).write([hello])
+        except BaseException as e:  # serve() reports it
+            self._hello_error = e
+
+        # ---- after "go"
+
     def serve(self) -> None:
         """The page server on the page channels: the destination's requests first, then
         the push of every owed page not sent yet (none twice)."""
         assert self.owed is not None
+        for t in self._hellos:
+            t.join(self.link.peer_timeout_s)
+        if self._hello_error is not None or any(t.is_alive() for t in self._hellos):
+            why = self._hello_error or "timed out"
+            raise MigrationError(f"could not open post-copy's page channels: {why}")
         npages = self.owed.npages
         sent = SentPages(npages)
         sent.bitmap.set_all()
