@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from typing import Any, Protocol, cast
+from typing import Any
 
 from vmferry.devices.nic import admin as nic_admin
 from vmferry.devices.vgpu import qmp as vgpu_qmp
@@ -33,18 +33,6 @@ MS = MigrationStatus
 # A migration in progress (QEMU's migration_is_running, post-copy included): another
 # may not start, nor may a capability change under it.
 ACTIVE = commands.RUNNING
-
-
-class _PostcopySource(Protocol):
-    # The engine's calls for a broken link after the switch (the engine's side, landing
-    # with the post-copy link work; checked against it once there).
-    def pause_postcopy(self) -> None: ...
-    def resume_postcopy(self, uri: str) -> None: ...
-
-
-class _PostcopyIncoming(Protocol):
-    def pause_postcopy(self) -> None: ...
-    def recover(self, uri: str) -> None: ...
 
 
 class VmController:
@@ -179,7 +167,7 @@ class VmController:
         )
         if why is not None:
             raise QmpError(why)
-        assert mig is not None
+        assert mig is not None  # no migration is refused above
         try:
             mig.request_postcopy()
         except MigrationError as e:
@@ -191,10 +179,10 @@ class VmController:
         mig, inc = self.migration, self.incoming
         try:
             if mig is not None and mig.stats.status in commands.PAUSABLE:
-                cast(_PostcopySource, mig).pause_postcopy()
+                mig.pause_postcopy()
                 return
             if inc is not None and inc.status in commands.PAUSABLE:
-                cast(_PostcopyIncoming, inc).pause_postcopy()
+                inc.pause_postcopy()
                 return
         except MigrationError as e:
             raise QmpError(f"migrate-pause: {e}") from e
@@ -206,8 +194,9 @@ class VmController:
         why = commands.recover_refusal(None if inc is None else inc.status)
         if why is not None:
             raise QmpError(why)
+        assert inc is not None  # nothing incoming is refused above
         try:
-            cast(_PostcopyIncoming, inc).recover(uri)
+            inc.recover(uri)
         except (MigrationError, ConfigError) as e:
             raise QmpError(f"migrate-recover {uri}: {e}") from e
 
@@ -216,8 +205,9 @@ class VmController:
         why = commands.resume_refusal(None if mig is None else mig.stats.status)
         if why is not None:
             raise QmpError(why)
+        assert mig is not None  # no migration is refused above
         try:
-            cast(_PostcopySource, mig).resume_postcopy(uri)
+            mig.resume_postcopy(uri)
         except (MigrationError, ConfigError) as e:
             raise QmpError(f"migrate resume {uri}: {e}") from e
 
