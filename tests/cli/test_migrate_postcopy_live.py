@@ -28,6 +28,8 @@ pytestmark = [
 ]
 # About 3 s of rewriting a 32 MiB working set: at the switch most of RAM is still owed.
 GUEST = ["wss=32M", "seed=7", "rounds=6", "rate=64"]
+# About 6 s: long enough for two rounds under a bandwidth cap before the switch.
+LONGER = ["wss=32M", "seed=7", "rounds=12", "rate=64"]
 
 
 def _socket() -> str:
@@ -47,12 +49,14 @@ def _await_qmp(path: str, proc: subprocess.Popen[bytes]) -> None:
     raise AssertionError(f"no QMP socket at {path}")
 
 
-@pytest.fixture
-def pair() -> Iterator[tuple[str, str, int, subprocess.Popen[bytes], subprocess.Popen[bytes]]]:
+Pair = tuple[str, str, int, subprocess.Popen[bytes], subprocess.Popen[bytes]]
+
+
+def _pair(guest: list[str]) -> Iterator[Pair]:
     src_qmp, dst_qmp, port = _socket(), _socket(), free_port()
     dst = start_vmferry("run", "--incoming", f"tcp:127.0.0.1:{port}", "--qmp", f"unix:{dst_qmp}")
     src = start_vmferry(
-        "run", "memtouch", "--memory", "128M", "--qmp", f"unix:{src_qmp}", "--", *GUEST
+        "run", "memtouch", "--memory", "128M", "--qmp", f"unix:{src_qmp}", "--", *guest
     )
     try:
         _await_qmp(dst_qmp, dst)
@@ -64,8 +68,18 @@ def pair() -> Iterator[tuple[str, str, int, subprocess.Popen[bytes], subprocess.
             p.wait(10)
 
 
+@pytest.fixture
+def pair() -> Iterator[Pair]:
+    yield from _pair(GUEST)
+
+
+@pytest.fixture
+def longer_pair() -> Iterator[Pair]:
+    yield from _pair(LONGER)
+
+
 def test_postcopy_through_the_cli_gives_the_reference_result(
-    pair: tuple[str, str, int, subprocess.Popen[bytes], subprocess.Popen[bytes]],
+    pair: Pair,
     tmp_path: Path,
 ) -> None:
     src_qmp, dst_qmp, port, src, dst = pair
@@ -101,3 +115,27 @@ def test_postcopy_through_the_cli_gives_the_reference_result(
     assert RESULT_RE.findall(dst_out)[-1].decode() == ref.result
     src.wait(30)
     assert src.returncode == 0
+
+
+def test_postcopy_after_two_rounds_switches_by_itself(longer_pair: Pair, tmp_path: Path) -> None:
+    """--postcopy-after 2 under a cap the guest's rewriting outruns: pre-copy does not
+    converge, so after round 2 the migration switches on its own and says why."""
+    src_qmp, dst_qmp, port, _src, dst = longer_pair
+    report = tmp_path / "report.json"
+    r = vmferry(
+        "migrate", "--qmp", src_qmp, f"tcp:127.0.0.1:{port}", "--postcopy-after", "2",
+        "--max-bandwidth", "40M", "--dest-qmp", dst_qmp, "--report", str(report), timeout=180,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(report.read_text())
+    assert rep["parameters"]["x-postcopy-after"] == "2"
+    assert rep["parameters"]["max-bandwidth"] == 40 << 20
+    assert rep["convergence"] == (
+        "switched to post-copy: not converged after 2 rounds (x-postcopy-after 2)"
+    )
+    assert rep["postcopy"]["active"] and rep["verify"]["status"] == "passed", rep
+    dst_out, dst_err = dst.communicate(timeout=120)
+    assert dst.returncode == 0, dst_err.decode()
+    ref = vmferry("run", "memtouch", "--memory", "128M", "--", *LONGER)
+    assert ref.result is not None
+    assert RESULT_RE.findall(dst_out)[-1].decode() == ref.result
