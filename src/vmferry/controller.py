@@ -68,6 +68,12 @@ class VmController:
     @property
     def machine(self) -> Machine:
         if self._machine is None:
+            status = self._incoming_state()
+            if status in commands.POSTCOPY:
+                raise QmpError(
+                    f"the VM runs here in post-copy ({status}) while its last pages arrive; "
+                    "it is under this process's control once they have"
+                )
             raise QmpError("the VM has not arrived yet: it waits for an incoming migration")
         return self._machine
 
@@ -76,7 +82,8 @@ class VmController:
         """QEMU's RunState names."""
         mig = self.migration
         if self._machine is None:
-            return "inmigrate"
+            # In post-copy the guest already runs here (QEMU's destination: running).
+            return "running" if self._incoming_state() in commands.POSTCOPY else "inmigrate"
         if self.machine.exit is not None:
             return "shutdown"
         if mig is not None and mig.stats.status in commands.POSTCOPY:

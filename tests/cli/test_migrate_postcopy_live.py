@@ -12,6 +12,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -85,11 +86,31 @@ def test_postcopy_through_the_cli_gives_the_reference_result(
     src_qmp, dst_qmp, port, src, dst = pair
     report = tmp_path / "report.json"
     watcher = QmpClient(src_qmp)  # the source's MIGRATION events, as a client sees them
-    r = vmferry(
+    cli = start_vmferry(
         "migrate", "--qmp", src_qmp, f"tcp:127.0.0.1:{port}", "--postcopy",
-        "--dest-qmp", dst_qmp, "--report", str(report), timeout=180,
+        "--dest-qmp", dst_qmp, "--report", str(report),
     )  # fmt: skip
-    assert r.returncode == 0, r.stderr
+    statuses = []
+    during: dict[str, Any] = {}
+    while not statuses or statuses[-1] not in ("completed", "failed", "cancelled"):
+        statuses.append(watcher.wait_event("MIGRATION", timeout=30)["data"]["status"])
+        if statuses[-1] == "postcopy-active":
+            # Both sides while pages still come (the window is about a second long).
+            during["src"] = watcher.execute("query-migrate")
+            during["src-run"] = watcher.execute("query-status")["status"]
+            with QmpClient(dst_qmp) as d:
+                during["dst"] = d.execute("query-migrate")
+                during["dst-run"] = d.execute("query-status")["status"]
+    watcher.close()
+    stdout, stderr = cli.communicate(timeout=180)
+    assert cli.returncode == 0, stderr.decode()
+    # QEMU's order: setup, active, then post-copy until the last page, then completed.
+    assert statuses[:2] == ["setup", "active"] and statuses[-1] == "completed", statuses
+    assert "postcopy-active" in statuses, statuses
+    # Asked right after the event: the last page is about a second away.
+    assert during["src"]["status"] == during["dst"]["status"] == "postcopy-active", during
+    assert "downtime" in during["src"] and "postcopy-blocktime" in during["src"], during
+    assert (during["src-run"], during["dst-run"]) == ("finish-migrate", "running"), during
     rep = json.loads(report.read_text())
     assert rep["status"] == "completed" and rep["verify"]["status"] == "passed", rep
     assert rep["capabilities"]["postcopy-ram"] and rep["capabilities"]["postcopy-blocktime"]
@@ -99,14 +120,7 @@ def test_postcopy_through_the_cli_gives_the_reference_result(
     assert pc["urgent-pages"] + pc["pushed-pages"] == pc["owed-pages"], pc
     assert rep["ram"]["postcopy-bytes"] == pc["bytes"] > 0
     assert 0 < pc["switch-time"] < pc["complete-time"] <= rep["total-time"] / 1e3 + 0.5, pc
-    statuses = []
-    while not statuses or statuses[-1] not in ("completed", "failed", "cancelled"):
-        statuses.append(watcher.wait_event("MIGRATION", timeout=10)["data"]["status"])
-    watcher.close()
-    # QEMU's order: setup, active, then post-copy until the last page, then completed.
-    assert statuses[:2] == ["setup", "active"] and statuses[-1] == "completed", statuses
-    assert "postcopy-active" in statuses, statuses
-    out = r.stdout.decode()
+    out = stdout.decode()
     assert "post-copy: switched at" in out and "post-copy: request latency" in out, out
     dst_out, dst_err = dst.communicate(timeout=120)
     assert dst.returncode == 0, dst_err.decode()

@@ -320,8 +320,14 @@ def test_destination_status_follows_the_engine_in_post_copy() -> None:
     inc = FakeIncoming(MS.POSTCOPY_PAUSED)
     c = _destination(inc)
     assert c.query_migrate()["status"] == "postcopy-paused"
+    # The guest runs here already (QEMU's destination says running in post-copy) but is
+    # not this controller's to stop until every page has arrived.
+    assert c.query_status() == {"running": True, "status": "running"}
+    with pytest.raises(QmpError, match=r"^the VM runs here in post-copy \(postcopy-paused\)"):
+        c.stop()
     inc.status = MS.ACTIVE  # before the switch the controller's own record says
     assert c.query_migrate()["status"] == "active"
+    assert c.query_status() == {"running": False, "status": "inmigrate"}
 
 
 def test_report_has_every_post_copy_figure_and_reads_back() -> None:
