@@ -19,6 +19,7 @@ import pytest
 from tests.conftest import RESULT_RE, start_vmferry, vmferry
 from tests.migration.live import free_port
 from tests.migration.postcopy.harness import uffd_unavailable
+from vmferry.qmp import QmpError
 from vmferry.qmp.client import QmpClient
 
 pytestmark = [
@@ -153,3 +154,50 @@ def test_postcopy_after_two_rounds_switches_by_itself(longer_pair: Pair, tmp_pat
     ref = vmferry("run", "memtouch", "--memory", "128M", "--", *LONGER)
     assert ref.result is not None
     assert RESULT_RE.findall(dst_out)[-1].decode() == ref.result
+
+
+def test_post_copy_commands_on_a_real_source_refuse_in_qemus_words(tmp_path: Path) -> None:
+    """On a running VM: each post-copy command refused where it cannot apply, in one line,
+    and the VM untouched; after a completed migration (to a file) too."""
+    path = _socket()
+    vm = start_vmferry("run", "memtouch", "--memory", "64M", "--qmp", f"unix:{path}", "--",
+                       "wss=16M", "seed=3", "rounds=24", "rate=16")  # fmt: skip
+    try:
+        _await_qmp(path, vm)
+        with QmpClient(path) as qmp:
+            refusals = {}
+            for command, args in (
+                ("migrate-start-postcopy", {}),
+                ("migrate-pause", {}),
+                ("migrate-recover", {"uri": "tcp:127.0.0.1:1"}),
+                ("migrate", {"uri": "tcp:127.0.0.1:1", "resume": True}),
+            ):
+                with pytest.raises(QmpError) as e:
+                    qmp.execute(command, **args)
+                refusals[command] = e.value.desc
+            assert refusals == {
+                "migrate-start-postcopy": "Enable postcopy with migrate_set_capability "
+                "before the start of migration",
+                "migrate-pause": "migrate-pause is currently only supported during "
+                "postcopy-active or postcopy-recover state",
+                "migrate-recover": "Migrate recover can only be run when postcopy is paused. "
+                "(now: no incoming migration)",
+                "migrate": "Cannot resume if there is no paused migration (now: no migration)",
+            }
+            caps = [{"capability": "postcopy-ram", "state": True}]
+            qmp.execute("migrate-set-capabilities", capabilities=caps)
+            with pytest.raises(QmpError, match=r"^Postcopy must be started after migration"):
+                qmp.execute("migrate-start-postcopy")
+            assert qmp.execute("query-status")["status"] == "running"
+            qmp.execute("migrate", uri=f"file:{tmp_path / 'vm.state'}")
+            for _ in range(600):
+                if qmp.execute("query-migrate")["status"] == "completed":
+                    break
+                time.sleep(0.05)
+            with pytest.raises(QmpError) as e:
+                qmp.execute("migrate-start-postcopy")
+            assert e.value.desc == "migrate-start-postcopy: the migration has already completed"
+            assert qmp.execute("query-status")["status"] == "postmigrate"
+    finally:
+        vm.kill()
+        vm.wait(10)
