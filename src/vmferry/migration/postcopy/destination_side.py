@@ -67,14 +67,19 @@ class PostcopyDestination:
         self.owed_pages = int(np.bitwise_count(owed.words).sum())
         self.t_go = 0.0
         self.landed_ms = 0.0
+        self.prepare_ms = 0.0  # in the downtime: discard, register, accept, start
+        self.discard_runs = 0
 
     def prepare(self, accept: Accept, mig_id: str, landing: LandingDigests | None) -> None:
         """Discard the owed pages, register RAM, accept the page channels, start serving."""
+        t0 = time.monotonic()
         present = PresentPages(self.memory.npages)
         present.bitmap.words[:] = ~self.owed.words
         owed = DirtyBitmap(self.owed.npages)
         owed.words[:] = self.owed.words
-        self.memory.discard(*page_runs(owed.pages()))
+        runs = page_runs(owed.pages())
+        self.discard_runs = int(runs[0].size)
+        self.memory.discard(*runs)
         self.uf = UserFault()
         self.uf.register_memory(self.memory, 0, self.memory.size)
         roles = self._accept_channels(accept, mig_id)
@@ -87,6 +92,7 @@ class PostcopyDestination:
             present=_trimmed(present, self.memory.npages),
             on_landed=None if landing is None else landing.landed_data,
         ).start()
+        self.prepare_ms = (time.monotonic() - t0) * 1e3
 
     def _accept_channels(self, accept: Accept, mig_id: str) -> dict[int, socket.socket]:
         roles: dict[int, socket.socket] = {}
@@ -174,6 +180,8 @@ class PostcopyDestination:
             "requests": server.requests_sent,
             "blocktime_ms": server.blocktime.all_blocked_s * 1e3,
             "landed_ms": self.landed_ms,
+            "prepare_ms": self.prepare_ms,
+            "discard_runs": self.discard_runs,
             "dma_accesses": 0 if gate is None else gate.accesses,
             "dma_waits": 0 if gate is None else gate.waited,
             "dma_wait_ms": 0.0 if gate is None else gate.waited_s * 1e3,

@@ -193,6 +193,8 @@ class PostcopySource:
             pc.requests = served.requests
             pc.urgent_pages, pc.pushed_pages = served.urgent_pages, served.background_pages
             pc.bytes = served.pages * 4096
+            # query-migrate's ram.remaining: what is still owed
+            self.figures.stats.remaining = max(0, pc.owed_pages - served.pages) * 4096
             if landed is not None:
                 pc.complete_s = time.monotonic() - self.figures.t0
                 pc.blocktime_ms = landed.blocktime_ms
