@@ -12,17 +12,20 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.conftest import RESULT_RE, ROOT, vmferry
 from vmferry.devices.nic import HostConfig
+from vmferry.devices.nic.switch import figures_path
 from vmferry.devices.nic.vf import VirtualFunction
 from vmferry.machine import Machine
 from vmferry.migration.devices import DestinationDevices
@@ -270,24 +273,47 @@ def test_migration_between_namespaces_keeps_the_peer_connected(tmp_path: Path) -
                 assert time.monotonic() < deadline and src.poll() is None, "source did not start"
                 time.sleep(0.05)
             report = tmp_path / "traffic.json"
+            # The traffic spans the migration however long a loaded host makes it: it
+            # ends a second after the migration did (SIGINT: the peer reports, as ping).
             peer = _in_ns(
                 ns["p"], None, "traffic", "--to", "10.77.0.1:4790", "--mac", mac,
-                "--rate", "1000", "--duration", "3", "--json", str(report),
+                "--rate", "1000", "--duration", "60", "--json", str(report),
             )  # fmt: skip
             procs.append(peer)
-            time.sleep(1.0)
+            assert peer.stdout is not None
+            assert peer.stdout.readline().startswith(b"traffic: sending"), "no traffic"
+            time.sleep(1.0)  # a second of traffic from now (a loaded host starts it late)
             mig = vmferry("migrate", "--qmp", str(qmp), "tcp:10.77.0.2:4444", timeout=60)
             assert mig.returncode == 0, mig.stderr
+            time.sleep(1.0)
+            peer.send_signal(signal.SIGINT)
             peer_out, peer_err = peer.communicate(timeout=30)
-            assert peer.returncode == 0, peer_out.decode() + peer_err.decode()
             dst_out, _ = dst.communicate(timeout=30)
         finally:
             for p in procs:
                 if p.poll() is None:
                     p.kill()
                     p.wait(10)
+    assert report.exists(), peer_out.decode() + peer_err.decode()
     t = json.loads(report.read_text())
-    assert t["sent"] > 2000 and t["lost"] == 0, t
-    assert t["corrupted"] == 0 and t["duplicated"] == 0, t
-    assert [m[1] for m in t["moves"]] == ["10.77.0.2:4790"], t["moves"]
-    assert RESULT_RE.findall(dst_out)[-1].decode() == t["expected_result"]
+    why = explain(t, tmp_path)
+    assert peer.returncode == 0, peer_out.decode() + peer_err.decode() + why
+    assert t["sent"] > 2000 and t["lost"] == 0, why
+    assert t["corrupted"] == 0 and t["duplicated"] == 0, why
+    assert [m[1] for m in t["moves"]] == ["10.77.0.2:4790"], why
+    assert RESULT_RE.findall(dst_out)[-1].decode() == t["expected_result"], why
+
+
+def explain(t: dict[str, Any], hosts: Path) -> str:
+    """The peer's report (when frames were lost or echoed twice, when the MAC moved) and
+    each host switch's figures, left in its state directory as its process ended."""
+    lines = [
+        f"sent {t['sent']}, echoed {t['echoed']}, lost {t['lost']} at {t['lost_at_s'][:20]} s,"
+        f" duplicated {t['duplicated']} at {t['duplicated_at_s'][:20]} s, reordered "
+        f"{t['reordered']}, longest gap {t['longest_gap_ms']:.1f} ms at {t['gap_start_s']:.3f}"
+        f" s, moves {t['moves']}"
+    ]
+    for host in ("a", "b"):
+        path = figures_path(hosts / host, "pf0")
+        lines.append(f"{host}: {path.read_text() if path.exists() else 'no figures'}")
+    return "\n".join(lines)

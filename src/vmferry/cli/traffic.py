@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -33,7 +35,12 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--mac", required=True, help="the VF's MAC address")
     p.add_argument("--rate", type=float, default=1000.0, help="frames per second (default 1000)")
     p.add_argument("--size", type=int, default=128, help="frame size in bytes (default 128)")
-    p.add_argument("--duration", type=float, default=5.0, help="seconds of traffic (default 5)")
+    p.add_argument(
+        "--duration",
+        type=float,
+        default=5.0,
+        help="seconds of traffic (default 5); SIGINT or SIGTERM ends it early, with the report",
+    )
     p.add_argument("--bind", default="0.0.0.0:0", metavar="HOST:PORT", help="the peer's address")
     p.add_argument("--vlan", type=int, default=0, help="tag frames with this VLAN")
     p.add_argument("--no-stop", action="store_true", help="leave netecho running at the end")
@@ -54,8 +61,18 @@ def cmd_traffic(args: argparse.Namespace) -> int:
         )
     except ValueError as e:
         raise ConfigError(str(e)) from e
+    done = threading.Event()
+    # Ended early as ping is: the report still comes (a test stops it once the VM moved).
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
     peer.start()
-    time.sleep(args.duration)
+    # One line at once: whoever runs the peer knows the traffic flows from now.
+    print(f"traffic: sending {args.rate:g} frames/s to {args.mac} via {args.to}", flush=True)
+    end = time.monotonic() + args.duration
+    # In slices: a signal the kernel gave another thread runs its handler only once the
+    # main thread is back in Python.
+    while not done.wait(min(0.1, max(0.0, end - time.monotonic()))) and time.monotonic() < end:
+        pass
     report = peer.stop(stop_guest=not args.no_stop)
     print(f"traffic: {report.summary()}")
     for t, where in report.moves:

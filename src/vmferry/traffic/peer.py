@@ -36,6 +36,7 @@ class TrafficReport:
     rtt_max_ms: float = 0.0
     moves: list[tuple[float, str]] = field(default_factory=list)  # (s, "ip:port") learned
     lost_at_s: list[float] = field(default_factory=list)  # send times of lost frames
+    duplicated_at_s: list[float] = field(default_factory=list)  # send times of frames echoed twice
     duration_s: float = 0.0
     started_at: float = 0.0  # time.monotonic() of the first send
     rate: float = 0.0
@@ -45,6 +46,7 @@ class TrafficReport:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["lost_at_s"] = [round(t, 4) for t in self.lost_at_s[:100]]
+        d["duplicated_at_s"] = [round(t, 4) for t in self.duplicated_at_s[:100]]
         return d
 
     def summary(self) -> str:
@@ -89,6 +91,7 @@ class TrafficPeer:
         self._echo_at: dict[int, float] = {}
         self._rtts: list[float] = []
         self._dups = self._reordered = self._corrupt = 0
+        self._dup_seqs: list[int] = []
         self._max_seq = -1
         self._last_echo = 0.0
         self._gap = (0.0, 0.0)
@@ -201,6 +204,7 @@ class TrafficPeer:
                 return
             if seq in self._echo_at:
                 self._dups += 1
+                self._dup_seqs.append(seq)
                 return
             if seq < self._max_seq:
                 self._reordered += 1
@@ -234,6 +238,7 @@ class TrafficPeer:
                 rtt_max_ms=rtts[-1] * 1e3 if rtts else 0.0,
                 moves=list(self._moves),
                 lost_at_s=lost_at,
+                duplicated_at_s=[self._sent_at[s] - self._t0 for s in self._dup_seqs],
                 duration_s=t_end - self._t0,
                 started_at=self._t0,
                 rate=self.rate,

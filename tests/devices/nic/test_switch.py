@@ -3,7 +3,9 @@ recorded, the interleaving of its two threads chosen by the test (no timing luck
 
 from __future__ import annotations
 
+import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from types import TracebackType
 
@@ -311,3 +313,88 @@ def test_announce_repeats_end_when_the_vf_stops(switches: tuple[Recorded, Record
     b.stand_down(dst)  # the audit failed: the destination's VF stopped
     thread.join(2)
     assert not thread.is_alive() and announces(b, a.address) == 1
+
+
+# ---- the old host after the move: nothing it still receives for the MAC is lost
+
+B_ADDR: Addr = ("127.0.0.1", 10)  # the new host's uplink (recorded, never sent to)
+
+
+def moved_away(a: Recorded) -> None:
+    """a's VF stopped at the switchover and b's announce came: the MAC lives at b."""
+    src = a.attach(VM, 0, lambda: None)
+    a.stand_down(src)
+    a.handle(wire.encode(wire.KIND_ANNOUNCE, wire.rarp_frame(VM), origin=B_ADDR), B_ADDR)
+    assert src.moved_to == B_ADDR
+
+
+def told(sw: Recorded, addr: Addr) -> int:
+    """Announces ``sw`` sent ``addr`` saying the VM lives at b."""
+    return sum(
+        1 for d, a in sw.sent if a == addr and d.kind == wire.KIND_ANNOUNCE and d.origin == B_ADDR
+    )
+
+
+def test_a_sender_that_missed_the_move_is_told_once_where_the_mac_went() -> None:
+    """The flood at the move reaches the senders known then. One that starts sending
+    after it (or whose copy was lost) is forwarded for, but must also learn the move
+    from the old host, which goes away with the source process."""
+    a = Recorded("a", PfConfig(uplink="127.0.0.1:0"))
+    try:
+        moved_away(a)
+        assert told(a, PEER_ADDR) == 0  # it did not know the peer then
+        for n in range(3):
+            a.handle(wire.encode(wire.KIND_DATA, frame(VM, PEER, n)), PEER_ADDR)
+        forwarded = [d.frame for d, addr in a.sent if addr == B_ADDR]
+        assert forwarded == [frame(VM, PEER, n) for n in range(3)]
+        assert told(a, PEER_ADDR) == 1, "the peer was not told, or told at every frame"
+        redirect = next(d for d, addr in a.sent if addr == PEER_ADDR)
+        assert redirect.hops == 1 and wire.src_mac(redirect.frame) == VM
+    finally:
+        a.close()
+
+
+def test_a_sender_that_heard_the_flood_is_not_told_again() -> None:
+    a = Recorded("a", PfConfig(uplink="127.0.0.1:0"))
+    try:
+        a.handle(wire.encode(wire.KIND_DATA, frame(VM, PEER, 0)), PEER_ADDR)  # known
+        moved_away(a)
+        assert told(a, PEER_ADDR) == 1  # the flood
+        a.handle(wire.encode(wire.KIND_DATA, frame(VM, PEER, 1)), PEER_ADDR)  # in flight
+        assert told(a, PEER_ADDR) == 1
+    finally:
+        a.close()
+
+
+def test_a_switch_that_goes_away_first_forwards_what_waits_for_a_moved_mac() -> None:
+    """The source's process ends after the audit; its switch ends with it. Frames for the
+    moved MAC still waiting in its socket (its uplink thread starved on a loaded host:
+    CI saw 5 lost) are forwarded first, not dropped with the socket."""
+    a = Recorded("a", PfConfig(uplink="127.0.0.1:0"))
+    moved_away(a)
+    starved = threading.Event()
+    handle = a.handle
+
+    def slow_handle(data: bytes, addr: Addr) -> None:
+        starved.wait(5)
+        handle(data, addr)
+
+    a.handle = slow_handle  # type: ignore[method-assign]
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as peer:
+        for n in range(20):
+            peer.sendto(wire.encode(wire.KIND_DATA, frame(VM, PEER, n)), a.address)
+        closing = threading.Thread(target=a.close)
+        closing.start()  # the process ends ...
+        time.sleep(0.05)
+        starved.set()  # ... and the uplink thread gets the CPU back
+        closing.join(10)
+    forwarded = [d.frame for d, addr in a.sent if addr == B_ADDR and d.kind == wire.KIND_FORWARD]
+    assert forwarded == [frame(VM, PEER, n) for n in range(20)]
+
+
+def test_a_switch_that_owes_nothing_goes_away_at_once() -> None:
+    a = Recorded("a", PfConfig(uplink="127.0.0.1:0"))
+    a.attach(VM, 0, lambda: None)
+    t0 = time.monotonic()
+    a.close()
+    assert time.monotonic() - t0 < 0.05

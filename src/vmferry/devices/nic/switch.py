@@ -22,15 +22,21 @@ the post-resume audit runs (:class:`OutputHold`), then sends it on or drops it.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import fcntl
+import json
 import logging
 import socket
+import sys
+import termios
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from vmferry.devices.nic import wire
 from vmferry.devices.nic.host import HostConfig, PfConfig, parse_addr
@@ -42,6 +48,10 @@ log = logging.getLogger(__name__)
 ANNOUNCE_DELAYS_S = (0.0, 0.05, 0.15)  # first announce at once, then two repeats
 ORPHAN_TTL_S = 30.0  # a detached port's buffer waits this long for an announce
 DEFEND_INTERVAL_S = 1.0  # at most one answer per port to stale announces in this time
+# A switch that goes away (its process ends) while a MAC it held lives elsewhere first
+# forwards what is still on its way: until no frame for it came for DRAIN_QUIET_S.
+DRAIN_QUIET_S = 0.1
+DRAIN_LIMIT_S = 2.0
 SOCKET_BUFFER = 8 << 20
 
 
@@ -97,12 +107,31 @@ class Port:
     hold: OutputHold | None = None  # the VF's transmit, held (x-verify-hold-output)
     last_hold: OutputHold | None = None  # the latest hold, kept for its figures
     stale_announces: int = 0
+    told: set[Addr] = field(default_factory=set)  # senders told where the MAC moved to
+    redirects: int = 0
     defended_at: float | None = None
     detached_at: float | None = None
     dropped: int = 0  # over the bound
     forwarded: int = 0
     delivered: int = 0
     high_water: int = 0
+
+    def figures(self) -> dict[str, Any]:
+        """What ``ip -s link`` would say of this port, and where its MAC lives."""
+        return {
+            "mac": self.mac.hex(":"),
+            "vlan": self.vlan,
+            "running": self.running,
+            "moved_to": None if self.moved_to is None else f"{self.moved_to[0]}:{self.moved_to[1]}",
+            "queued": len(self.frames),
+            "delivered": self.delivered,
+            "forwarded": self.forwarded,
+            "dropped": self.dropped,
+            "high_water": self.high_water,
+            "stale_announces": self.stale_announces,
+            "redirects": self.redirects,
+            "hold": None if self.last_hold is None else self.last_hold.figures(),
+        }
 
 
 class HostSwitch:
@@ -127,11 +156,36 @@ class HostSwitch:
         self._fdb: dict[bytes, Addr] = {}  # remote MAC → where it was last seen
         self._endpoints: set[Addr] = set()  # everyone who sent us a frame
         self.counters = {"rx": 0, "tx": 0, "unknown": 0, "malformed": 0, "announces": 0}
+        self._moved_rx_at = 0.0  # when a frame for a MAC that moved on last came in
         self._alive = True
         self._thread = threading.Thread(target=self._receive, name=f"{name}-uplink", daemon=True)
         self._thread.start()
 
+    def drain(self, quiet_s: float = DRAIN_QUIET_S, limit_s: float = DRAIN_LIMIT_S) -> None:
+        """Before the switch goes away: while a MAC it held lives elsewhere, frames for it
+        may still wait in the socket or be on their way (sent before their sender heard
+        of the move). A host's switch outlives a VM; this one lives in the VM's process,
+        so it forwards them before that process lets it go: until none is waiting and
+        none came for ``quiet_s``, at most ``limit_s``."""
+        deadline = time.monotonic() + limit_s
+        while self._alive and time.monotonic() < deadline:
+            with self._lock:
+                owes = any(p.moved_to is not None for p in self._ports.values())
+                quiet = time.monotonic() - self._moved_rx_at >= quiet_s
+            if not owes or (quiet and not self._pending()):
+                return
+            time.sleep(0.01)
+
+    def _pending(self) -> bool:
+        """A datagram waits in the uplink socket (FIONREAD: the next one's size)."""
+        try:
+            n = fcntl.ioctl(self.sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+        except OSError:
+            return False
+        return int.from_bytes(n, sys.byteorder) > 0
+
     def close(self) -> None:
+        self.drain()
         self._alive = False
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
@@ -182,6 +236,16 @@ class HostSwitch:
         with self._lock:
             return list(self._ports.values())
 
+    def figures(self) -> dict[str, Any]:
+        """The switch's counters and each port's figures (a failure that explains itself)."""
+        with self._lock:
+            return {
+                "switch": self.name,
+                "uplink": f"{self.address[0]}:{self.address[1]}",
+                **self.counters,
+                "ports": [p.figures() for p in self._ports.values()],
+            }
+
     # ---- frames in
     def _receive(self) -> None:
         while self._alive:
@@ -210,8 +274,29 @@ class HostSwitch:
                 self._fdb[wire.src_mac(frame)] = sender
                 self._endpoints.add(sender)
         self._switch(frame, from_uplink=True)
+        if sender is not None:
+            self._redirect(frame, sender)
         if dgram.hops == 0 and sender is not None:
             self._relay(frame, sender)
+
+    def _redirect(self, frame: bytes, sender: Addr) -> None:
+        """A frame for a MAC that moved on, from a sender that has not been told: tell it
+        where the MAC lives now (an announce, once per sender and move; hops=1, so a
+        switch does not flood it on). The flood at the move reaches only the senders
+        known then: one that spoke first later, or lost that datagram, would otherwise
+        go on sending here, and lose everything once this switch is gone."""
+        with self._lock:
+            port = self._ports.get(wire.dst_mac(frame))
+            if port is None or port.moved_to is None:
+                return
+            self._moved_rx_at = time.monotonic()
+            where = port.moved_to
+            if sender in (where, self.address) or sender in port.told:
+                return
+            port.told.add(sender)
+            port.redirects += 1
+        data = wire.encode(wire.KIND_ANNOUNCE, wire.rarp_frame(port.mac), hops=1, origin=where)
+        self._sendto(data, sender)
 
     def _relay(self, frame: bytes, sender: Addr) -> None:
         """A frame from the uplink for a MAC we learned elsewhere on the segment (e.g. a
@@ -374,12 +459,17 @@ class HostSwitch:
                 if port is not None:
                     # The MAC lives elsewhere now (our VF was migrated away; the last
                     # announce wins, as in a learning switch): hand over what waited here.
+                    if port.moved_to != origin:
+                        port.told = set()
                     port.moved_to = origin
+                    self._moved_rx_at = time.monotonic()
                     backlog = list(port.frames)
                     port.frames.clear()
                     port.forwarded += len(backlog)
                 if dgram.hops == 0:
                     flood = self._endpoints - {sender, origin}
+                    if port is not None:
+                        port.told |= flood
         if defend and port is not None:
             self.announce(port, delays=(0.0,))
         for frame in backlog:
@@ -407,6 +497,7 @@ class HostSwitch:
         with self._lock:
             moved = port.moved_to is not None
             port.moved_to = None
+            port.told = set()
             port.running = True
             port.epoch += 1
             port.detached_at = None
@@ -431,6 +522,27 @@ class HostSwitch:
 
 _switches: dict[tuple[Path, str], HostSwitch] = {}
 _switches_lock = threading.Lock()
+FIGURES_FILE = "switch-{pf}.json"  # in the host's state directory, as the process ends
+
+
+def figures_path(state_dir: Path, pf: str) -> Path:
+    """Where a host's switch leaves its figures when its process ends (read by tests and
+    by whoever asks why a frame went missing: the switch itself is gone by then)."""
+    return Path(state_dir) / FIGURES_FILE.format(pf=pf)
+
+
+def _at_exit() -> None:
+    """The process ends: each switch forwards what it still owes a moved MAC, then
+    leaves its figures in the host's state directory."""
+    with _switches_lock:
+        switches = list(_switches.items())
+    for (state_dir, pf), sw in switches:
+        sw.drain()
+        with contextlib.suppress(OSError):
+            figures_path(state_dir, pf).write_text(json.dumps(sw.figures(), indent=2) + "\n")
+
+
+atexit.register(_at_exit)
 
 
 def host_switch(state_dir: Path, pf: str) -> HostSwitch:
