@@ -241,6 +241,16 @@ def namespaces(tag: str) -> Iterator[dict[str, str]]:
             subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30)
 
 
+def _qdisc_drops(ns: str) -> str:
+    """The hosts' shaping qdisc's line of drops (``tc -s``): a datagram it dropped is lost
+    outside vmferry."""
+    out = subprocess.run(
+        ["ip", "netns", "exec", ns, "tc", "-s", "qdisc", "show", "dev", "eth0"],
+        capture_output=True, text=True, timeout=30,
+    ).stdout  # fmt: skip
+    return " | ".join(line.strip() for line in out.splitlines() if "dropped" in line)
+
+
 def _in_ns(ns: str, state: Path | None, *args: str) -> subprocess.Popen[bytes]:
     env = dict(os.environ)
     if state is not None:
@@ -289,6 +299,7 @@ def test_migration_between_namespaces_keeps_the_peer_connected(tmp_path: Path) -
             peer.send_signal(signal.SIGINT)
             peer_out, peer_err = peer.communicate(timeout=30)
             dst_out, _ = dst.communicate(timeout=30)
+            shaped = {k: _qdisc_drops(ns[k]) for k in ("a", "b")}  # tbf drops: lost for sure
         finally:
             for p in procs:
                 if p.poll() is None:
@@ -296,7 +307,7 @@ def test_migration_between_namespaces_keeps_the_peer_connected(tmp_path: Path) -
                     p.wait(10)
     assert report.exists(), peer_out.decode() + peer_err.decode()
     t = json.loads(report.read_text())
-    why = explain(t, tmp_path)
+    why = explain(t, tmp_path) + f"\nshaping (tbf) on a, b: {shaped}"
     assert peer.returncode == 0, peer_out.decode() + peer_err.decode() + why
     assert t["sent"] > 2000 and t["lost"] == 0, why
     assert t["corrupted"] == 0 and t["duplicated"] == 0, why

@@ -295,8 +295,10 @@ class HostSwitch:
                 return
             port.told.add(sender)
             port.redirects += 1
-        data = wire.encode(wire.KIND_ANNOUNCE, wire.rarp_frame(port.mac), hops=1, origin=where)
-        self._sendto(data, sender)
+            # Sent under the lock: a reclaim (the MAC back here, announced) comes after it,
+            # so the sender ends up where the MAC is, not where it was.
+            rarp = wire.rarp_frame(port.mac)
+            self._sendto(wire.encode(wire.KIND_ANNOUNCE, rarp, hops=1, origin=where), sender)
 
     def _relay(self, frame: bytes, sender: Addr) -> None:
         """A frame from the uplink for a MAC we learned elsewhere on the segment (e.g. a
