@@ -69,17 +69,24 @@ class PostcopyDestination:
         self.landed_ms = 0.0
         self.prepare_ms = 0.0  # in the downtime: discard, register, accept, start
         self.discard_runs = 0
+        self.holes_at_switch = 0
 
     def prepare(self, accept: Accept, mig_id: str, landing: LandingDigests | None) -> None:
         """Discard the owed pages, register RAM, accept the page channels, start serving."""
         t0 = time.monotonic()
         present = PresentPages(self.memory.npages)
         present.bitmap.words[:] = ~self.owed.words
+        _trimmed(present, self.memory.npages)
         owed = DirtyBitmap(self.owed.npages)
         owed.words[:] = self.owed.words
         runs = page_runs(owed.pages())
         self.discard_runs = int(runs[0].size)
         self.memory.discard(*runs)
+        # What pre-copy sent as zero pages and nothing wrote here is a hole: zero, but a
+        # touch faults as if missing (the fault server fills it, asking nobody).
+        holes = PresentPages(self.memory.npages)
+        holes.bitmap.words[:] = present.bitmap.words & ~self.memory.resident_bitmap().words
+        self.holes_at_switch = holes.count()
         self.uf = UserFault()
         self.uf.register_memory(self.memory, 0, self.memory.size)
         roles = self._accept_channels(accept, mig_id)
@@ -89,7 +96,8 @@ class PostcopyDestination:
             self.memory,
             stream_sink(urgent),
             [stream_source(urgent, "urgent pages"), stream_source(background, "pushed pages")],
-            present=_trimmed(present, self.memory.npages),
+            present=present,
+            holes=_trimmed(holes, self.memory.npages),
             on_landed=None if landing is None else landing.landed_data,
         ).start()
         self.prepare_ms = (time.monotonic() - t0) * 1e3
@@ -182,6 +190,8 @@ class PostcopyDestination:
             "landed_ms": self.landed_ms,
             "prepare_ms": self.prepare_ms,
             "discard_runs": self.discard_runs,
+            "holes_at_switch": self.holes_at_switch,
+            "zero_filled": server.zero_filled,
             "dma_accesses": 0 if gate is None else gate.accesses,
             "dma_waits": 0 if gate is None else gate.waited,
             "dma_wait_ms": 0.0 if gate is None else gate.waited_s * 1e3,

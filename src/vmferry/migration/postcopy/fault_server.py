@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from vmferry.errors import MigrationError, VmferryError
-from vmferry.memory.dirty import DirtyBitmap, IntArray, page_runs
+from vmferry.memory.dirty import DirtyBitmap, IntArray, expand_runs, page_runs
 from vmferry.memory.guest_memory import PAGE_SHIFT, PAGE_SIZE, GuestMemory
 from vmferry.memory.userfaultfd import FaultBatch, UserFault
 from vmferry.migration.postcopy.blocktime import Blocktime
@@ -84,6 +84,7 @@ class FaultServer:
         pages: Sequence[Source],
         *,
         present: PresentPages | None = None,
+        holes: PresentPages | None = None,
         vcpus: Collection[int] = (),
         on_landed: LandedHook | None = None,
     ) -> None:
@@ -91,6 +92,11 @@ class FaultServer:
         self.on_landed = on_landed
         self._requests, self._channels = requests, list(pages)
         self.present = present or PresentPages(memory.npages)
+        # Present pages that hold no page in the memfd: sent as zero pages, never written
+        # here (nothing pre-faulted them). They are zero; a touch of one faults all the
+        # same, so it is filled with zeros here, never asked of the source.
+        self.holes = holes or PresentPages(memory.npages)
+        self.zero_filled = 0
         self._asked = PresentPages(memory.npages)  # requested, not landed yet
         self.blocktime = Blocktime.of(vcpus)
         self.landing = Landing()
@@ -184,9 +190,28 @@ class FaultServer:
             need = distinct[~here & ~bits_at(self._asked.bitmap, distinct)]
             runs = page_runs(need)
             self._asked.mark(runs)
-            for p in distinct[here].tolist():  # landed after the fault was queued:
-                self.blocktime.landed(p, 1, t)  # its COPY woke the thread already
+            holes = self._take_holes(page_runs(distinct[here]))
+        self._fill_zeros(holes)
+        with self._cond:
+            for p in distinct[here].tolist():  # a hole just filled, or landed after the
+                self.blocktime.landed(p, 1, t)  # fault was queued: its thread was woken
         self._send_requests(runs)
+
+    def _take_holes(self, runs: Runs) -> Runs:
+        """Of ``runs`` (present pages), the holes, no longer counted as such (under the
+        lock: each is filled once)."""
+        if runs[0].size == 0 or self.holes.count() == 0:
+            return runs[0][:0], runs[1][:0]
+        pages = expand_runs(*runs)
+        holes = page_runs(pages[bits_at(self.holes.bitmap, pages)])
+        self.holes.bitmap.clear_runs(*holes)
+        return holes
+
+    def _fill_zeros(self, runs: Runs) -> None:
+        """Zeros into holes (UFFDIO_COPY from a zero page on shmem); their waiters woken."""
+        for a, n in zip(runs[0].tolist(), runs[1].tolist(), strict=True):
+            self.uf.zeropage(self.memory.host_addr + (a << PAGE_SHIFT), n << PAGE_SHIFT)
+            self.zero_filled += n
 
     def _send_requests(self, runs: Runs) -> None:
         starts, lengths = clip_runs(runs, MAX_REQUEST_PAGES)
@@ -211,10 +236,12 @@ class FaultServer:
         asked for already; returns how many were asked for."""
         first, count = _page_span(ram_offset, length, self.memory.size)
         with self._cond:
-            bits = ~range_bits(self.present.bitmap, first, count)
-            bits &= ~range_bits(self._asked.bitmap, first, count)
+            here = range_bits(self.present.bitmap, first, count)
+            bits = ~here & ~range_bits(self._asked.bitmap, first, count)
             runs = runs_where(bits, first)
             self._asked.mark(runs)
+            holes = self._take_holes(runs_where(here, first))
+        self._fill_zeros(holes)  # before the DMA touches them (it holds the GIL then)
         self._send_requests(runs)
         return int(runs[1].sum())
 
