@@ -331,3 +331,36 @@ def test_a_dma_window_limits_what_the_vf_can_reach(tmp_path: Path, memory: Guest
         with pytest.raises(ConfigError, match="x-dma-window"):
             h.make_vf(host, memory, DirtyTracking.IOMMU, f",x-dma-window={bad}")
     close_host(host)
+
+
+def test_a_frame_handed_on_between_the_peek_and_the_take_leaves_the_engine_running(
+    tmp_path: Path, memory: GuestMemory
+) -> None:
+    """The port's backlog goes to the new owner (an announce, on the uplink thread)
+    while the engine's pass is between looking at the head frame and taking it: the
+    engine must not die on the empty take (the VF would never receive again)."""
+    dev = vf(tmp_path, memory)
+    w = h.Wire(dev)
+    take = dev.switch.take
+    moved = []
+
+    def take_after_a_hand_over(port: object, n: int) -> list[bytes]:
+        if not moved:
+            moved.append(True)
+            with dev.switch._lock:  # what _announced does with the port's backlog
+                dev.port.frames.clear()
+        return take(dev.port, n)
+
+    dev.switch.take = take_after_a_hand_over  # type: ignore[method-assign]
+    try:
+        h.program(dev)
+        w.send(h.frame_to(dev, 1))
+        h.wait_for(lambda: moved, "the first take")
+        w.send(h.frame_to(dev, 2))
+        h.wait_for(lambda: h.stat(dev, "rx_packets") == 1, "the next frame")
+        assert dev._worker.is_alive()
+        assert memory.read_gpa(h.RX_BUFS + 14, 1)[0] == 2
+    finally:
+        w.close()
+        dev.close()
+        close_host(tmp_path / "host")

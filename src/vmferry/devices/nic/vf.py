@@ -277,7 +277,10 @@ class VirtualFunction(DeviceModel):
         for _ in range(BATCH * self.queues):
             if not self._can_rx():
                 return
-            (frame,) = self.switch.take(self.port, 1)
+            got = self.switch.take(self.port, 1)
+            if not got:  # handed on since the peek: the MAC moved (an announce) meanwhile
+                return
+            (frame,) = got
             q = self._steer(frame)
             ring = self.rx[q]
             if not ring.enabled:
