@@ -50,25 +50,31 @@ def _ask_for_postcopy(src: MigrationSource) -> None:
     src.request_postcopy()
 
 
-def _postcopy(guest: Guest, verify: str = "on") -> MigrationRun:
+def _postcopy(guest: Guest, verify: str = "on", channels: int = 1) -> MigrationRun:
     return migrate(
         guest.machine,
         destination=InProcessDestination(),
-        params=MigrationParameters(verify=verify),
-        caps=MigrationCapabilities(postcopy_ram=True),
+        params=MigrationParameters(verify=verify, multifd_channels=max(channels, 2)),
+        caps=MigrationCapabilities(postcopy_ram=True, multifd=channels > 1),
         during=_ask_for_postcopy,
     )
 
 
-@pytest.mark.parametrize("workload", [WORKLOAD, ONE_VCPU], ids=["2vcpu-seed7", "1vcpu-seed3"])
+@pytest.mark.parametrize(
+    ("workload", "channels"),
+    # Two multifd channels on two cores: nothing pre-faults the destination's RAM, so
+    # zero pages of pre-copy stay holes there (the fault server fills them).
+    [(WORKLOAD, 1), (ONE_VCPU, 1), (WORKLOAD, 2)],
+    ids=["2vcpu-seed7", "1vcpu-seed3", "2vcpu-seed7-2ch"],
+)
 def test_memtouch_switches_to_postcopy_after_round_0_and_gives_its_result(
-    workload: Workload,
+    workload: Workload, channels: int
 ) -> None:
     guest = Guest(workload)
     run: MigrationRun | None = None
     try:
         t0 = time.monotonic()
-        run = _postcopy(guest)
+        run = _postcopy(guest, channels=channels)
         st = run.stats
         assert st.status == MigrationStatus.COMPLETED, st.error
         assert run.result is not None, run.error
@@ -98,7 +104,8 @@ def test_memtouch_switches_to_postcopy_after_round_0_and_gives_its_result(
             f"{pc.latency_ms['max']:.2f} ms; blocktime {pc.blocktime_ms:.1f} ms; switch at "
             f"{pc.switch_s:.2f} s, last page at {pc.complete_s:.2f} s; downtime "
             f"{st.downtime_ms:.1f} ms (destination's preparation {here['prepare_ms']:.1f} ms, "
-            f"{here['discard_runs']:.0f} runs discarded); took {time.monotonic() - t0:.2f} s"
+            f"{here['discard_runs']:.0f} runs discarded, {here['holes_at_switch']:.0f} holes, "
+            f"{here['zero_filled']:.0f} zero-filled); took {time.monotonic() - t0:.2f} s"
         )
     finally:
         if run is not None:
