@@ -242,12 +242,12 @@ class MigrationSource:
         try:
             self._loop.run(actions, state)
         finally:  # whatever it came to: the link and the streams closed, waiters woken
+            if self._postcopy is not None:
+                self._postcopy.close()  # before its sockets close under its threads
             if self._link is not None:
                 self._link.close()
             if self._out is not None:
                 self._out.channels.close()
-            if self._postcopy is not None:
-                self._postcopy.close()
             self._digest_pool.shutdown(wait=False)
             self.figures.ended()
             if self.stats.status != MigrationStatus.COMPLETED:

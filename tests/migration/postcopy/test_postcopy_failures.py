@@ -6,6 +6,7 @@ destination's guest stopped (it cannot run on without its pages)."""
 
 from __future__ import annotations
 
+import signal
 import time
 from typing import Any
 
@@ -169,4 +170,29 @@ def test_a_malformed_page_run_stops_postcopy_with_one_clear_error(
         assert st.error.startswith("the destination stopped post-copy ("), st.error
         assert "page run has magic" in st.error
     finally:
+        guest.close()
+
+
+def test_a_destination_that_stops_answering_during_postcopy_is_given_up_within_the_bound() -> None:
+    guest = Guest(WORKLOAD)
+    proc, port = live.start_destination_process()
+    try:
+        src = _start(guest, f"tcp:127.0.0.1:{port}", Events())
+        wait_until(
+            lambda: src.stats.status == MigrationStatus.POSTCOPY_ACTIVE or src.done.is_set(),
+            30,
+            "post-copy",
+        )
+        assert src.stats.status == MigrationStatus.POSTCOPY_ACTIVE, src.stats.error
+        t0 = time.monotonic()
+        proc.p.send_signal(signal.SIGSTOP)
+        assert src.wait(PEER_TIMEOUT_MS / 1e3 + 5), "the source hung on a silent destination"
+        took = time.monotonic() - t0
+        assert src.stats.status == MigrationStatus.FAILED
+        assert src.stats.error.startswith(POSTCOPY_LOST), src.stats.error
+        assert took >= PEER_TIMEOUT_MS / 1e3 * 0.5, "gave up before the bound"
+        assert guest.machine.paused and guest.machine.exit is None
+    finally:
+        proc.kill()
+        proc.finish(10)
         guest.close()

@@ -206,12 +206,13 @@ class PostcopySource:
                 self.figures.stats.remaining = 0
 
     def close(self) -> None:
-        """The page server stopped (its channels are the link's, closed with it)."""
+        """The page server stopped: its channels shut down first (a send blocked on a
+        silent destination, the request reader's wait), then its threads joined."""
+        for s in self._socks.values():
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
         if self.server is not None:
             self.server.stop()
-            for s in self._socks.values():
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)  # the request reader returns
             self.server.join(5)
 
 
