@@ -136,3 +136,26 @@ def test_post_copys_send_rate_is_its_bytes_over_the_time_after_the_switch() -> N
     r = _run("qemu-postcopy", 12.0, 5, switch_ms=8000.0, postcopy_bytes=600_000_000)
     assert r.postcopy_rate == pytest.approx(150e6)
     assert math.isnan(_run("qemu-precopy", 60, 50).postcopy_rate)
+
+
+def test_vmferrys_post_copy_figures_come_from_the_report_and_the_destination() -> None:
+    from vmferry.bench.postcopy_vmferry import postcopy_figures
+
+    src = {
+        "ram": {"postcopy-requests": 12, "postcopy-bytes": 4096},
+        "x-bench-postcopy": {
+            "active": True,
+            "switch_s": 1.5,
+            "blocktime_ms": 9.0,
+            "latency_ms": {"p50": 0.3, "p99": 4.0, "max": 8.0},
+        },
+    }
+    got = postcopy_figures(src, {"postcopy-blocktime": 11})
+    assert got["requests"] == 12 and got["bytes"] == 4096 and got["switch_ms"] == 1500
+    assert got["blocktime_ms"] == 11  # the destination measures the waits
+    assert got["latency_ms"] == {"p50": 0.3, "p99": 4.0, "max": 8.0}
+    assert postcopy_figures(src, {})["blocktime_ms"] == 9.0
+    # a pre-copy run: PostcopyFigures' zeros are not figures
+    pre = postcopy_figures({"x-bench-postcopy": {"active": False, "switch_s": 0.0}}, {})
+    assert math.isnan(pre["switch_ms"]) and math.isnan(pre["blocktime_ms"])
+    assert pre["latency_ms"] == {}

@@ -170,8 +170,8 @@ def add_parser(which: Any) -> None:
         "auto-converge, QEMU 7.2 postcopy-ram; each twice in ABBA order. Reports total "
         "time, downtime, the guest's own speed before/during/after, page-request latency "
         "and blocktime, and the issue's targets (misses first). Needs KVM, "
-        "qemu-system-x86_64 and about 6 GiB free; the full run takes about 10 minutes, "
-        "--quick (1 GiB guest, 512 MiB working set, one repeat) about 3.",
+        "qemu-system-x86_64 and about 6 GiB free; the full run takes about 14 minutes on "
+        "a busy 2-core host, --quick (1 GiB guest, 512 MiB working set, one repeat) about 4.",
     )
     p.add_argument("--quick", action="store_true", help="1 GiB guest, one repeat")
     p.add_argument("--repeats", type=int, metavar="N", help="runs per case (default 2; --quick 1)")

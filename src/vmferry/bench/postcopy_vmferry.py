@@ -87,7 +87,7 @@ def postcopy_figures(src: dict[str, Any], dst: dict[str, Any]) -> dict[str, Any]
     mine = src.get("x-bench-postcopy") or {}
     lat: dict[str, float] = {}
     for doc in (dst, dst.get("postcopy", {}), mine, src.get("postcopy", {})):
-        got = doc.get("latency_ms") or doc.get("latency-ms") or doc.get("postcopy-latency-ms")
+        got = doc.get("latency_ms") or doc.get("latency") or doc.get("postcopy-latency-ms")
         if isinstance(got, dict) and got:
             lat = {k: float(v) for k, v in got.items() if isinstance(v, int | float)}
             break
