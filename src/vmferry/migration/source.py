@@ -401,9 +401,7 @@ class MigrationSource:
         decision = self._rounds().round()
         with self._lock:
             done, elapsed_s = len(self.stats.rounds), self.figures.elapsed_ms() / 1e3
-        event = round_ended(
-            postcopy_switch.decision(decision.action, self._switch.wanted(done, elapsed_s))
-        )
+        event = round_ended(self._switch.decide(decision.action, done, elapsed_s))
         if event is Ev.ROUND_POSTCOPY:
             with self._lock:
                 self.stats.convergence = self._switch.reason(done, elapsed_s)

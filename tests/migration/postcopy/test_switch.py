@@ -69,15 +69,15 @@ def test_the_capability_is_checked_first() -> None:
     assert why == "migrate-start-postcopy: the postcopy-ram capability is not set"
 
 
-def test_a_wanted_switch_replaces_going_on_or_giving_up_but_not_a_converged_round() -> None:
-    assert decision("continue", True) == "postcopy"
-    assert decision("cancel", True) == "postcopy"
-    assert decision("switchover", True) == "switchover"
-    assert [decision(a, False) for a in ("continue", "cancel", "switchover")] == [
-        "continue",
-        "cancel",
-        "switchover",
+def test_an_asked_switch_comes_at_the_rounds_end_a_due_one_not_after_convergence() -> None:
+    actions = ("continue", "cancel", "switchover")
+    assert [decision(a, requested=True, due=False) for a in actions] == ["postcopy"] * 3
+    assert [decision(a, requested=False, due=True) for a in actions] == [
+        "postcopy",
+        "postcopy",
+        "switchover",  # converged: pre-copy finishes it
     ]
+    assert [decision(a, requested=False, due=False) for a in actions] == list(actions)
 
 
 def test_a_postcopy_migration_walks_switch_hand_over_pages_audit() -> None:
@@ -126,13 +126,17 @@ def test_before_go_a_failed_switch_rolls_back_as_a_stop_copy_does() -> None:
 
 def test_the_switch_is_wanted_when_asked_for_or_due_and_only_where_allowed() -> None:
     wish = SwitchWish("2,30s", allowed=True)
-    assert not wish.wanted(1, 1.0)
-    assert wish.wanted(2, 1.0) and wish.wanted(1, 30.0)
+    assert wish.decide("continue", 1, 1.0) == "continue"
+    assert wish.decide("continue", 2, 1.0) == wish.decide("cancel", 1, 30.0) == "postcopy"
+    assert wish.decide("switchover", 2, 1.0) == "switchover"
     assert wish.reason(2, 1.0).startswith("switched to post-copy: not converged after 2 rounds")
     wish.requested = True
-    assert wish.wanted(0, 0.0)
-    assert not SwitchWish("1", allowed=False).wanted(5, 100.0)
+    assert wish.decide("switchover", 0, 0.0) == "postcopy"
+    refused = SwitchWish("1", allowed=False)
+    refused.requested = True
+    assert refused.decide("continue", 5, 100.0) == "continue"
     never = SwitchWish("", allowed=True)
-    assert not never.wanted(1000, 1e6)
+    assert never.decide("continue", 1000, 1e6) == "continue"
     never.requested = True
-    assert never.wanted(1, 0.1) and "migrate-start-postcopy" in never.reason(1, 0.1)
+    assert never.decide("continue", 1, 0.1) == "postcopy"
+    assert "migrate-start-postcopy" in never.reason(1, 0.1)

@@ -2,9 +2,9 @@
 
 ``refusal`` is migrate-start-postcopy's check (QEMU's names and order): the capability
 first, then where the migration is. ``decision`` turns the policy's verdict at a round's
-end into "postcopy" when the switch was asked for (or is due by x-postcopy-after): a
-migration that converged still finishes by pre-copy (its remainder fits the downtime),
-one that would give up switches instead. Pure functions; the source's driver asks them.
+end into "postcopy" when the switch was asked for (whatever the verdict, as QEMU) or is
+due by x-postcopy-after (a migration that converged still finishes by pre-copy then;
+one that would give up switches instead). Pure functions; the source's driver asks them.
 """
 
 from __future__ import annotations
@@ -60,10 +60,11 @@ def _ended(state: SourceState) -> str:
     return "been cancelled" if state is St.CANCELLED else "failed"
 
 
-def decision(action: str, wanted: bool) -> str:
-    """The round's event name: "postcopy" instead of going on or giving up when the
-    switch is wanted; a converged round still switches over by pre-copy."""
-    if wanted and action in ("continue", "cancel"):
+def decision(action: str, *, requested: bool, due: bool) -> str:
+    """The round's event name. Asked for, the switch comes at this round's end whatever
+    the policy said (as QEMU's migrate-start-postcopy does); due by x-postcopy-after it
+    replaces only going on or giving up: a converged round switches over by pre-copy."""
+    if requested or (due and action in ("continue", "cancel")):
         return "postcopy"
     return action
 
@@ -84,10 +85,12 @@ class SwitchWish:
         self.allowed = allowed
         self.requested = False
 
-    def wanted(self, rounds_done: int, elapsed_s: float) -> bool:
+    def decide(self, action: str, rounds_done: int, elapsed_s: float) -> str:
+        """The round's event name for the policy's ``action`` (see ``decision``)."""
         if not self.allowed:
-            return False
-        return self.requested or postcopy_due(self.after, rounds_done, elapsed_s)
+            return action
+        due = postcopy_due(self.after, rounds_done, elapsed_s)
+        return decision(action, requested=self.requested, due=due)
 
     def reason(self, rounds_done: int, elapsed_s: float) -> str:
         """Why it switched (stats.convergence)."""
