@@ -157,6 +157,7 @@ class Landed:
     latency_p50_ms: float = 0.0  # a fault's wait, from its read to its page's landing
     latency_p99_ms: float = 0.0
     latency_max_ms: float = 0.0
+    vcpu_blocktime_ms: tuple[float, ...] = ()  # per vCPU (QEMU's postcopy-vcpu-blocktime)
 
 
 @dataclass(frozen=True)
@@ -221,6 +222,12 @@ def _reply_values(cls: type[ReplyMessage], obj: dict[str, Any], where: str) -> d
     if cls is Landed:
         values["pages"] = count(obj, "pages", where)
         values["requests"] = count(obj, "requests", where)
+        per = obj.get("vcpu_blocktime_ms", [])
+        if not isinstance(per, list) or len(per) > 1024:
+            raise StreamError(f"{where}: field 'vcpu_blocktime_ms' is not a list of figures")
+        values["vcpu_blocktime_ms"] = tuple(
+            figure({"ms": x}, "ms", f"{where}, field 'vcpu_blocktime_ms'") for x in per
+        )
     if cls is Audit:
         values["bytes"] = count(obj, "bytes", where, 1, MAX_AUDIT_BYTES)
     if cls is Audited:

@@ -172,6 +172,7 @@ class PostcopyDestination:
             p50,
             p99,
             top,
+            tuple(s * 1e3 for s in server.blocktime.vcpu_blocktime_s()),
         )
 
     def figures(self) -> dict[str, float]:

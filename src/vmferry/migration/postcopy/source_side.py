@@ -198,6 +198,7 @@ class PostcopySource:
             if landed is not None:
                 pc.complete_s = time.monotonic() - self.figures.t0
                 pc.blocktime_ms = landed.blocktime_ms
+                pc.vcpu_blocktime_ms = list(landed.vcpu_blocktime_ms)
                 pc.latency_ms = {
                     "p50": landed.latency_p50_ms,
                     "p99": landed.latency_p99_ms,
