@@ -36,7 +36,7 @@ SECTIONS = set(SECTION_EVENTS.values())
 # A source is connected: every state but before one came and the two ends.
 # (AUDITING: the guest runs here already; its own rules below.)
 # (POSTCOPY_*: the guest runs here while its pages come, or they came and it is audited.)
-POSTCOPY = {Rs.POSTCOPY_ACTIVE, Rs.POSTCOPY_AUDITING}
+POSTCOPY = {Rs.POSTCOPY_ACTIVE, Rs.POSTCOPY_AUDITING, Rs.POSTCOPY_PAUSED}
 CONNECTED = set(Rs) - {Rs.IDLE, Rs.WAITING, Rs.RUNNING, Rs.FAILED, Rs.AUDITING} - POSTCOPY
 YIELDING = {
     Ra.AWAIT_SOURCE,
@@ -46,6 +46,7 @@ YIELDING = {
     Ra.AWAIT_GO,
     Ra.AWAIT_AUDIT,
     Ra.AWAIT_LANDED,
+    Ra.AWAIT_RECOVER,
 }
 
 
@@ -132,7 +133,7 @@ def test_abandon_is_taken_in_every_state_and_changes_nothing_once_running(
         elif state in (Rs.AUDITING, Rs.POSTCOPY_AUDITING):
             # the guest runs here, whole: a source that gives up leaves it
             assert step.next is Rs.RUNNING and Ra.STOP_VM not in step.actions
-        elif state is Rs.POSTCOPY_ACTIVE:
+        elif state in (Rs.POSTCOPY_ACTIVE, Rs.POSTCOPY_PAUSED):
             # its pages are not all here: it cannot run on, it stops
             assert step.next is Rs.FAILED and Ra.STOP_VM in step.actions
         else:
@@ -198,6 +199,7 @@ def test_each_state_shows_the_destinations_status() -> None:
     assert all(STATUS[s] == "active" for s in CONNECTED)
     assert STATUS[Rs.AUDITING] == "active"  # not done until the audit passed
     assert STATUS[Rs.POSTCOPY_ACTIVE] == STATUS[Rs.POSTCOPY_AUDITING] == "postcopy-active"
+    assert STATUS[Rs.POSTCOPY_PAUSED] == "postcopy-paused"
     assert STATUS[Rs.RUNNING] == "completed" and STATUS[Rs.FAILED] == "failed"
     assert set(STATUS) == set(Rs)
 
@@ -260,7 +262,9 @@ def test_only_a_failed_audit_stops_a_started_guest_and_it_tells_the_source() -> 
     }
     # Post-copy's guest, lost its source before the last page, cannot run on.
     lost = {
-        (Rs.POSTCOPY_ACTIVE, e) for e in (Re.ERROR, Re.ABANDON, Re.SOURCE_SILENT, Re.SOURCE_CLOSED)
+        (s, e)
+        for s in (Rs.POSTCOPY_ACTIVE, Rs.POSTCOPY_PAUSED)
+        for e in (Re.ERROR, Re.ABANDON, Re.SOURCE_SILENT, Re.SOURCE_CLOSED)
     }
     assert stops == audits | lost
     for key in lost:

@@ -45,6 +45,7 @@ YIELDING = {
     Ac.AWAIT_RESUMED,
     Ac.AWAIT_AUDITED,
     Ac.AWAIT_LANDED,
+    Ac.AWAIT_RESUME,
 }
 
 
@@ -174,6 +175,7 @@ def test_each_state_shows_qemus_status() -> None:
         St.POSTCOPY_HANDING_OVER: "device",
         St.POSTCOPY_ACTIVE: "postcopy-active",
         St.POSTCOPY_AUDITING: "postcopy-active",
+        St.POSTCOPY_PAUSED: "postcopy-paused",
         St.COMPLETED: "completed",
         St.SAVED: "completed",
         St.CONTINUED: "completed",

@@ -16,10 +16,11 @@ from typing import BinaryIO
 from vmferry.errors import MigrationError
 from vmferry.kvm.system import DEFAULT_DEVICE
 from vmferry.memory.guest_memory import GuestMemory
-from vmferry.migration.channel import MigrationUri
+from vmferry.migration.channel import MigrationUri, parse_uri
 from vmferry.migration.connector import Acceptor, TcpAcceptor
 from vmferry.migration.incoming import DEFAULT_PEER_TIMEOUT_S, IncomingResult
-from vmferry.migration.postcopy.switch import NO_RECOVERY
+from vmferry.migration.postcopy.switch import NO_PAUSE
+from vmferry.migration.receiver_events import ReceiverState
 from vmferry.migration.reception import Reception
 from vmferry.migration.status import MigrationStatus
 from vmferry.migration.tls import TlsServer
@@ -62,6 +63,8 @@ class IncomingMigration:
         # One line per stranger's connection refused while waiting (the test reads them).
         self.refusals: list[str] = []
         self._prealloc: GuestMemory | None = None
+        self._reception: Reception | None = None
+        self.recover_port = 0  # where migrate-recover listens
         if prealloc:
             try:
                 self._prealloc = GuestMemory(prealloc)
@@ -96,15 +99,22 @@ class IncomingMigration:
         self.acceptor.close()
 
     def pause_postcopy(self) -> None:
-        """QMP migrate-pause on the destination: refused in one line (no recovery yet)."""
-        raise MigrationError(NO_RECOVERY)
+        """QMP migrate-pause on the destination: refused in one line (see the source's)."""
+        raise MigrationError(NO_PAUSE)
 
     def recover(self, uri: str) -> None:
-        """QMP migrate-recover: refused in one line (no recovery yet)."""
-        raise MigrationError(NO_RECOVERY)
+        """QMP migrate-recover: listen on ``uri`` (now: a bad URI or a busy port fails
+        here) for the source's ``migrate`` with resume; ``recover_port`` is where."""
+        r = self._reception
+        if r is None or r.postcopy is None or r.walk.state is not ReceiverState.POSTCOPY_PAUSED:
+            raise MigrationError(f"post-copy is not paused here (it is {self.status})")
+        acceptor = TcpAcceptor(parse_uri(uri))
+        self.recover_port = acceptor.port
+        r.postcopy.recover_with(acceptor)
 
     def receive(self) -> IncomingResult:
-        return Reception(self).run()
+        self._reception = Reception(self)
+        return self._reception.run()
 
 
 __all__ = ["DEFAULT_PEER_TIMEOUT_S", "IncomingMigration", "IncomingResult"]

@@ -24,6 +24,10 @@ class GuestEnded(MigrationError):
     """The guest powered off or crashed during the migration."""
 
 
+class LinkBroken(MigrationError):
+    """Post-copy's link was reset or went silent: paused, for a new one."""
+
+
 @dataclass(frozen=True)
 class Circumstances:
     """What the source was doing when ``e`` happened."""
@@ -63,6 +67,8 @@ def classify(e: BaseException, c: Circumstances) -> SourceEvent:
         return Ev.HALTED
     if isinstance(e, GuestEnded):
         return Ev.GUEST_ENDED
+    if isinstance(e, LinkBroken):
+        return Ev.LINK_BROKEN
     if isinstance(e, DestinationRefused):
         return Ev.DESTINATION_FAILED
     if not c.connected:
@@ -77,4 +83,4 @@ def classify(e: BaseException, c: Circumstances) -> SourceEvent:
     return Ev.ERROR
 
 
-__all__ = ["Circumstances", "GuestEnded", "classify", "describe"]
+__all__ = ["Circumstances", "GuestEnded", "LinkBroken", "classify", "describe"]

@@ -114,6 +114,7 @@ class PeerWatch:
         self.silent = False  # declared dead: nothing for timeout_s
         self.closed = ""  # why the reply path ended ("" while it is open)
         self._hung_up = False  # it ended because the destination closed it (not garbage)
+        self.eof = False  # it ended at an EOF (the peer closed it), not a reset
         self.failure = ""  # the error the destination sent in a "failed" message
         self._cancelled = False  # the user cancelled: a wait in next() ends at once
         self._messages: deque[ReplyMessage] = deque()
@@ -158,6 +159,7 @@ class PeerWatch:
                 if not self._stop.is_set():
                     bad = f"the peer sent a malformed reply: {e!r}"
                     why = str(e) if isinstance(e, MigrationError) else bad
+                    self.eof = isinstance(e, PeerClosed) and e.__cause__ is None
                     self._end(closed=why, hung_up=isinstance(e, PeerClosed))
                 return
             with self._cond:

@@ -21,6 +21,7 @@ class ReceiverState(enum.Enum):
     AUDITING = enum.auto()  # the guest runs here; the source's audit is compared
     POSTCOPY_ACTIVE = enum.auto()  # the guest runs here on RAM whose owed pages still come
     POSTCOPY_AUDITING = enum.auto()  # every page landed; the source's audit is compared
+    POSTCOPY_PAUSED = enum.auto()  # the link broke: the guest waits on its missing pages
     RUNNING = enum.auto()  # the guest runs here
     FAILED = enum.auto()
 
@@ -47,6 +48,8 @@ class ReceiverEvent(enum.Enum):
     GO_POSTCOPY = enum.auto()  # "go" to a post-copy load: the guest runs, pages come
     LANDED = enum.auto()  # post-copy: the last owed page landed
     LANDED_UNAUDITED = enum.auto()  # and the audit of all RAM is due (x-verify on)
+    LINK_BROKEN = enum.auto()  # post-copy's link was reset or went silent (not closed)
+    RECOVERED = enum.auto()  # a new link (migrate-recover, the source's resume)
     AUDIT_PASSED = enum.auto()
     AUDIT_FAILED = enum.auto()  # a page differs from the source's
     ABANDON = enum.auto()  # the source gives up (an "abandon" line, or any notice)
@@ -91,6 +94,7 @@ class ReceiverAction(enum.Enum):
     AWAIT_LANDED = enum.auto()  # until the last owed page landed
     END_POSTCOPY = enum.auto()  # RAM unregistered, DMA ungated, the fault server stopped
     SEND_LANDED = enum.auto()  # "landed", with post-copy's figures
+    AWAIT_RECOVER = enum.auto()  # until migrate-recover's listener gets the source back
 
 
 __all__ = ["ReceiverAction", "ReceiverEvent", "ReceiverState"]

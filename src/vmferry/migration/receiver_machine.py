@@ -66,7 +66,7 @@ _CONNECTED = (
     Rs.VERIFYING,
     Rs.READY,
 )
-_POSTCOPY_RUNNING = (Rs.POSTCOPY_ACTIVE, Rs.POSTCOPY_AUDITING)
+_POSTCOPY_RUNNING = (Rs.POSTCOPY_ACTIVE, Rs.POSTCOPY_AUDITING, Rs.POSTCOPY_PAUSED)
 
 STATUS: Mapping[ReceiverState, MigrationStatus] = MappingProxyType(
     {
@@ -75,6 +75,7 @@ STATUS: Mapping[ReceiverState, MigrationStatus] = MappingProxyType(
         **{s: MigrationStatus.ACTIVE for s in _CONNECTED},
         Rs.AUDITING: MigrationStatus.ACTIVE,  # not done until the audit passed
         **{s: MigrationStatus.POSTCOPY_ACTIVE for s in _POSTCOPY_RUNNING},
+        Rs.POSTCOPY_PAUSED: MigrationStatus.POSTCOPY_PAUSED,
         Rs.RUNNING: MigrationStatus.COMPLETED,
         Rs.FAILED: MigrationStatus.FAILED,
     }
@@ -93,6 +94,7 @@ PHASE: Mapping[ReceiverState, str] = MappingProxyType(
         Rs.AFTER_PCPY: "the switchover",
         Rs.POSTCOPY_ACTIVE: "post-copy",
         Rs.POSTCOPY_AUDITING: "the audit after post-copy",
+        Rs.POSTCOPY_PAUSED: "post-copy (paused)",
         Rs.VERIFYING: "the verification",
         Rs.READY: "the wait for the hand-over",
         Rs.AUDITING: "the audit after resume",
@@ -206,6 +208,15 @@ def _postcopy() -> _Rows:
     )
     for event in _GIVE_UP:
         rows[(Rs.POSTCOPY_ACTIVE, event)] = lost
+        rows[(Rs.POSTCOPY_PAUSED, event)] = lost
+    # Reset or silent, not closed: the guest waits (vCPUs on missing pages stay parked)
+    # for a new link; the pages go on where they stopped.
+    rows[(Rs.POSTCOPY_ACTIVE, Re.LINK_BROKEN)] = Step(
+        Rs.POSTCOPY_PAUSED, (Ra.REPORT_STATUS, Ra.AWAIT_RECOVER)
+    )
+    rows[(Rs.POSTCOPY_PAUSED, Re.RECOVERED)] = Step(
+        Rs.POSTCOPY_ACTIVE, (Ra.REPORT_STATUS, Ra.AWAIT_LANDED)
+    )
     for event in (Re.ABANDON, Re.SOURCE_SILENT, Re.SOURCE_CLOSED):
         rows[(Rs.POSTCOPY_AUDITING, event)] = unaudited
     return rows

@@ -72,6 +72,7 @@ from vmferry.migration.metrics import VerifyResult
 from vmferry.migration.postcopy.destination_side import PostcopyDestination
 from vmferry.migration.postcopy.receiving import (
     await_landed,
+    await_recover,
     end_postcopy,
     gate_dma,
     prepare_postcopy,
@@ -462,6 +463,7 @@ class Reception:
                 Ra.AWAIT_LANDED: await_landed,
                 Ra.END_POSTCOPY: end_postcopy,
                 Ra.SEND_LANDED: send_landed,
+                Ra.AWAIT_RECOVER: await_recover,
             }
         )
     )

@@ -166,6 +166,9 @@ class MigrationSource:
             if self._walk.state is not before:
                 self._cancel_reason = reason
             never_started = self._walk.state is St.CANCELLED
+            paused = self._walk.state is St.POSTCOPY_PAUSED
+        if paused:  # nothing resumes it: it ends, the VM lost there (kept here, paused)
+            self._pc().give_up()
         if never_started:
             self.figures.failed(reason)
         for action in actions:
@@ -191,12 +194,17 @@ class MigrationSource:
             self._switch.requested = True
 
     def pause_postcopy(self) -> None:
-        """QMP migrate-pause: refused in one line (no recovery to pause for yet)."""
-        raise MigrationError(postcopy_switch.NO_RECOVERY)
+        """QMP migrate-pause: refused in one line (a broken link pauses by itself)."""
+        raise MigrationError(postcopy_switch.NO_PAUSE)
 
     def resume_postcopy(self, uri: str) -> None:
-        """QMP migrate with resume=true: refused in one line (see pause_postcopy)."""
-        raise MigrationError(postcopy_switch.NO_RECOVERY)
+        """QMP migrate with resume=true: a new link to the destination (which listens on
+        ``uri`` after its migrate-recover); made on the migration's thread."""
+        with self._lock:
+            state, status = self._walk.state, self._walk.status
+        if state is not St.POSTCOPY_PAUSED:
+            raise MigrationError(f"the migration is not paused in post-copy (it is {status})")
+        self._pc().resume(uri)
 
     @property
     def released(self) -> bool:
@@ -306,7 +314,14 @@ class MigrationSource:
             Ac.AWAIT_LANDED: lambda: self._pc().await_landed(
                 self._hand(), self.verify_mode == "on"
             ),
+            Ac.AWAIT_RESUME: self._await_resume,
         }
+
+    def _await_resume(self) -> SourceEvent:
+        old, self._link = self._link, self._pc().await_resume()
+        if old is not None:
+            old.close()
+        return Ev.LINK_RESUMED
 
     def _pc(self) -> PostcopySource:
         assert self._postcopy is not None, "post-copy is a live migration's"

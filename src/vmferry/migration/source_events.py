@@ -25,6 +25,7 @@ class SourceState(enum.Enum):
     POSTCOPY_HANDING_OVER = enum.auto()  # "go" sent, pages served: waiting for "resumed"
     POSTCOPY_ACTIVE = enum.auto()  # it runs there; requests answered, the rest pushed
     POSTCOPY_AUDITING = enum.auto()  # every page landed; the audit's verdict due
+    POSTCOPY_PAUSED = enum.auto()  # the link broke after the switch: waiting for a new one
     COMPLETED = enum.auto()
     SAVED = enum.auto()  # a file is whole; the VM is paused here and may run again
     CONTINUED = enum.auto()  # a saved VM runs here again (cont)
@@ -50,6 +51,8 @@ class SourceEvent(enum.Enum):
     RESUMED_UNAUDITED = enum.auto()  # it runs the VM; the audit after resume is due
     PAGES_LANDED = enum.auto()  # post-copy: every owed page landed there
     PAGES_LANDED_UNAUDITED = enum.auto()  # and the audit of all RAM is due (x-verify on)
+    LINK_BROKEN = enum.auto()  # post-copy's link was reset or went silent (not closed)
+    LINK_RESUMED = enum.auto()  # a new link (migrate resume) and the present bitmap back
     AUDIT_PASSED = enum.auto()  # the destination's verdict on the audit
     AUDIT_FAILED = enum.auto()  # a mismatch: the destination stopped its VM
     DESTINATION_FAILED = enum.auto()  # a "failed" line: the destination gave up first
@@ -93,6 +96,7 @@ class SourceAction(enum.Enum):
     OPEN_POSTCOPY = enum.auto()  # the page channels (urgent, background) connected
     SERVE_PAGES = enum.auto()  # the page server: answer requests, push the owed pages
     AWAIT_LANDED = enum.auto()  # every page pushed and the destination's "landed"
+    AWAIT_RESUME = enum.auto()  # until migrate resume gives a new link that works
 
 
 __all__ = ["SourceAction", "SourceEvent", "SourceState", "Target"]

@@ -69,6 +69,7 @@ STATUS: Mapping[SourceState, MigrationStatus] = MappingProxyType(
         St.POSTCOPY_HANDING_OVER: MigrationStatus.DEVICE,
         St.POSTCOPY_ACTIVE: MigrationStatus.POSTCOPY_ACTIVE,
         St.POSTCOPY_AUDITING: MigrationStatus.POSTCOPY_ACTIVE,
+        St.POSTCOPY_PAUSED: MigrationStatus.POSTCOPY_PAUSED,
         St.COMPLETED: MigrationStatus.COMPLETED,
         St.SAVED: MigrationStatus.COMPLETED,
         St.CONTINUED: MigrationStatus.COMPLETED,
@@ -96,12 +97,13 @@ PHASE: Mapping[SourceState, str] = MappingProxyType(
         St.POSTCOPY_HANDING_OVER: "post-copy",
         St.POSTCOPY_ACTIVE: "post-copy",
         St.POSTCOPY_AUDITING: "the audit after post-copy",
+        St.POSTCOPY_PAUSED: "post-copy (paused)",
     }
 )
 
 #: The VM belongs to the destination (or to the file): it must not run here on its own.
 POSTCOPY_RELEASED: frozenset[SourceState] = frozenset(
-    {St.POSTCOPY_HANDING_OVER, St.POSTCOPY_ACTIVE, St.POSTCOPY_AUDITING}
+    {St.POSTCOPY_HANDING_OVER, St.POSTCOPY_ACTIVE, St.POSTCOPY_AUDITING, St.POSTCOPY_PAUSED}
 )
 RELEASED: frozenset[SourceState] = frozenset(
     {St.HANDING_OVER, St.AUDITING, St.COMPLETED, St.SAVED, St.FAILED_AFTER_RELEASE}
@@ -296,6 +298,15 @@ def _postcopy() -> _Rows:
     rows |= _rows(St.POSTCOPY_HANDING_OVER, (Ev.PEER_SILENT, Ev.PEER_CLOSED, Ev.ERROR), lost)
     rows |= _rows(St.POSTCOPY_ACTIVE, (*_PEER_LOST, Ev.ERROR), lost)
     rows |= _rows(St.POSTCOPY_AUDITING, (*_PEER_LOST, Ev.ERROR), lost)
+    # A link reset or silent (not closed): both sides wait for a new one (migrate resume
+    # here, migrate-recover there), nothing lost; the pages go on where they stopped.
+    rows[(St.POSTCOPY_ACTIVE, Ev.LINK_BROKEN)] = Step(
+        St.POSTCOPY_PAUSED, (Ac.REPORT_STATUS, Ac.AWAIT_RESUME)
+    )
+    rows[(St.POSTCOPY_PAUSED, Ev.LINK_RESUMED)] = Step(
+        St.POSTCOPY_ACTIVE, (Ac.REPORT_STATUS, Ac.AWAIT_LANDED)
+    )
+    rows |= _rows(St.POSTCOPY_PAUSED, (*_PEER_LOST, Ev.ERROR, Ev.GUEST_ENDED), lost)
     return rows
 
 

@@ -121,6 +121,7 @@ def test_before_go_a_failed_switch_rolls_back_as_a_stop_copy_does() -> None:
         St.POSTCOPY_HANDING_OVER,
         St.POSTCOPY_ACTIVE,
         St.POSTCOPY_AUDITING,
+        St.POSTCOPY_PAUSED,
     } == POSTCOPY & RELEASED
 
 

@@ -63,7 +63,7 @@ def test_a_hello_names_its_migration_and_role() -> None:
     with pytest.raises(StreamError, match="channel: magic"):
         PostcopyHello.decode(b"X" + bytes(raw[1:]), "channel")
     raw[8] = 7
-    with pytest.raises(StreamError, match="channel: role 7, want 1 or 2"):
+    with pytest.raises(StreamError, match="channel: role 7, want 1, 2 or 3"):
         PostcopyHello.decode(raw, "channel")
     with pytest.raises(StreamError, match="44"):
         PostcopyHello.decode(bytes(10), "channel")

@@ -101,6 +101,7 @@ PCPY_HEAD = struct.Struct("<Q")  # guest RAM's pages
 POSTCOPY_HELLO = struct.Struct("<8sI32s")  # magic, role, migration id (hex)
 POSTCOPY_MAGIC = b"VMFPCOPY"
 ROLE_URGENT, ROLE_BACKGROUND = 1, 2
+ROLE_RESUME = 3  # after a broken link: the new main connection (the present bitmap back)
 # 64 MiB of RAM per chunk (128 KiB of digests): the source digests one in ~15 ms, well
 # inside the destination's wait for each message (x-peer-timeout, 100 ms at the least).
 MAX_AUDIT_PAGES = 1 << 14

@@ -16,6 +16,7 @@ from vmferry.migration.codec.layout import (
     POSTCOPY_HELLO,
     POSTCOPY_MAGIC,
     ROLE_BACKGROUND,
+    ROLE_RESUME,
     ROLE_URGENT,
 )
 
@@ -75,8 +76,8 @@ class PostcopyHello:
         magic, role, mig_id = POSTCOPY_HELLO.unpack(raw)
         if magic != POSTCOPY_MAGIC:
             raise StreamError(f"{where}: magic {bytes(magic)!r}, want {POSTCOPY_MAGIC!r}")
-        if role not in (ROLE_URGENT, ROLE_BACKGROUND):
-            raise StreamError(f"{where}: role {role}, want {ROLE_URGENT} or {ROLE_BACKGROUND}")
+        if role not in (ROLE_URGENT, ROLE_BACKGROUND, ROLE_RESUME):
+            raise StreamError(f"{where}: role {role}, want {ROLE_URGENT}, {ROLE_BACKGROUND} or 3")
         try:
             text = bytes(mig_id).rstrip(b"\0").decode("ascii")
         except UnicodeDecodeError:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import queue
 import socket
 import time
 from collections.abc import Callable
@@ -30,14 +31,16 @@ from vmferry.memory.userfaultfd import UserFault
 from vmferry.migration.codec import (
     POSTCOPY_HELLO,
     ROLE_BACKGROUND,
+    ROLE_RESUME,
     ROLE_URGENT,
     Landed,
     OwedRecord,
     PostcopyHello,
 )
+from vmferry.migration.connector import TcpAcceptor
 from vmferry.migration.landing import LandingDigests
 from vmferry.migration.liveness import bound_socket, receive_timeout
-from vmferry.migration.postcopy.fault_server import FaultServer
+from vmferry.migration.postcopy.fault_server import FaultServer, LinkBroken
 from vmferry.migration.postcopy.iommu_gate import DmaPageGate, gate_dma
 from vmferry.migration.postcopy.pages import PresentPages
 from vmferry.migration.postcopy.source_side import PUSH_BUFFER
@@ -50,6 +53,7 @@ WAIT_STEP_S = 0.5  # how often the wait for the last page looks whether the gues
 
 # The destination's acceptor, as Reception has it: the next connection, secured.
 Accept = Callable[[str], socket.socket]
+Secure = Callable[[socket.socket, str], socket.socket]  # TLS on a connection, if asked
 
 
 class PostcopyDestination:
@@ -70,6 +74,9 @@ class PostcopyDestination:
         self.prepare_ms = 0.0  # in the downtime: discard, register, accept, start
         self.discard_runs = 0
         self.holes_at_switch = 0
+        # migrate-recover's listeners, handed to the receiving thread while paused.
+        self._recover: queue.Queue[TcpAcceptor] = queue.Queue()
+        self.recoveries = 0
 
     def prepare(self, accept: Accept, mig_id: str, landing: LandingDigests | None) -> None:
         """Discard the owed pages, register RAM, accept the page channels, start serving."""
@@ -99,7 +106,9 @@ class PostcopyDestination:
             present=present,
             holes=_trimmed(holes, self.memory.npages),
             on_landed=None if landing is None else landing.landed_data,
-        ).start()
+        )
+        self.server.pausable = True  # a reset or silent link pauses (migrate-recover)
+        self.server.start()
         self.prepare_ms = (time.monotonic() - t0) * 1e3
 
     def _accept_channels(self, accept: Accept, mig_id: str) -> dict[int, socket.socket]:
@@ -117,6 +126,10 @@ class PostcopyDestination:
             if hello.role in roles:
                 raise StreamError(f"{what}: a second channel of role {hello.role}")
             roles[hello.role] = s
+        self._bound(roles)
+        return roles
+
+    def _bound(self, roles: dict[int, socket.socket]) -> None:
         # The push never pauses for long: a silent source is noticed there (its bound);
         # the urgent channel is quiet whenever the guest asks for nothing.
         roles[ROLE_BACKGROUND].setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, PUSH_BUFFER)
@@ -124,7 +137,6 @@ class PostcopyDestination:
         receive_timeout(roles[ROLE_BACKGROUND], self.timeout_s)
         bound_socket(roles[ROLE_URGENT], self.timeout_s)
         receive_timeout(roles[ROLE_URGENT], 0.0)
-        return roles
 
     # ---- the guest runs
     def gate_dma(self, machine: Machine) -> None:
@@ -149,12 +161,72 @@ class PostcopyDestination:
         try:
             while not server.wait_complete(WAIT_STEP_S):
                 pass
+        except LinkBroken:
+            raise  # paused: a new link may come
         except VmferryError as e:
             raise MigrationError(
                 f"post-copy failed before the last page landed ({e}): the guest cannot run "
                 "on without its missing pages, so it was stopped here"
             ) from e
         self.landed_ms = (time.monotonic() - self.t_go) * 1e3
+
+    # ---- a broken link (postcopy-paused)
+    def recover_with(self, acceptor: TcpAcceptor) -> None:
+        """migrate-recover: the source's resume comes to ``acceptor``."""
+        self._recover.put(acceptor)
+
+    def await_recover(self, secure: Secure, mig_id: str) -> socket.socket:
+        """The old link's channels closed and readers gone; then, per migrate-recover,
+        the source's new connections (main, urgent, background, each introduced), what
+        is present here sent back, the fault server on the new channels. A try that
+        fails waits for the next migrate-recover. Returns the new main connection."""
+        server = self.server
+        assert server is not None
+        for s in self.socks:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+        server.detach(5)
+        while True:
+            acceptor = self._recover.get()
+            try:
+                main = self._relink(acceptor, secure, mig_id)
+            except (VmferryError, OSError) as e:
+                log.warning("migrate-recover: the new link failed, still paused: %s", e)
+                continue
+            finally:
+                acceptor.close()
+            self.recoveries += 1
+            return main
+
+    def _relink(self, acceptor: TcpAcceptor, secure: Secure, mig_id: str) -> socket.socket:
+        server = self.server
+        assert server is not None
+        roles: dict[int, socket.socket] = {}
+        for n in range(3):
+            what = f"post-copy's new channel {n + 1}"
+            # The first waits for the source's migrate resume; the others follow it.
+            s = secure(acceptor.accept(None if n == 0 else HELLO_TIMEOUT_S, what), what)
+            self.socks.append(s)
+            receive_timeout(s, HELLO_TIMEOUT_S)
+            raw = bytearray(POSTCOPY_HELLO.size)
+            stream_source(s, what).readinto(memoryview(raw))
+            hello = PostcopyHello.decode(raw, what)
+            if hello.mig_id != mig_id or hello.role in roles:
+                raise StreamError(f"{what}: not this migration's, or a role twice ({hello})")
+            roles[hello.role] = s
+        main = roles[ROLE_RESUME]
+        self.socks.remove(main)  # the connection's now (Reception's): end() leaves it
+        with server.lock:
+            present = server.present.bitmap.words.copy()
+        stream_sink(main).write(OwedRecord(self.memory.npages, present).encode())
+        receive_timeout(main, self.timeout_s)
+        self._bound(roles)
+        urgent, background = roles[ROLE_URGENT], roles[ROLE_BACKGROUND]
+        server.reattach(
+            stream_sink(urgent),
+            [stream_source(urgent, "urgent pages"), stream_source(background, "pushed pages")],
+        )
+        return main
 
     def landed(self) -> Landed:
         server = self.server

@@ -57,6 +57,11 @@ class FaultServerError(MigrationError):
     """Post-copy on the destination failed (the cause names the fault, the run, the page)."""
 
 
+class LinkBroken(FaultServerError):
+    """A page channel was reset or went silent (not closed): with ``pausable`` set the
+    server waits for new channels (``reattach``) instead of failing."""
+
+
 def bits_at(bitmap: DirtyBitmap, pages: IntArray) -> Bits:
     """Whether each of ``pages`` is set (gathered from its word, vectorised)."""
     return bitmap.test(pages)
@@ -102,7 +107,11 @@ class FaultServer:
         self.landing = Landing()
         self.requests_sent = 0
         self.end_total: int | None = None  # pages the source says it sent, once it ends
+        self._base = 0  # pages received over the links before this one
         self.error: BaseException | None = None
+        # A reset or silent link pauses post-copy (a closed one fails it): the engine's.
+        self.pausable = False
+        self.broken: BaseException | None = None
         self._cond = threading.Condition()
         self._send_lock = threading.Lock()
         self._stop = threading.Event()
@@ -134,6 +143,11 @@ class FaultServer:
             if t.ident is not None:
                 t.join(timeout)
 
+    @property
+    def lock(self) -> threading.Condition:
+        """The records' lock (present, asked, holes): for a consistent copy of one."""
+        return self._cond
+
     def set_vcpus(self, tids: Collection[int]) -> None:
         """The vCPU threads (known once they run): their waits make up the blocktime."""
         with self._cond:
@@ -151,8 +165,46 @@ class FaultServer:
 
     @property
     def complete(self) -> bool:
-        """The source has ended and everything it sent has landed."""
-        return self.end_total is not None and self.landing.received >= self.end_total
+        """The source has ended and everything it sent (over this link) has landed."""
+        return self.end_total is not None and self.landing.received - self._base >= self.end_total
+
+    def _lost(self, e: BaseException) -> None:
+        """A page channel broke: pause (pausable) or fail."""
+        if not self.pausable:
+            self._fail(e)
+            return
+        with self._cond:
+            if self.broken is None:
+                self.broken = e
+            self._cond.notify_all()
+        self._done.set()
+
+    def detach(self, timeout: float) -> None:
+        """After a break: the receivers of the old link are waited for (their sockets
+        shut down by the owner)."""
+        for t in self._threads[1:]:
+            if t.ident is not None:
+                t.join(timeout)
+
+    def reattach(self, requests: Sink, pages: Sequence[Source]) -> None:
+        """A new link after a break: new receivers, and every page asked for that has not
+        landed asked again (its answer may have been lost with the old link)."""
+        with self._cond:
+            self.broken = None
+            self.end_total = None
+            self._base = self.landing.received
+            self._requests = requests
+            self._done.clear()
+            pending = self._asked.bitmap.copy()
+            np.bitwise_and(pending.words, ~self.present.bitmap.words, out=pending.words)
+        receivers = [
+            threading.Thread(target=self._receive_loop, args=(c,), name=f"pc-land{i}", daemon=True)
+            for i, c in enumerate(pages)
+        ]
+        self._threads[1:] = receivers
+        for t in receivers:
+            t.start()
+        self._send_requests(page_runs(pending.pages()))
 
     def _fail(self, e: BaseException) -> None:
         with self._cond:
@@ -225,9 +277,16 @@ class FaultServer:
             with self._send_lock:
                 self._requests.write(records)
                 self.requests_sent += len(records)
-        except (OSError, VmferryError) as e:
+        except OSError as e:
+            if self.pausable:  # asked again on the next link (they stay asked)
+                self._lost(LinkBroken(f"sending page requests to the source failed: {e}"))
+                return
             err = FaultServerError(f"sending page requests to the source failed: {e}")
             self._fail(err)  # every waiter learns it, not only this caller
+            raise err from e
+        except VmferryError as e:
+            err = FaultServerError(f"sending page requests to the source failed: {e}")
+            self._fail(err)
             raise err from e
 
     # ---- device waiters
@@ -275,6 +334,8 @@ class FaultServer:
         self._done.wait(timeout)
         if self.error is not None:
             raise FaultServerError(f"post-copy failed: {self.error}") from self.error
+        if self.broken is not None:
+            raise LinkBroken(f"the link to the source broke: {self.broken}") from self.broken
         return self.complete
 
     # ---- landing
@@ -304,7 +365,7 @@ class FaultServer:
             self._fail(e)
         except OSError as e:
             if not (ended or self.complete):
-                self._fail(FaultServerError(f"page channel failed: {e}"))
+                self._lost(LinkBroken(f"page channel failed: {e}"))
 
     def _landed(self, first: int, npages: int, filled: int, kind: RunKind) -> None:
         t = time.monotonic()

@@ -8,8 +8,9 @@ import contextlib
 import logging
 from typing import TYPE_CHECKING
 
-from vmferry.migration.incoming import CHANNEL_ACCEPT_TIMEOUT_S
+from vmferry.migration.incoming import CHANNEL_ACCEPT_TIMEOUT_S, Connection
 from vmferry.migration.postcopy.destination_side import PostcopyDestination
+from vmferry.migration.postcopy.fault_server import LinkBroken
 from vmferry.migration.receiver_machine import ReceiverEvent
 
 if TYPE_CHECKING:
@@ -42,8 +43,25 @@ def gate_dma(r: Reception) -> None:
 
 def await_landed(r: Reception) -> ReceiverEvent:
     assert r.postcopy is not None and r.machine is not None
-    r.postcopy.await_landed()
+    try:
+        r.postcopy.await_landed()
+    except LinkBroken as e:
+        log.warning("post-copy paused: %s (the guest waits; migrate-recover resumes it)", e)
+        return Re.LINK_BROKEN
     return Re.LANDED_UNAUDITED if r.head.verify == "on" else Re.LANDED
+
+
+def await_recover(r: Reception) -> ReceiverEvent:
+    """Paused: the old link's heartbeat stopped; then the new link migrate-recover and
+    the source's resume make, its heartbeat and reply path the connection's now."""
+    assert r.postcopy is not None
+    if r.conn is not None:
+        r.conn.heartbeat.stop()
+    main = r.postcopy.await_recover(r._secure, r.head.mig_id)
+    r.socks.append(main)
+    r.conn = Connection(main, r.timeout_s)
+    r.conn.heartbeat.start()
+    return Re.RECOVERED
 
 
 def end_postcopy(r: Reception) -> None:
@@ -60,4 +78,11 @@ def send_landed(r: Reception) -> None:
         r.conn.reply.send(msg)
 
 
-__all__ = ["await_landed", "end_postcopy", "gate_dma", "prepare_postcopy", "send_landed"]
+__all__ = [
+    "await_landed",
+    "await_recover",
+    "end_postcopy",
+    "gate_dma",
+    "prepare_postcopy",
+    "send_landed",
+]

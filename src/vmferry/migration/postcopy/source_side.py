@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import queue
 import socket
 import threading
 import time
@@ -23,21 +24,26 @@ import time
 from vmferry.errors import MigrationError, VmferryError
 from vmferry.machine.machine import Machine
 from vmferry.memory.dirty import DirtyBitmap, page_runs
-from vmferry.migration.channel import PeerSilent
+from vmferry.migration.channel import PeerSilent, parse_uri
 from vmferry.migration.codec import (
     PCPY,
+    PCPY_HEAD,
     ROLE_BACKGROUND,
+    ROLE_RESUME,
     ROLE_URGENT,
     Failed,
     Landed,
     OwedRecord,
     PostcopyHello,
 )
+from vmferry.migration.connector import TcpConnector
+from vmferry.migration.failure import LinkBroken
 from vmferry.migration.figures import LiveFigures
 from vmferry.migration.handover import Handover, StillReleased
 from vmferry.migration.link import DestinationLink
-from vmferry.migration.liveness import bound_socket
-from vmferry.migration.postcopy.page_server import PageServer
+from vmferry.migration.liveness import bound_socket, receive_timeout
+from vmferry.migration.postcopy.page_requests import PageRequestError
+from vmferry.migration.postcopy.page_server import PageServer, Served
 from vmferry.migration.postcopy.pages import SentPages
 from vmferry.migration.source_machine import SourceEvent
 from vmferry.migration.stream import StreamWriter
@@ -88,6 +94,9 @@ class PostcopySource:
         self.server: PageServer | None = None
         self._socks: dict[int, socket.socket] = {}  # role → socket
         self._hellos: list[threading.Thread] = []
+        self.mig_id = ""
+        self._resume: queue.Queue[str] = queue.Queue()  # migrate resume's URIs
+        self._before = Served()  # what the page servers of broken links sent
         self._hello_error: BaseException | None = None
         self._t_switch = 0.0
 
@@ -106,6 +115,7 @@ class PostcopySource:
         main.section(PCPY, OwedRecord(self.owed.npages, self.owed.words).encode())
 
     def open_channels(self, mig_id: str, first_index: int) -> None:
+        self.mig_id = mig_id
         """The urgent and the background page channel, connected, bounded by
         x-peer-timeout and introduced. The destination accepts them only after END, so
         a TLS handshake and the hello go on a thread each (``serve`` waits for them)."""
@@ -143,10 +153,12 @@ class PostcopySource:
         if self._hello_error is not None or any(t.is_alive() for t in self._hellos):
             why = self._hello_error or "timed out"
             raise MigrationError(f"could not open post-copy's page channels: {why}")
-        npages = self.owed.npages
-        sent = SentPages(npages)
+        sent = SentPages(self.owed.npages)
         sent.bitmap.set_all()
         sent.bitmap.clear_runs(*page_runs(self.owed.pages()))  # what it holds is "sent"
+        self._start_server(sent)
+
+    def _start_server(self, sent: SentPages) -> None:
         urgent, background = self._socks[ROLE_URGENT], self._socks[ROLE_BACKGROUND]
         self.server = PageServer(
             self.machine.memory.bytes,
@@ -163,7 +175,7 @@ class PostcopySource:
         try:
             while True:
                 self._figures(None)
-                if server.error is not None and not hand.watch.lost:
+                if _bad_input(server.error) and not hand.watch.lost:
                     raise StillReleased(POSTCOPY_BROKE.format(server.error))
                 try:
                     msg = hand.watch.next(FIGURES_EVERY_S, "the last page to land")
@@ -179,22 +191,96 @@ class PostcopySource:
         except StillReleased:
             raise
         except (VmferryError, OSError) as e:
+            if hand.watch.silent or (hand.watch.lost and not hand.watch.eof):
+                # Reset or silent, not closed: a broken link, not a destination gone.
+                raise LinkBroken(f"post-copy's link broke ({e}): paused") from e
             raise StillReleased(f"{POSTCOPY_LOST} ({e})") from e
         self._figures(msg)
         return Ev.PAGES_LANDED_UNAUDITED if audit else Ev.PAGES_LANDED
+
+    # ---- a broken link (postcopy-paused)
+    def resume(self, uri: str) -> None:
+        """migrate resume: the new link is made on the migration's thread."""
+        self._resume.put(uri)
+
+    def give_up(self) -> None:
+        """No resume will come (the harness, a source that ends): the VM is lost there."""
+        self._resume.put("")
+
+    def await_resume(self) -> DestinationLink:
+        """Until a migrate resume's URI gives a link that works: the page channels and a
+        new main connection, the destination's present pages read back (what it holds
+        counts as sent), the page server again. A failed try waits for the next one."""
+        self.close()
+        while True:
+            uri = self._resume.get()
+            if not uri:
+                raise StillReleased(f"{POSTCOPY_LOST} (given up while paused)")
+            try:
+                return self._relink(uri)
+            except (VmferryError, OSError) as e:
+                log.warning("migrate resume %s failed, still paused: %s", uri, e)
+                with self.figures.lock:
+                    self.figures.stats.error = f"migrate resume {uri}: {e}"
+
+    def _relink(self, uri: str) -> DestinationLink:
+        assert self.owed is not None
+        target = parse_uri(uri)
+        if target.scheme != "tcp":
+            raise MigrationError(f"{uri}: post-copy resumes over tcp only")
+        timeout = self.link.peer_timeout_s
+        link = DestinationLink(TcpConnector(target), self.tls, timeout)
+        try:
+            for index, role in enumerate((ROLE_RESUME, ROLE_URGENT, ROLE_BACKGROUND)):
+                s = link.connector.connect(index, timeout)
+                if self.tls is not None:
+                    s = self.tls.secure(s, index)
+                link.socks.append(s)
+                bound_socket(s, timeout)
+                stream_sink(s).write([PostcopyHello(self.mig_id, role).encode()])
+            main = link.socks[0]
+            receive_timeout(main, timeout)
+            npages = self.owed.npages
+            raw = bytearray(PCPY_HEAD.size + 8 * ((npages + 63) // 64))
+            stream_source(main, "the present pages").readinto(memoryview(raw))
+            present = OwedRecord.decode(bytes(raw), "the destination's present pages", npages)
+            receive_timeout(main, 0.0)
+            link.watch_peer(lambda: False)
+        except BaseException:
+            link.close()
+            raise
+        sent = SentPages(npages)
+        sent.bitmap.words[:] = present.words
+        if self.server is not None:  # its pages that landed count; the rest go again
+            old = self.server.served
+            b = self._before
+            b.requests += old.requests
+            b.urgent_pages += old.urgent_pages
+            b.background_pages += old.background_pages
+        self.link = link
+        self._socks = {ROLE_URGENT: link.socks[1], ROLE_BACKGROUND: link.socks[2]}
+        link.socks[2].setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, PUSH_BUFFER)
+        self._start_server(sent)
+        with self.figures.lock:
+            self.figures.stats.postcopy.recoveries += 1
+            self.figures.stats.error = ""
+        return link
 
     def _figures(self, landed: Landed | None) -> None:
         server = self.server
         if server is None:
             return
         served = server.served
+        before = self._before
         with self.figures.lock:
             pc = self.figures.stats.postcopy
-            pc.requests = served.requests
-            pc.urgent_pages, pc.pushed_pages = served.urgent_pages, served.background_pages
-            pc.bytes = served.pages * 4096
+            pc.requests = before.requests + served.requests
+            pc.urgent_pages = before.urgent_pages + served.urgent_pages
+            pc.pushed_pages = before.background_pages + served.background_pages
+            pc.bytes = (pc.urgent_pages + pc.pushed_pages) * 4096
             # query-migrate's ram.remaining: what is still owed
-            self.figures.stats.remaining = max(0, pc.owed_pages - served.pages) * 4096
+            sent = pc.urgent_pages + pc.pushed_pages
+            self.figures.stats.remaining = max(0, pc.owed_pages - sent) * 4096
             if landed is not None:
                 pc.complete_s = time.monotonic() - self.figures.t0
                 pc.blocktime_ms = landed.blocktime_ms
@@ -218,3 +304,10 @@ class PostcopySource:
 
 
 __all__ = ["POSTCOPY_BROKE", "POSTCOPY_LOST", "POSTCOPY_REFUSED", "PostcopySource"]
+
+
+def _bad_input(error: BaseException | None) -> bool:
+    """The page server stopped on what the destination sent, not on the link."""
+    return isinstance(error, PageRequestError) or (
+        error is not None and not isinstance(error.__cause__, OSError)
+    )

@@ -69,9 +69,9 @@ def decision(action: str, *, requested: bool, due: bool) -> str:
     return action
 
 
-NO_RECOVERY = (
-    "recovering post-copy over a new link is not built yet: a link that breaks after the "
-    "switch fails the migration (the source keeps the VM's memory until quit)"
+NO_PAUSE = (
+    "pausing a healthy link is not built yet: a link that is reset or goes silent after "
+    "the switch pauses post-copy by itself (then migrate-recover and migrate resume)"
 )
 
 
@@ -97,4 +97,4 @@ class SwitchWish:
         return postcopy_reason(self.after, rounds_done, elapsed_s)
 
 
-__all__ = ["NO_RECOVERY", "SwitchWish", "decision", "refusal"]
+__all__ = ["NO_PAUSE", "SwitchWish", "decision", "refusal"]
