@@ -23,6 +23,7 @@ from tests.migration.live import (
     wait_until,
 )
 from tests.migration.postcopy.harness import uffd_unavailable
+from vmferry.migration.codec import POSTCOPY_HELLO
 from vmferry.migration.params import MigrationCapabilities, MigrationParameters
 from vmferry.migration.postcopy import fault_server, page_requests, page_server
 from vmferry.migration.postcopy.source_side import POSTCOPY_LOST
@@ -116,6 +117,49 @@ def test_a_link_cut_during_postcopy_pauses_both_and_recovery_gives_the_reference
         assert out == reference_result(WORKLOAD)
         assert result.postcopy["landed_pages"] >= st.postcopy.owed_pages
         print(f"\ncut and recovered: {st.postcopy}")
+    finally:
+        dest.close()
+        guest.close()
+
+
+def test_a_second_cut_during_the_recovery_stays_paused_and_the_next_recovery_completes() -> None:
+    guest = Guest(WORKLOAD)
+    dest = Destination()
+    proxy = Proxy(dest.port)
+    paused = MigrationStatus.POSTCOPY_PAUSED
+    bound = PEER_TIMEOUT_MS / 1e3 + 5
+    try:
+        src = _start(guest, proxy.uri, Events())
+        wait_until(
+            lambda: src.stats.status == MigrationStatus.POSTCOPY_ACTIVE or src.done.is_set(),
+            30,
+            "post-copy",
+        )
+        proxy.cut()
+        wait_until(
+            lambda: src.stats.status == paused and dest.incoming.status == paused,
+            bound,
+            "both sides to pause",
+        )
+        # The recovery's own link is cut right after the source's first hello.
+        dest.incoming.recover("tcp:127.0.0.1:0")
+        second = Proxy(dest.incoming.recover_port, conn=0, after=POSTCOPY_HELLO.size)
+        src.resume_postcopy(second.uri)
+        wait_until(lambda: src.stats.error.startswith("migrate resume"), bound, "it to fail")
+        wait_until(
+            lambda: src.stats.status == paused and dest.incoming.status == paused,
+            bound,
+            "both sides to stay paused",
+        )
+        assert second.was_cut.is_set() and not src.done.is_set() and dest.waiting()
+        dest.incoming.recover("tcp:127.0.0.1:0")
+        src.resume_postcopy(f"tcp:127.0.0.1:{dest.incoming.recover_port}")
+        assert src.wait(60), "the resumed migration did not end"
+        st = src.stats
+        assert st.status == MigrationStatus.COMPLETED, st.error
+        assert st.postcopy.recoveries == 1 and st.verify.status == "passed"
+        _, out = dest.finish()
+        assert out == reference_result(WORKLOAD)
     finally:
         dest.close()
         guest.close()
