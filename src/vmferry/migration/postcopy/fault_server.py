@@ -359,10 +359,13 @@ class FaultServer:
                     self.on_landed(run.first_page, memoryview(staging)[: run.data_bytes])
                 self._landed(run.first_page, run.npages, filled // PAGE_SIZE, run.kind)
         except StreamEndsEarly as e:
+            if self.broken is not None:
+                return  # the link is known broken: shut down here to make a new one
             if not (ended or self.complete):
                 self._fail(FaultServerError(f"the source closed a page channel early: {e}"))
         except VmferryError as e:
-            self._fail(e)
+            if self.broken is None:
+                self._fail(e)
         except OSError as e:
             if not (ended or self.complete):
                 self._lost(LinkBroken(f"page channel failed: {e}"))
