@@ -7,134 +7,42 @@ then drops and counts them. Frames a VF transmits go to a local port, or out of 
 uplink to where the destination MAC was learned, or are flooded to the configured
 neighbours and every learned endpoint.
 
-After a migration the destination switch announces the VF's MAC (three times, as QEMU's
-self-announce repeats its RARP) to its neighbours; a switch that hears the announce for
-a MAC it holds stops owning it, forwards what its port buffered and anything that still
-arrives to the new owner, and floods the announce once more to the endpoints it learned
-(a physical switch floods a RARP to all ports), so an outside peer learns the new place.
-An announce only moves a MAC whose VF is not running here: there are never two running
-copies of a VM, so one heard while ours runs is stale (a repeat from a destination that
-was rolled back) and is answered with our own announce.
+After a migration the MAC moves to the destination's switch (:mod:`.mac_moves`: the
+announce, the hand-over of what was buffered, the redirect of late senders).
 
 With ``x-verify-hold-output`` the destination's port holds what its VF transmits while
-the post-resume audit runs (:class:`OutputHold`), then sends it on or drops it.
+the post-resume audit runs (:class:`~vmferry.devices.nic.port.OutputHold`), then sends
+it on or drops it.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
-import fcntl
 import json
 import logging
 import socket
-import sys
-import termios
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from vmferry.devices.nic import wire
 from vmferry.devices.nic.host import HostConfig, PfConfig, parse_addr
+from vmferry.devices.nic.mac_moves import MacMoves
+from vmferry.devices.nic.port import OutputHold, Port
 from vmferry.devices.nic.wire import Addr
 from vmferry.errors import ConfigError
 
+__all__ = ["HostSwitch", "OutputHold", "Port", "close_host", "figures_path", "host_switch"]
+
 log = logging.getLogger(__name__)
 
-ANNOUNCE_DELAYS_S = (0.0, 0.05, 0.15)  # first announce at once, then two repeats
-ORPHAN_TTL_S = 30.0  # a detached port's buffer waits this long for an announce
-DEFEND_INTERVAL_S = 1.0  # at most one answer per port to stale announces in this time
-# A switch that goes away (its process ends) while a MAC it held lives elsewhere first
-# forwards what is still on its way: until no frame for it came for DRAIN_QUIET_S.
-DRAIN_QUIET_S = 0.1
-DRAIN_LIMIT_S = 2.0
 SOCKET_BUFFER = 8 << 20
 
 
-@dataclass
-class OutputHold:
-    """The frames a port's VF transmitted while its output is held (already tagged), in
-    order, at most ``bound``. Past the bound the *oldest* is dropped (drop-from-front):
-    nothing drains until the audit ends, so the newest frames are the ones whose senders
-    have not yet given up, and a TCP peer that gets them sees the gap at once (duplicate
-    ACKs, fast retransmit) instead of waiting for a timeout. QEMU's net queue (its
-    filter-buffer, too) and a switch's egress queue drop the newest (tail drop): they
-    drain continuously, so there the tail is what is late."""
-
-    bound: int
-    frames: deque[bytes] = field(default_factory=deque)
-    dropping: bool = False  # rolled back: what is kept and what still comes is dropped
-    held: int = 0  # frames taken in
-    released: int = 0  # sent on when the audit passed
-    dropped: int = 0  # discarded on a rollback
-    overflow: int = 0  # pushed out over the bound
-
-    def keep(self, frame: bytes) -> None:
-        self.held += 1
-        if self.dropping:
-            self.dropped += 1
-            return
-        if len(self.frames) >= self.bound:
-            self.frames.popleft()
-            self.overflow += 1
-        self.frames.append(frame)
-
-    def figures(self) -> dict[str, int]:
-        return {
-            "held": self.held,
-            "released": self.released,
-            "dropped": self.dropped,
-            "overflow": self.overflow,
-        }
-
-
-@dataclass
-class Port:
-    """One VF's port: its filter, the frames waiting for its RX engine, its counters."""
-
-    mac: bytes
-    vlan: int
-    bound: int
-    frames: deque[bytes] = field(default_factory=deque)
-    wake: Callable[[], None] | None = None  # tells the VF a frame is waiting
-    moved_to: Addr | None = None  # announced elsewhere: forward everything there
-    running: bool = True  # its VF runs here: an announce of its MAC from elsewhere is stale
-    epoch: int = 0  # changes when the VF starts or stops: older announce repeats end
-    hold: OutputHold | None = None  # the VF's transmit, held (x-verify-hold-output)
-    last_hold: OutputHold | None = None  # the latest hold, kept for its figures
-    stale_announces: int = 0
-    told: set[Addr] = field(default_factory=set)  # senders told where the MAC moved to
-    redirects: int = 0
-    defended_at: float | None = None
-    detached_at: float | None = None
-    dropped: int = 0  # over the bound
-    forwarded: int = 0
-    delivered: int = 0
-    high_water: int = 0
-
-    def figures(self) -> dict[str, Any]:
-        """What ``ip -s link`` would say of this port, and where its MAC lives."""
-        return {
-            "mac": self.mac.hex(":"),
-            "vlan": self.vlan,
-            "running": self.running,
-            "moved_to": None if self.moved_to is None else f"{self.moved_to[0]}:{self.moved_to[1]}",
-            "queued": len(self.frames),
-            "delivered": self.delivered,
-            "forwarded": self.forwarded,
-            "dropped": self.dropped,
-            "high_water": self.high_water,
-            "stale_announces": self.stale_announces,
-            "redirects": self.redirects,
-            "hold": None if self.last_hold is None else self.last_hold.figures(),
-        }
-
-
-class HostSwitch:
+class HostSwitch(MacMoves):
     """One host's switch; :func:`host_switch` gives each host (state directory) one."""
 
     def __init__(self, name: str, pf: PfConfig) -> None:
@@ -160,29 +68,6 @@ class HostSwitch:
         self._alive = True
         self._thread = threading.Thread(target=self._receive, name=f"{name}-uplink", daemon=True)
         self._thread.start()
-
-    def drain(self, quiet_s: float = DRAIN_QUIET_S, limit_s: float = DRAIN_LIMIT_S) -> None:
-        """Before the switch goes away: while a MAC it held lives elsewhere, frames for it
-        may still wait in the socket or be on their way (sent before their sender heard
-        of the move). A host's switch outlives a VM; this one lives in the VM's process,
-        so it forwards them before that process lets it go: until none is waiting and
-        none came for ``quiet_s``, at most ``limit_s``."""
-        deadline = time.monotonic() + limit_s
-        while self._alive and time.monotonic() < deadline:
-            with self._lock:
-                owes = any(p.moved_to is not None for p in self._ports.values())
-                quiet = time.monotonic() - self._moved_rx_at >= quiet_s
-            if not owes or (quiet and not self._pending()):
-                return
-            time.sleep(0.01)
-
-    def _pending(self) -> bool:
-        """A datagram waits in the uplink socket (FIONREAD: the next one's size)."""
-        try:
-            n = fcntl.ioctl(self.sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
-        except OSError:
-            return False
-        return int.from_bytes(n, sys.byteorder) > 0
 
     def close(self) -> None:
         self.drain()
@@ -278,27 +163,6 @@ class HostSwitch:
             self._redirect(frame, sender)
         if dgram.hops == 0 and sender is not None:
             self._relay(frame, sender)
-
-    def _redirect(self, frame: bytes, sender: Addr) -> None:
-        """A frame for a MAC that moved on, from a sender that has not been told: tell it
-        where the MAC lives now (an announce, once per sender and move; hops=1, so a
-        switch does not flood it on). The flood at the move reaches only the senders
-        known then: one that spoke first later, or lost that datagram, would otherwise
-        go on sending here, and lose everything once this switch is gone."""
-        with self._lock:
-            port = self._ports.get(wire.dst_mac(frame))
-            if port is None or port.moved_to is None:
-                return
-            self._moved_rx_at = time.monotonic()
-            where = port.moved_to
-            if sender in (where, self.address) or sender in port.told:
-                return
-            port.told.add(sender)
-            port.redirects += 1
-            # Sent under the lock: a reclaim (the MAC back here, announced) comes after it,
-            # so the sender ends up where the MAC is, not where it was.
-            rarp = wire.rarp_frame(port.mac)
-            self._sendto(wire.encode(wire.KIND_ANNOUNCE, rarp, hops=1, origin=where), sender)
 
     def _relay(self, frame: bytes, sender: Addr) -> None:
         """A frame from the uplink for a MAC we learned elsewhere on the segment (e.g. a
@@ -414,112 +278,6 @@ class HostSwitch:
             self.sock.sendto(data, addr)
         except OSError as e:  # a neighbour that is down must not stop the switch
             log.debug("%s: send to %s failed: %s", self.name, addr, e)
-
-    # ---- migration: the MAC moves
-    def announce(
-        self, port: Port, delays: tuple[float, ...] = ANNOUNCE_DELAYS_S
-    ) -> threading.Thread:
-        """This host owns the port's MAC now: tell the neighbours and everyone we learned,
-        from a timer thread so the VF's arc does not wait for the repeats. The repeats
-        end once the VF stops or the MAC moves on: a destination that was rolled back
-        must not take the MAC back from the source that runs the VM again."""
-        data = wire.encode(wire.KIND_ANNOUNCE, wire.rarp_frame(port.mac), origin=self.address)
-        with self._lock:
-            epoch = port.epoch
-
-        def send() -> None:
-            t0 = time.monotonic()
-            for delay in delays:
-                time.sleep(max(0.0, t0 + delay - time.monotonic()))
-                # Sent under the lock: once stand_down has returned, no repeat goes out.
-                with self._lock:
-                    if port.epoch != epoch or not port.running or port.moved_to is not None:
-                        return
-                    for addr in set(self.neighbours) | self._endpoints:
-                        self._sendto(data, addr)
-
-        self.counters["announces"] += 1
-        thread = threading.Thread(target=send, name=f"{self.name}-announce", daemon=True)
-        thread.start()
-        return thread
-
-    def _announced(self, dgram: wire.Datagram, sender: Addr) -> None:
-        mac = wire.src_mac(dgram.frame)
-        origin = dgram.origin
-        if origin is None or origin == self.address:
-            return
-        backlog: list[bytes] = []
-        flood: set[Addr] = set()
-        with self._lock:
-            port = self._ports.get(mac)
-            if port is not None and port.running:
-                # Ours runs here, so the announce is stale: never two running copies.
-                defend = self._stale(port)
-            else:
-                defend = False
-                self._fdb[mac] = origin
-                if port is not None:
-                    # The MAC lives elsewhere now (our VF was migrated away; the last
-                    # announce wins, as in a learning switch): hand over what waited here.
-                    if port.moved_to != origin:
-                        port.told = set()
-                    port.moved_to = origin
-                    self._moved_rx_at = time.monotonic()
-                    backlog = list(port.frames)
-                    port.frames.clear()
-                    port.forwarded += len(backlog)
-                if dgram.hops == 0:
-                    flood = self._endpoints - {sender, origin}
-                    if port is not None:
-                        port.told |= flood
-        if defend and port is not None:
-            self.announce(port, delays=(0.0,))
-        for frame in backlog:
-            self._sendto(self._forward(frame), origin)
-        if flood:
-            again = wire.encode(wire.KIND_ANNOUNCE, dgram.frame, hops=dgram.hops + 1, origin=origin)
-            for addr in flood:
-                self._sendto(again, addr)
-
-    def _stale(self, port: Port) -> bool:
-        """An announce of a MAC whose VF runs here (the caller holds the lock): counted
-        and ignored; True if we answer it (at most once per DEFEND_INTERVAL_S, so two
-        switches that both think they own a MAC do not answer each other forever)."""
-        port.stale_announces += 1
-        now = time.monotonic()
-        if port.defended_at is not None and now - port.defended_at < DEFEND_INTERVAL_S:
-            return False
-        port.defended_at = now
-        return True
-
-    def reclaim(self, port: Port) -> bool:
-        """The VF runs here (again: a migration back, or a failed one rolled back after
-        an announce): this port owns its MAC; True if it had moved (announce it then).
-        A hold set before the VF started stays (the destination holds, then starts)."""
-        with self._lock:
-            moved = port.moved_to is not None
-            port.moved_to = None
-            port.told = set()
-            port.running = True
-            port.epoch += 1
-            port.detached_at = None
-            if port.hold is not None and port.hold.dropping:
-                port.hold = None
-            self._ports[port.mac] = port
-            return moved
-
-    def expire_orphans(self) -> int:
-        """Drop buffers of detached ports nobody announced within ORPHAN_TTL_S."""
-        now, n = time.monotonic(), 0
-        with self._lock:
-            for mac, p in list(self._ports.items()):
-                if p.detached_at is not None and now - p.detached_at > ORPHAN_TTL_S:
-                    p.dropped += len(p.frames)
-                    n += len(p.frames)
-                    p.frames.clear()
-                    if not p.moved_to:
-                        del self._ports[mac]
-        return n
 
 
 _switches: dict[tuple[Path, str], HostSwitch] = {}
