@@ -88,7 +88,7 @@ def test_an_unanswered_request_is_one_clear_timeout_and_memory_is_not_touched(
         dma.write(0x1000_0000, bytes(PAGE_SIZE))
     assert str(e.value) == (
         "DMA write 0x10000000: RAM 0x100000+0x1000 not present after 0.01 s of post-copy "
-        "(the page request went unanswered)"
+        "with the link up (the page request went unanswered)"
     )
     assert isinstance(e.value, DmaFault), "a device model sees a DMA fault, as for an unmapped IOVA"
 

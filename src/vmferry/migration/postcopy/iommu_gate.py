@@ -10,8 +10,12 @@ that follows cannot fault.
 ``DmaPageGate`` is a ``devices.iommu.PageGate``: the destination sets it on every device's
 IOMMU (``Iommu.set_page_gate``) before the devices start in post-copy and clears it once
 every page is present; each read and write of the IOMMU then calls ``before_access`` (RAM
-pieces in, returns once all are present). ``GatedDma`` puts the gate in front of one bare
-``Iommu`` without setting it there (a caller's own DMA; the device models need none).
+pieces in, returns once all are present). While the link is broken (postcopy-paused) a
+DMA stays parked, as a vCPU on a missing page does: its timeout counts only time with the
+link up (the fault server's ``wait_present`` stops the clock), so a pause of any length
+fails no DMA; a fault server that fails for good does. ``GatedDma`` puts the gate in
+front of one bare ``Iommu`` without setting it there (a caller's own DMA; the device
+models need none).
 """
 
 from __future__ import annotations
@@ -27,7 +31,9 @@ import numpy.typing as npt
 from vmferry.devices.iommu import DmaFault, Iommu, PageGate
 from vmferry.errors import VmferryError
 
-DMA_PAGE_TIMEOUT_S = 10.0  # a page the source never sends is a failed post-copy, not a hang
+# A page the source never sends, the link up, is a failed post-copy, not a hang (time
+# paused on a broken link does not count).
+DMA_PAGE_TIMEOUT_S = 10.0
 
 
 class PageFetcher(Protocol):
@@ -35,7 +41,10 @@ class PageFetcher(Protocol):
 
     def request(self, ram_offset: int, length: int) -> int: ...
 
-    def wait_present(self, ram_offset: int, length: int, timeout: float) -> bool: ...
+    def wait_present(self, ram_offset: int, length: int, timeout: float) -> bool:
+        """True once present; False after ``timeout`` s with the link up (a pause is
+        not counted)."""
+        ...
 
 
 class DmaPageTimeout(DmaFault):
@@ -61,15 +70,16 @@ class DmaPageGate:
         """Each (ram_offset, length) piece present before returning; DmaPageTimeout if not,
         DmaPageLost if the fault server failed (both DMA faults to the device)."""
         t0 = time.monotonic()
-        deadline = t0 + self.timeout_s
         try:
             asked = sum(self.pages.request(off, n) for off, n in pieces)  # all out, then wait
             for off, n in pieces:
-                left = max(0.0, deadline - time.monotonic())
-                if not self.pages.wait_present(off, n, left):
+                # Each piece its own bound: a wall-clock deadline for all would count a
+                # pause spent on an earlier piece (all were asked at once: the rest are
+                # usually there by then).
+                if not self.pages.wait_present(off, n, self.timeout_s):
                     raise DmaPageTimeout(
                         f"{what}: RAM {off:#x}+{n:#x} not present after {self.timeout_s:g} s "
-                        "of post-copy (the page request went unanswered)"
+                        "of post-copy with the link up (the page request went unanswered)"
                     )
         except DmaFault:
             raise
