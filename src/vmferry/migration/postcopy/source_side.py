@@ -21,10 +21,10 @@ import socket
 import threading
 import time
 
-from vmferry.errors import MigrationError, VmferryError
+from vmferry.errors import ConfigError, MigrationError, VmferryError
 from vmferry.machine.machine import Machine
 from vmferry.memory.dirty import DirtyBitmap, page_runs
-from vmferry.migration.channel import PeerSilent, parse_uri
+from vmferry.migration.channel import MigrationUri, PeerSilent, parse_uri
 from vmferry.migration.codec import (
     PCPY,
     PCPY_HEAD,
@@ -72,7 +72,8 @@ POSTCOPY_REFUSED = (
     "source keeps the VM's memory until quit"
 )
 FIGURES_EVERY_S = 0.5  # how often the figures move while the pages go
-LANDED_CAP_S = 3600.0  # the push of 1 TiB at 300 MB/s: the watch's bound comes first
+# No cap on the wait for "landed": the push takes as long as the link needs, and a
+# destination that stops answering is given up by the watch (x-peer-timeout).
 
 
 class PostcopySource:
@@ -95,7 +96,8 @@ class PostcopySource:
         self._socks: dict[int, socket.socket] = {}  # role → socket
         self._hellos: list[threading.Thread] = []
         self.mig_id = ""
-        self._resume: queue.Queue[str] = queue.Queue()  # migrate resume's URIs
+        # migrate resume's targets, checked; None: no resume will come (give_up)
+        self._resume: queue.Queue[MigrationUri | None] = queue.Queue()
         self._before = Served()  # what the page servers of broken links sent
         self._hello_error: BaseException | None = None
         self._t_switch = 0.0
@@ -200,12 +202,13 @@ class PostcopySource:
 
     # ---- a broken link (postcopy-paused)
     def resume(self, uri: str) -> None:
-        """migrate resume: the new link is made on the migration's thread."""
-        self._resume.put(uri)
+        """migrate resume: ``uri`` checked now (a MigrationError naming it), the new link
+        made on the migration's thread."""
+        self._resume.put(resume_target(uri))
 
     def give_up(self) -> None:
-        """No resume will come (the harness, a source that ends): the VM is lost there."""
-        self._resume.put("")
+        """No resume will come (cancel, a source that ends): the VM is lost there."""
+        self._resume.put(None)
 
     def await_resume(self) -> DestinationLink:
         """Until a migrate resume's URI gives a link that works: the page channels and a
@@ -213,21 +216,18 @@ class PostcopySource:
         counts as sent), the page server again. A failed try waits for the next one."""
         self.close()
         while True:
-            uri = self._resume.get()
-            if not uri:
+            target = self._resume.get()
+            if target is None:
                 raise StillReleased(f"{POSTCOPY_LOST} (given up while paused)")
             try:
-                return self._relink(uri)
+                return self._relink(target)
             except (VmferryError, OSError) as e:
-                log.warning("migrate resume %s failed, still paused: %s", uri, e)
+                log.warning("migrate resume %s failed, still paused: %s", target, e)
                 with self.figures.lock:
-                    self.figures.stats.error = f"migrate resume {uri}: {e}"
+                    self.figures.stats.error = f"migrate resume {target}: {e}"
 
-    def _relink(self, uri: str) -> DestinationLink:
+    def _relink(self, target: MigrationUri) -> DestinationLink:
         assert self.owed is not None
-        target = parse_uri(uri)
-        if target.scheme != "tcp":
-            raise MigrationError(f"{uri}: post-copy resumes over tcp only")
         timeout = self.link.peer_timeout_s
         link = DestinationLink(TcpConnector(target), self.tls, timeout)
         try:
@@ -303,7 +303,28 @@ class PostcopySource:
             self.server.join(5)
 
 
-__all__ = ["POSTCOPY_BROKE", "POSTCOPY_LOST", "POSTCOPY_REFUSED", "PostcopySource"]
+def resume_target(uri: str) -> MigrationUri:
+    """migrate resume's URI: tcp:HOST:PORT (where the destination's migrate-recover
+    listens), or a MigrationError in one line naming what was given."""
+    try:
+        target = parse_uri(uri)
+    except ConfigError:
+        target = None
+    if target is None or target.scheme != "tcp" or target.port == 0:
+        raise MigrationError(
+            f"post-copy resumes over tcp:HOST:PORT only (the address migrate-recover "
+            f"listens on), not {uri!r}"
+        )
+    return target
+
+
+__all__ = [
+    "POSTCOPY_BROKE",
+    "POSTCOPY_LOST",
+    "POSTCOPY_REFUSED",
+    "PostcopySource",
+    "resume_target",
+]
 
 
 def _bad_input(error: BaseException | None) -> bool:
