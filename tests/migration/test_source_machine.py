@@ -170,9 +170,10 @@ def test_each_state_shows_qemus_status() -> None:
         St.AWAIT_READY: "device",
         St.HANDING_OVER: "device",
         St.AUDITING: "device",  # the source still holds the VM until the audit passed
-        St.POSTCOPY_SWITCH: "device",  # paused, devices moving, as in stop-copy
-        St.POSTCOPY_AWAIT_READY: "device",
-        St.POSTCOPY_HANDING_OVER: "device",
+        # QEMU 7.2 says postcopy-active from the switch on (its VM stopped meanwhile).
+        St.POSTCOPY_SWITCH: "postcopy-active",
+        St.POSTCOPY_AWAIT_READY: "postcopy-active",
+        St.POSTCOPY_HANDING_OVER: "postcopy-active",
         St.POSTCOPY_ACTIVE: "postcopy-active",
         St.POSTCOPY_AUDITING: "postcopy-active",
         St.POSTCOPY_PAUSED: "postcopy-paused",
@@ -267,6 +268,38 @@ def test_a_tcp_migration_walks_setup_rounds_switchover_hand_over() -> None:
     ]
     assert m.released and not m.resumable and m.finished
     assert m.step(Ev.CANCEL) == () and m.state is St.COMPLETED
+
+
+@pytest.mark.parametrize(
+    ("landed", "tail"),
+    [(Ev.PAGES_LANDED, ()), (Ev.PAGES_LANDED_UNAUDITED, (Ev.AUDIT_PASSED,))],
+    ids=["verify-off", "audited"],
+)
+def test_a_postcopy_migration_reports_qemus_statuses_from_the_switch_on(
+    landed: SourceEvent, tail: tuple[SourceEvent, ...]
+) -> None:
+    """QEMU 7.2: setup, active, then postcopy-active from the switch (not "device", though
+    the VM is paused for it) until the last page, then completed; each once."""
+    m = SourceMachine(Target.LIVE)
+    statuses: list[MigrationStatus] = []
+    for e in (
+        Ev.START,
+        Ev.CONNECTED,
+        Ev.ACCEPTED,
+        Ev.ROUND_POSTCOPY,
+        Ev.STREAM_ENDED,
+        Ev.READY,
+        Ev.RESUMED,
+        landed,
+        *tail,
+    ):
+        step = m.step(e)
+        if Ac.REPORT_STATUS in step:
+            statuses.append(m.status)
+        if m.state is St.POSTCOPY_SWITCH:
+            assert m.status == "postcopy-active" and not m.released
+    assert statuses == ["setup", "active", "postcopy-active", "completed"]
+    assert m.state is St.COMPLETED
 
 
 def test_a_migration_to_a_file_ends_paused_and_resumable() -> None:

@@ -14,13 +14,15 @@ a destination lost during the audit may be running the VM (FAILED_AFTER_RELEASE)
 Post-copy (postcopy-ram, the switch asked for by ``request_postcopy`` or due by
 x-postcopy-after): at a round's end the policy's decision becomes ROUND_POSTCOPY. The VM
 pauses, the devices stop and their state goes with the CPU state, the record of the pages
-the destination must not trust ("owed") and END — no final RAM round (POSTCOPY_SWITCH,
-"device"); after ``ready`` and ``go`` the page server answers the destination's requests
-and pushes every owed page (POSTCOPY_HANDING_OVER, then POSTCOPY_ACTIVE:
-"postcopy-active"); once the destination says the last page landed, the audit (x-verify
-on: POSTCOPY_AUDITING, still "postcopy-active") or COMPLETED. The VM's state is split
-after "go": a lost destination loses the VM (FAILED_AFTER_RELEASE, the source keeps its
-memory until quit); only a failed audit (the destination stopped its VM) rolls it back.
+the destination must not trust ("owed") and END — no final RAM round (POSTCOPY_SWITCH:
+"postcopy-active" from here on, as QEMU 7.2 says it from the switch); after ``ready`` and
+``go`` the page server answers the destination's requests and pushes every owed page
+(POSTCOPY_HANDING_OVER, then POSTCOPY_ACTIVE); once the destination says the last page
+landed, the audit (x-verify on: POSTCOPY_AUDITING, still "postcopy-active") or
+COMPLETED. The VM's state is split after "go": a lost destination loses the VM
+(FAILED_AFTER_RELEASE, the source keeps its memory until quit), and a failed audit too:
+the destination stopped its VM, but it ran there since the switch, so it never runs here
+again (its outside effects would come twice).
 A file: target has no destination to ask: after END the VM stays paused here,
 resumable (SAVED), and ``cont``
 runs it again (CONTINUED). Before the release every failure rolls the VM back and a
@@ -63,10 +65,10 @@ STATUS: Mapping[SourceState, MigrationStatus] = MappingProxyType(
         St.HANDING_OVER: MigrationStatus.DEVICE,
         # Not "completed": until the audit passed the source must not be let go.
         St.AUDITING: MigrationStatus.DEVICE,
-        # As stop-copy: the VM is paused and its devices move.
-        St.POSTCOPY_SWITCH: MigrationStatus.DEVICE,
-        St.POSTCOPY_AWAIT_READY: MigrationStatus.DEVICE,
-        St.POSTCOPY_HANDING_OVER: MigrationStatus.DEVICE,
+        # QEMU 7.2's: postcopy-active from the switch on (its VM is stopped in it).
+        St.POSTCOPY_SWITCH: MigrationStatus.POSTCOPY_ACTIVE,
+        St.POSTCOPY_AWAIT_READY: MigrationStatus.POSTCOPY_ACTIVE,
+        St.POSTCOPY_HANDING_OVER: MigrationStatus.POSTCOPY_ACTIVE,
         St.POSTCOPY_ACTIVE: MigrationStatus.POSTCOPY_ACTIVE,
         St.POSTCOPY_AUDITING: MigrationStatus.POSTCOPY_ACTIVE,
         St.POSTCOPY_PAUSED: MigrationStatus.POSTCOPY_PAUSED,
@@ -120,7 +122,6 @@ ROLLBACK_AFTER_RELEASE: frozenset[tuple[SourceState, SourceEvent]] = frozenset(
         (St.AUDITING, SourceEvent.AUDIT_FAILED),
         # It says it did not start the VM (it gave up waiting for "go").
         (St.POSTCOPY_HANDING_OVER, SourceEvent.DESTINATION_FAILED),
-        (St.POSTCOPY_AUDITING, SourceEvent.AUDIT_FAILED),
     }
 )
 FINAL: frozenset[SourceState] = frozenset(
@@ -283,10 +284,12 @@ def _postcopy() -> _Rows:
             St.POSTCOPY_AUDITING, (Ac.SEND_AUDIT, Ac.AWAIT_AUDITED)
         ),
         (St.POSTCOPY_AUDITING, Ev.AUDIT_PASSED): Step(St.COMPLETED, landed),
-        # The destination stopped its VM: it runs here again from the switch.
-        (St.POSTCOPY_AUDITING, Ev.AUDIT_FAILED): Step(St.FAILED, _FAIL),
+        # The destination stopped its VM, but ran it since the switch (its DMA, its
+        # frames out): run here from the switch, its outside effects would come twice.
+        # Failed, paused here, its memory kept until quit.
+        (St.POSTCOPY_AUDITING, Ev.AUDIT_FAILED): Step(St.FAILED_AFTER_RELEASE, (Ac.REPORT_STATUS,)),
     }
-    resumed = Step(St.POSTCOPY_ACTIVE, (Ac.REPORT_STATUS, Ac.AWAIT_LANDED))
+    resumed = Step(St.POSTCOPY_ACTIVE, (Ac.AWAIT_LANDED,))  # postcopy-active already
     rows |= _rows(St.POSTCOPY_HANDING_OVER, (Ev.RESUMED, Ev.RESUMED_UNAUDITED), resumed)
     rows |= _rows(St.POSTCOPY_SWITCH, _LOCAL, Step(St.FAILED, _ABORT))
     rows |= _rows(St.POSTCOPY_SWITCH, _PEER_LOST, Step(St.FAILED, _FAIL))
