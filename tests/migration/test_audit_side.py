@@ -70,6 +70,7 @@ class FakeReception:
         self.error: BaseException | None = None
         self.cause: BaseException | None = None
         self.failed_check: Any = None
+        self.postcopy: Any = None  # a pre-copy migration's audit
 
     def _fail(self, e: BaseException) -> None:
         self.cause = self.error = e
@@ -109,6 +110,20 @@ def test_the_guest_stops_at_the_first_bad_chunk_and_the_rest_is_read(memories: A
     (verdict,) = r.conn.reply.sent
     assert isinstance(verdict, Audited) and verdict.status == "failed"
     assert verdict.mismatched_pages == [100] and not r.keep_vm  # told: it may go
+
+
+def test_after_postcopy_the_failure_says_the_source_does_not_run_it_again(
+    memories: Any,
+) -> None:
+    src, landing = memories
+    r = FakeReception(FakeReply(_lines(src)), landing)
+    r.postcopy = object()  # the guest ran here since the switch
+    assert _audit(r) is ReceiverEvent.AUDIT_FAILED
+    assert str(r.cause).startswith("verification failed after post-copy: ")
+    assert str(r.cause).endswith(
+        "; the guest was stopped here; the source keeps its paused copy from the switch, "
+        "which has not run since"
+    )
 
 
 def test_a_verdict_that_cannot_be_sent_keeps_the_stopped_vm(memories: Any) -> None:

@@ -84,12 +84,17 @@ def await_audit(r: Reception) -> ReceiverEvent:
     r.verify.mismatched_pages = list(comp.mismatched)
     r.verify.detail = comp.detail()
     r.failed_check = r.verify
-    r._fail(
-        MigrationError(
+    if r.postcopy is not None:  # it ran here since the switch: the source runs it no more
+        why = (
+            f"verification failed after post-copy: {comp.detail()}; the guest was stopped "
+            "here; the source keeps its paused copy from the switch, which has not run since"
+        )
+    else:
+        why = (
             f"verification failed after resume: {comp.detail()}; the guest was stopped "
             "here and runs on at the source"
         )
-    )
+    r._fail(MigrationError(why))
     return Re.AUDIT_FAILED
 
 

@@ -3,7 +3,8 @@ x-verify-phase), each phase's figures, and the audit after resume (x-verify on).
 
 The audit runs once the destination said ``resumed``: RAM here is frozen (the VM never
 runs here again unless the audit fails), so its digests are those of what was sent. A
-verdict of ``failed`` means the destination stopped its guest: the table rolls back.
+verdict of ``failed`` means the destination stopped its guest: the table rolls back,
+except after post-copy (the guest ran there since the switch: it stays paused here).
 
 Status (query-migrate's verify.status): x-verify on is "pending" from the pre-resume
 check until the audit passed ("passed", its pages then the pages checked), "failed" if it
@@ -22,6 +23,19 @@ from vmferry.migration.handover import Handover, StillReleased
 from vmferry.migration.source_machine import SourceEvent
 
 Ev = SourceEvent
+
+
+def postcopy_audit_failed(pages: list[int]) -> str:
+    """The line for a failed audit after post-copy (the VM stays paused here)."""
+    shown = ", ".join(str(p) for p in pages[:8]) + (", …" if len(pages) > 8 else "")
+    if len(pages) == 1:
+        which = f"page {shown} differs"
+    else:
+        which = f"pages {shown} differ" if pages else "pages differ (none named)"
+    return (
+        f"verification failed after post-copy: {which}; the destination stopped the VM; "
+        "the source keeps its paused copy from the switch, which has not run since"
+    )
 
 
 class SourceVerification:
@@ -97,7 +111,10 @@ class SourceVerification:
             return Ev.AUDIT_PASSED
         shown = ", ".join(str(p) for p in msg.mismatched_pages[:8]) or "none named"
         self.figures.verify_failed({**vars(msg), "cpu_state": cpu})
-        self.figures.failed(f"verification failed after resume; rolled back: pages {shown}")
+        if self.figures.stats.postcopy.active:  # it ran there: never here again
+            self.figures.failed(postcopy_audit_failed(msg.mismatched_pages))
+        else:
+            self.figures.failed(f"verification failed after resume; rolled back: pages {shown}")
         return Ev.AUDIT_FAILED
 
     def _unaudited(self) -> None:
