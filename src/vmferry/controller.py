@@ -13,29 +13,28 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from vmferry.arrival import Arrival, Emit
 from vmferry.devices.nic import admin as nic_admin
 from vmferry.devices.vgpu import qmp as vgpu_qmp
-from vmferry.errors import ConfigError, MachineStateError, MigrationError, VmferryError
+from vmferry.errors import ConfigError, MachineStateError, MigrationError
 from vmferry.machine.machine import Machine
 from vmferry.migration import postcopy_commands as commands
 from vmferry.migration import report, tls
 from vmferry.migration.destination import IncomingMigration, IncomingResult
 from vmferry.migration.devices import blockers
-from vmferry.migration.metrics import PostcopyFigures
 from vmferry.migration.params import MigrationCapabilities, MigrationParameters
 from vmferry.migration.source import MigrationSource
 from vmferry.migration.status import MigrationStatus
 from vmferry.qmp import hmp
 from vmferry.qmp.backend import QmpError
 
-Emit = Callable[[str, dict[str, Any]], None]
 MS = MigrationStatus
 # A migration in progress (QEMU's migration_is_running, post-copy included): another
 # may not start, nor may a capability change under it.
 ACTIVE = commands.RUNNING
 
 
-class VmController:
+class VmController(Arrival):
     def __init__(
         self,
         machine: Machine | None,
@@ -224,71 +223,11 @@ class VmController:
             # The VM runs on the destination now: this process's part is over.
             self._finish("migrated")
 
-    def migrate_incoming(self, uri: str) -> None:
-        with self._lock:
-            if self._machine is not None or self.make_incoming is None:
-                raise QmpError(
-                    "this VM is already running; start vmferry with --incoming defer to "
-                    "receive a migration"
-                )
-            if self.incoming_status in (MS.SETUP, MS.ACTIVE, MS.COMPLETED):
-                raise QmpError("an incoming migration has already been started")
-            try:
-                incoming = self.make_incoming(uri)
-            except VmferryError as e:
-                raise QmpError(str(e)) from e
-        self.receive(incoming)
-
     def attach(self, machine: Machine) -> None:
         """The VM booted here, after the controller (and its QMP socket) was set up."""
         if self._machine is not None:
             raise MachineStateError("this controller already has a VM")
         self._machine = machine
-
-    def receive(self, incoming: IncomingMigration) -> None:
-        """Take the VM in from ``incoming`` on a thread; QMP answers meanwhile
-        (``inmigrate``), as QEMU's does for ``-incoming``."""
-        with self._lock:
-            self.incoming = incoming
-            # Listening, no source yet: QEMU's destination says "setup" until one connects.
-            self.incoming_status = MS.SETUP
-        self.emit("MIGRATION", {"status": MS.SETUP})
-        incoming.on_connected = self._incoming_connected
-        threading.Thread(
-            target=self._receive, args=(incoming,), name="incoming", daemon=True
-        ).start()
-
-    def _incoming_connected(self) -> None:
-        with self._lock:
-            if self.incoming_status != MS.SETUP:
-                return
-            self.incoming_status = MS.ACTIVE
-        self.emit("MIGRATION", {"status": MS.ACTIVE})
-
-    def abandon_incoming(self) -> None:
-        """Stop waiting for a VM that has not arrived (quit, a timeout, an interrupt)."""
-        if self.incoming is not None and self._machine is None:
-            self.incoming.close()
-
-    def _receive(self, incoming: IncomingMigration) -> None:
-        try:
-            result = incoming.receive()
-        except VmferryError as e:
-            self.incoming_status, self.incoming_error = MS.FAILED, str(e)
-            self.emit("MIGRATION", {"status": MS.FAILED})
-            self._finish("incoming-failed")
-            self._arrived.set()
-            return
-        if self.finished.is_set():
-            # Quit (or gave up) while it was on its way: this process is ending.
-            result.machine.close()
-            return
-        self.incoming_result = result
-        self._machine = result.machine
-        self.incoming_status = MS.COMPLETED
-        self.emit("MIGRATION", {"status": MS.COMPLETED})
-        self.emit("RESUME", {})
-        self._arrived.set()
 
     def migrate_cancel(self) -> None:
         mig = self.migration
@@ -312,34 +251,11 @@ class VmController:
         if self.migration is None:
             status = self._incoming_state()
             if status:
-                info: dict[str, Any] = {"status": status}
-                if self.incoming_error:
-                    info["error-desc"] = self.incoming_error
-                res = self.incoming_result
-                if res is not None and res.postcopy:
-                    # What the vCPUs waited here, as QEMU's destination reports it after.
-                    waited = PostcopyFigures(
-                        True, blocktime_ms=res.postcopy.get("blocktime_ms", 0.0)
-                    )
-                    info.update(report.blocktime_dict(waited))
-                inc = self.incoming
-                if status == MS.SETUP and inc is not None:
-                    # Where it listens, as QEMU's destination says while it waits.
-                    info["socket-address"] = [
-                        {"type": "inet", "host": inc.uri.host, "port": str(inc.port)}
-                    ]
-                return info
+                return self._query_incoming(status)
+            return {}
             return {}
         # A snapshot: the migration's threads write the stats while this reads them.
         return report.query_migrate_dict(self.migration.snapshot())
-
-    def _incoming_state(self) -> MigrationStatus | str:
-        """The destination's status: the engine's own once post-copy runs (the VM runs
-        here while pages still come, the link may break and be re-made)."""
-        inc = self.incoming
-        if inc is not None and inc.status in commands.POSTCOPY:
-            return inc.status
-        return self.incoming_status
 
     def x_query_migrate_report(self) -> dict[str, Any]:
         if self.migration is None:
