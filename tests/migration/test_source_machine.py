@@ -15,6 +15,7 @@ from tests.migration.tables import (
     steps,
 )
 from vmferry.errors import MigrationError
+from vmferry.migration.codec import Failed, decode_reply, encode_reply
 from vmferry.migration.source_machine import (
     FINAL,
     RELEASED,
@@ -488,3 +489,15 @@ def test_decisions_and_replies_become_events() -> None:
 def test_phase_names_what_the_source_was_doing() -> None:
     assert _at(Target.LIVE, St.HANDING_OVER).phase == "the hand-over"
     assert _at(Target.LIVE, St.PRECOPY).phase == "the pre-copy"
+
+
+def test_a_failed_reply_says_whether_the_destination_had_started_the_guest() -> None:
+    """The source rolls back on a "failed" after "go" only if the guest never started
+    there: the reply carries it (omitted when false, as a "failed" always was)."""
+    said = Failed("vCPU 1 could not start", started=True)
+    line = encode_reply(said)
+    assert json.loads(line)["started"] is True and decode_reply(line) == said
+    assert "started" not in json.loads(encode_reply(Failed("no go")))
+    assert decode_reply(encode_reply(Failed("no go"))).started is False
+    with pytest.raises(MigrationError, match="field 'started' is 'yes', want bool"):
+        decode_reply(b'{"kind": "failed", "error": "x", "started": "yes"}\n')

@@ -140,6 +140,7 @@ class Reception:
         self.verify: VerifyResult | None = None
         self.failed_check: VerifyResult | None = None  # the verification that refused it
         self.running = False  # the guest runs here: from then on nothing may close it
+        self.guest_started = False  # its start began: the source must never run it again
         self.cause: BaseException | None = None  # what failed, as it was raised
         self.error: BaseException | None = None  # and as the destination reports it
         self.times: dict[str, float] = {}
@@ -384,6 +385,7 @@ class Reception:
     def _start_vm(self) -> None:
         assert self.machine is not None
         self.times["go"] = time.monotonic()
+        self.guest_started = True  # even if the start fails half-way: it may have run
         DestinationDevices(self.machine.devices).start()
         self.machine.start()
         self.running = True
@@ -411,7 +413,7 @@ class Reception:
         # What the check found goes too: the source reports it as its own result.
         found = None if self.failed_check is None else verify_dict(self.failed_check)
         with contextlib.suppress(OSError):
-            self.conn.reply.send(Failed(str(self.error), found))
+            self.conn.reply.send(Failed(str(self.error), found, started=self.guest_started))
 
     def _discard(self) -> None:
         end_postcopy(self)  # nothing may wait on a page of RAM that goes

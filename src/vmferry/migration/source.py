@@ -24,13 +24,18 @@ from vmferry.errors import MigrationCancelled, MigrationError, VmferryError
 from vmferry.machine.machine import Machine
 from vmferry.migration import tls
 from vmferry.migration.channel import parse_uri
-from vmferry.migration.codec import AbandonNotice
+from vmferry.migration.codec import AbandonNotice, Failed, Resumed
 from vmferry.migration.connector import Connector, TcpConnector
 from vmferry.migration.devices import SourceDevices, blockers
 from vmferry.migration.failure import Circumstances, GuestEnded, describe
 from vmferry.migration.figures import LiveFigures
 from vmferry.migration.guest_ram import RamMigration
-from vmferry.migration.handover import DestinationRefused, Handover
+from vmferry.migration.handover import (
+    RESUMED_TIMEOUT_S,
+    DestinationRefused,
+    Handover,
+    StillReleased,
+)
 from vmferry.migration.link import DestinationLink
 from vmferry.migration.metrics import MigrationStats
 from vmferry.migration.outgoing import (
@@ -69,6 +74,7 @@ from vmferry.migration.vcpus import VcpuMigration
 log = logging.getLogger(__name__)
 
 St, Ev, Ac = SourceState, SourceEvent, SourceAction
+MAY_RUN_THERE = "; the VM stays paused here (postmigrate) because the destination may be running it"
 
 
 class MigrationSource:
@@ -462,7 +468,21 @@ class MigrationSource:
             part.stop_dirty_tracking()
 
     def _await_resumed(self) -> SourceEvent:
-        self._switchover().resumed(self._hand().await_resumed())
+        """The destination's "resumed". Its "failed" rolls the VM back here only if it
+        never started the guest (it gave up waiting for "go"); one that did start it
+        (a start that failed half-way, say) may have run it: the VM stays paused here."""
+        watch = self._hand().watch
+        try:
+            msg = watch.next(RESUMED_TIMEOUT_S, "confirmation that the VM resumed")
+        except MigrationError as e:
+            raise StillReleased(f"{e}{MAY_RUN_THERE}") from e
+        if isinstance(msg, Failed):
+            if msg.started:
+                raise StillReleased(
+                    f"the destination failed after it started the VM: {msg.error}{MAY_RUN_THERE}"
+                )
+            raise DestinationRefused(f"the destination refused the VM: {msg.error}")
+        self._switchover().resumed(msg.resume_ms if isinstance(msg, Resumed) else 0.0)
         return self.verification.resumed_event()
 
     def _run_here(self) -> None:

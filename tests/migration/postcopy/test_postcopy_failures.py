@@ -23,6 +23,8 @@ from tests.migration.live import (
     wait_until,
 )
 from tests.migration.postcopy.harness import uffd_unavailable
+from vmferry.errors import MigrationError
+from vmferry.machine.machine import Machine
 from vmferry.migration.codec import POSTCOPY_HELLO
 from vmferry.migration.params import MigrationCapabilities, MigrationParameters
 from vmferry.migration.postcopy import fault_server, page_requests, page_server
@@ -34,36 +36,73 @@ pytestmark = [
     pytest.mark.kvm,
     pytest.mark.root,
     pytest.mark.slow,
+    pytest.mark.timeout(150),  # each test's own waits are bounded well within it
     pytest.mark.skipif((why := uffd_unavailable()) is not None, reason=f"no uffd: {why}"),
 ]
-WORKLOAD = Workload(wss="32M", seed=11, rounds=9, rate=64, memory=256 << 20)
 PEER_TIMEOUT_MS = 2000
-# The push is slowed so that the migration is still in post-copy when the test strikes.
 PARAMS = MigrationParameters(verify="on", peer_timeout_ms=PEER_TIMEOUT_MS)
+# A guest that outlasts any migration (about 30 min): where the test strikes (a kill, a
+# SIGSTOP) the guest must still be running, and its RESULT is never needed.
+ENDLESS = Workload(wss="32M", seed=11, rounds=400, rate=8, memory=256 << 20)
+# As long, but it rewrites its working set every 0.5 s: it asks for many owed pages
+# (the bad-input tests corrupt the 20th request or run).
+BUSY = Workload(wss="32M", seed=11, rounds=3600, rate=64, memory=256 << 20)
+# About 16 s, slow enough (2 s per pass over its working set) that its requests do not
+# fetch every owed page before the cut; it ends at the destination with its RESULT.
+WORKLOAD = Workload(wss="32M", seed=11, rounds=8, rate=16, memory=256 << 20)
+# The push is capped so that pages are still owed when the test strikes: at the switch
+# after round 0 most of the 256 MiB is owed (about 230 MiB): some 5 s of push (requests
+# are not capped: the guest's pace bounds them).
+PUSH_CAP = 48 << 20
+
+
+@pytest.fixture(autouse=True)
+def _capped_push(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The page server's background push at ``PUSH_CAP`` unless the source caps it."""
+    real = page_server.PageServer.__init__
+
+    def init(server: page_server.PageServer, *args: Any, **kw: Any) -> None:
+        kw["max_bandwidth"] = kw.get("max_bandwidth") or PUSH_CAP
+        real(server, *args, **kw)
+
+    monkeypatch.setattr(page_server.PageServer, "__init__", init)
 
 
 def _start(guest: Guest, uri: str, events: Events) -> MigrationSource:
+    """Post-copy asked for before round 0 ends: the switch ends round 0, whatever the
+    policy says of it (no race with a round that converged, nor with the guest's end)."""
     src = MigrationSource(
         guest.machine, uri, PARAMS, MigrationCapabilities(postcopy_ram=True), on_event=events
     )
     src.start()
-    wait_until(lambda: src.stats.status == MigrationStatus.ACTIVE, 30, "the rounds to start")
     src.request_postcopy()
     return src
 
 
+def _await_postcopy_owing(src: MigrationSource) -> None:
+    """Until the guest runs at the destination with pages still owed (then the test
+    strikes): postcopy-active shows from the switch on, the pages' figures move only
+    once the destination resumed."""
+
+    def moving() -> bool:
+        st = src.stats
+        pc = st.postcopy
+        sent = pc.urgent_pages + pc.pushed_pages
+        return st.status == MigrationStatus.POSTCOPY_ACTIVE and sent > 0 and st.remaining > 0
+
+    wait_until(lambda: src.done.is_set() or moving(), 60, "post-copy with pages owed")
+    st = src.stats
+    assert st.status == MigrationStatus.POSTCOPY_ACTIVE and st.postcopy.active, st.error
+    assert st.remaining > 0, "every page had landed before the test could strike"
+
+
 def test_a_destination_killed_during_postcopy_loses_the_vm_the_source_says_so() -> None:
-    guest = Guest(WORKLOAD)
-    proc, port = live.start_destination_process()
+    proc, port = live.start_destination_process()  # before the guest: its run is not spent
+    guest = Guest(ENDLESS)
     events = Events()
     try:
         src = _start(guest, f"tcp:127.0.0.1:{port}", events)
-        wait_until(
-            lambda: src.stats.status == MigrationStatus.POSTCOPY_ACTIVE or src.done.is_set(),
-            30,
-            "post-copy",
-        )
-        assert src.stats.status == MigrationStatus.POSTCOPY_ACTIVE, src.stats.error
+        _await_postcopy_owing(src)
         t_kill = time.monotonic()
         proc.kill()
         assert src.wait(PEER_TIMEOUT_MS / 1e3 + 5), "the source hung after the kill"
@@ -84,18 +123,13 @@ def test_a_destination_killed_during_postcopy_loses_the_vm_the_source_says_so() 
 
 
 def test_a_link_cut_during_postcopy_pauses_both_and_recovery_gives_the_reference_result() -> None:
-    guest = Guest(WORKLOAD)
     dest = Destination()
     proxy = Proxy(dest.port)
+    guest = Guest(WORKLOAD)
     events = Events()
     try:
         src = _start(guest, proxy.uri, events)
-        wait_until(
-            lambda: src.stats.status == MigrationStatus.POSTCOPY_ACTIVE or src.done.is_set(),
-            30,
-            "post-copy",
-        )
-        assert src.stats.status == MigrationStatus.POSTCOPY_ACTIVE, src.stats.error
+        _await_postcopy_owing(src)
         proxy.cut()
         paused = MigrationStatus.POSTCOPY_PAUSED
         wait_until(
@@ -123,18 +157,14 @@ def test_a_link_cut_during_postcopy_pauses_both_and_recovery_gives_the_reference
 
 
 def test_a_second_cut_during_the_recovery_stays_paused_and_the_next_recovery_completes() -> None:
-    guest = Guest(WORKLOAD)
     dest = Destination()
     proxy = Proxy(dest.port)
+    guest = Guest(WORKLOAD)
     paused = MigrationStatus.POSTCOPY_PAUSED
     bound = PEER_TIMEOUT_MS / 1e3 + 5
     try:
         src = _start(guest, proxy.uri, Events())
-        wait_until(
-            lambda: src.stats.status == MigrationStatus.POSTCOPY_ACTIVE or src.done.is_set(),
-            30,
-            "post-copy",
-        )
+        _await_postcopy_owing(src)
         proxy.cut()
         wait_until(
             lambda: src.stats.status == paused and dest.incoming.status == paused,
@@ -177,8 +207,7 @@ def _corrupt_once(monkeypatch: pytest.MonkeyPatch, module: Any, name: str, bad: 
     monkeypatch.setattr(module, name, encode)
 
 
-def _bad_input(guest: Guest) -> tuple[MigrationSource, BaseException]:
-    dest = Destination()
+def _bad_input(dest: Destination, guest: Guest) -> tuple[MigrationSource, BaseException]:
     try:
         src = _start(guest, dest.uri, Events())
         assert src.wait(30), "the source hung on bad input"
@@ -191,16 +220,17 @@ def _bad_input(guest: Guest) -> tuple[MigrationSource, BaseException]:
 def test_a_page_request_outside_guest_ram_stops_postcopy_with_one_clear_error(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    guest = Guest(WORKLOAD)
-    outside = guest.machine.memory.size
+    outside = BUSY.memory
     _corrupt_once(
         monkeypatch,
         fault_server,
         "encode_request",
         lambda r: page_requests.encode_request(page_requests.PageRequest(outside, r.npages)),
     )
+    dest = Destination()
+    guest = Guest(BUSY)
     try:
-        src, dest_err = _bad_input(guest)
+        src, dest_err = _bad_input(dest, guest)
         st = src.stats
         assert st.status == MigrationStatus.FAILED
         assert st.error.startswith("post-copy stopped (page request refused: RAM "), st.error
@@ -214,15 +244,16 @@ def test_a_page_request_outside_guest_ram_stops_postcopy_with_one_clear_error(
 def test_a_malformed_page_run_stops_postcopy_with_one_clear_error(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    guest = Guest(WORKLOAD)
     _corrupt_once(
         monkeypatch,
         page_server,
         "encode_run",
         lambda r: b"XXXX" + page_requests.encode_run(r)[4:],
     )
+    dest = Destination()
+    guest = Guest(BUSY)
     try:
-        src, dest_err = _bad_input(guest)
+        src, dest_err = _bad_input(dest, guest)
         assert "page run has magic b'XXXX'" in str(dest_err), dest_err
         assert "\n" not in str(dest_err)
         st = src.stats
@@ -234,16 +265,11 @@ def test_a_malformed_page_run_stops_postcopy_with_one_clear_error(
 
 
 def test_a_destination_that_stops_answering_during_postcopy_is_given_up_within_the_bound() -> None:
-    guest = Guest(WORKLOAD)
     proc, port = live.start_destination_process()
+    guest = Guest(ENDLESS)
     try:
         src = _start(guest, f"tcp:127.0.0.1:{port}", Events())
-        wait_until(
-            lambda: src.stats.status == MigrationStatus.POSTCOPY_ACTIVE or src.done.is_set(),
-            30,
-            "post-copy",
-        )
-        assert src.stats.status == MigrationStatus.POSTCOPY_ACTIVE, src.stats.error
+        _await_postcopy_owing(src)
         t0 = time.monotonic()
         proc.p.send_signal(signal.SIGSTOP)
         # Silent, not gone: a link that may come back (QEMU's postcopy-paused).
@@ -261,4 +287,33 @@ def test_a_destination_that_stops_answering_during_postcopy_is_given_up_within_t
     finally:
         proc.kill()
         proc.finish(10)
+        guest.close()
+
+
+def test_a_destination_whose_guest_start_fails_after_go_keeps_the_vm_paused_here(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Its "failed" says it had started the guest (it may have run there): the source
+    must not run the VM again (no rollback after "go"); it stays paused, its memory kept."""
+    dest = Destination()
+    guest = Guest(ENDLESS)
+    real_start = Machine.start
+
+    def start(m: Machine) -> None:
+        if m is not guest.machine:  # the destination's machine
+            raise MigrationError("vCPU 1 could not start (the test's)")
+        real_start(m)
+
+    monkeypatch.setattr(Machine, "start", start)
+    try:
+        src = _start(guest, dest.uri, Events())
+        assert src.wait(30), "the source hung"
+        st = src.stats
+        assert st.status == MigrationStatus.FAILED, st.error
+        assert st.error.startswith("the destination failed after it started the VM: "), st.error
+        assert "vCPU 1 could not start" in st.error and "\n" not in st.error
+        assert src.released and guest.machine.paused and guest.machine.exit is None
+        assert "could not start" in str(dest.failure())
+    finally:
+        dest.close()
         guest.close()

@@ -104,15 +104,21 @@ class Resumed:
 @dataclass(frozen=True, init=False)
 class Failed:
     """The destination gives up; ``verify``: what its check found, when that was why
-    (given as any mapping of the five fields, kept as checked VerifyFindings)."""
+    (given as any mapping of the five fields, kept as checked VerifyFindings);
+    ``started``: it had started the guest (after "go"), so the source must not run it
+    again: the VM may have run there."""
 
     KIND: ClassVar[str] = "failed"
     error: str
     verify: VerifyFindings | None
+    started: bool
 
-    def __init__(self, error: str, verify: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self, error: str, verify: Mapping[str, Any] | None = None, started: bool = False
+    ) -> None:
         object.__setattr__(self, "error", error)
         object.__setattr__(self, "verify", None if verify is None else VerifyFindings.of(verify))
+        object.__setattr__(self, "started", started)
 
 
 @dataclass(frozen=True)
@@ -192,6 +198,8 @@ _REPLY_FIGURES: dict[str, tuple[str, ...]] = {
 
 def encode_reply(msg: ReplyMessage) -> bytes:
     fields = {k: v for k, v in vars(msg).items() if v is not None}
+    if isinstance(msg, Failed) and not msg.started:
+        del fields["started"]  # said only when true: a "failed" as it always was
     return json.dumps({"kind": msg.KIND, **fields}, allow_nan=False).encode() + b"\n"
 
 
@@ -236,6 +244,8 @@ def _reply_values(cls: type[ReplyMessage], obj: dict[str, Any], where: str) -> d
         found = VerifyFindings.of({**obj, "cpu_state": ""}, where)
         values["pages_checked"] = found.pages_checked
         values["mismatched_pages"] = found.mismatched_pages
+    if cls is Failed:
+        values["started"] = get(obj, "started", bool, where) if "started" in obj else False
     if cls is Failed and obj.get("verify") is not None:
         found = obj["verify"]
         if not isinstance(found, dict):

@@ -23,7 +23,7 @@ import time
 
 from vmferry.errors import ConfigError, MigrationError, VmferryError
 from vmferry.machine.machine import Machine
-from vmferry.memory.dirty import DirtyBitmap, page_runs
+from vmferry.memory.dirty import DirtyBitmap
 from vmferry.migration.channel import MigrationUri, PeerSilent, parse_uri
 from vmferry.migration.codec import (
     PCPY,
@@ -157,7 +157,7 @@ class PostcopySource:
             raise MigrationError(f"could not open post-copy's page channels: {why}")
         sent = SentPages(self.owed.npages)
         sent.bitmap.set_all()
-        sent.bitmap.clear_runs(*page_runs(self.owed.pages()))  # what it holds is "sent"
+        sent.bitmap.words &= ~self.owed.words  # what it holds (or fills itself) is "sent"
         self._start_server(sent)
 
     def _start_server(self, sent: SentPages) -> None:
