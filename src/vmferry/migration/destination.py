@@ -65,6 +65,7 @@ class IncomingMigration:
         self._prealloc: GuestMemory | None = None
         self._reception: Reception | None = None
         self.recover_port = 0  # where migrate-recover listens
+        self._recovering: TcpAcceptor | None = None  # its listener, until the try ends
         if prealloc:
             try:
                 self._prealloc = GuestMemory(prealloc)
@@ -104,12 +105,23 @@ class IncomingMigration:
 
     def recover(self, uri: str) -> None:
         """QMP migrate-recover: listen on ``uri`` (now: a bad URI or a busy port fails
-        here) for the source's ``migrate`` with resume; ``recover_port`` is where."""
+        here) for the source's ``migrate`` with resume; ``recover_port`` is where. One at a
+        time: a second while the first still listens is refused (QEMU's words)."""
         r = self._reception
         if r is None or r.postcopy is None or r.walk.state is not ReceiverState.POSTCOPY_PAUSED:
             raise MigrationError(f"post-copy is not paused here (it is {self.status})")
-        acceptor = TcpAcceptor(parse_uri(uri))
+        target = parse_uri(uri)
+        if target.scheme != "tcp":
+            raise MigrationError(f"post-copy recovers over tcp:HOST:PORT only, not {uri!r}")
+        pending = self._recovering
+        if pending is not None and pending.listener.fileno() != -1:  # closed once tried
+            raise MigrationError(
+                f"Migrate recovery is triggered already (listening on {pending.uri.host}:"
+                f"{pending.port} for the source's migrate resume)"
+            )
+        acceptor = TcpAcceptor(target)
         self.recover_port = acceptor.port
+        self._recovering = acceptor
         r.postcopy.recover_with(acceptor)
 
     def receive(self) -> IncomingResult:
