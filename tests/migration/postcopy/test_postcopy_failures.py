@@ -50,22 +50,39 @@ BUSY = Workload(wss="32M", seed=11, rounds=3600, rate=64, memory=256 << 20)
 # About 16 s, slow enough (2 s per pass over its working set) that its requests do not
 # fetch every owed page before the cut; it ends at the destination with its RESULT.
 WORKLOAD = Workload(wss="32M", seed=11, rounds=8, rate=16, memory=256 << 20)
-# The push is capped so that pages are still owed when the test strikes: at the switch
-# after round 0 most of the 256 MiB is owed (about 230 MiB): some 5 s of push (requests
-# are not capped: the guest's pace bounds them).
-PUSH_CAP = 48 << 20
+# The background push is held (one run, then a pace no run meets) until the test lets
+# it go: pages stay owed when the test strikes, however few were owed at the switch and
+# however fast the host (requests are still answered: the guest's pace bounds them).
+HELD = 1e-3  # bytes/s
+
+
+class PushHold:
+    """Every page server's push held at ``HELD`` until ``release`` (then at the source's
+    own cap): servers made after it (a resumed link's) are not held."""
+
+    def __init__(self) -> None:
+        self.held = True
+        self.servers: list[page_server.PageServer] = []
+
+    def release(self) -> None:
+        self.held = False
+        for server in self.servers:
+            server.max_bandwidth = None  # its pace looks again within 50 ms
 
 
 @pytest.fixture(autouse=True)
-def _capped_push(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The page server's background push at ``PUSH_CAP`` unless the source caps it."""
+def push(monkeypatch: pytest.MonkeyPatch) -> PushHold:
+    hold = PushHold()
     real = page_server.PageServer.__init__
 
     def init(server: page_server.PageServer, *args: Any, **kw: Any) -> None:
-        kw["max_bandwidth"] = kw.get("max_bandwidth") or PUSH_CAP
+        if hold.held:
+            kw["max_bandwidth"] = HELD
         real(server, *args, **kw)
+        hold.servers.append(server)
 
     monkeypatch.setattr(page_server.PageServer, "__init__", init)
+    return hold
 
 
 def _start(guest: Guest, uri: str, events: Events) -> MigrationSource:
@@ -122,7 +139,9 @@ def test_a_destination_killed_during_postcopy_loses_the_vm_the_source_says_so() 
         guest.close()
 
 
-def test_a_link_cut_during_postcopy_pauses_both_and_recovery_gives_the_reference_result() -> None:
+def test_a_link_cut_during_postcopy_pauses_both_and_recovery_gives_the_reference_result(
+    push: PushHold,
+) -> None:
     dest = Destination()
     proxy = Proxy(dest.port)
     guest = Guest(WORKLOAD)
@@ -131,6 +150,7 @@ def test_a_link_cut_during_postcopy_pauses_both_and_recovery_gives_the_reference
         src = _start(guest, proxy.uri, events)
         _await_postcopy_owing(src)
         proxy.cut()
+        push.release()  # the resumed link's push goes at full speed
         paused = MigrationStatus.POSTCOPY_PAUSED
         wait_until(
             lambda: src.stats.status == paused and dest.incoming.status == paused,
@@ -156,7 +176,9 @@ def test_a_link_cut_during_postcopy_pauses_both_and_recovery_gives_the_reference
         guest.close()
 
 
-def test_a_second_cut_during_the_recovery_stays_paused_and_the_next_recovery_completes() -> None:
+def test_a_second_cut_during_the_recovery_stays_paused_and_the_next_recovery_completes(
+    push: PushHold,
+) -> None:
     dest = Destination()
     proxy = Proxy(dest.port)
     guest = Guest(WORKLOAD)
@@ -166,6 +188,7 @@ def test_a_second_cut_during_the_recovery_stays_paused_and_the_next_recovery_com
         src = _start(guest, proxy.uri, Events())
         _await_postcopy_owing(src)
         proxy.cut()
+        push.release()  # the resumed link's push goes at full speed
         wait_until(
             lambda: src.stats.status == paused and dest.incoming.status == paused,
             bound,
