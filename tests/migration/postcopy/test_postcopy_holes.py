@@ -1,7 +1,7 @@
 """A page the destination counts as present but holds no page of its memfd (pre-copy
 sent it as a zero page and nothing pre-faulted it) faults like a missing one once RAM is
 registered: the fault server fills it with zeros itself — for a vCPU's touch and before
-a DMA touches it — and asks the source nothing."""
+a DMA touches it — and asks the source nothing. It is present once filled."""
 
 from __future__ import annotations
 
@@ -43,8 +43,7 @@ def test_touches_and_dma_on_holes_read_zeros_without_asking_the_source(pair: Pai
     pair.threads.append(toucher)
     toucher.start()  # waits in the userfaultfd's queue until the server reads it
     ps, fs, _ = connect(pair, channels=2, max_bandwidth=1e6)  # the push barely moves
-    fs.present.mark_range(first, n)  # as the switch says: held here (sent as zero pages)
-    fs.holes.mark_range(first, n)
+    fs.holes.mark_range(first, n)  # as the switch says: zero, not owed, not present yet
     ps.sent.mark_range(first, n)
     fs.start()
     ps.start()
@@ -56,3 +55,4 @@ def test_touches_and_dma_on_holes_read_zeros_without_asking_the_source(pair: Pai
     assert dma.read(*span).tobytes() == bytes(span[1])
     assert fs.requests_sent == 0 and ps.served.requests == 0, "the source was asked for zeros"
     assert 0 < fs.zero_filled <= n and fs.error is None
+    assert fs.present.count() == fs.zero_filled + fs.landing.received, "what was filled, or landed"

@@ -81,19 +81,20 @@ class PostcopyDestination:
     def prepare(self, accept: Accept, mig_id: str, landing: LandingDigests | None) -> None:
         """Discard the owed pages, register RAM, accept the page channels, start serving."""
         t0 = time.monotonic()
-        present = PresentPages(self.memory.npages)
-        present.bitmap.words[:] = ~self.owed.words
-        _trimmed(present, self.memory.npages)
         owed = DirtyBitmap(self.owed.npages)
         owed.words[:] = self.owed.words
         runs = page_runs(owed.pages())
         self.discard_runs = int(runs[0].size)
         self.memory.discard(*runs)
-        # What pre-copy sent as zero pages and nothing wrote here is a hole: zero, but a
-        # touch faults as if missing (the fault server fills it, asking nobody).
+        resident = self.memory.resident_bitmap().words
+        # Present: what is here and not owed. The rest that is not owed is a hole (a zero
+        # page of pre-copy nothing wrote here, a page never sent): zero, but a touch
+        # faults as if missing, and the fault server fills it, asking nobody.
+        present = PresentPages(self.memory.npages)
+        present.bitmap.words[:] = resident & ~self.owed.words
         holes = PresentPages(self.memory.npages)
-        holes.bitmap.words[:] = present.bitmap.words & ~self.memory.resident_bitmap().words
-        self.holes_at_switch = holes.count()
+        holes.bitmap.words[:] = ~resident & ~self.owed.words
+        self.holes_at_switch = _trimmed(holes, self.memory.npages).count()
         self.uf = UserFault()
         self.uf.register_memory(self.memory, 0, self.memory.size)
         roles = self._accept_channels(accept, mig_id)
@@ -104,10 +105,11 @@ class PostcopyDestination:
             stream_sink(urgent),
             [stream_source(urgent, "urgent pages"), stream_source(background, "pushed pages")],
             present=present,
-            holes=_trimmed(holes, self.memory.npages),
+            holes=holes,
             on_landed=None if landing is None else landing.landed_data,
         )
         self.server.pausable = True  # a reset or silent link pauses (migrate-recover)
+        self.server.peer_timeout_s = self.timeout_s
         self.server.start()
         self.prepare_ms = (time.monotonic() - t0) * 1e3
 
@@ -214,10 +216,18 @@ class PostcopyDestination:
             if hello.mig_id != mig_id or hello.role in roles:
                 raise StreamError(f"{what}: not this migration's, or a role twice ({hello})")
             roles[hello.role] = s
+        if not server.detach(HELLO_TIMEOUT_S):  # it could land and count a page, or
+            for s in roles.values():  # call the new link broken: refused before present
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+            raise MigrationError(
+                "a reader of the old link's page channels still runs: this recovery was "
+                "refused before the present pages went (run migrate-recover again)"
+            )
         main = roles[ROLE_RESUME]
         self.socks.remove(main)  # the connection's now (Reception's): end() leaves it
-        with server.lock:
-            present = server.present.bitmap.words.copy()
+        with server.lock:  # the holes too: zero-filled here, never to be sent
+            present = server.present.bitmap.words | server.holes.bitmap.words
         stream_sink(main).write(OwedRecord(self.memory.npages, present).encode())
         receive_timeout(main, self.timeout_s)
         self._bound(roles)

@@ -24,9 +24,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from vmferry.errors import MigrationError, VmferryError
-from vmferry.memory.dirty import DirtyBitmap, IntArray, expand_runs, page_runs
+from vmferry.memory.dirty import DirtyBitmap, IntArray, page_runs
 from vmferry.memory.guest_memory import PAGE_SHIFT, PAGE_SIZE, GuestMemory
 from vmferry.memory.userfaultfd import FaultBatch, UserFault
+from vmferry.migration.liveness import is_timeout
 from vmferry.migration.postcopy.blocktime import Blocktime
 from vmferry.migration.postcopy.page_requests import (
     MAX_REQUEST_PAGES,
@@ -48,6 +49,7 @@ from vmferry.migration.postcopy.pages import (
 from vmferry.migration.transport import Sink, Source, StreamEndsEarly
 
 POLL_S = 0.05  # how often the fault thread looks at its stop flag
+PAUSED_POLL_S = 0.5  # how often a DMA parked by a broken link looks whether it is back
 # Called with (first page, the run's data) once a run has landed: the staging copy, which
 # (unlike guest RAM) any thread may read with the GIL held: the audit digests it there.
 LandedHook = Callable[[int, memoryview], None]
@@ -97,10 +99,13 @@ class FaultServer:
         self.on_landed = on_landed
         self._requests, self._channels = requests, list(pages)
         self.present = present or PresentPages(memory.npages)
-        # Present pages that hold no page in the memfd: sent as zero pages, never written
-        # here (nothing pre-faulted them). They are zero; a touch of one faults all the
-        # same, so it is filled with zeros here, never asked of the source.
+        # Pages that are zero and not owed, with no page in the memfd (sent as zero pages,
+        # or never sent: zero on the source too). A touch faults all the same, so this
+        # server fills them with zeros itself, asking the source nothing. A hole is not
+        # present until its zeros are in: ``present`` means "safe to touch", which a
+        # DMA does with the GIL held (a touch of a missing page then stops the process).
         self.holes = holes or PresentPages(memory.npages)
+        self._zeroing = PresentPages(memory.npages)  # holes a thread is filling now
         self.zero_filled = 0
         self._asked = PresentPages(memory.npages)  # requested, not landed yet
         self.blocktime = Blocktime.of(vcpus)
@@ -111,6 +116,7 @@ class FaultServer:
         self.error: BaseException | None = None
         # A reset or silent link pauses post-copy (a closed one fails it): the engine's.
         self.pausable = False
+        self.peer_timeout_s = 0.0  # the channels' receive bound (x-peer-timeout), for lines
         self.broken: BaseException | None = None
         self._cond = threading.Condition()
         self._send_lock = threading.Lock()
@@ -179,12 +185,14 @@ class FaultServer:
             self._cond.notify_all()
         self._done.set()
 
-    def detach(self, timeout: float) -> None:
+    def detach(self, timeout: float) -> bool:
         """After a break: the receivers of the old link are waited for (their sockets
-        shut down by the owner)."""
+        shut down by the owner). Whether all have ended: one still running could land a
+        page and count it, or call the new link broken, after a reattach."""
         for t in self._threads[1:]:
             if t.ident is not None:
                 t.join(timeout)
+        return not any(t.is_alive() for t in self._threads[1:])
 
     def reattach(self, requests: Sink, pages: Sequence[Source]) -> None:
         """A new link after a break: new receivers, and every page asked for that has not
@@ -239,31 +247,49 @@ class FaultServer:
                 self.blocktime.blocked(tid, page, t)  # one entry per fault event, not per page
             distinct = np.unique(pages)
             here = bits_at(self.present.bitmap, distinct)
-            need = distinct[~here & ~bits_at(self._asked.bitmap, distinct)]
+            hole = bits_at(self.holes.bitmap, distinct)
+            need = distinct[~here & ~hole & ~bits_at(self._asked.bitmap, distinct)]
             runs = page_runs(need)
             self._asked.mark(runs)
-            holes = self._take_holes(page_runs(distinct[here]))
+            holes = self._take_holes(distinct[hole])
+            for p in distinct[here].tolist():  # landed after the fault was queued: its
+                self.blocktime.landed(p, 1, t)  # thread was woken by that COPY
         self._fill_zeros(holes)
-        with self._cond:
-            for p in distinct[here].tolist():  # a hole just filled, or landed after the
-                self.blocktime.landed(p, 1, t)  # fault was queued: its thread was woken
         self._send_requests(runs)
 
-    def _take_holes(self, runs: Runs) -> Runs:
-        """Of ``runs`` (present pages), the holes, no longer counted as such (under the
-        lock: each is filled once)."""
-        if runs[0].size == 0 or self.holes.count() == 0:
-            return runs[0][:0], runs[1][:0]
-        pages = expand_runs(*runs)
-        holes = page_runs(pages[bits_at(self.holes.bitmap, pages)])
-        self.holes.bitmap.clear_runs(*holes)
-        return holes
+    def _take_holes(self, holes: IntArray) -> Runs:
+        """Of ``holes`` (pages still to be zero-filled), the runs no other thread is
+        filling, now claimed by the caller (under the lock: each is filled once). The
+        others' waiters wait for those threads' fills like for a landing."""
+        if holes.size == 0:
+            return page_runs(holes)
+        claimed = page_runs(holes[~bits_at(self._zeroing.bitmap, holes)])
+        self._zeroing.mark(claimed)
+        return claimed
 
     def _fill_zeros(self, runs: Runs) -> None:
-        """Zeros into holes (UFFDIO_COPY from a zero page on shmem); their waiters woken."""
+        """Zeros into claimed holes (UFFDIO_COPY from a zero page on shmem, which wakes
+        their faulting threads); only then present, and the DMAs waiting told."""
+        if runs[0].size == 0:
+            return
         for a, n in zip(runs[0].tolist(), runs[1].tolist(), strict=True):
-            self.uf.zeropage(self.memory.host_addr + (a << PAGE_SHIFT), n << PAGE_SHIFT)
-            self.zero_filled += n
+            try:
+                self.uf.zeropage(self.memory.host_addr + (a << PAGE_SHIFT), n << PAGE_SHIFT)
+            except (VmferryError, OSError) as e:  # its waiters would wait for ever
+                err = FaultServerError(f"zero-filling the holes at pages {a}+{n} failed: {e}")
+                self._fail(err)
+                raise err from e
+        t = time.monotonic()
+        with self._cond:
+            self.present.mark(runs)
+            self.holes.bitmap.clear_runs(*runs)
+            self._zeroing.bitmap.clear_runs(*runs)
+            self.zero_filled += int(runs[1].sum())
+            for a, n in zip(runs[0].tolist(), runs[1].tolist(), strict=True):
+                self.blocktime.landed(a, n, t)
+            self._check_end()
+            if self._present_waiters:
+                self._cond.notify_all()
 
     def _send_requests(self, runs: Runs) -> None:
         starts, lengths = clip_runs(runs, MAX_REQUEST_PAGES)
@@ -296,11 +322,12 @@ class FaultServer:
         first, count = _page_span(ram_offset, length, self.memory.size)
         with self._cond:
             here = range_bits(self.present.bitmap, first, count)
-            bits = ~here & ~range_bits(self._asked.bitmap, first, count)
+            hole = range_bits(self.holes.bitmap, first, count)
+            bits = ~here & ~hole & ~range_bits(self._asked.bitmap, first, count)
             runs = runs_where(bits, first)
             self._asked.mark(runs)
-            holes = self._take_holes(runs_where(here, first))
-        self._fill_zeros(holes)  # before the DMA touches them (it holds the GIL then)
+            holes = self._take_holes(np.flatnonzero(hole) + first)
+        self._fill_zeros(holes)  # present only once filled: the DMA waits for that
         self._send_requests(runs)
         return int(runs[1].sum())
 
@@ -310,20 +337,29 @@ class FaultServer:
         return self.wait_present(ram_offset, length, timeout)
 
     def wait_present(self, ram_offset: int, length: int, timeout: float) -> bool:
-        """Wait until every page of RAM [ram_offset, +length) is present; False on timeout.
-        Raises the server's error if it failed meanwhile (nothing would ever land)."""
+        """Wait until every page of RAM [ram_offset, +length) is present; False once
+        ``timeout`` has run out with the link up, or the server stopped. While the link is
+        broken (postcopy-paused) the waiter stays parked, as a vCPU does, and its clock
+        stops: it counts on after a reattach. Raises the server's error if it failed
+        meanwhile (nothing would ever land)."""
         first, count = _page_span(ram_offset, length, self.memory.size)
-        deadline = time.monotonic() + timeout
+        left = timeout
         with self._cond:
             self._present_waiters += 1
             try:
                 while not self.present.holds(first, count):
                     if self.error is not None:
                         raise FaultServerError(f"post-copy failed: {self.error}") from self.error
-                    left = deadline - time.monotonic()
-                    if left <= 0 or self._stop.is_set():
+                    if self._stop.is_set():
                         return False
-                    self._cond.wait(left)
+                    if self.broken is not None:  # reattach does not wake us: look again
+                        self._cond.wait(PAUSED_POLL_S)
+                        continue
+                    if left <= 0:
+                        return False
+                    t = time.monotonic()
+                    self._cond.wait(left)  # a break wakes us (_lost): counted up to it
+                    left -= time.monotonic() - t
             finally:
                 self._present_waiters -= 1
         return True
@@ -368,7 +404,7 @@ class FaultServer:
                 self._fail(e)
         except OSError as e:
             if not (ended or self.complete):
-                self._lost(LinkBroken(f"page channel failed: {e}"))
+                self._lost(LinkBroken(_channel_failed(channel, e, self.peer_timeout_s)))
 
     def _landed(self, first: int, npages: int, filled: int, kind: RunKind) -> None:
         t = time.monotonic()
@@ -396,13 +432,25 @@ class FaultServer:
     def _check_end(self) -> None:
         if not self.complete:
             return
-        if not self.present.complete and self.error is None:
-            missing = self.present.npages - self.present.count()
+        # Holes not touched yet stay holes (zero, filled here if ever touched).
+        have = int(np.bitwise_count(self.present.bitmap.words | self.holes.bitmap.words).sum())
+        if have < self.present.npages and self.error is None:
+            missing = self.present.npages - have
             self.error = FaultServerError(
                 f"the source ended after {self.end_total} pages, but {missing} pages of "
                 "guest RAM never arrived"
             )
         self._done.set()  # a waiter on completion wakes once, not at every run
+
+
+def _channel_failed(channel: Source, e: OSError, timeout_s: float) -> str:
+    """A page channel's failure in words: a receive bound that ran out is a silent
+    source (EAGAIN or ETIMEDOUT says nothing to a reader)."""
+    if is_timeout(e):
+        bound = f" for {timeout_s:g} s" if timeout_s else ""
+        name = getattr(channel, "name", "a page channel")
+        return f"the source stopped answering{bound} during post-copy (nothing on {name})"
+    return f"page channel failed: {e}"
 
 
 def _page_span(ram_offset: int, length: int, ram_size: int) -> tuple[int, int]:
