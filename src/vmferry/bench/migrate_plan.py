@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from vmferry.bench.selection import parse_selection
 from vmferry.errors import ConfigError
 
 Progress = Callable[[str], None]
@@ -140,14 +141,7 @@ def parse_sizes(text: str) -> tuple[int, ...]:
 
 def parse_workloads(text: str) -> tuple[str, ...]:
     """``idle,wss256`` → those keys, in WORKLOADS' order."""
-    asked = {part.strip() for part in text.split(",") if part.strip()}
-    unknown = sorted(asked - WORKLOADS.keys())
-    if unknown or not asked:
-        raise ConfigError(
-            f"--workloads {text!r}: unknown {', '.join(unknown) or '(none given)'}; "
-            f"choose from {', '.join(WORKLOADS)}"
-        )
-    return tuple(k for k in WORKLOADS if k in asked)
+    return parse_selection("--workloads", text, WORKLOADS)
 
 
 def make_plan(

@@ -43,7 +43,8 @@ from vmferry.bench.postcopy_results import (
     targets,
 )
 from vmferry.bench.postcopy_vmferry import run_vmferry
-from vmferry.errors import ConfigError, VmferryError
+from vmferry.bench.selection import parse_selection
+from vmferry.errors import VmferryError
 from vmferry.machine.images import resolve_image
 from vmferry.qmp.client import QmpProtocolError
 
@@ -53,14 +54,7 @@ Tables = list[tuple[str, tuple[str, ...], list[list[str]]]]
 
 def parse_cases(text: str) -> tuple[str, ...]:
     """``qemu-postcopy,vmferry-postcopy`` → those keys, in the plan's order."""
-    asked = {p.strip() for p in text.split(",") if p.strip()}
-    unknown = sorted(asked - CASE_BY_KEY.keys())
-    if unknown or not asked:
-        raise ConfigError(
-            f"--cases {text!r}: unknown {', '.join(unknown) or '(none given)'}; "
-            f"choose from {', '.join(CASE_BY_KEY)}"
-        )
-    return tuple(k for k in CASE_BY_KEY if k in asked)
+    return parse_selection("--cases", text, CASE_BY_KEY)
 
 
 def why_skipped(key: str, plan: PostcopyPlan) -> str:
