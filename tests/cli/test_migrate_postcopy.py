@@ -18,7 +18,8 @@ from tests.cli.test_migrate_errors import one_error_line
 from tests.conftest import vmferry
 from tests.qmp.fakes import FakeVm
 from vmferry.cli import main as cli_main
-from vmferry.cli.migrate import _progress, _summary
+from vmferry.cli.migrate_view import progress as _progress
+from vmferry.cli.migrate_view import summary as _summary
 from vmferry.qmp import QmpError, QmpServer
 
 REPORT: dict[str, Any] = {

@@ -7,7 +7,8 @@ from typing import Any
 
 from rich.console import Console, RenderableType
 
-from vmferry.cli.migrate import _progress, _summary
+from vmferry.cli.migrate_view import progress as _progress
+from vmferry.cli.migrate_view import summary as _summary
 
 ACTIVE = {
     "status": "active",

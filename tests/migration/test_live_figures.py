@@ -22,7 +22,7 @@ from tests.migration.live import (
     wait_migration,
     wait_until,
 )
-from vmferry.cli.migrate import _summary
+from vmferry.cli.migrate_view import summary as _summary
 from vmferry.controller import VmController
 from vmferry.memory.guest_memory import PAGE_SIZE
 from vmferry.migration import report

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from vmferry.cli.migrate import _verification
+from vmferry.cli.migrate_view import verification as _verification
 from vmferry.migration.metrics import (
     DowntimeBreakdown,
     MigrationStats,
