@@ -453,6 +453,8 @@ class MigrationSource:
                 self.figures.verify_failed(e.verify)
                 self.verification.phase("failed")
             raise
+        if self._walk.postcopy:  # before "go": a failure here still rolls back
+            self._pc().channels_ready()
         sc = self._switchover()
         sc.verified(msg.verify_ms)
         self.verification.ready(msg, sc.pre_resume_ms)

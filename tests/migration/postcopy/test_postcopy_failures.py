@@ -19,6 +19,7 @@ from tests.migration.live import (
     Guest,
     Proxy,
     Workload,
+    assert_source_intact,
     reference_result,
     wait_until,
 )
@@ -27,7 +28,7 @@ from vmferry.errors import MigrationError
 from vmferry.machine.machine import Machine
 from vmferry.migration.codec import POSTCOPY_HELLO
 from vmferry.migration.params import MigrationCapabilities, MigrationParameters
-from vmferry.migration.postcopy import fault_server, page_requests, page_server
+from vmferry.migration.postcopy import fault_server, page_requests, page_server, source_side
 from vmferry.migration.postcopy.source_side import POSTCOPY_LOST
 from vmferry.migration.source import MigrationSource
 from vmferry.migration.status import MigrationStatus
@@ -337,6 +338,34 @@ def test_a_destination_whose_guest_start_fails_after_go_keeps_the_vm_paused_here
         assert "vCPU 1 could not start" in st.error and "\n" not in st.error
         assert src.released and guest.machine.paused and guest.machine.exit is None
         assert "could not start" in str(dest.failure())
+    finally:
+        dest.close()
+        guest.close()
+
+
+def test_a_page_channel_that_failed_its_hello_rolls_back_before_go(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The page channels' hellos (and TLS handshakes) are checked before "go": one that
+    failed rolls the migration back, the VM runs on here, never lost for it."""
+    real = source_side.PostcopySource._introduce
+
+    def introduce(pc: source_side.PostcopySource, s: Any, hello: bytes) -> None:
+        real(pc, s, hello)
+        pc._hello_error = OSError("the TLS session was torn down (the test's)")
+
+    monkeypatch.setattr(source_side.PostcopySource, "_introduce", introduce)
+    dest = Destination()
+    guest = Guest(WORKLOAD)
+    try:
+        src = _start(guest, dest.uri, Events())
+        assert src.wait(30), "the source hung"
+        st = src.stats
+        assert st.status == MigrationStatus.FAILED, st.error
+        assert st.error.startswith("could not open post-copy's page channels: "), st.error
+        assert not src.released
+        assert "abandoned" in str(dest.failure())
+        assert_source_intact(guest)  # it runs on here, to its RESULT
     finally:
         dest.close()
         guest.close()

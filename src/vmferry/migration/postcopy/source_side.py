@@ -146,15 +146,21 @@ class PostcopySource:
 
         # ---- after "go"
 
-    def serve(self) -> None:
-        """The page server on the page channels: the destination's requests first, then
-        the push of every owed page not sent yet (none twice)."""
-        assert self.owed is not None
+    def channels_ready(self) -> None:
+        """The page channels' TLS handshakes and hellos went through (the destination
+        takes them before its "ready"): checked before "go", so that a failure here
+        still rolls the VM back."""
         for t in self._hellos:
             t.join(self.link.peer_timeout_s)
         if self._hello_error is not None or any(t.is_alive() for t in self._hellos):
             why = self._hello_error or "timed out"
             raise MigrationError(f"could not open post-copy's page channels: {why}")
+
+    def serve(self) -> None:
+        """The page server on the page channels: the destination's requests first, then
+        the push of every owed page not sent yet (none twice)."""
+        assert self.owed is not None
+        self.channels_ready()
         sent = SentPages(self.owed.npages)
         sent.bitmap.set_all()
         sent.bitmap.words &= ~self.owed.words  # what it holds (or fills itself) is "sent"
