@@ -38,29 +38,6 @@ def run_qemu(case: Case, plan: MigratePlan, workdir: Path, progress: Progress) -
         fill.unlink(missing_ok=True)
 
 
-def _guests(
-    case: Case, plan: MigratePlan, workdir: Path, image: Path, fill: Path
-) -> tuple[q.QemuGuest, q.QemuGuest]:
-    """The source (its RAM the fill file) and the incoming destination."""
-    src_g = q.QemuGuest(
-        image,
-        case.memory,
-        plan.cmdline(case),
-        workdir / "qemu-src.serial",
-        workdir / "qemu-src.qmp",
-        ram_file=fill,
-    )
-    dst_g = q.QemuGuest(
-        image,
-        case.memory,
-        plan.cmdline(case),
-        workdir / "qemu-dst.serial",
-        workdir / "qemu-dst.qmp",
-        incoming=True,
-    )
-    return src_g, dst_g
-
-
 def _run_of(mig: q.QemuMigration) -> VmmRun:
     return VmmRun(
         "qemu",
@@ -95,7 +72,7 @@ def _destination_end(run: VmmRun, dst: q.QemuProcess, dst_g: q.QemuGuest, stoppe
 
 def _run_qemu(case: Case, plan: MigratePlan, workdir: Path, image: Path, fill: Path) -> VmmRun:
     w = case.workload
-    src_g, dst_g = _guests(case, plan, workdir, image, fill)
+    src_g, dst_g = q.migration_pair(image, case.memory, plan.cmdline(case), workdir, fill)
     port = free_port()
     with q.QemuProcess(dst_g) as dst, q.QemuProcess(src_g) as src:
         for vm in (dst, src):

@@ -104,22 +104,7 @@ def run_qemu(case: Case, repeat: int, plan: PostcopyPlan, workdir: Path) -> Run:
 def _run(
     case: Case, repeat: int, plan: PostcopyPlan, workdir: Path, image: Path, fill: Path
 ) -> Run:
-    src_g = q.QemuGuest(
-        image,
-        plan.memory,
-        plan.cmdline,
-        workdir / "qemu-src.serial",
-        workdir / "qemu-src.qmp",
-        ram_file=fill,
-    )
-    dst_g = q.QemuGuest(
-        image,
-        plan.memory,
-        plan.cmdline,
-        workdir / "qemu-dst.serial",
-        workdir / "qemu-dst.qmp",
-        incoming=True,
-    )
+    src_g, dst_g = q.migration_pair(image, plan.memory, plan.cmdline, workdir, fill)
     port = free_port()
     with q.QemuProcess(dst_g) as dst, q.QemuProcess(src_g) as src:
         configure(src, dst, case, plan)

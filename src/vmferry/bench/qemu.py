@@ -109,6 +109,25 @@ class QemuGuest:
         return argv
 
 
+def migration_pair(
+    image: Path, memory: int, cmdline: str, workdir: Path, ram_file: Path
+) -> tuple[QemuGuest, QemuGuest]:
+    """A migration's source (its RAM the host-filled ``ram_file``) and its destination,
+    waiting for ``migrate-incoming``; serial and QMP sockets in ``workdir``."""
+    src = QemuGuest(
+        image,
+        memory,
+        cmdline,
+        workdir / "qemu-src.serial",
+        workdir / "qemu-src.qmp",
+        ram_file=ram_file,
+    )
+    dst = QemuGuest(
+        image, memory, cmdline, workdir / "qemu-dst.serial", workdir / "qemu-dst.qmp", incoming=True
+    )
+    return src, dst
+
+
 class QemuProcess:
     """A running QEMU with a connected QMP client; killed on exit from the context."""
 
