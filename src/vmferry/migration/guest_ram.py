@@ -53,11 +53,12 @@ class RamMigration:
         return pages
 
     def take_owed(self) -> DirtyBitmap:
-        """Post-copy's switch: the pages the destination lacks or holds stale — dirty
-        since they were sent (scheduled), or never sent (holes too: its RAM is registered
-        missing, so a hole there must come as one) — handed over to the page server."""
-        owed = DirtyBitmap(self._scheduled.npages)
-        owed.set_all()  # the tail past the last page stays clear
+        """Post-copy's switch (the VM paused): the pages the destination lacks or holds
+        stale — dirty since they were sent (scheduled), or never sent and holding data
+        here — handed over to the page server. A page never sent and not resident here
+        is zero on both sides: the destination fills it with zeros itself if it is ever
+        touched (a hole), so it is neither read here (which would allocate it) nor sent."""
+        owed = self.machine.memory.resident_bitmap()  # mincore: no bit past the last page
         np.bitwise_and(owed.words, ~self.sent.words, out=owed.words)
         owed.merge(self._scheduled)
         self._scheduled = DirtyBitmap(owed.npages)
