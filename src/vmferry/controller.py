@@ -14,9 +14,8 @@ from collections.abc import Callable
 from typing import Any
 
 from vmferry.arrival import Arrival, Emit
-from vmferry.devices.nic import admin as nic_admin
-from vmferry.devices.vgpu import qmp as vgpu_qmp
 from vmferry.errors import ConfigError, MachineStateError, MigrationError
+from vmferry.host_commands import HostCommands
 from vmferry.machine.machine import Machine
 from vmferry.migration import postcopy_commands as commands
 from vmferry.migration import report, tls
@@ -34,7 +33,7 @@ MS = MigrationStatus
 ACTIVE = commands.RUNNING
 
 
-class VmController(Arrival):
+class VmController(Arrival, HostCommands):
     def __init__(
         self,
         machine: Machine | None,
@@ -303,38 +302,6 @@ class VmController(Arrival):
 
     def query_migrate_capabilities(self) -> dict[str, bool]:
         return self.caps.to_qmp()
-
-    # ---- the host's vGPUs (host-wide state: any VM's socket answers for the host)
-    def x_mdev_types(self, parent: str = "gpu0") -> list[dict[str, Any]]:
-        return vgpu_qmp.types(parent)
-
-    def x_mdev_create(
-        self, type: str, uuid: str | None = None, parent: str = "gpu0", vram: int | None = None
-    ) -> dict[str, Any]:
-        return vgpu_qmp.create(type, uuid, parent, vram)
-
-    def x_mdev_remove(self, uuid: str) -> None:
-        vgpu_qmp.remove(uuid)
-
-    def x_mdev_list(self) -> list[dict[str, Any]]:
-        return vgpu_qmp.instances()
-
-    # ---- the host's SR-IOV NICs (host-wide state, like the vGPUs)
-    def x_sriov_set_numvfs(self, pf: str, numvfs: int) -> dict[str, Any]:
-        return nic_admin.set_numvfs(pf, numvfs)
-
-    def x_sriov_config_vf(
-        self,
-        pf: str,
-        index: int,
-        mac: str | None = None,
-        vlan: int | None = None,
-        queues: int | None = None,
-    ) -> dict[str, Any]:
-        return nic_admin.config_vf(pf, index, mac, vlan, queues)
-
-    def x_query_sriov(self) -> list[dict[str, Any]]:
-        return nic_admin.listing()
 
     # ---- waiting
     def wait_for(self, timeout: float) -> str:
