@@ -391,6 +391,8 @@ class FaultServer:
                 channel.readinto(memoryview(staging)[: run.data_bytes])
                 dst = self.memory.host_addr + run.ram_offset
                 filled = self.uf.copy(dst, addr, run.data_bytes)
+                if filled < run.data_bytes:
+                    raise self._filled_behind(run.first_page, run.npages, filled)
                 if self.on_landed is not None:
                     self.on_landed(run.first_page, memoryview(staging)[: run.data_bytes])
                 self._landed(run.first_page, run.npages, filled // PAGE_SIZE, run.kind)
@@ -405,6 +407,23 @@ class FaultServer:
         except OSError as e:
             if not (ended or self.complete):
                 self._lost(LinkBroken(_channel_failed(channel, e, self.peer_timeout_s)))
+
+    def _filled_behind(self, first: int, npages: int, filled: int) -> FaultServerError:
+        """A run's COPY found pages already there. The source sends each page once, and
+        only pages this server neither holds nor fills itself, so something else filled
+        them (a read or populate of registered RAM): what they hold is unknown, and the
+        staging copy's digest would vouch for data the guest does not see."""
+        with self._cond:
+            ours = range_bits(self.present.bitmap, first, npages)
+            ours |= range_bits(self.holes.bitmap, first, npages)
+            known = runs_where(ours, first)
+        where = ", ".join(f"{a}+{n}" for a, n in zip(*(r.tolist() for r in known), strict=True))
+        return FaultServerError(
+            f"pages {first}+{npages} from the source: {npages - filled // PAGE_SIZE} of them "
+            "were already in guest RAM here, filled behind the fault server's back ("
+            + (f"pages {where} were its own" if where else "none by its own fills")
+            + "): post-copy cannot vouch for them"
+        )
 
     def _landed(self, first: int, npages: int, filled: int, kind: RunKind) -> None:
         t = time.monotonic()
