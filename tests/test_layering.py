@@ -24,6 +24,8 @@ ABOVE_ALL_LAYERS = (
     "vmferry.qmp",
     "vmferry.migration",
     "vmferry.controller",
+    "vmferry.arrival",
+    "vmferry.host_commands",
     "vmferry.cli",
     "vmferry.bench",
 )
