@@ -29,11 +29,9 @@ exits (``vmferry run`` exits the moment a migration completes, which can race a 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import datetime
 import io
-import json
 import math
 import os
 import platform
@@ -49,6 +47,7 @@ from typing import Any
 
 from vmferry.bench import fill as bench_fill
 from vmferry.bench import qemu as q
+from vmferry.bench import source_proc
 from vmferry.bench.migrate_plan import (
     GIB,
     GUEST_END_TIMEOUT_S,
@@ -293,42 +292,21 @@ def _source_main(argv: list[str]) -> int:
     """``vmferry run memtouch --qmp`` with RAM filled from the host first; writes the
     migration report to --report before it exits."""
     from vmferry.controller import VmController
-    from vmferry.migration import report as mig_report
-    from vmferry.qmp.server import QmpServer
 
-    guest: list[str] = []
-    if "--" in argv:
-        i = argv.index("--")
-        argv, guest = argv[:i], argv[i + 1 :]
-    p = argparse.ArgumentParser(prog="python -m vmferry.bench.migrate source")
-    p.add_argument("--memory", type=int, required=True)
-    p.add_argument("--serial", required=True)
-    p.add_argument("--qmp", required=True)
-    p.add_argument("--report", required=True)
+    argv, guest = source_proc.split_guest(argv)
+    p = source_proc.source_parser("python -m vmferry.bench.migrate source", 300.0)
     p.add_argument("--fill", action="store_true", help="fill RAM from 32 MiB up (bench.fill)")
-    p.add_argument("--timeout", type=float, default=300.0)
     args = p.parse_args(argv)
     config = MachineConfig(memory=args.memory, image="memtouch", cmdline=" ".join(guest))
-    outcome = ""
-    with open(args.serial, "ab") as serial, Machine.boot(config, serial=serial) as m:
-        if args.fill:
-            bench_fill.fill_memory(m.memory)
-        controller = VmController(m)
-        server = QmpServer(args.qmp, controller)
-        controller.emit = server.emit
-        try:
-            server.start()
-            m.start()
-            deadline = time.monotonic() + args.timeout
-            while not outcome and time.monotonic() < deadline:
-                outcome = controller.wait_for(0.05)
-            mig = controller.migration
-            if mig is not None:
-                mig.wait(60)
-                doc = mig_report.report_dict(mig.stats, mig.params, mig.caps)
-                Path(args.report).write_text(json.dumps(doc, indent=2))
-        finally:
-            server.close()
+
+    def until(controller: VmController, timeout_s: float) -> str:
+        outcome = ""
+        deadline = time.monotonic() + timeout_s
+        while not outcome and time.monotonic() < deadline:
+            outcome = controller.wait_for(0.05)
+        return outcome
+
+    outcome = source_proc.serve(args, config, VmController, until, fill=args.fill)
     print(f"vmferry bench source: {outcome or 'timed out'}", file=sys.stderr)
     return 0
 

@@ -11,7 +11,6 @@ the cap, the downtime limit, multifd-channels, verification on.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import math
@@ -22,7 +21,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from vmferry.bench import fill as bench_fill
+from vmferry.bench import source_proc
 from vmferry.bench.migrate_procs import Proc, free_port
 from vmferry.bench.postcopy_drive import Refused, Timeline, migrate, warm_up
 from vmferry.bench.postcopy_plan import GIB, IMAGE, START_TIMEOUT_S, VMFERRY, Case, PostcopyPlan
@@ -222,46 +221,31 @@ def _source_main(argv: list[str]) -> int:
     """churn with RAM filled from the host and a QMP socket; after its migration it waits
     for `quit` and writes the report (x-query-migrate-report's, plus its PostcopyFigures
     as "x-bench-postcopy") before it exits."""
-    from vmferry.migration import report as mig_report
-    from vmferry.qmp.server import QmpServer
-
-    guest: list[str] = []
-    if "--" in argv:
-        i = argv.index("--")
-        argv, guest = argv[:i], argv[i + 1 :]
-    p = argparse.ArgumentParser(prog="python -m vmferry.bench.postcopy_vmferry source")
-    p.add_argument("--memory", type=int, required=True)
-    p.add_argument("--serial", required=True)
-    p.add_argument("--qmp", required=True)
-    p.add_argument("--report", required=True)
-    p.add_argument("--timeout", type=float, default=600.0)
+    argv, guest = source_proc.split_guest(argv)
+    p = source_proc.source_parser("python -m vmferry.bench.postcopy_vmferry source", 600.0)
     args = p.parse_args(argv)
     config = MachineConfig(memory=args.memory, image=IMAGE, cmdline=" ".join(guest))
-    outcome = ""
-    with open(args.serial, "ab") as serial, Machine.boot(config, serial=serial) as m:
-        bench_fill.fill_memory(m.memory)
-        controller = _Lingering(m)
-        server = QmpServer(args.qmp, controller)
-        controller.emit = server.emit
-        try:
-            server.start()
-            m.start()
-            deadline = time.monotonic() + args.timeout
-            while not controller.quit_asked.is_set() and time.monotonic() < deadline:
-                outcome = controller.wait_for(0.05)
-                if outcome == "migrated":  # wait_for no longer waits: the VM has left
-                    deadline = min(deadline, time.monotonic() + LINGER_S)
-                    controller.quit_asked.wait(0.05)
-                elif outcome:
-                    break  # the guest ended, or quit before any migration ended
-            mig = controller.migration
-            if mig is not None:
-                mig.wait(60)
-                doc = mig_report.report_dict(mig.stats, mig.params, mig.caps)
-                doc["x-bench-postcopy"] = asdict(mig.stats.postcopy)
-                Path(args.report).write_text(json.dumps(doc, indent=2))
-        finally:
-            server.close()
+
+    def until(controller: _Lingering, timeout_s: float) -> str:
+        outcome = ""
+        deadline = time.monotonic() + timeout_s
+        while not controller.quit_asked.is_set() and time.monotonic() < deadline:
+            outcome = controller.wait_for(0.05)
+            if outcome == "migrated":  # wait_for no longer waits: the VM has left
+                deadline = min(deadline, time.monotonic() + LINGER_S)
+                controller.quit_asked.wait(0.05)
+            elif outcome:
+                break  # the guest ended, or quit before any migration ended
+        return outcome
+
+    outcome = source_proc.serve(
+        args,
+        config,
+        _Lingering,
+        until,
+        fill=True,
+        report_extra=lambda mig: {"x-bench-postcopy": asdict(mig.stats.postcopy)},
+    )
     print(f"vmferry bench postcopy source: {outcome or 'timed out'}", file=sys.stderr)
     return 0
 
