@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.devices.iommu_layout import split_iommu
 from tests.devices.nic import helpers as nh
 from tests.devices.vgpu import helpers as vh
 from vmferry.devices import dmaengine as de
@@ -98,14 +99,6 @@ def memory() -> Iterator[GuestMemory]:
     mem.close()
 
 
-def _split(memory: GuestMemory) -> Iommu:
-    """IOVA 0x10000000 + 8 KiB → RAM 1 MiB; the next 8 KiB → RAM 3 MiB (not contiguous)."""
-    iommu = Iommu(memory, DirtyTracking.IOMMU, identity=False)
-    iommu.map(0x1000_0000, 2 * PAGE_SIZE, 1 * MiB)
-    iommu.map(0x1000_2000, 2 * PAGE_SIZE, 3 * MiB)
-    return iommu
-
-
 def _wait(cond: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
@@ -126,7 +119,7 @@ def _written_outside_the_gate(before: np.ndarray, after: np.ndarray, gate: Recor
 
 
 def test_reads_and_writes_hand_the_gate_their_translated_pieces(memory: GuestMemory) -> None:
-    iommu = _split(memory)
+    iommu = split_iommu(memory)
     gate = RecordingGate()
     iommu.set_page_gate(gate)
     data = (np.arange(3 * PAGE_SIZE) % 251).astype(np.uint8)
@@ -142,7 +135,7 @@ def test_reads_and_writes_hand_the_gate_their_translated_pieces(memory: GuestMem
 
 
 def test_a_gate_that_gives_up_is_a_dma_fault_and_nothing_is_written(memory: GuestMemory) -> None:
-    iommu = _split(memory)
+    iommu = split_iommu(memory)
     iommu.set_dirty_tracking(True)
     src = Source(memory.npages, never=range(3 * MiB // PAGE_SIZE, 3 * MiB // PAGE_SIZE + 1))
     iommu.set_page_gate(DmaPageGate(src, timeout_s=0.01))
@@ -176,7 +169,7 @@ def test_a_failed_fault_server_is_a_dma_fault_naming_the_device(memory: GuestMem
 
 
 def test_no_gate_or_a_cleared_one_calls_nothing(memory: GuestMemory) -> None:
-    iommu = _split(memory)
+    iommu = split_iommu(memory)
     gate = RecordingGate()
     iommu.set_page_gate(gate)
     assert iommu.page_gate is gate

@@ -9,7 +9,8 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from vmferry.devices.iommu import DirtyTracking, DmaFault, Iommu
+from tests.devices.iommu_layout import split_iommu
+from vmferry.devices.iommu import DmaFault
 from vmferry.memory.guest_memory import PAGE_SIZE, GuestMemory
 from vmferry.migration.postcopy.iommu_gate import DmaPageGate, DmaPageTimeout, GatedDma
 from vmferry.migration.postcopy.pages import PresentPages
@@ -48,20 +49,12 @@ def memory() -> Iterator[GuestMemory]:
     mem.close()
 
 
-def _split_iommu(memory: GuestMemory) -> Iommu:
-    """IOVA 0x10000000 + 8 KiB → RAM 1 MiB; the next 8 KiB → RAM 3 MiB (not contiguous)."""
-    iommu = Iommu(memory, DirtyTracking.IOMMU, identity=False)
-    iommu.map(0x1000_0000, 2 * PAGE_SIZE, 1 * MiB)
-    iommu.map(0x1000_2000, 2 * PAGE_SIZE, 3 * MiB)
-    return iommu
-
-
 def test_a_dma_across_two_mappings_asks_for_both_pieces_before_waiting(
     memory: GuestMemory,
 ) -> None:
     pages = FakePages(memory.npages)
     gate = DmaPageGate(pages)
-    dma = GatedDma(_split_iommu(memory), gate)
+    dma = GatedDma(split_iommu(memory), gate)
     data = np.arange(3 * PAGE_SIZE, dtype=np.uint32).astype(np.uint8)
     dma.write(0x1000_1000, data)
     assert pages.log == [
@@ -83,7 +76,7 @@ def test_an_unanswered_request_is_one_clear_timeout_and_memory_is_not_touched(
     memory: GuestMemory,
 ) -> None:
     pages = FakePages(memory.npages, answer=False)
-    dma = GatedDma(_split_iommu(memory), DmaPageGate(pages, timeout_s=0.01))
+    dma = GatedDma(split_iommu(memory), DmaPageGate(pages, timeout_s=0.01))
     with pytest.raises(DmaPageTimeout) as e:
         dma.write(0x1000_0000, bytes(PAGE_SIZE))
     assert str(e.value) == (
@@ -95,7 +88,7 @@ def test_an_unanswered_request_is_one_clear_timeout_and_memory_is_not_touched(
 
 def test_an_unmapped_iova_faults_before_any_page_is_asked_for(memory: GuestMemory) -> None:
     pages = FakePages(memory.npages)
-    dma = GatedDma(_split_iommu(memory), DmaPageGate(pages))
+    dma = GatedDma(split_iommu(memory), DmaPageGate(pages))
     with pytest.raises(DmaFault, match="is not mapped"):
         dma.read(0x2000_0000, 16)
     assert pages.log == []
