@@ -3,6 +3,9 @@ grammar, the real walks, and the rules it must keep (no guest before go, abandon
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+from typing import Any, cast
+
 import pytest
 
 from tests.migration.tables import (
@@ -13,6 +16,8 @@ from tests.migration.tables import (
     steps,
 )
 from vmferry.errors import MigrationError, StreamError
+from vmferry.migration.codec import ConfigRecord
+from vmferry.migration.loader import SectionLoop
 from vmferry.migration.receiver_machine import (
     FINAL,
     SECTION_EVENTS,
@@ -390,3 +395,18 @@ def test_section_tags_and_reply_lines_become_events() -> None:
 def test_phase_names_what_was_being_read() -> None:
     assert _at(Rs.LOADING).phase == "the rounds"
     assert _at(Rs.READY).phase == "the wait for the hand-over"
+
+
+def test_a_pcpy_section_in_a_strict_stream_is_refused_in_one_line() -> None:
+    """Strict checks all of RAM before the resume; a post-copy switch sends some after it:
+    the loader refuses the PCPY before it reads the owed pages."""
+    loop = object.__new__(SectionLoop)
+    loop.head = cast(ConfigRecord, SimpleNamespace(verify="strict"))
+    header = SimpleNamespace(describe=lambda: "the PCPY section at offset 4096")
+    loop._section = cast(Any, (header, None))
+    with pytest.raises(StreamError) as e:
+        loop._load_owed()
+    assert str(e.value) == (
+        "the PCPY section at offset 4096: a post-copy switch in an x-verify strict stream "
+        "(strict checks all of RAM before the resume, which post-copy sends after it)"
+    )

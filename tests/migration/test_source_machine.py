@@ -4,6 +4,7 @@ status each state shows, and the rules the table must keep (cancelling, release)
 from __future__ import annotations
 
 import json
+from typing import cast
 
 import pytest
 
@@ -14,8 +15,11 @@ from tests.migration.tables import (
     shortest_paths,
     steps,
 )
-from vmferry.errors import MigrationError
+from vmferry.errors import ConfigError, MigrationError
+from vmferry.machine.machine import Machine
 from vmferry.migration.codec import Failed, decode_reply, encode_reply
+from vmferry.migration.params import MigrationCapabilities, MigrationParameters
+from vmferry.migration.source import MigrationSource
 from vmferry.migration.source_machine import (
     FINAL,
     RELEASED,
@@ -501,3 +505,12 @@ def test_a_failed_reply_says_whether_the_destination_had_started_the_guest() -> 
     assert decode_reply(encode_reply(Failed("no go"))).started is False
     with pytest.raises(MigrationError, match="field 'started' is 'yes', want bool"):
         decode_reply(b'{"kind": "failed", "error": "x", "started": "yes"}\n')
+
+
+def test_x_postcopy_after_with_x_verify_strict_is_refused_at_migrate_in_one_line() -> None:
+    params = MigrationParameters(verify="strict", postcopy_after="2")
+    caps = MigrationCapabilities(postcopy_ram=True)
+    with pytest.raises(ConfigError) as e:
+        MigrationSource(cast(Machine, None), "tcp:127.0.0.1:1", params, caps)
+    assert str(e.value).startswith("x-postcopy-after '2' cannot apply with x-verify strict")
+    assert "\n" not in str(e.value)

@@ -235,6 +235,12 @@ class SectionLoop:
         self.verify = VerifyRecord.decode(self._payload(), self._where, self.memory.npages)
 
     def _load_owed(self) -> None:
+        if self.head.verify == "strict":
+            # Strict checks all of RAM before the resume; post-copy sends some after it.
+            raise StreamError(
+                f"{self._where}: a post-copy switch in an x-verify strict stream (strict "
+                "checks all of RAM before the resume, which post-copy sends after it)"
+            )
         self.owed = OwedRecord.decode(self._payload(), self._where, self.memory.npages)
 
     def _finish_load(self) -> None:

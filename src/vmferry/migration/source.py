@@ -20,7 +20,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from vmferry.errors import MigrationCancelled, MigrationError, VmferryError
+from vmferry.errors import ConfigError, MigrationCancelled, MigrationError, VmferryError
 from vmferry.machine.machine import Machine
 from vmferry.migration import tls
 from vmferry.migration.channel import parse_uri
@@ -106,6 +106,8 @@ class MigrationSource:
         check_verify_options(params, caps)
         mode = verify_mode(params, caps)
         self.verify_mode = "strict" if mode == "on" and not live else mode
+        if live and params.postcopy_after and mode == "strict":
+            raise ConfigError(postcopy_switch.STRICT_AFTER.format(params.postcopy_after))
         # The migration's threads write the figures, QMP reads them; steps of the walk
         # hold the same lock (a cancel comes from another thread).
         self.figures = LiveFigures(machine.memory.size)

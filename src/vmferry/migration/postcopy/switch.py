@@ -69,6 +69,12 @@ def decision(action: str, *, requested: bool, due: bool) -> str:
     return action
 
 
+#: x-postcopy-after with x-verify strict: refused at migrate, not silently ignored.
+STRICT_AFTER = (
+    "x-postcopy-after {!r} cannot apply with x-verify strict (strict checks all of RAM "
+    "before the resume, which post-copy sends after it): use x-verify on or off, or "
+    "unset x-postcopy-after"
+)
 NO_PAUSE = (
     "pausing a healthy link is not built yet: a link that is reset or goes silent after "
     "the switch pauses post-copy by itself (then migrate-recover and migrate resume)"
@@ -97,4 +103,4 @@ class SwitchWish:
         return postcopy_reason(self.after, rounds_done, elapsed_s)
 
 
-__all__ = ["NO_PAUSE", "SwitchWish", "decision", "refusal"]
+__all__ = ["NO_PAUSE", "STRICT_AFTER", "SwitchWish", "decision", "refusal"]
