@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-from vmferry.memory.dirty import DirtyBitmap, IntArray, page_runs
+from vmferry.memory.dirty import DirtyBitmap, IntArray, Words, page_runs
 
 Bits = npt.NDArray[np.bool_]
 Runs = tuple[IntArray, IntArray]  # (first pages, page counts), sorted, disjoint
@@ -52,6 +52,41 @@ def clip_runs(runs: Runs, max_pages: int) -> Runs:
     first = starts[owner] + kth * max_pages
     n = np.minimum(max_pages, starts[owner] + lengths[owner] - first)
     return first, n
+
+
+def set_bits(words: Words) -> IntArray:
+    """The positions of the set bits of a bitmap's words (work per non-zero word)."""
+    nz = np.flatnonzero(words)
+    bits = np.unpackbits(words[nz].view(np.uint8), bitorder="little").reshape(-1, 64)
+    w, b = np.nonzero(bits)
+    out: IntArray = (nz[w] << 6) + b
+    return out
+
+
+def word_runs(words: Words) -> Runs:
+    """Runs of set bits of a bitmap, from its words: its edges are found word-wide (a
+    bit and the one before it), so the work is per word and per run, never per page."""
+    if words.size == 0:
+        return _no_runs()
+    before = words << np.uint64(1)  # bit i: bit i-1, the word below's top bit carried in
+    before[1:] |= words[:-1] >> np.uint64(63)
+    starts = set_bits(words & ~before)
+    ends = set_bits(~words & before)
+    if int(words[-1]) >> 63:
+        ends = np.append(ends, words.size << 6)
+    return starts, ends - starts
+
+
+def punch_runs(must: Words, may: Words) -> Runs:
+    """The fewest runs that cover every page of ``must`` and only pages of ``may`` (a
+    superset: pages a punch would not harm): the runs of ``may`` holding a page of
+    ``must``. Post-copy's discard: owed ∩ resident must go, a page already a hole may."""
+    starts, lengths = word_runs(may)
+    firsts = word_runs(must)[0]
+    if firsts.size == 0:
+        return _no_runs()
+    keep = np.unique(np.searchsorted(starts, firsts, side="right") - 1)
+    return starts[keep], lengths[keep]
 
 
 class PageRecord:
