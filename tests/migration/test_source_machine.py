@@ -17,7 +17,7 @@ from tests.migration.tables import (
 )
 from vmferry.errors import ConfigError, MigrationError
 from vmferry.machine.machine import Machine
-from vmferry.migration.codec import Failed, decode_reply, encode_reply
+from vmferry.migration.codec import Accepted, Failed, decode_reply, encode_reply
 from vmferry.migration.params import MigrationCapabilities, MigrationParameters
 from vmferry.migration.source import MigrationSource
 from vmferry.migration.source_machine import (
@@ -514,3 +514,10 @@ def test_x_postcopy_after_with_x_verify_strict_is_refused_at_migrate_in_one_line
         MigrationSource(cast(Machine, None), "tcp:127.0.0.1:1", params, caps)
     assert str(e.value).startswith("x-postcopy-after '2' cannot apply with x-verify strict")
     assert "\n" not in str(e.value)
+
+
+def test_accepted_says_why_the_destination_cannot_do_postcopy_only_when_it_cannot() -> None:
+    said = Accepted(postcopy="userfaultfd(2) failed: Operation not permitted (errno 1)")
+    assert decode_reply(encode_reply(said)) == said
+    assert json.loads(encode_reply(Accepted())) == {"kind": "accepted"}
+    assert decode_reply(encode_reply(Accepted())).postcopy == ""

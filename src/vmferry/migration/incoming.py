@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from vmferry.errors import MigrationError, StreamError, VmferryError
 from vmferry.machine.machine import Machine
+from vmferry.memory.userfaultfd import UserFault, UserFaultError
 from vmferry.migration.channel import PeerClosed, ReplyPath
 from vmferry.migration.codec import MAGIC, ConfigRecord
 from vmferry.migration.liveness import Heartbeat, bound_socket, is_timeout, receive_timeout
@@ -100,6 +101,16 @@ def not_a_stream(sock: socket.socket) -> str:
     if not first or MAGIC.startswith(first):
         return ""
     return f"not a vmferry stream: it starts with {first!r}, want {MAGIC!r}"
+
+
+def postcopy_unavailable() -> str:
+    """Why this destination cannot take a switch to post-copy ("" if it can): a VM's RAM
+    needs a full userfaultfd (KVM's faults are the kernel's, on the vCPU's behalf)."""
+    try:
+        UserFault().close()
+    except UserFaultError as e:
+        return str(e)
+    return ""
 
 
 def verify_dict(v: VerifyResult) -> dict[str, object]:
@@ -194,6 +205,7 @@ __all__ = [
     "failure_event",
     "not_a_stream",
     "peer_timeout",
+    "postcopy_unavailable",
     "reported",
     "verify_dict",
     "wake",

@@ -55,6 +55,7 @@ from vmferry.migration.incoming import (
     failure_event,
     not_a_stream,
     peer_timeout,
+    postcopy_unavailable,
     reported,
     verify_dict,
     wake,
@@ -307,7 +308,8 @@ class Reception:
 
     def _send_accepted(self) -> None:
         assert self.conn is not None
-        self.conn.reply.send(Accepted())
+        # Said now, before anything moves: the source refuses a switch this side cannot take.
+        self.conn.reply.send(Accepted(postcopy=postcopy_unavailable()))
 
     # ---- the stream
     def _load(self) -> ReceiverEvent | None:

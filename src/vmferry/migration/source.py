@@ -24,7 +24,7 @@ from vmferry.errors import ConfigError, MigrationCancelled, MigrationError, Vmfe
 from vmferry.machine.machine import Machine
 from vmferry.migration import tls
 from vmferry.migration.channel import parse_uri
-from vmferry.migration.codec import AbandonNotice, Failed, Resumed
+from vmferry.migration.codec import AbandonNotice, Accepted, Failed, Resumed
 from vmferry.migration.connector import Connector, TcpConnector
 from vmferry.migration.devices import SourceDevices, blockers
 from vmferry.migration.failure import Circumstances, GuestEnded, describe
@@ -32,6 +32,7 @@ from vmferry.migration.figures import LiveFigures
 from vmferry.migration.guest_ram import RamMigration
 from vmferry.migration.handover import (
     RESUMED_TIMEOUT_S,
+    SETUP_TIMEOUT_S,
     DestinationRefused,
     Handover,
     StillReleased,
@@ -138,6 +139,7 @@ class MigrationSource:
             allowed=caps.postcopy_ram and live and self.verify_mode != "strict",
         )
         self._seed = secrets.randbits(63)
+        self._no_postcopy_there = ""  # why the destination cannot take post-copy (accepted)
         self._thread: threading.Thread | None = None
         self._digest_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="digest")
         self._perform = self._actions()
@@ -197,6 +199,9 @@ class MigrationSource:
                 verify_mode=self.verify_mode,
                 requested=self._switch.requested,
             )
+            if why is None and self._no_postcopy_there:
+                why = f"migrate-start-postcopy: {postcopy_switch.CANNOT_THERE}"
+                why += self._no_postcopy_there
             if why is not None:
                 raise MigrationError(why)
             self._switch.requested = True
@@ -411,7 +416,19 @@ class MigrationSource:
         self._link.watch_peer(lambda: self._walk.cancelling)
 
     def _await_accepted(self) -> SourceEvent:
-        self._hand().await_accepted()
+        """The destination's answer to the CONF; it says whether it can take post-copy:
+        a switch already asked for (or due by x-postcopy-after) that it cannot take fails
+        the migration now, before anything moved; a later one is refused when asked."""
+        msg = self._hand().watch.next(SETUP_TIMEOUT_S, "the destination's set-up answer")
+        if isinstance(msg, Failed):
+            raise DestinationRefused(f"the destination refused: {msg.error}")
+        if not isinstance(msg, Accepted):
+            raise MigrationError(f"the destination refused: it sent {msg.KIND!r}")
+        with self._lock:
+            self._no_postcopy_there = msg.postcopy
+            wanted = self._switch.allowed and (self._switch.requested or self.params.postcopy_after)
+        if wanted and msg.postcopy:
+            raise MigrationError(f"{postcopy_switch.CANNOT_THERE}{msg.postcopy}")
         return Ev.ACCEPTED
 
     def _start_tracking(self) -> None:

@@ -26,6 +26,7 @@ from tests.migration.live import (
 from tests.migration.postcopy.harness import uffd_unavailable
 from vmferry.errors import MigrationError
 from vmferry.machine.machine import Machine
+from vmferry.migration import reception
 from vmferry.migration.codec import POSTCOPY_HELLO
 from vmferry.migration.params import MigrationCapabilities, MigrationParameters
 from vmferry.migration.postcopy import fault_server, page_requests, page_server, source_side
@@ -366,6 +367,52 @@ def test_a_page_channel_that_failed_its_hello_rolls_back_before_go(
         assert not src.released
         assert "abandoned" in str(dest.failure())
         assert_source_intact(guest)  # it runs on here, to its RESULT
+    finally:
+        dest.close()
+        guest.close()
+
+
+NO_UFFD = "userfaultfd(2) failed: Operation not permitted (errno 1) (the test's)"
+
+
+def test_a_destination_that_cannot_do_postcopy_refuses_the_switch_before_anything_moves(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Its ``accepted`` says why: a switch asked for already fails the migration in one
+    line (rolled back, the VM runs on here); one asked for later is refused when asked
+    and pre-copy finishes the migration."""
+    monkeypatch.setattr(reception, "postcopy_unavailable", lambda: NO_UFFD)
+    dest = Destination()
+    guest = Guest(WORKLOAD)
+    try:
+        src = _start(guest, dest.uri, Events())  # asked for in set-up
+        assert src.wait(30), "the source hung"
+        st = src.stats
+        assert st.status == MigrationStatus.FAILED, st.error
+        assert st.error == f"the destination cannot do post-copy: {NO_UFFD}"
+        assert not st.postcopy.active and not src.released
+        dest.failure()
+        assert_source_intact(guest, finish=False)
+        dest2 = Destination()
+        # Round 0 at 32 MiB/s lasts over a second: the request comes during it.
+        slow = MigrationParameters(peer_timeout_ms=PEER_TIMEOUT_MS, max_bandwidth=32 << 20)
+        src = MigrationSource(
+            guest.machine, dest2.uri, slow, MigrationCapabilities(postcopy_ram=True)
+        )
+        src.start()
+        try:
+            wait_until(lambda: src.stats.status == MigrationStatus.ACTIVE, 30, "the rounds")
+            with pytest.raises(MigrationError) as e:
+                src.request_postcopy()
+            assert str(e.value) == (
+                f"migrate-start-postcopy: the destination cannot do post-copy: {NO_UFFD}"
+            )
+            assert src.wait(60) and src.stats.status == MigrationStatus.COMPLETED, src.stats
+            assert not src.stats.postcopy.active
+            _, out = dest2.finish()
+            assert out == reference_result(WORKLOAD)
+        finally:
+            dest2.close()
     finally:
         dest.close()
         guest.close()

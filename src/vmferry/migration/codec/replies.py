@@ -72,9 +72,11 @@ class VerifyFindings(dict[str, Any]):
 
 @dataclass(frozen=True)
 class Accepted:
-    """The destination checked the VM and its devices: pages may come."""
+    """The destination checked the VM and its devices: pages may come. ``postcopy``: why
+    it cannot take a switch to post-copy ("" if it can; said only when it cannot)."""
 
     KIND: ClassVar[str] = "accepted"
+    postcopy: str = ""
 
 
 @dataclass(frozen=True)
@@ -200,6 +202,8 @@ def encode_reply(msg: ReplyMessage) -> bytes:
     fields = {k: v for k, v in vars(msg).items() if v is not None}
     if isinstance(msg, Failed) and not msg.started:
         del fields["started"]  # said only when true: a "failed" as it always was
+    if isinstance(msg, Accepted) and not msg.postcopy:
+        del fields["postcopy"]  # said only when it cannot: an "accepted" as it always was
     return json.dumps({"kind": msg.KIND, **fields}, allow_nan=False).encode() + b"\n"
 
 
@@ -244,6 +248,8 @@ def _reply_values(cls: type[ReplyMessage], obj: dict[str, Any], where: str) -> d
         found = VerifyFindings.of({**obj, "cpu_state": ""}, where)
         values["pages_checked"] = found.pages_checked
         values["mismatched_pages"] = found.mismatched_pages
+    if cls is Accepted and "postcopy" in obj:
+        values["postcopy"] = get(obj, "postcopy", str, where)[:500]
     if cls is Failed:
         values["started"] = get(obj, "started", bool, where) if "started" in obj else False
     if cls is Failed and obj.get("verify") is not None:

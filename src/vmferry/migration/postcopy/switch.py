@@ -69,6 +69,8 @@ def decision(action: str, *, requested: bool, due: bool) -> str:
     return action
 
 
+#: What the destination's ``accepted`` said it lacks follows.
+CANNOT_THERE = "the destination cannot do post-copy: "
 #: x-postcopy-after with x-verify strict: refused at migrate, not silently ignored.
 STRICT_AFTER = (
     "x-postcopy-after {!r} cannot apply with x-verify strict (strict checks all of RAM "
@@ -103,4 +105,4 @@ class SwitchWish:
         return postcopy_reason(self.after, rounds_done, elapsed_s)
 
 
-__all__ = ["NO_PAUSE", "STRICT_AFTER", "SwitchWish", "decision", "refusal"]
+__all__ = ["CANNOT_THERE", "NO_PAUSE", "STRICT_AFTER", "SwitchWish", "decision", "refusal"]
