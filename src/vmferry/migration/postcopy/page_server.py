@@ -94,8 +94,9 @@ class PageServer:
         # On one socket the push steps aside while a request is answered (a lock alone
         # would let it take the socket back first); on two, both go at once.
         self._shared = self._background is self._urgent
-        # QEMU's max-postcopy-bandwidth: a cap on the background push only (bytes/s);
-        # requests are never held back by it.
+        # A cap on what goes out after the switch (bytes/s), kept by pacing the push
+        # alone: requests are never held back by it (QEMU's max-postcopy-bandwidth too
+        # caps only its background transfer).
         self.max_bandwidth = max_bandwidth
         self.served = Served()
         self.error: BaseException | None = None
@@ -211,11 +212,14 @@ class PageServer:
         self.pushed_all.set()
 
     def _pace(self, t0: float) -> None:
-        """Sleep (GIL released) until the background bytes so far fit the bandwidth cap."""
-        if self.max_bandwidth:
-            due = t0 + self.served.background_pages * PAGE_SIZE / self.max_bandwidth
-            while not self._stopping and (left := due - time.monotonic()) > 0:
-                time.sleep(min(left, 0.05))
+        """Sleep (GIL released) until the pages sent since ``t0``, answers included, fit
+        the cap: the answers never wait for it, the push makes room for them. The cap is
+        read again at every step (it may change, or go)."""
+        while not self._stopping and (rate := self.max_bandwidth):
+            left = t0 + self.served.pages * PAGE_SIZE / rate - time.monotonic()
+            if left <= 0:
+                return
+            time.sleep(min(left, 0.05))
 
     def _send(self, channel: _Channel, runs: Runs, kind: RunKind) -> None:
         for first, n in zip(runs[0].tolist(), runs[1].tolist(), strict=True):

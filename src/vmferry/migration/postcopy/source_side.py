@@ -86,9 +86,12 @@ class PostcopySource:
         figures: LiveFigures,
         link: DestinationLink,
         tls: TlsClient | None,
+        *,
+        max_bandwidth: int = 0,
     ) -> None:
         self.machine = machine
         self.figures = figures
+        self.max_bandwidth = max_bandwidth  # max-bandwidth (0: none): the push keeps it
         self.link = link
         self.tls = tls
         self.owed: DirtyBitmap | None = None
@@ -174,6 +177,7 @@ class PostcopySource:
             stream_sink(urgent),
             stream_sink(background),
             sent=sent,
+            max_bandwidth=self.max_bandwidth or None,
         ).start()
 
     def await_landed(self, hand: Handover, audit: bool) -> SourceEvent:
