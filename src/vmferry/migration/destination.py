@@ -106,7 +106,10 @@ class IncomingMigration:
     def recover(self, uri: str) -> None:
         """QMP migrate-recover: listen on ``uri`` (now: a bad URI or a busy port fails
         here) for the source's ``migrate`` with resume; ``recover_port`` is where. One at a
-        time: a second while the first still listens is refused (QEMU's words)."""
+        time: a second while the first still listens replaces it (the first's port is
+        closed, a try on it fails): the source may have given up a try that this side
+        still waits in (a hello, the next channel), and the new one must not queue
+        behind it."""
         r = self._reception
         if r is None or r.postcopy is None or r.walk.state is not ReceiverState.POSTCOPY_PAUSED:
             raise MigrationError(f"post-copy is not paused here (it is {self.status})")
@@ -115,10 +118,10 @@ class IncomingMigration:
             raise MigrationError(f"post-copy recovers over tcp:HOST:PORT only, not {uri!r}")
         pending = self._recovering
         if pending is not None and pending.listener.fileno() != -1:  # closed once tried
-            raise MigrationError(
-                f"Migrate recovery is triggered already (listening on {pending.uri.host}:"
-                f"{pending.port} for the source's migrate resume)"
+            log.warning(
+                "migrate-recover %s replaces the one listening on port %d", uri, pending.port
             )
+            pending.close()
         acceptor = TcpAcceptor(target)
         self.recover_port = acceptor.port
         self._recovering = acceptor

@@ -170,7 +170,13 @@ class PostcopyDestination:
 
     # ---- a broken link (postcopy-paused)
     def recover_with(self, acceptor: TcpAcceptor) -> None:
-        """migrate-recover: the source's resume comes to ``acceptor``."""
+        """migrate-recover: the source's resume comes to ``acceptor``. A try still under
+        way (its acceptor closed by the caller) is cut short: paused, every socket here is
+        the old link's (shut down already) or that try's, whose hello read must not hold
+        the new one up for HELLO_TIMEOUT_S."""
+        for s in list(self.socks):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
         self._recover.put(acceptor)
 
     def await_recover(self, secure: Secure, mig_id: str) -> socket.socket:
