@@ -129,7 +129,11 @@ class MigrationSource:
         self._out: Outgoing | None = None  # once the streams are open
         self._mig_id = ""  # the CONF's, once sent
         self._postcopy = (
-            PostcopySource(machine, self.figures, self._link, self.tls) if self._link else None
+            PostcopySource(
+                machine, self.figures, self._link, self.tls, max_bandwidth=params.max_bandwidth
+            )
+            if self._link
+            else None
         )
         self.done = threading.Event()
         self._cancel_reason = "cancelled by the user"
