@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tests.conftest import vmferry
+from vmferry.bench import fill as bench_fill
 from vmferry.bench import postcopy as bp
 from vmferry.bench import postcopy_plan as plan_mod
 from vmferry.cli.main import build_parser
@@ -73,6 +74,6 @@ def test_bad_options_are_one_line_and_125(argv: list[str], words: str) -> None:
 def test_a_case_that_does_not_fit_is_skipped_with_the_reason(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(bp.bench_fill, "available_memory", lambda: 3 * GIB)
+    monkeypatch.setattr(bench_fill, "available_memory", lambda: 3 * GIB)
     why = bp.why_skipped("vmferry-precopy", plan_mod.make_plan())
     assert why == "needs 2 × 2 GiB + 2 GiB free, 3.0 GiB available"

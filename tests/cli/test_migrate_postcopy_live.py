@@ -94,7 +94,7 @@ def test_postcopy_through_the_cli_gives_the_reference_result(
         "migrate", "--qmp", src_qmp, f"tcp:127.0.0.1:{port}", "--postcopy",
         "--dest-qmp", dst_qmp, "--report", str(report),
     )  # fmt: skip
-    statuses = []
+    statuses: list[str] = []
     during: dict[str, Any] = {}
     while not statuses or statuses[-1] not in ("completed", "failed", "cancelled"):
         try:

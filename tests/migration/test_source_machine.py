@@ -502,7 +502,8 @@ def test_a_failed_reply_says_whether_the_destination_had_started_the_guest() -> 
     line = encode_reply(said)
     assert json.loads(line)["started"] is True and decode_reply(line) == said
     assert "started" not in json.loads(encode_reply(Failed("no go")))
-    assert decode_reply(encode_reply(Failed("no go"))).started is False
+    back = decode_reply(encode_reply(Failed("no go")))
+    assert isinstance(back, Failed) and back.started is False
     with pytest.raises(MigrationError, match="field 'started' is 'yes', want bool"):
         decode_reply(b'{"kind": "failed", "error": "x", "started": "yes"}\n')
 
@@ -520,4 +521,5 @@ def test_accepted_says_why_the_destination_cannot_do_postcopy_only_when_it_canno
     said = Accepted(postcopy="userfaultfd(2) failed: Operation not permitted (errno 1)")
     assert decode_reply(encode_reply(said)) == said
     assert json.loads(encode_reply(Accepted())) == {"kind": "accepted"}
-    assert decode_reply(encode_reply(Accepted())).postcopy == ""
+    back = decode_reply(encode_reply(Accepted()))
+    assert isinstance(back, Accepted) and back.postcopy == ""

@@ -161,7 +161,7 @@ def test_post_copy_commands_run_their_qmp_commands() -> None:
     def refuse() -> None:
         raise QmpError("migrate-pause is currently only supported during postcopy-active")
 
-    actions = {
+    actions: dict[str, hmp.Action] = {
         "migrate_start_postcopy": lambda: ran.append(("start",)),
         "migrate_pause": refuse,
         "migrate_recover": lambda uri: ran.append(("recover", uri)),

@@ -342,7 +342,7 @@ def test_a_frame_handed_on_between_the_peek_and_the_take_leaves_the_engine_runni
     dev = vf(tmp_path, memory)
     w = h.Wire(dev)
     take = dev.switch.take
-    moved = []
+    moved: list[bool] = []
 
     def take_after_a_hand_over(port: object, n: int) -> list[bytes]:
         if not moved:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import io
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -138,6 +138,7 @@ def test_device_dma_across_the_switch_waits_for_its_pages_and_the_result_is_the_
 
 def _until_dma_runs(m: Machine, case: str) -> None:
     deadline = time.monotonic() + 30
+    done: Callable[[], bool]
     if case == "gpujob":
         done = lambda: m.devices[0].mmio_read(COMPLETED, 8) >= 128 + 1 + 7 * 50  # noqa: E731
     else:
