@@ -26,6 +26,7 @@ GUEST_KEYS: dict[str, frozenset[str] | None] = {
     "gpujob": frozenset({"seed", "rounds", "ws", "block", "dim", "rate", "dev", "timeout"}),
     "netecho": frozenset({"dev", "ring", "bufsize", "frames", "idle"}),
     "fault": frozenset({"vcpu"}),
+    "churn": frozenset({"wss", "seed", "report", "rounds"}),
 }
 
 
