@@ -141,6 +141,12 @@ def test_a_destination_killed_during_postcopy_loses_the_vm_the_source_says_so() 
         guest.close()
 
 
+def _not_ended(src: MigrationSource, dest: Destination) -> str:
+    """Why a resumed migration did not end, as each side last said it."""
+    st, there = src.stats, dest.incoming.status
+    return f"the resumed migration did not end: source {st.status} {st.error!r}, dest {there}"
+
+
 def test_a_link_cut_during_postcopy_pauses_both_and_recovery_gives_the_reference_result(
     push: PushHold,
 ) -> None:
@@ -162,10 +168,7 @@ def test_a_link_cut_during_postcopy_pauses_both_and_recovery_gives_the_reference
         assert not src.done.is_set() and dest.waiting()
         dest.incoming.recover("tcp:127.0.0.1:0")  # migrate-recover on the destination
         src.resume_postcopy(f"tcp:127.0.0.1:{dest.incoming.recover_port}")
-        assert src.wait(60), (
-            "the resumed migration did not end: source "
-            f"{src.stats.status} {src.stats.error!r}, destination {dest.incoming.status}"
-        )
+        assert src.wait(60), _not_ended(src, dest)
         st = src.stats
         assert st.status == MigrationStatus.COMPLETED, st.error
         assert st.postcopy.recoveries == 1 and st.verify.status == "passed"
@@ -212,10 +215,7 @@ def test_a_second_cut_during_the_recovery_stays_paused_and_the_next_recovery_com
         assert second.was_cut.is_set() and not src.done.is_set() and dest.waiting()
         dest.incoming.recover("tcp:127.0.0.1:0")
         src.resume_postcopy(f"tcp:127.0.0.1:{dest.incoming.recover_port}")
-        assert src.wait(60), (
-            "the resumed migration did not end: source "
-            f"{src.stats.status} {src.stats.error!r}, destination {dest.incoming.status}"
-        )
+        assert src.wait(60), _not_ended(src, dest)
         st = src.stats
         assert st.status == MigrationStatus.COMPLETED, st.error
         assert st.postcopy.recoveries == 1 and st.verify.status == "passed"
